@@ -1,0 +1,2 @@
+//! Envoy SDS server for meshca (see issue "Envoy SDS server").
+#![forbid(unsafe_code)]

@@ -1,0 +1,140 @@
+//! The library's one error type.
+//!
+//! Variants are named after what failed. Messages are single lines and never contain key
+//! material. Front ends convert an [`Error`] exactly once: into an exit code (CLI), a gRPC
+//! status (SDS) or a `Failed` CSR condition (signer). [`Error::is_user_error`] tells them
+//! whether the caller's input or policy was at fault.
+
+use std::path::PathBuf;
+
+/// Shorthand for results in this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in meshca.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A value supplied by the user did not parse or is out of range.
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// What was being parsed (e.g. "SPIFFE ID").
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// Input was not valid PEM or held no object of the expected kind.
+    #[error("{source_name}: {reason}")]
+    Pem {
+        /// The file or field the input came from.
+        source_name: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// A CSR failed to parse or its signature did not verify.
+    #[error("CSR rejected: {0}")]
+    Csr(String),
+    /// The issuing CA's policy refuses the request.
+    #[error("policy of CA {ca:?} denies the request: {reason}")]
+    PolicyDenied {
+        /// The CA whose policy refused.
+        ca: String,
+        /// The first rule that failed, naming the offending value.
+        reason: String,
+    },
+    /// No CA of that name exists in the store.
+    #[error("unknown CA {0:?}")]
+    UnknownCa(String),
+    /// No trust bundle of that name exists in the store.
+    #[error("unknown trust bundle {0:?}")]
+    UnknownBundle(String),
+    /// Input exceeded a size limit.
+    #[error("{what} is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// What was too large.
+        what: String,
+        /// Its size in bytes.
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A file-system operation failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store holds data that does not parse (a damaged or foreign home directory).
+    #[error("store is inconsistent: {0}")]
+    Corrupt(String),
+    /// The store was not usable (missing, unwritable, unreachable).
+    #[error("store: {0}")]
+    Store(String),
+    /// Building or signing a certificate failed.
+    #[error("certificate building failed: {0}")]
+    Build(String),
+    /// A chain did not validate.
+    #[error("chain verification failed: {0}")]
+    Verify(String),
+    /// An object already exists and overwriting was not requested.
+    #[error("{0} already exists (use --force to replace it)")]
+    AlreadyExists(String),
+    /// A remote backend (Kubernetes, ACM PCA) failed.
+    #[error("{backend}: {message}")]
+    Backend {
+        /// Which backend.
+        backend: &'static str,
+        /// A one-line, human readable message.
+        message: String,
+        /// Whether retrying later may help.
+        retryable: bool,
+    },
+    /// The requested feature is not available in this build or on this backend.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    /// Whether the error is the caller's (bad input, policy, unknown name) rather than an
+    /// internal or environmental failure. The CLI maps this to exit code 1, others to 2.
+    pub fn is_user_error(&self) -> bool {
+        matches!(
+            self,
+            Error::Invalid { .. }
+                | Error::Pem { .. }
+                | Error::Csr(_)
+                | Error::PolicyDenied { .. }
+                | Error::UnknownCa(_)
+                | Error::UnknownBundle(_)
+                | Error::TooLarge { .. }
+                | Error::Io { .. }
+                | Error::Store(_)
+                | Error::Verify(_)
+                | Error::AlreadyExists(_)
+                | Error::Unsupported(_)
+        )
+    }
+
+    pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        Error::Invalid {
+            what,
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<rcgen::Error> for Error {
+    fn from(e: rcgen::Error) -> Self {
+        // rcgen's messages name algorithms and encodings, never key bytes.
+        Error::Build(e.to_string())
+    }
+}

@@ -1,0 +1,113 @@
+//! The local CA: signs with a key held in the meshca store.
+
+use async_trait::async_trait;
+use rcgen::{PublicKeyData, SignatureAlgorithm, SigningKey};
+use time::OffsetDateTime;
+
+use super::{IssuedCert, Issuer, SignRequest};
+use crate::ca::{CaMaterial, CaMeta};
+use crate::error::{Error, Result};
+use crate::identity::{Sans, TrustDomain};
+use crate::key::PrivateKey;
+use crate::profile;
+use crate::x509::CertInfo;
+
+/// An [`Issuer`] backed by a CA whose key meshca holds.
+pub struct LocalIssuer {
+    ca: CaMaterial,
+    not_after: OffsetDateTime,
+    issuer: rcgen::Issuer<'static, KeyRef>,
+}
+
+/// The CA key, shared with the rcgen issuer without exposing it.
+struct KeyRef(std::sync::Arc<PrivateKey>);
+
+impl PublicKeyData for KeyRef {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.key_pair().der_bytes()
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.0.key_pair().algorithm()
+    }
+}
+
+impl SigningKey for KeyRef {
+    fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        self.0.key_pair().sign(msg)
+    }
+}
+
+impl std::fmt::Debug for LocalIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalIssuer")
+            .field("ca", &self.ca.meta.name)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl LocalIssuer {
+    /// Wraps a loaded CA. Fails when the CA has no local key.
+    pub fn new(mut ca: CaMaterial) -> Result<Self> {
+        let key = ca.key.take().ok_or_else(|| {
+            Error::Unsupported(format!("CA {} has no local key (backend {:?})", ca.meta.name, ca.meta.backend))
+        })?;
+        let info = ca.info()?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
+        Ok(LocalIssuer {
+            not_after: info.not_after,
+            ca,
+            issuer,
+        })
+    }
+
+    /// The CA behind this issuer (its key has moved into the issuer).
+    pub fn ca(&self) -> &CaMaterial {
+        &self.ca
+    }
+}
+
+/// Wraps DER SPKI bytes for rcgen.
+pub(crate) fn spki(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo> {
+    rcgen::SubjectPublicKeyInfo::from_der(der).map_err(|e| Error::Build(format!("public key: {e}")))
+}
+
+/// A CSR for `key` carrying `sans` (for backends that sign CSRs).
+pub(crate) fn csr_for(key: &PrivateKey, sans: &Sans, td: &TrustDomain) -> Result<Vec<u8>> {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = profile::workload_subject(sans, td);
+    p.subject_alt_names = profile::san_list(sans)?;
+    Ok(p.serialize_request(key.key_pair())?.der().to_vec())
+}
+
+#[async_trait]
+impl Issuer for LocalIssuer {
+    fn meta(&self) -> &CaMeta {
+        &self.ca.meta
+    }
+
+    async fn sign(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert> {
+        self.sign_now(req, now)
+    }
+}
+
+impl LocalIssuer {
+    /// Synchronous signing (the local CA does no I/O).
+    pub fn sign_now(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert> {
+        if now >= self.not_after {
+            return Err(Error::Build(format!("CA {} expired at {}", self.ca.meta.name, self.not_after)));
+        }
+        // A leaf never outlives its CA.
+        let not_after = (now + req.ttl).min(self.not_after);
+        let params = profile::workload_params(&req.sans, &self.ca.meta.trust_domain, req.key, now, not_after)?;
+        let cert = params.signed_by(&spki(&req.public_key_der)?, &self.issuer)?;
+        let leaf = cert.der().clone();
+        let info = CertInfo::from_der(&leaf)?;
+        Ok(IssuedCert {
+            leaf,
+            intermediates: self.ca.leaf_chain_tail(),
+            root: self.ca.root().clone(),
+            info,
+        })
+    }
+}

@@ -1,0 +1,303 @@
+//! Key algorithms and private keys.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rcgen::{KeyPair, PublicKeyData, RsaKeySize, SignatureAlgorithm};
+use serde::{Deserialize, Serialize};
+use x509_parser::public_key::PublicKey;
+use x509_parser::x509::SubjectPublicKeyInfo;
+
+use crate::error::{Error, Result};
+
+/// The smallest RSA modulus meshca accepts anywhere.
+pub const MIN_RSA_BITS: usize = 2048;
+
+/// A key algorithm for CAs and workloads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum KeyAlgorithm {
+    /// ECDSA on P-256 with SHA-256 (the default).
+    #[default]
+    EcdsaP256,
+    /// ECDSA on P-384 with SHA-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+    /// RSA 2048 with PKCS#1 v1.5 SHA-256 signatures.
+    Rsa2048,
+    /// RSA 3072.
+    Rsa3072,
+    /// RSA 4096.
+    Rsa4096,
+}
+
+impl KeyAlgorithm {
+    /// Every supported algorithm, in the order shown to users.
+    pub const ALL: [KeyAlgorithm; 6] = [
+        KeyAlgorithm::EcdsaP256,
+        KeyAlgorithm::EcdsaP384,
+        KeyAlgorithm::Ed25519,
+        KeyAlgorithm::Rsa2048,
+        KeyAlgorithm::Rsa3072,
+        KeyAlgorithm::Rsa4096,
+    ];
+
+    /// The name used on the command line and in files.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::EcdsaP256 => "ecdsa-p256",
+            KeyAlgorithm::EcdsaP384 => "ecdsa-p384",
+            KeyAlgorithm::Ed25519 => "ed25519",
+            KeyAlgorithm::Rsa2048 => "rsa-2048",
+            KeyAlgorithm::Rsa3072 => "rsa-3072",
+            KeyAlgorithm::Rsa4096 => "rsa-4096",
+        }
+    }
+
+    /// Whether this is an RSA algorithm.
+    pub fn is_rsa(self) -> bool {
+        matches!(
+            self,
+            KeyAlgorithm::Rsa2048 | KeyAlgorithm::Rsa3072 | KeyAlgorithm::Rsa4096
+        )
+    }
+
+    /// The rcgen signature algorithm a key of this kind signs with.
+    pub fn signature_algorithm(self) -> &'static SignatureAlgorithm {
+        match self {
+            KeyAlgorithm::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            KeyAlgorithm::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            KeyAlgorithm::Ed25519 => &rcgen::PKCS_ED25519,
+            _ => &rcgen::PKCS_RSA_SHA256,
+        }
+    }
+
+    /// Generates a fresh private key.
+    pub fn generate(self) -> Result<PrivateKey> {
+        let kp = match self {
+            KeyAlgorithm::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048),
+            KeyAlgorithm::Rsa3072 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072),
+            KeyAlgorithm::Rsa4096 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_4096),
+            other => KeyPair::generate_for(other.signature_algorithm()),
+        }
+        .map_err(|e| Error::Build(format!("generating a {} key: {e}", self.name())))?;
+        Ok(PrivateKey {
+            inner: kp,
+            algorithm: self,
+        })
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for KeyAlgorithm {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let norm = s.to_ascii_lowercase().replace('_', "-");
+        match norm.as_str() {
+            "ecdsa-p256" | "p256" | "ec-p256" | "ecdsa" => Ok(KeyAlgorithm::EcdsaP256),
+            "ecdsa-p384" | "p384" | "ec-p384" => Ok(KeyAlgorithm::EcdsaP384),
+            "ed25519" => Ok(KeyAlgorithm::Ed25519),
+            "rsa-2048" | "rsa" => Ok(KeyAlgorithm::Rsa2048),
+            "rsa-3072" => Ok(KeyAlgorithm::Rsa3072),
+            "rsa-4096" => Ok(KeyAlgorithm::Rsa4096),
+            _ => {
+                if let Some(bits) = norm.strip_prefix("rsa-").and_then(|b| b.parse::<usize>().ok()) {
+                    if bits < MIN_RSA_BITS {
+                        return Err(Error::invalid(
+                            "key algorithm",
+                            format!("RSA keys under {MIN_RSA_BITS} bits are refused (got {bits})"),
+                        ));
+                    }
+                }
+                Err(Error::invalid(
+                    "key algorithm",
+                    format!(
+                        "{s:?}; expected one of {}",
+                        KeyAlgorithm::ALL.map(|a| a.name()).join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+impl TryFrom<String> for KeyAlgorithm {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<KeyAlgorithm> for String {
+    fn from(k: KeyAlgorithm) -> String {
+        k.name().to_string()
+    }
+}
+
+/// The kind and size of a public key, as found in a certificate or CSR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum PublicKeyKind {
+    /// ECDSA on the named curve.
+    Ecdsa {
+        /// Curve size in bits (256, 384, 521).
+        bits: usize,
+    },
+    /// Ed25519.
+    Ed25519,
+    /// RSA with a modulus of `bits` bits.
+    Rsa {
+        /// Modulus size.
+        bits: usize,
+    },
+    /// Something meshca does not issue for.
+    Other,
+}
+
+impl PublicKeyKind {
+    /// Classifies a parsed SubjectPublicKeyInfo.
+    pub fn of(spki: &SubjectPublicKeyInfo<'_>) -> PublicKeyKind {
+        match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => PublicKeyKind::Rsa { bits: rsa.key_size() },
+            Ok(PublicKey::EC(ec)) => PublicKeyKind::Ecdsa { bits: ec.key_size() },
+            _ if spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519 => {
+                PublicKeyKind::Ed25519
+            }
+            _ => PublicKeyKind::Other,
+        }
+    }
+
+    /// The matching [`KeyAlgorithm`], if meshca supports it.
+    pub fn algorithm(self) -> Option<KeyAlgorithm> {
+        match self {
+            PublicKeyKind::Ecdsa { bits: 256 } => Some(KeyAlgorithm::EcdsaP256),
+            PublicKeyKind::Ecdsa { bits: 384 } => Some(KeyAlgorithm::EcdsaP384),
+            PublicKeyKind::Ed25519 => Some(KeyAlgorithm::Ed25519),
+            PublicKeyKind::Rsa { bits: 2048 } => Some(KeyAlgorithm::Rsa2048),
+            PublicKeyKind::Rsa { bits: 3072 } => Some(KeyAlgorithm::Rsa3072),
+            PublicKeyKind::Rsa { bits: 4096 } => Some(KeyAlgorithm::Rsa4096),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PublicKeyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublicKeyKind::Ecdsa { bits } => write!(f, "ecdsa-p{bits}"),
+            PublicKeyKind::Ed25519 => f.write_str("ed25519"),
+            PublicKeyKind::Rsa { bits } => write!(f, "rsa-{bits}"),
+            PublicKeyKind::Other => f.write_str("unsupported"),
+        }
+    }
+}
+
+/// A private key held in memory. `Debug` never shows key material and the PKCS#8 bytes are
+/// only reachable through [`PrivateKey::to_pkcs8_pem`].
+pub struct PrivateKey {
+    inner: KeyPair,
+    algorithm: KeyAlgorithm,
+}
+
+impl PrivateKey {
+    /// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1). Errors never echo the input.
+    pub fn from_pem(pem_text: &str, source_name: &str) -> Result<Self> {
+        let kp = KeyPair::from_pem(pem_text).map_err(|_| Error::Pem {
+            source_name: source_name.to_string(),
+            reason: "not a readable private key (expected PKCS#8, SEC1 or PKCS#1 PEM)".into(),
+        })?;
+        let spki_der = kp.subject_public_key_info();
+        let (_, spki) = <SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(&spki_der)
+            .map_err(|_| Error::Pem {
+                source_name: source_name.to_string(),
+                reason: "private key has an unreadable public half".into(),
+            })?;
+        let kind = PublicKeyKind::of(&spki);
+        if let PublicKeyKind::Rsa { bits } = kind {
+            if bits < MIN_RSA_BITS {
+                return Err(Error::invalid(
+                    "key",
+                    format!("{source_name}: RSA key of {bits} bits is under the {MIN_RSA_BITS}-bit minimum"),
+                ));
+            }
+        }
+        let algorithm = kind.algorithm().ok_or_else(|| {
+            Error::invalid("key", format!("{source_name}: unsupported key type {kind}"))
+        })?;
+        Ok(PrivateKey { inner: kp, algorithm })
+    }
+
+    /// The algorithm of this key.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
+    }
+
+    /// The key as PKCS#8 PEM. The caller is responsible for writing it with mode 0600.
+    pub fn to_pkcs8_pem(&self) -> zeroize::Zeroizing<String> {
+        zeroize::Zeroizing::new(self.inner.serialize_pem())
+    }
+
+    /// The DER SubjectPublicKeyInfo of the public half.
+    pub fn public_key_der(&self) -> Vec<u8> {
+        self.inner.subject_public_key_info()
+    }
+
+    /// The rcgen key pair, for signing.
+    pub(crate) fn key_pair(&self) -> &KeyPair {
+        &self.inner
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrivateKey")
+            .field("algorithm", &self.algorithm)
+            .field("material", &"<redacted>")
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_rsa_minimum() {
+        for a in KeyAlgorithm::ALL {
+            assert_eq!(a.name().parse::<KeyAlgorithm>().unwrap(), a);
+        }
+        let e = "rsa-1024".parse::<KeyAlgorithm>().unwrap_err().to_string();
+        assert!(e.contains("under 2048"), "{e}");
+        assert!("dsa".parse::<KeyAlgorithm>().is_err());
+    }
+
+    #[test]
+    fn generated_keys_reload_with_the_same_algorithm_and_debug_is_redacted() {
+        for a in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Ed25519, KeyAlgorithm::Rsa2048] {
+            let k = a.generate().unwrap();
+            let pem = k.to_pkcs8_pem();
+            let back = PrivateKey::from_pem(&pem, "test").unwrap();
+            assert_eq!(back.algorithm(), a);
+            assert_eq!(back.public_key_der(), k.public_key_der());
+            let dbg = format!("{k:?}");
+            assert!(dbg.contains("redacted"));
+            let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+            assert!(!dbg.contains(&body[..20]));
+        }
+    }
+
+    #[test]
+    fn garbage_key_error_does_not_echo_input() {
+        let e = PrivateKey::from_pem("-----BEGIN PRIVATE KEY-----\nc2VjcmV0c2VjcmV0\n-----END PRIVATE KEY-----\n", "k.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("k.pem:"), "{e}");
+        assert!(!e.contains("c2VjcmV0"));
+    }
+}

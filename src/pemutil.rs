@@ -1,0 +1,112 @@
+//! PEM decoding and encoding of certificates (via the `pem` crate).
+
+use rustls_pki_types::CertificateDer;
+
+use crate::error::{Error, Result};
+
+/// Decodes every PEM block in `text`. Errors name the source, never the content.
+pub fn parse_blocks(text: &[u8], source_name: &str) -> Result<Vec<pem::Pem>> {
+    let s = std::str::from_utf8(text).map_err(|_| Error::Pem {
+        source_name: source_name.to_string(),
+        reason: "not PEM (input is not UTF-8 text)".into(),
+    })?;
+    let blocks = pem::parse_many(s).map_err(|e| Error::Pem {
+        source_name: source_name.to_string(),
+        reason: format!("malformed PEM ({})", pem_reason(&e)),
+    })?;
+    if blocks.is_empty() {
+        return Err(Error::Pem {
+            source_name: source_name.to_string(),
+            reason: "no PEM block found".into(),
+        });
+    }
+    Ok(blocks)
+}
+
+fn pem_reason(e: &pem::PemError) -> &'static str {
+    match e {
+        pem::PemError::MismatchedTags(..) => "BEGIN and END labels differ",
+        pem::PemError::MalformedFraming => "broken BEGIN/END framing",
+        pem::PemError::MissingBeginTag => "missing BEGIN line",
+        pem::PemError::MissingEndTag => "missing END line",
+        pem::PemError::MissingData => "empty body",
+        pem::PemError::InvalidData(_) => "body is not valid base64",
+        pem::PemError::NotUtf8(_) => "not UTF-8",
+        _ => "unreadable",
+    }
+}
+
+/// Decodes a file that must contain only certificates (a chain or a bundle), at least one.
+/// Each certificate is also checked to be well-formed DER.
+pub fn parse_certs(text: &[u8], source_name: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let blocks = parse_blocks(text, source_name)?;
+    let mut out = Vec::with_capacity(blocks.len());
+    for (i, b) in blocks.into_iter().enumerate() {
+        if b.tag() != "CERTIFICATE" {
+            return Err(Error::Pem {
+                source_name: source_name.to_string(),
+                reason: format!("block {} is a {:?}, expected CERTIFICATE", i + 1, b.tag()),
+            });
+        }
+        let der = b.into_contents();
+        x509_parser::parse_x509_certificate(&der).map_err(|_| Error::Pem {
+            source_name: source_name.to_string(),
+            reason: format!("certificate {} is not valid X.509 DER", i + 1),
+        })?;
+        out.push(CertificateDer::from(der));
+    }
+    Ok(out)
+}
+
+/// Encodes certificates as concatenated PEM.
+pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>) -> String {
+    let blocks: Vec<pem::Pem> = certs
+        .into_iter()
+        .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
+        .collect();
+    pem::encode_many_config(&blocks, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+}
+
+/// SHA-256 of DER bytes as lower-case hex with `:` separators (the openssl style).
+pub fn fingerprint_sha256(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    hex_colon(d.as_ref())
+}
+
+/// Bytes as upper-case hex with `:` separators.
+pub fn hex_colon(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Bytes as lower-case hex without separators.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn garbage_and_wrong_blocks_are_rejected_by_name() {
+        let e = parse_certs(b"hello", "x.pem").unwrap_err().to_string();
+        assert_eq!(e, "x.pem: no PEM block found");
+        let e = parse_certs(b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", "x.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("malformed PEM"), "{e}");
+        let e = parse_certs(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "x.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not valid X.509"), "{e}");
+        let e = parse_certs(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "x.pem")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected CERTIFICATE") && !e.contains("AAAA"), "{e}");
+        assert!(parse_certs(&[0xff, 0xfe], "b").unwrap_err().to_string().contains("UTF-8"));
+    }
+}
