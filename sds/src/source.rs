@@ -411,9 +411,11 @@ mod tests {
         let ca2 = create_root(&CaSpec::root("ca2"), now).unwrap();
         let w = workload(&ca1, &sans("a"), now).await;
         verify_workload(&w, std::slice::from_ref(&ca1.cert), Some(&sans("a")), now).unwrap();
-        let e = verify_workload(&w, std::slice::from_ref(&ca2.cert), Some(&sans("a")), now).unwrap_err();
+        let e = verify_workload(&w, std::slice::from_ref(&ca2.cert), Some(&sans("a")), now)
+            .unwrap_err();
         assert!(e.contains("unknown issuer"), "{e}");
-        let e = verify_workload(&w, std::slice::from_ref(&ca1.cert), Some(&sans("b")), now).unwrap_err();
+        let e = verify_workload(&w, std::slice::from_ref(&ca1.cert), Some(&sans("b")), now)
+            .unwrap_err();
         assert!(e.contains("not the expected"), "{e}");
         assert!(verify_workload(&w, &[], None, now)
             .unwrap_err()
@@ -433,9 +435,11 @@ mod tests {
         );
         // Expired by the time of checking.
         let later = now + time::Duration::hours(2);
-        assert!(verify_workload(&w, std::slice::from_ref(&ca1.cert), None, later)
-            .unwrap_err()
-            .contains("expired"));
+        assert!(
+            verify_workload(&w, std::slice::from_ref(&ca1.cert), None, later)
+                .unwrap_err()
+                .contains("expired")
+        );
     }
 
     #[tokio::test]
