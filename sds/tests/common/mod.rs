@@ -2,7 +2,6 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
@@ -318,7 +317,7 @@ impl Delta {
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
@@ -338,5 +337,3 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
-
-pub fn _unused(_: Arc<()>) {}
