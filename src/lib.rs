@@ -32,11 +32,14 @@
 pub mod bundle;
 pub mod ca;
 pub mod clock;
+pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod identity;
+pub mod inspect;
 pub mod issue;
 pub mod key;
+pub mod output;
 pub mod pemutil;
 pub mod policy;
 pub mod profile;
