@@ -374,7 +374,7 @@ async fn apply_workload(
                 )
                 .await?,
             ),
-            None => bundle::to_pem(&[workload.cert.root.clone()]),
+            None => bundle::to_pem(std::slice::from_ref(&workload.cert.root)),
         };
         let yaml = output::tls_secret_manifest(&at, &w.ca, &workload, &ca_pem)?;
         let p = out_dir.join(format!("{}-secret.yaml", w.name));

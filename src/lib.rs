@@ -43,7 +43,10 @@ pub mod output;
 pub mod pemutil;
 pub mod policy;
 pub mod profile;
+pub mod report;
 pub mod store;
 pub mod x509;
 
 pub use error::{Error, Result};
+/// Certificate DER types used across the API (from `rustls-pki-types`).
+pub use rustls_pki_types as pki_types;
