@@ -289,9 +289,12 @@ pub async fn apply(
             None => create_root(spec, now)?,
             Some(p) => create_intermediate(spec, &store.load_ca(p).await?, now)?,
         };
-        let outcome = match store.save_ca(&ca, opts.force).await? {
-            SaveOutcome::Created => Outcome::Created,
-            SaveOutcome::Replaced => Outcome::Replaced,
+        let outcome = match store.save_ca(&ca, opts.force).await {
+            Ok(SaveOutcome::Created) => Outcome::Created,
+            Ok(SaveOutcome::Replaced) => Outcome::Replaced,
+            // Another process created it between the check and the save.
+            Err(Error::AlreadyExists(_)) => Outcome::Exists,
+            Err(e) => return Err(e),
         };
         report.push(applied("ca", &spec.name, outcome));
     }

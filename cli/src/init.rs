@@ -152,9 +152,12 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
                 None => create_root(&spec, now)?,
                 Some(p) => create_intermediate(&spec, p, now)?,
             };
-            let outcome = match store.save_ca(&ca, a.force).await? {
-                SaveOutcome::Created => Outcome::Created,
-                SaveOutcome::Replaced => Outcome::Replaced,
+            let outcome = match store.save_ca(&ca, a.force).await {
+                Ok(SaveOutcome::Created) => Outcome::Created,
+                Ok(SaveOutcome::Replaced) => Outcome::Replaced,
+                // Another process created it between our check and our save.
+                Err(meshca::Error::AlreadyExists(_)) => Outcome::Exists,
+                Err(e) => return Err(e.into()),
             };
             report.push(Applied {
                 kind: "ca".into(),

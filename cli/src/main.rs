@@ -64,10 +64,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
-            let _ = e.print();
-            // Usage errors are the user's: exit 1 like every other user error.
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+            // Usage errors are the user's: one line, exit 1 like every other user error.
+            eprintln!("meshca: error: {}", common::clap_one_line(&e));
+            return ExitCode::from(1);
         }
     };
     common::init_logging(&cli.log_level, cli.log_format);
