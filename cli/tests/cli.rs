@@ -439,7 +439,6 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
 
     // A disallowed SAN (the CA only allows *.svc names here).
     env.ok(&["init", "--ca", "strict", "--allow-dns", "*.svc"]);
-    let ledger_before = ledger_before;
     let evil = openssl_csr(&env, "evil", P256, &["subjectAltName=DNS:evil.example.com"]);
     let e = env.fails(&[
         "issue",
