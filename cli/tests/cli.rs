@@ -59,6 +59,10 @@ impl Env {
         assert!(lines[0].starts_with("meshca: error: "), "{err}");
         lines[0].to_string()
     }
+    /// Signing `csr` with `ca` must fail cleanly; returns the error line.
+    fn csr_fails(&self, ca: &str, csr: &str) -> String {
+        self.fails(&["issue", "--ca", ca, "--csr", csr, "--out-dir", "x"])
+    }
     fn ledger_len(&self) -> usize {
         fs::read_to_string(self.home().join("ledger.jsonl"))
             .map(|s| s.lines().count())
@@ -365,33 +369,13 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
     assert!(env
         .fails(&["inspect", "broken.pem"])
         .contains("malformed PEM"));
-    assert!(env
-        .fails(&[
-            "issue",
-            "--ca",
-            "ca1",
-            "--csr",
-            "garbage.pem",
-            "--out-dir",
-            "x"
-        ])
-        .contains("no PEM block"));
+    assert!(env.csr_fails("ca1", "garbage.pem").contains("no PEM block"));
     fs::write(
         env.path("notcsr.pem"),
         b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
     )
     .unwrap();
-    assert!(env
-        .fails(&[
-            "issue",
-            "--ca",
-            "ca1",
-            "--csr",
-            "notcsr.pem",
-            "--out-dir",
-            "x"
-        ])
-        .contains("PKCS#10"));
+    assert!(env.csr_fails("ca1", "notcsr.pem").contains("PKCS#10"));
 
     // A CSR whose signature does not match (one bit flipped in the signature).
     let good = openssl_csr(&env, "tamper", P256, &["subjectAltName=DNS:t.svc"]);
@@ -405,15 +389,7 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
         pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der)),
     )
     .unwrap();
-    let e = env.fails(&[
-        "issue",
-        "--ca",
-        "ca1",
-        "--csr",
-        "badsig.csr",
-        "--out-dir",
-        "x",
-    ]);
+    let e = env.csr_fails("ca1", "badsig.csr");
     assert!(e.contains("proof of possession"), "{e}");
 
     // A CSR asking for CA:TRUE.
@@ -426,29 +402,13 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
             "subjectAltName=DNS:x.svc",
         ],
     );
-    let e = env.fails(&[
-        "issue",
-        "--ca",
-        "ca1",
-        "--csr",
-        ca_csr.to_str().unwrap(),
-        "--out-dir",
-        "x",
-    ]);
+    let e = env.csr_fails("ca1", ca_csr.to_str().unwrap());
     assert!(e.contains("CA:TRUE"), "{e}");
 
     // A disallowed SAN (the CA only allows *.svc names here).
     env.ok(&["init", "--ca", "strict", "--allow-dns", "*.svc"]);
     let evil = openssl_csr(&env, "evil", P256, &["subjectAltName=DNS:evil.example.com"]);
-    let e = env.fails(&[
-        "issue",
-        "--ca",
-        "strict",
-        "--csr",
-        evil.to_str().unwrap(),
-        "--out-dir",
-        "x",
-    ]);
+    let e = env.csr_fails("strict", evil.to_str().unwrap());
     assert!(
         e.contains("evil.example.com") && e.contains("denies"),
         "{e}"
@@ -482,15 +442,7 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
         &["subjectAltName=DNS:w.svc"],
     );
     assert!(env
-        .fails(&[
-            "issue",
-            "--ca",
-            "ca1",
-            "--csr",
-            weak.to_str().unwrap(),
-            "--out-dir",
-            "x"
-        ])
+        .csr_fails("ca1", weak.to_str().unwrap())
         .contains("1024 bits"));
     // TTL over the policy maximum (30d).
     assert!(env
@@ -501,17 +453,7 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
     assert!(env
         .fails(&["inspect", "huge.pem"])
         .contains("over the 1048576-byte limit"));
-    assert!(env
-        .fails(&[
-            "issue",
-            "--ca",
-            "ca1",
-            "--csr",
-            "huge.pem",
-            "--out-dir",
-            "x"
-        ])
-        .contains("limit"));
+    assert!(env.csr_fails("ca1", "huge.pem").contains("limit"));
     // Missing file.
     assert!(env
         .fails(&["issue", "--ca", "ca1", "--csr", "missing.csr"])
