@@ -279,6 +279,29 @@ pub fn check_chain_order(chain: &[CertificateDer<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// The DNS name constraints of a CA certificate: (permitted, excluded) subtrees, lower-cased,
+/// without leading dots.
+pub fn dns_name_constraints(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+    let c = parse_cert(der)?;
+    let mut permitted = Vec::new();
+    let mut excluded = Vec::new();
+    for ext in c.extensions() {
+        if let ParsedExtension::NameConstraints(nc) = ext.parsed_extension() {
+            let collect = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>,
+                           out: &mut Vec<String>| {
+                for st in subtrees.iter().flatten() {
+                    if let GeneralName::DNSName(d) = st.base {
+                        out.push(d.trim_start_matches('.').to_ascii_lowercase());
+                    }
+                }
+            };
+            collect(&nc.permitted_subtrees, &mut permitted);
+            collect(&nc.excluded_subtrees, &mut excluded);
+        }
+    }
+    Ok((permitted, excluded))
+}
+
 /// Which extended key usage a verification asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Usage {
@@ -414,6 +437,47 @@ mod tests {
         check_chain_order(&int.chain()).unwrap();
         let reversed: Vec<_> = int.chain().into_iter().rev().collect();
         assert!(check_chain_order(&reversed).is_err());
+    }
+
+    #[test]
+    fn name_constraints_are_enforced_at_issuance_and_by_webpki() {
+        use crate::identity::{DnsName, Sans};
+        use crate::issue::{LocalIssuer, SignRequest};
+        let now = OffsetDateTime::now_utc();
+        let mut spec = CaSpec::root("team");
+        spec.permitted_dns = vec!["team.example".into()];
+        spec.excluded_dns = vec!["secret.team.example".into()];
+        let ca = create_root(&spec, now).unwrap();
+        assert_eq!(
+            dns_name_constraints(&ca.cert).unwrap(),
+            (
+                vec!["team.example".to_string()],
+                vec!["secret.team.example".to_string()]
+            )
+        );
+        let root = ca.cert.clone();
+        let issuer = LocalIssuer::new(ca).unwrap();
+        let key = crate::key::KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let req = |name: &str| SignRequest {
+            public_key_der: key.public_key_der(),
+            key: crate::key::PublicKeyKind::Ecdsa { bits: 256 },
+            sans: Sans {
+                dns: vec![DnsName::parse(name).unwrap()],
+                ..Sans::default()
+            },
+            ttl: std::time::Duration::from_secs(3600),
+            csr_der: None,
+        };
+        let ok = issuer.sign_now(&req("api.team.example"), now).unwrap();
+        verify_chain(&ok.leaf, &[], &[root.clone()], now, Usage::Server).unwrap();
+        for bad in [
+            "api.other.example",
+            "x.secret.team.example",
+            "team.example.evil",
+        ] {
+            let e = issuer.sign_now(&req(bad), now).unwrap_err().to_string();
+            assert!(e.contains("name constraints"), "{bad}: {e}");
+        }
     }
 
     #[test]
