@@ -71,7 +71,7 @@ pub enum ServeError {
     Config(String),
     /// The certificate source failed at startup.
     #[error("certificate source failed at startup: {0}")]
-    Source(String),
+    Source(#[source] SourceError),
     /// A listener could not be set up.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
@@ -121,6 +121,18 @@ impl Listen {
         Err(ServeError::Config(format!(
             "{s:?}: expected unix:PATH or tcp:IP:PORT"
         )))
+    }
+}
+
+impl ServeError {
+    /// Whether the configuration or input is at fault (the CLI exits 1) rather than the
+    /// environment (exit 2).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            ServeError::Config(_) | ServeError::Listen { .. } => true,
+            ServeError::Source(e) => e.user_error,
+            ServeError::Transport { .. } => false,
+        }
     }
 }
 
@@ -355,10 +367,7 @@ impl Server {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut rotator =
             rotation::Rotator::new(source, cfg.rotation.clone(), snap_tx, metrics.clone());
-        rotator
-            .step(true)
-            .await
-            .map_err(|e| ServeError::Source(format!("{}: {e}", rotator.describe())))?;
+        rotator.step(true).await.map_err(ServeError::Source)?;
 
         let service = SdsService::new(snap_rx.clone(), metrics.clone(), shutdown_rx.clone());
         let mut bound = Vec::new();

@@ -11,7 +11,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::metrics::Metrics;
 use crate::secrets::{bundle_entry, certificate_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME};
-use crate::source::{verify_workload, CertSource, Material, WorkloadCert};
+use crate::source::{verify_workload, CertSource, Material, SourceError, WorkloadCert};
 
 /// Rotation settings.
 #[derive(Clone, Debug)]
@@ -90,28 +90,28 @@ impl Rotator {
 
     /// One step: load (renewing if due or `force`), verify, publish if changed. On error the
     /// published secrets stay as they are.
-    pub async fn step(&mut self, force: bool) -> Result<(), String> {
+    pub async fn step(&mut self, force: bool) -> Result<(), SourceError> {
         let now = OffsetDateTime::now_utc();
         let due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
-        let material = self
-            .source
-            .load(due, now)
-            .await
-            .map_err(|e| e.to_string())?;
+        let material = self.source.load(due, now).await?;
         match self.accept(material, now) {
             Ok(()) => Ok(()),
             // The current certificate no longer verifies (a CA rotation took it out of the
             // bundle): a renewing source gets one immediate chance to issue a new one.
             Err(e) if !due => {
                 tracing::info!(error = %e, "current certificate no longer verifies; renewing");
-                let material = self
-                    .source
-                    .load(true, now)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.accept(material, now)
+                let material = self.source.load(true, now).await?;
+                self.accept(material, now).map_err(|e| self.refused(e))
             }
-            Err(e) => Err(e),
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    fn refused(&self, message: String) -> SourceError {
+        SourceError {
+            source_name: self.source.describe(),
+            message,
+            user_error: true,
         }
     }
 
@@ -231,7 +231,6 @@ impl Rotator {
                     self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         error = %e,
-                        source = %self.source.describe(),
                         attempt = failures,
                         "certificate source failed; keeping the current secrets and retrying with backoff"
                     );

@@ -74,6 +74,28 @@ pub struct SourceError {
     pub source_name: String,
     /// What went wrong.
     pub message: String,
+    /// Whether the configuration or the input is at fault (a missing file, an unknown CA,
+    /// a policy denial) rather than the environment.
+    pub user_error: bool,
+}
+
+/// Errors a source can wrap: library errors know whether they are the user's.
+pub trait SourceFailure {
+    /// The message and whether it is the user's fault.
+    fn parts(self) -> (String, bool);
+}
+
+impl SourceFailure for meshca::Error {
+    fn parts(self) -> (String, bool) {
+        let user = self.is_user_error();
+        (self.to_string(), user)
+    }
+}
+
+impl SourceFailure for String {
+    fn parts(self) -> (String, bool) {
+        (self, true)
+    }
 }
 
 /// A place certificates come from. The rotation loop calls [`CertSource::load`] on every
@@ -167,12 +189,14 @@ impl LocalCaSource {
         let store = LocalStore::open(home).map_err(|e| SourceError {
             source_name: format!("local-ca:{}", home.display()),
             message: e.to_string(),
+            user_error: true,
         })?;
         if sans.is_empty() {
             return Err(SourceError {
                 source_name: format!("local-ca:{}", home.display()),
                 message: "no identity: give a SPIFFE ID, namespace/service account or DNS name"
                     .into(),
+                user_error: true,
             });
         }
         Ok(LocalCaSource {
@@ -192,10 +216,12 @@ impl LocalCaSource {
         self
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> SourceError {
+    fn err(&self, e: impl SourceFailure) -> SourceError {
+        let (message, user_error) = e.parts();
         SourceError {
             source_name: self.describe(),
-            message: e.to_string(),
+            message,
+            user_error,
         }
     }
 }
@@ -306,10 +332,12 @@ impl FileSource {
         )
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> SourceError {
+    fn err(&self, e: impl SourceFailure) -> SourceError {
+        let (message, user_error) = e.parts();
         SourceError {
             source_name: self.describe(),
-            message: e.to_string(),
+            message,
+            user_error,
         }
     }
 }
