@@ -197,7 +197,11 @@ fn bootstrap(delta: bool, sds_addr: &Listen, port: u16) -> String {
     let template = include_str!("../../deploy/sds/envoy-bootstrap.yaml");
     let mut b = template
         .replace("port_value: 15000", "port_value: 0")
-        .replace("port_value: 15443", &format!("port_value: {port}"));
+        .replace(
+            "address: 0.0.0.0, port_value: 15443",
+            &format!("address: 127.0.0.1, port_value: {port}"),
+        );
+    assert!(b.contains(&format!("address: 127.0.0.1, port_value: {port}")));
     assert!(b.contains("api_type: GRPC") && b.contains("pipe: { path: /run/meshca/sds.sock }"));
     if delta {
         b = b.replace("api_type: GRPC", "api_type: DELTA_GRPC");
