@@ -403,3 +403,84 @@ async fn envoy_sotw_over_tcp() {
 async fn envoy_delta_over_tcp() {
     scenario(true, true).await;
 }
+
+/// Envoy keeps its last good secrets while meshca is down, reconnects (sending its last
+/// accepted version with an empty nonce) and takes the new server's certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_survives_sds_restart_and_resyncs() {
+    let Some(bin) = envoy_bin() else { return };
+    let home = Home::new().await;
+    let sock = home.tmp().join("sds.sock");
+    let start = || async {
+        let mut cfg = ServeConfig::new(
+            local_source(&home, Some(Duration::from_secs(3600))),
+            vec![Listen::Unix(sock.clone())],
+        );
+        cfg.rotation.poll_interval = Duration::from_millis(200);
+        Server::start(cfg).await.unwrap()
+    };
+    let first = start().await;
+    let port = free_port();
+    let envoy = Envoy::start(
+        &bin,
+        home.tmp(),
+        &bootstrap(false, &Listen::Unix(sock.clone()), port),
+    );
+    let ca1 = home.tmp().join("ca1.pem");
+    std::fs::write(&ca1, home.root_pem("ca1").await).unwrap();
+    let (c1, k1) = home.client_cert("ca1", "client1").await;
+    let mut ok = false;
+    for _ in 0..100 {
+        if curl(port, &ca1, &c1, &k1).await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "log:\n{}", envoy.log_tail());
+    let serial1 = served_serial(&first);
+    assert!(envoy.serving_serials().await.contains(&serial1));
+
+    // meshca goes away: Envoy keeps serving the last good certificate.
+    first.shutdown().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        curl(port, &ca1, &c1, &k1).await.as_deref(),
+        Ok("hello from envoy\n")
+    );
+    assert!(envoy.serving_serials().await.contains(&serial1));
+
+    // A new server (with a newly issued certificate) on the same socket: Envoy reconnects.
+    let second = start().await;
+    let serial2 = served_serial(&second);
+    assert_ne!(serial1, serial2);
+    let mut resynced = false;
+    for _ in 0..400 {
+        if envoy.serving_serials().await.contains(&serial2) {
+            resynced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(resynced, "envoy did not resync; log:\n{}", envoy.log_tail());
+    assert_eq!(
+        curl(port, &ca1, &c1, &k1).await.as_deref(),
+        Ok("hello from envoy\n")
+    );
+    let stats = envoy.stats("^sds\\.").await;
+    assert_eq!(
+        stats.get("sds.default.update_rejected").map(String::as_str),
+        Some("0"),
+        "{stats:?}"
+    );
+    let cx: u64 = envoy
+        .stats("^cluster\\.meshca_sds\\.upstream_cx_total")
+        .await
+        .get("cluster.meshca_sds.upstream_cx_total")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cx >= 2, "a reconnect shows in upstream_cx_total ({cx})");
+    drop(envoy);
+    second.shutdown().await.unwrap();
+}
