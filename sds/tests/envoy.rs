@@ -484,3 +484,95 @@ async fn envoy_survives_sds_restart_and_resyncs() {
     drop(envoy);
     second.shutdown().await.unwrap();
 }
+
+/// File source (a mounted Secret with `..data` swaps) through a real Envoy: a new
+/// certificate and a new `ca.crt` reach Envoy without restarting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_file_source_follows_secret_swaps() {
+    let Some(bin) = envoy_bin() else { return };
+    let home = Home::new().await;
+    let mount = home.tmp().join("mount");
+    std::fs::create_dir_all(&mount).unwrap();
+    let rd = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let sans = workload_sans();
+    let ca1_pem = home.root_pem("ca1").await;
+    let ca2_pem = home.root_pem("ca2").await;
+    let (s1, k1) = home.cert_with("ca1", "server1", &sans).await;
+    write_secret_dir(&mount, "gen1", &rd(&s1), &rd(&k1), &ca1_pem);
+    let sock = home.tmp().join("sds.sock");
+    let mut cfg = ServeConfig::new(
+        meshca_sds::SourceConfig::Files {
+            cert: mount.join("tls.crt"),
+            key: mount.join("tls.key"),
+            ca: mount.join("ca.crt"),
+            expected: Some(sans.clone()),
+        },
+        vec![Listen::Unix(sock.clone())],
+    );
+    cfg.rotation.poll_interval = Duration::from_millis(200);
+    let server = Server::start(cfg).await.unwrap();
+    let port = free_port();
+    let mut envoy = Envoy::start(
+        &bin,
+        home.tmp(),
+        &bootstrap(true, &Listen::Unix(sock), port),
+    );
+    let ca1 = home.tmp().join("ca1.pem");
+    std::fs::write(&ca1, &ca1_pem).unwrap();
+    let (c1, ck1) = home.client_cert("ca1", "client1").await;
+    let (c2, ck2) = home.client_cert("ca2", "client2").await;
+    let mut ok = Err(String::new());
+    for _ in 0..100 {
+        ok = curl(port, &ca1, &c1, &ck1).await;
+        if ok.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        ok.as_deref(),
+        Ok("hello from envoy\n"),
+        "log:\n{}",
+        envoy.log_tail()
+    );
+    assert!(curl(port, &ca1, &c2, &ck2).await.is_err());
+    let serial1 = served_serial(&server);
+
+    // The Secret is updated: new certificate, and ca.crt now trusts ca2 as well.
+    let (s2, k2) = home.cert_with("ca1", "server2", &sans).await;
+    write_secret_dir(
+        &mount,
+        "gen2",
+        &rd(&s2),
+        &rd(&k2),
+        &format!("{ca1_pem}{ca2_pem}"),
+    );
+    let mut admitted = false;
+    for _ in 0..100 {
+        let serials = envoy.serving_serials().await;
+        if !serials.contains(&serial1) && curl(port, &ca1, &c2, &ck2).await.is_ok() {
+            admitted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(admitted, "log:\n{}", envoy.log_tail());
+    assert!(envoy
+        .serving_serials()
+        .await
+        .contains(&served_serial(&server)));
+    assert!(envoy.alive());
+    let stats = envoy.stats("^sds\\.").await;
+    assert_eq!(
+        stats.get("sds.default.update_rejected").map(String::as_str),
+        Some("0"),
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.get("sds.ROOTCA.update_rejected").map(String::as_str),
+        Some("0"),
+        "{stats:?}"
+    );
+    drop(envoy);
+    server.shutdown().await.unwrap();
+}

@@ -292,26 +292,6 @@ async fn many_reconnects_leave_nothing_behind() {
     server.shutdown().await.unwrap();
 }
 
-fn write_secret_dir(root: &std::path::Path, gen: &str, cert: &str, key: &str, ca: &str) {
-    // The layout of a mounted Secret: files are symlinks into ..data, itself a symlink to a
-    // timestamped directory that Kubernetes swaps atomically.
-    let d = root.join(format!("..{gen}"));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("tls.crt"), cert).unwrap();
-    std::fs::write(d.join("tls.key"), key).unwrap();
-    std::fs::write(d.join("ca.crt"), ca).unwrap();
-    let tmp = root.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(format!("..{gen}"), &tmp).unwrap();
-    std::fs::rename(&tmp, root.join("..data")).unwrap();
-    for f in ["tls.crt", "tls.key", "ca.crt"] {
-        let l = root.join(f);
-        if std::fs::symlink_metadata(&l).is_err() {
-            std::os::unix::fs::symlink(format!("..data/{f}"), &l).unwrap();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_source_pushes_secret_swaps() {
     let home = Home::new().await;

@@ -65,16 +65,21 @@ impl Home {
 
     /// Issues a client certificate from `ca` and writes `<prefix>.crt` / `<prefix>.key`.
     pub async fn client_cert(&self, ca: &str, prefix: &str) -> (PathBuf, PathBuf) {
-        let issuer = meshca::store::load_issuer(&self.store, ca).await.unwrap();
         let sans = Sans {
             spiffe_id: Some(
                 SpiffeId::for_service_account(&TrustDomain::default(), "test", prefix).unwrap(),
             ),
             ..Sans::default()
         };
+        self.cert_with(ca, prefix, &sans).await
+    }
+
+    /// Issues a certificate for `sans` from `ca` and writes `<prefix>.crt` / `<prefix>.key`.
+    pub async fn cert_with(&self, ca: &str, prefix: &str, sans: &Sans) -> (PathBuf, PathBuf) {
+        let issuer = meshca::store::load_issuer(&self.store, ca).await.unwrap();
         let w = meshca::issue::issue_workload(
             issuer.as_ref(),
-            &sans,
+            sans,
             None,
             KeyAlgorithm::EcdsaP256,
             time::OffsetDateTime::now_utc(),
@@ -336,4 +341,24 @@ pub async fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     f()
+}
+
+/// Writes the layout of a mounted Secret: files are symlinks into `..data`, itself a symlink
+/// to a generation directory that is swapped atomically (as the kubelet does).
+pub fn write_secret_dir(root: &Path, gen: &str, cert: &str, key: &str, ca: &str) {
+    let d = root.join(format!("..{gen}"));
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("tls.crt"), cert).unwrap();
+    std::fs::write(d.join("tls.key"), key).unwrap();
+    std::fs::write(d.join("ca.crt"), ca).unwrap();
+    let tmp = root.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(format!("..{gen}"), &tmp).unwrap();
+    std::fs::rename(&tmp, root.join("..data")).unwrap();
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        let l = root.join(f);
+        if std::fs::symlink_metadata(&l).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{f}"), &l).unwrap();
+        }
+    }
 }
