@@ -74,7 +74,7 @@ fn parse_opts() -> Opts {
             _ => usage(),
         }
     }
-    if o.per_conn == 0 || o.streams.iter().any(|n| *n == 0) {
+    if o.per_conn == 0 || o.streams.contains(&0) {
         usage();
     }
     o
@@ -273,19 +273,22 @@ impl Drop for ChildGuard {
 
 fn start_child(home: &Path, sock: &Path) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
-    let child = Command::new(exe)
-        .arg("__serve")
-        .arg(home)
-        .arg(sock)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("start server");
+    let child = ChildGuard(
+        Command::new(exe)
+            .arg("__serve")
+            .arg(home)
+            .arg(sock)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start server"),
+    );
     for _ in 0..200 {
         if sock.exists() {
-            return ChildGuard(child);
+            return child;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(child);
     panic!("server did not create {}", sock.display());
 }
 
