@@ -37,6 +37,8 @@ pub mod fsutil;
 pub mod identity;
 pub mod issue;
 pub mod key;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod pemutil;
 pub mod policy;
 pub mod profile;

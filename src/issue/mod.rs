@@ -80,6 +80,12 @@ pub trait Issuer: Send + Sync + std::fmt::Debug {
 
     /// Signs a request that has already passed policy.
     async fn sign(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert>;
+
+    /// The CA certificate this issuer signs with, when it is known locally (used to tell
+    /// whether an existing leaf came from this CA). Default: unknown.
+    fn ca_certificate(&self) -> Option<&CertificateDer<'static>> {
+        None
+    }
 }
 
 /// One ledger line: what was issued, by whom, until when.
@@ -186,6 +192,16 @@ pub struct CsrOptions {
 /// request ready to sign. Pure: no I/O, so the signer and approver can share it.
 pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
     let info = CsrInfo::from_der(csr_der)?;
+    // Weak RSA keys first: the signature verifier refuses them too, and "bad signature" would
+    // hide the real reason.
+    if let PublicKeyKind::Rsa { bits } = info.key {
+        if bits < crate::key::MIN_RSA_BITS {
+            return Err(Error::PolicyDenied {
+                ca: issuer.meta().name.clone(),
+                reason: format!("RSA key of {bits} bits is under the {}-bit minimum", crate::key::MIN_RSA_BITS),
+            });
+        }
+    }
     if !info.signature_valid {
         return Err(Error::Csr("signature does not verify with the request's own key (proof of possession failed)".into()));
     }
