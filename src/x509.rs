@@ -1,7 +1,7 @@
 //! Parsed views of certificates and CSRs (x509-parser) and chain verification (rustls-webpki).
 
 use rustls_pki_types::{CertificateDer, UnixTime};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -13,19 +13,19 @@ use crate::key::PublicKeyKind;
 use crate::pemutil;
 
 /// Subject alternative names as found, without validation (for display).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawSans {
     /// URI SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uri: Vec<String>,
     /// DNS SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
     /// IP SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip: Vec<String>,
     /// E-mail SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub email: Vec<String>,
 }
 
@@ -47,18 +47,31 @@ impl RawSans {
     /// Validates into typed [`Sans`]: at most one URI, which must be a SPIFFE ID.
     pub fn to_sans(&self) -> Result<Sans> {
         if self.uri.len() > 1 {
-            return Err(Error::invalid("SANs", "more than one URI SAN (an X509-SVID has exactly one)"));
+            return Err(Error::invalid(
+                "SANs",
+                "more than one URI SAN (an X509-SVID has exactly one)",
+            ));
         }
         if let Some(e) = self.email.first() {
-            return Err(Error::invalid("SANs", format!("e-mail SAN {e} is not supported")));
+            return Err(Error::invalid(
+                "SANs",
+                format!("e-mail SAN {e} is not supported"),
+            ));
         }
         let mut s = Sans {
             spiffe_id: self.uri.first().map(|u| SpiffeId::parse(u)).transpose()?,
-            dns: self.dns.iter().map(|d| DnsName::parse(d)).collect::<Result<_>>()?,
+            dns: self
+                .dns
+                .iter()
+                .map(|d| DnsName::parse(d))
+                .collect::<Result<_>>()?,
             ips: self
                 .ip
                 .iter()
-                .map(|i| i.parse().map_err(|_| Error::invalid("SANs", format!("bad IP SAN {i}"))))
+                .map(|i| {
+                    i.parse()
+                        .map_err(|_| Error::invalid("SANs", format!("bad IP SAN {i}")))
+                })
                 .collect::<Result<_>>()?,
         };
         s.dedup();
@@ -67,7 +80,7 @@ impl RawSans {
 }
 
 /// The facts of a certificate that meshca shows and checks.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CertInfo {
     /// Subject DN (RFC 4514 style).
     pub subject: String,
@@ -84,7 +97,7 @@ pub struct CertInfo {
     /// basicConstraints CA flag.
     pub is_ca: bool,
     /// basicConstraints pathLen.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_len: Option<u8>,
     /// Subject alternative names.
     pub sans: RawSans,
@@ -95,10 +108,10 @@ pub struct CertInfo {
     /// SHA-256 fingerprint of the DER.
     pub sha256_fingerprint: String,
     /// Subject key identifier.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_key_id: Option<String>,
     /// Authority key identifier.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority_key_id: Option<String>,
     /// Key usages by name.
     pub key_usage: Vec<String>,
@@ -107,21 +120,24 @@ pub struct CertInfo {
     /// Whether subject == issuer and the signature verifies with its own key.
     pub self_signed: bool,
     /// DER SubjectPublicKeyInfo (not serialized).
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub spki_der: Vec<u8>,
     /// DER subject (not serialized), for chain linking.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub subject_der: Vec<u8>,
     /// DER issuer (not serialized), for chain linking.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub issuer_der: Vec<u8>,
 }
 
 fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>> {
-    let (rest, c) =
-        X509Certificate::from_der(der).map_err(|_| Error::invalid("certificate", "not valid X.509 DER"))?;
+    let (rest, c) = X509Certificate::from_der(der)
+        .map_err(|_| Error::invalid("certificate", "not valid X.509 DER"))?;
     if !rest.is_empty() {
-        return Err(Error::invalid("certificate", "trailing bytes after the certificate"));
+        return Err(Error::invalid(
+            "certificate",
+            "trailing bytes after the certificate",
+        ));
     }
     Ok(c)
 }
@@ -143,7 +159,9 @@ impl CertInfo {
         let mut eku = Vec::new();
         for ext in c.extensions() {
             match ext.parsed_extension() {
-                ParsedExtension::SubjectAlternativeName(s) => s.general_names.iter().for_each(|g| sans.push(g)),
+                ParsedExtension::SubjectAlternativeName(s) => {
+                    s.general_names.iter().for_each(|g| sans.push(g))
+                }
                 ParsedExtension::BasicConstraints(bc) => {
                     is_ca = bc.ca;
                     path_len = bc.path_len_constraint.map(|p| p.min(255) as u8);
@@ -162,7 +180,11 @@ impl CertInfo {
                         (k.key_cert_sign(), "keyCertSign"),
                         (k.crl_sign(), "cRLSign"),
                     ];
-                    ku = names.iter().filter(|(b, _)| *b).map(|(_, n)| n.to_string()).collect();
+                    ku = names
+                        .iter()
+                        .filter(|(b, _)| *b)
+                        .map(|(_, n)| n.to_string())
+                        .collect();
                 }
                 ParsedExtension::ExtendedKeyUsage(e) => {
                     let names = [
@@ -172,12 +194,17 @@ impl CertInfo {
                         (e.email_protection, "emailProtection"),
                         (e.any, "any"),
                     ];
-                    eku = names.iter().filter(|(b, _)| *b).map(|(_, n)| n.to_string()).collect();
+                    eku = names
+                        .iter()
+                        .filter(|(b, _)| *b)
+                        .map(|(_, n)| n.to_string())
+                        .collect();
                 }
                 _ => {}
             }
         }
-        let self_signed = c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok();
+        let self_signed =
+            c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok();
         Ok(CertInfo {
             subject: c.subject().to_string(),
             issuer: c.issuer().to_string(),
@@ -239,11 +266,40 @@ pub fn check_chain_order(chain: &[CertificateDer<'_>]) -> Result<()> {
                 parent.subject()
             )));
         }
-        child.verify_signature(Some(parent.public_key())).map_err(|_| {
-            Error::Verify(format!("signature of certificate {} does not verify with certificate {}", i + 1, i + 2))
-        })?;
+        child
+            .verify_signature(Some(parent.public_key()))
+            .map_err(|_| {
+                Error::Verify(format!(
+                    "signature of certificate {} does not verify with certificate {}",
+                    i + 1,
+                    i + 2
+                ))
+            })?;
     }
     Ok(())
+}
+
+/// The DNS name constraints of a CA certificate: (permitted, excluded) subtrees, lower-cased,
+/// without leading dots.
+pub fn dns_name_constraints(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+    let c = parse_cert(der)?;
+    let mut permitted = Vec::new();
+    let mut excluded = Vec::new();
+    for ext in c.extensions() {
+        if let ParsedExtension::NameConstraints(nc) = ext.parsed_extension() {
+            let collect = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>,
+                           out: &mut Vec<String>| {
+                for st in subtrees.iter().flatten() {
+                    if let GeneralName::DNSName(d) = st.base {
+                        out.push(d.trim_start_matches('.').to_ascii_lowercase());
+                    }
+                }
+            };
+            collect(&nc.permitted_subtrees, &mut permitted);
+            collect(&nc.excluded_subtrees, &mut excluded);
+        }
+    }
+    Ok((permitted, excluded))
 }
 
 /// Which extended key usage a verification asks for.
@@ -264,7 +320,8 @@ pub fn verify_chain(
     at: OffsetDateTime,
     usage: Usage,
 ) -> Result<()> {
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| Error::Verify(format!("leaf: {e:?}")))?;
+    let ee =
+        webpki::EndEntityCert::try_from(leaf).map_err(|e| Error::Verify(format!("leaf: {e:?}")))?;
     let tas: Vec<_> = anchors
         .iter()
         .map(|a| webpki::anchor_from_trusted_cert(a).map(|t| t.to_owned()))
@@ -276,9 +333,17 @@ pub fn verify_chain(
         Usage::Server => webpki::KeyUsage::server_auth(),
         Usage::Client => webpki::KeyUsage::client_auth(),
     };
-    ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &tas, intermediates, time, ku, None, None)
-        .map(|_| ())
-        .map_err(|e| Error::Verify(describe_webpki(&e)))
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &tas,
+        intermediates,
+        time,
+        ku,
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| Error::Verify(describe_webpki(&e)))
 }
 
 fn describe_webpki(e: &webpki::Error) -> String {
@@ -286,13 +351,15 @@ fn describe_webpki(e: &webpki::Error) -> String {
         webpki::Error::UnknownIssuer => "no path to a trusted root (unknown issuer)".into(),
         webpki::Error::CertExpired { .. } => "certificate has expired".into(),
         webpki::Error::CertNotValidYet { .. } => "certificate is not valid yet".into(),
-        webpki::Error::InvalidSignatureForPublicKey => "a signature in the chain does not verify".into(),
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "a signature in the chain does not verify".into()
+        }
         other => format!("{other:?}"),
     }
 }
 
 /// The facts of a PKCS#10 CSR.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CsrInfo {
     /// Subject DN.
     pub subject: String,
@@ -305,7 +372,7 @@ pub struct CsrInfo {
     /// Whether the self-signature verifies (proof of possession).
     pub signature_valid: bool,
     /// DER SubjectPublicKeyInfo.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub spki_der: Vec<u8>,
 }
 
@@ -322,7 +389,9 @@ impl CsrInfo {
         if let Some(exts) = csr.requested_extensions() {
             for ext in exts {
                 match ext {
-                    ParsedExtension::SubjectAlternativeName(s) => s.general_names.iter().for_each(|g| sans.push(g)),
+                    ParsedExtension::SubjectAlternativeName(s) => {
+                        s.general_names.iter().for_each(|g| sans.push(g))
+                    }
                     ParsedExtension::BasicConstraints(bc) => wants_ca |= bc.ca,
                     _ => {}
                 }
@@ -371,8 +440,52 @@ mod tests {
     }
 
     #[test]
+    fn name_constraints_are_enforced_at_issuance_and_by_webpki() {
+        use crate::identity::{DnsName, Sans};
+        use crate::issue::{LocalIssuer, SignRequest};
+        let now = OffsetDateTime::now_utc();
+        let mut spec = CaSpec::root("team");
+        spec.permitted_dns = vec!["team.example".into()];
+        spec.excluded_dns = vec!["secret.team.example".into()];
+        let ca = create_root(&spec, now).unwrap();
+        assert_eq!(
+            dns_name_constraints(&ca.cert).unwrap(),
+            (
+                vec!["team.example".to_string()],
+                vec!["secret.team.example".to_string()]
+            )
+        );
+        let root = ca.cert.clone();
+        let issuer = LocalIssuer::new(ca).unwrap();
+        let key = crate::key::KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let req = |name: &str| SignRequest {
+            public_key_der: key.public_key_der(),
+            key: crate::key::PublicKeyKind::Ecdsa { bits: 256 },
+            sans: Sans {
+                dns: vec![DnsName::parse(name).unwrap()],
+                ..Sans::default()
+            },
+            ttl: std::time::Duration::from_secs(3600),
+            csr_der: None,
+        };
+        let ok = issuer.sign_now(&req("api.team.example"), now).unwrap();
+        verify_chain(&ok.leaf, &[], &[root.clone()], now, Usage::Server).unwrap();
+        for bad in [
+            "api.other.example",
+            "x.secret.team.example",
+            "team.example.evil",
+        ] {
+            let e = issuer.sign_now(&req(bad), now).unwrap_err().to_string();
+            assert!(e.contains("name constraints"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn garbage_csr_is_a_csr_error() {
         assert!(matches!(CsrInfo::from_der(b"garbage"), Err(Error::Csr(_))));
-        assert!(matches!(CsrInfo::from_pem(b"nope", "x"), Err(Error::Pem { .. })));
+        assert!(matches!(
+            CsrInfo::from_pem(b"nope", "x"),
+            Err(Error::Pem { .. })
+        ));
     }
 }

@@ -16,6 +16,8 @@ use crate::x509::CertInfo;
 pub struct LocalIssuer {
     ca: CaMaterial,
     not_after: OffsetDateTime,
+    /// DNS name constraints of the CA certificate: (permitted, excluded).
+    dns_constraints: (Vec<String>, Vec<String>),
     issuer: rcgen::Issuer<'static, KeyRef>,
 }
 
@@ -50,12 +52,17 @@ impl LocalIssuer {
     /// Wraps a loaded CA. Fails when the CA has no local key.
     pub fn new(mut ca: CaMaterial) -> Result<Self> {
         let key = ca.key.take().ok_or_else(|| {
-            Error::Unsupported(format!("CA {} has no local key (backend {:?})", ca.meta.name, ca.meta.backend))
+            Error::Unsupported(format!(
+                "CA {} has no local key (backend {:?})",
+                ca.meta.name, ca.meta.backend
+            ))
         })?;
         let info = ca.info()?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
+        let dns_constraints = crate::x509::dns_name_constraints(&ca.cert)?;
         Ok(LocalIssuer {
             not_after: info.not_after,
+            dns_constraints,
             ca,
             issuer,
         })
@@ -99,11 +106,34 @@ impl LocalIssuer {
     /// Synchronous signing (the local CA does no I/O).
     pub fn sign_now(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert> {
         if now >= self.not_after {
-            return Err(Error::Build(format!("CA {} expired at {}", self.ca.meta.name, self.not_after)));
+            return Err(Error::Build(format!(
+                "CA {} expired at {}",
+                self.ca.meta.name, self.not_after
+            )));
+        }
+        // Never issue a certificate that its own CA's name constraints make invalid.
+        let (permitted, excluded) = &self.dns_constraints;
+        for d in &req.sans.dns {
+            let within =
+                |base: &String| d.as_str() == base || d.as_str().ends_with(&format!(".{base}"));
+            if (!permitted.is_empty() && !permitted.iter().any(within))
+                || excluded.iter().any(within)
+            {
+                return Err(Error::PolicyDenied {
+                    ca: self.ca.meta.name.clone(),
+                    reason: format!("DNS name {d} is outside the CA's name constraints"),
+                });
+            }
         }
         // A leaf never outlives its CA.
         let not_after = (now + req.ttl).min(self.not_after);
-        let params = profile::workload_params(&req.sans, &self.ca.meta.trust_domain, req.key, now, not_after)?;
+        let params = profile::workload_params(
+            &req.sans,
+            &self.ca.meta.trust_domain,
+            req.key,
+            now,
+            not_after,
+        )?;
         let cert = params.signed_by(&spki(&req.public_key_der)?, &self.issuer)?;
         let leaf = cert.der().clone();
         let info = CertInfo::from_der(&leaf)?;

@@ -128,7 +128,14 @@ impl LedgerEntry {
     }
 }
 
-fn check(issuer: &dyn Issuer, sans: &Sans, ttl: Option<Duration>, key: PublicKeyKind, wants_ca: bool, requester: Option<&Requester>) -> Result<Duration> {
+fn check(
+    issuer: &dyn Issuer,
+    sans: &Sans,
+    ttl: Option<Duration>,
+    key: PublicKeyKind,
+    wants_ca: bool,
+    requester: Option<&Requester>,
+) -> Result<Duration> {
     let meta = issuer.meta();
     meta.policy.check(
         &meta.name,
@@ -192,24 +199,37 @@ pub struct CsrOptions {
 /// request ready to sign. Pure: no I/O, so the signer and approver can share it.
 pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
     let info = CsrInfo::from_der(csr_der)?;
-    // Weak RSA keys first: the signature verifier refuses them too, and "bad signature" would
-    // hide the real reason.
+    // Weak keys first: the verifier refuses RSA under 2048 bits outright, which would
+    // otherwise surface as a misleading signature failure.
     if let PublicKeyKind::Rsa { bits } = info.key {
         if bits < crate::key::MIN_RSA_BITS {
             return Err(Error::PolicyDenied {
                 ca: issuer.meta().name.clone(),
-                reason: format!("RSA key of {bits} bits is under the {}-bit minimum", crate::key::MIN_RSA_BITS),
+                reason: format!(
+                    "RSA key of {bits} bits is under the {}-bit minimum",
+                    crate::key::MIN_RSA_BITS
+                ),
             });
         }
     }
     if !info.signature_valid {
-        return Err(Error::Csr("signature does not verify with the request's own key (proof of possession failed)".into()));
+        return Err(Error::Csr(
+            "signature does not verify with the request's own key (proof of possession failed)"
+                .into(),
+        ));
     }
     let sans = match &opts.override_sans {
         Some(s) => s.clone(),
         None => info.sans.to_sans()?,
     };
-    let ttl = check(issuer, &sans, opts.ttl, info.key, info.wants_ca, opts.requester.as_ref())?;
+    let ttl = check(
+        issuer,
+        &sans,
+        opts.ttl,
+        info.key,
+        info.wants_ca,
+        opts.requester.as_ref(),
+    )?;
     Ok(SignRequest {
         public_key_der: info.spki_der,
         key: info.key,
@@ -220,7 +240,12 @@ pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Resu
 }
 
 /// Signs an external CSR after [`check_csr`].
-pub async fn issue_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions, now: OffsetDateTime) -> Result<IssuedCert> {
+pub async fn issue_csr(
+    issuer: &dyn Issuer,
+    csr_der: &[u8],
+    opts: &CsrOptions,
+    now: OffsetDateTime,
+) -> Result<IssuedCert> {
     let req = check_csr(issuer, csr_der, opts)?;
     issuer.sign(&req, now).await
 }

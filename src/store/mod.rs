@@ -60,11 +60,16 @@ pub async fn load_issuer(store: &dyn Store, name: &str) -> Result<Box<dyn Issuer
 }
 
 /// The anchors of a stored bundle.
-pub async fn bundle_anchors(store: &dyn Store, spec: &BundleSpec) -> Result<Vec<CertificateDer<'static>>> {
+pub async fn bundle_anchors(
+    store: &dyn Store,
+    spec: &BundleSpec,
+) -> Result<Vec<CertificateDer<'static>>> {
     let mut cas = Vec::with_capacity(spec.cas.len());
     for name in &spec.cas {
         cas.push(store.load_ca(name).await.map_err(|e| match e {
-            Error::UnknownCa(n) => Error::invalid("bundle", format!("{} names unknown CA {n:?}", spec.name)),
+            Error::UnknownCa(n) => {
+                Error::invalid("bundle", format!("{} names unknown CA {n:?}", spec.name))
+            }
             other => other,
         })?);
     }
