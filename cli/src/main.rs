@@ -7,6 +7,8 @@ mod common;
 mod init;
 mod inspect;
 mod issue;
+mod kube_store;
+mod signer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,6 +28,10 @@ struct Cli {
     /// Where CAs live: `local` (the home directory) or `kube:<namespace>`.
     #[arg(long, global = true, default_value = "local")]
     store: String,
+    /// Kubeconfig for `--store kube:<ns>`, `bundle publish` and `signer run`
+    /// [default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account].
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
     /// Output format of data printed on stdout.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -59,6 +65,9 @@ enum Command {
     Ledger(ca::LedgerArgs),
     /// Check the store: every CA, bundle and ledger line must load.
     Check,
+    /// The in-cluster CSR signer controller.
+    #[command(subcommand)]
+    Signer(signer::SignerCmd),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +98,7 @@ fn main() -> ExitCode {
     let ctx = Ctx {
         home: cli.home,
         store: cli.store,
+        kubeconfig: cli.kubeconfig,
         output: cli.output,
     };
     match rt.block_on(run(ctx, cli.command)) {
@@ -111,5 +121,6 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Ca(c) => ca::run(&ctx, c).await,
         Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
         Command::Check => ca::run_check(&ctx).await,
+        Command::Signer(c) => signer::run_cmd(&ctx, c).await,
     }
 }

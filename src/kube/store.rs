@@ -185,6 +185,41 @@ impl KubeStore {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    /// Writes (creates or updates) a `kubernetes.io/tls`-shaped Secret `namespace/name` with
+    /// `tls.crt`, `tls.key` and `ca.crt` by server-side apply (field manager `meshca`, forced).
+    /// An existing Secret keeps its type and its other keys.
+    pub async fn apply_tls_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        tls_crt: &str,
+        tls_key: &str,
+        ca_crt: &str,
+        ca: &str,
+    ) -> Result<()> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let exists = api
+            .get_metadata_opt(name)
+            .await
+            .map_err(|e| kube_err("reading the target Secret", e))?
+            .is_some();
+        let mut body = super::managed::apply_body(name, namespace, tls_crt, tls_key, ca_crt);
+        body["metadata"]["labels"] = json!({ LABEL_MANAGED_BY: MANAGED_BY });
+        body["metadata"]["annotations"] = json!({ "meshca.io/issued-by": ca });
+        if !exists {
+            // The type is immutable: set it only when creating.
+            body["type"] = json!("kubernetes.io/tls");
+        }
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| kube_err(&format!("applying Secret {namespace}/{name}"), e))
+    }
+
     fn ledger_shard(&self, day: &str, n: u32) -> String {
         format!("meshca-ledger-{day}-{n}")
     }
