@@ -84,18 +84,32 @@ pub async fn sync_once(
     limiter: &RateLimiter,
 ) -> Result<usize> {
     let mut total = 0;
+    let mut first_err = None;
     for b in store.list_bundles().await? {
         if b.namespaces.is_empty() {
             continue;
         }
-        let anchors = bundle_anchors(store, &b).await?;
-        let n = publish(client, &b, &anchors, &b.namespaces, Some(limiter)).await?;
-        for _ in 0..n {
-            metrics.bundle_applied.inc();
+        // One broken bundle (unknown CA, forbidden namespace) must not block the others.
+        let r = async {
+            let anchors = bundle_anchors(store, &b).await?;
+            publish(client, &b, &anchors, &b.namespaces, Some(limiter)).await
         }
-        total += n;
+        .await;
+        match r {
+            Ok(n) => {
+                metrics.bundle_applied.inc_by(n as u64);
+                total += n;
+            }
+            Err(e) => {
+                tracing::warn!(bundle = %b.name, error = %e, "publishing a trust bundle failed");
+                first_err.get_or_insert(e);
+            }
+        }
     }
-    Ok(total)
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(total),
+    }
 }
 
 /// Syncs every `interval` while leading, until `shutdown` flips to `true`.

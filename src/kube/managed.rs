@@ -148,8 +148,10 @@ pub fn renewal_time(
     {
         return now;
     }
-    let life = info.not_after - info.not_before;
-    info.not_before + life * 2 / 3
+    // meshca backdates notBefore for clock skew; the lifetime that matters starts at issuance
+    // (otherwise a short TTL would always look due and be re-issued in a loop).
+    let start = (info.not_before + crate::profile::BACKDATE).min(info.not_after);
+    start + (info.not_after - start) * 2 / 3
 }
 
 /// The apply body for a managed Secret.
@@ -421,9 +423,34 @@ mod tests {
         let pem = w.cert.chain_pem();
         let at = renewal_time(Some(pem.as_bytes()), &req, Some(&ca_subject), now);
         let info = &w.cert.info;
-        let expected = info.not_before + (info.not_after - info.not_before) * 2 / 3;
+        let issued = info.not_before + crate::profile::BACKDATE;
+        let expected = issued + (info.not_after - issued) * 2 / 3;
         assert_eq!(at, expected);
-        assert!(at > now + time::Duration::minutes(100) && at < now + time::Duration::hours(2));
+        assert!(
+            (at - now - time::Duration::hours(2)).abs() < time::Duration::seconds(2),
+            "2/3 of 3 h: {at}"
+        );
+        // A 30 s certificate is renewed 20 s after issuance, not at once (backdating ignored).
+        let short = parse_annotations(&ann(&[
+            (ANN_CA, "mesh"),
+            (ANN_DNS_NAMES, "web.app.svc"),
+            (ANN_TTL, "30s"),
+        ]))
+        .unwrap()
+        .unwrap();
+        let ws = issue_workload(iss.as_ref(), &short.sans, short.ttl, short.key, now)
+            .await
+            .unwrap();
+        let at_short = renewal_time(
+            Some(ws.cert.chain_pem().as_bytes()),
+            &short,
+            Some(&ca_subject),
+            now,
+        );
+        assert_eq!(
+            at_short,
+            now.replace_nanosecond(0).unwrap() + time::Duration::seconds(20)
+        );
         // Past 2/3: due now.
         let later = at + time::Duration::seconds(1);
         assert!(renewal_time(Some(pem.as_bytes()), &req, Some(&ca_subject), later) <= later);

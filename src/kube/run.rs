@@ -115,8 +115,12 @@ pub async fn run(
         .metrics
         .clone()
         .unwrap_or_else(|| Arc::new(Metrics::new()));
+    // Every task this function starts lives in `bg` (or `session`) and is aborted when the
+    // `run` future is dropped, so that cancelling `run` stops the replica at once (like a
+    // killed process: no Lease release).
+    let mut bg = tokio::task::JoinSet::new();
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
+    bg.spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
@@ -126,11 +130,10 @@ pub async fn run(
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
-        tokio::spawn(metrics::serve_listener(
-            m,
-            listener,
-            until(stop_rx.clone(), true),
-        ));
+        let stop = until(stop_rx.clone(), true);
+        bg.spawn(async move {
+            let _ = metrics::serve_listener(m, listener, stop).await;
+        });
         tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     }
 
@@ -142,7 +145,7 @@ pub async fn run(
     let (leader_rx, election) = match cfg.leader.clone() {
         Some(lc) => {
             let (rx, task) = leader::start(client.clone(), lc, until(stop_rx.clone(), true))?;
-            (rx, Some(task))
+            (rx, Some(AbortOnDrop(task)))
         }
         None => (leader::always_leader(), None),
     };
@@ -150,7 +153,7 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
 
     if let Some(interval) = cfg.bundle_resync {
-        tokio::spawn(bundles::sync_loop(
+        bg.spawn(bundles::sync_loop(
             cfg.store.clone(),
             client.clone(),
             metrics.clone(),
@@ -192,38 +195,44 @@ pub async fn run(
         tracing::info!("leading: starting controllers");
         // A session ends when leadership is lost or on shutdown.
         let (end_tx, end_rx) = watch::channel(false);
-        let watcher = {
+        let mut session = tokio::task::JoinSet::new();
+        {
             let (l, s) = (leader_rx.clone(), stop_rx.clone());
-            tokio::spawn(async move {
+            session.spawn(async move {
                 tokio::select! {
                     _ = until(l, false) => {}
                     _ = until(s, true) => {}
                 }
                 let _ = end_tx.send(true);
-            })
-        };
-        let mut tasks = vec![tokio::spawn(
-            signer.clone().run(until(end_rx.clone(), true)),
-        )];
+            });
+        }
+        session.spawn(signer.clone().run(until(end_rx.clone(), true)));
         for ns in &cfg.managed_namespaces {
             let ns = (ns != "*").then(|| ns.clone());
-            tasks.push(tokio::spawn(managed.clone().run(
+            session.spawn(managed.clone().run(
                 ns,
                 cfg.managed_selector.clone(),
                 until(end_rx.clone(), true),
-            )));
+            ));
         }
-        for t in tasks {
-            let _ = t.await;
-        }
-        let _ = watcher.await;
+        while session.join_next().await.is_some() {}
         metrics.leader.set(0);
         tracing::info!("controllers stopped");
     }
-    if let Some(e) = election {
-        let _ = e.await;
+    if let Some(mut e) = election {
+        let _ = (&mut e.0).await;
     }
+    bg.shutdown().await;
     Ok(())
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A future that completes on SIGTERM or Ctrl-C.
