@@ -50,7 +50,7 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
-    /// Defaults around a store: every CA, 50 QPS / burst 100, no metrics endpoint, no leader
+    /// Defaults around a store: every CA, 200 QPS / burst 400, no metrics endpoint, no leader
     /// election, no managed Secrets, bundles re-applied every 30 s.
     pub fn new(store: Arc<dyn Store>) -> Self {
         RunConfig {
