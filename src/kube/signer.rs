@@ -924,6 +924,63 @@ pub(crate) mod tests {
     }
 
     #[tokio::test]
+    async fn controller_lists_watches_signs_and_shuts_down() {
+        let (client, mut h) = mock_client();
+        let s = Arc::new(signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        ));
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let approved =
+            serde_json::to_value(csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None))
+                .unwrap();
+        let other = serde_json::to_value(csr_obj("c2", "example.com/x", &pem, &["Approved"], None))
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ctl = tokio::spawn(s.clone().run(async move {
+            let _ = stopped.await;
+        }));
+        let mut patched = Vec::new();
+        let mut parked = Vec::new();
+        // The initial list, the watch (left open) and exactly one status patch, in any order.
+        while patched.is_empty() {
+            let (req, body, send) = next(&mut h).await;
+            let q = req.uri().query().unwrap_or("").to_string();
+            match req.method().as_str() {
+                "GET" if q.contains("watch=true") => parked.push(send),
+                "GET" => {
+                    assert_eq!(
+                        req.uri().path(),
+                        "/apis/certificates.k8s.io/v1/certificatesigningrequests"
+                    );
+                    send.send_response(resp(200, &json!({
+                        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                        "metadata": {"resourceVersion": "100"}, "items": [approved, other],
+                    })));
+                }
+                "PATCH" => {
+                    patched.push(req.uri().path().to_string());
+                    assert!(body["status"]["certificate"].is_string());
+                    send.send_response(resp(200, &approved));
+                }
+                m => panic!("unexpected {m} {}", req.uri()),
+            }
+        }
+        assert_eq!(
+            patched,
+            vec!["/apis/certificates.k8s.io/v1/certificatesigningrequests/c1/status"]
+        );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), ctl)
+            .await
+            .expect("graceful shutdown")
+            .unwrap();
+        assert_eq!(s.metrics.csrs_signed.get(), 1);
+        drop(parked);
+    }
+
+    #[tokio::test]
     async fn conflict_means_someone_else_won() {
         let (client, mut h) = mock_client();
         let s = signer_with(
