@@ -39,6 +39,8 @@ pub mod identity;
 pub mod inspect;
 pub mod issue;
 pub mod key;
+#[cfg(feature = "kube")]
+pub mod kube;
 pub mod output;
 pub mod pemutil;
 pub mod policy;

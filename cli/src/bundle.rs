@@ -25,6 +25,8 @@ pub enum BundleCmd {
     Export(ExportArgs),
     /// Print a ConfigMap manifest (key ca.crt) for `kubectl apply -f -`.
     Configmap(ConfigMapArgs),
+    /// Write the bundle's ConfigMaps (key ca.crt) to the cluster by server-side apply.
+    Publish(crate::kube_store::PublishArgs),
 }
 
 #[derive(Args, Debug)]
@@ -157,6 +159,7 @@ pub async fn run(ctx: &Ctx, cmd: BundleCmd) -> anyhow::Result<()> {
     let store = ctx.store(false).await?;
     let store = store.as_ref();
     match cmd {
+        BundleCmd::Publish(a) => return crate::kube_store::publish(ctx, store, a).await,
         BundleCmd::Create(a) => {
             if !a.force && store.load_bundle(&a.name).await.is_ok() {
                 return Err(meshca::Error::AlreadyExists(format!("bundle {}", a.name)).into());

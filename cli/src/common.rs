@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::anyhow;
 use meshca::store::{LocalStore, Store};
 use serde::Serialize;
 
@@ -30,6 +29,7 @@ pub enum LogFormat {
 pub struct Ctx {
     pub home: Option<PathBuf>,
     pub store: String,
+    pub kubeconfig: Option<PathBuf>,
     pub output: OutputFormat,
 }
 
@@ -63,9 +63,10 @@ impl Ctx {
                 };
                 Ok(Box::new(s))
             }
-            other if other.starts_with("kube:") => Err(anyhow!(meshca::Error::Unsupported(
-                "the kube store is not available in this build".into()
-            ))),
+            other if other.starts_with("kube:") => Ok(Box::new(
+                crate::kube_store::open(&other["kube:".len()..], self.kubeconfig.as_deref())
+                    .await?,
+            )),
             other => Err(usage(format!(
                 "unknown --store {other:?}; use `local` or `kube:<namespace>`"
             ))),

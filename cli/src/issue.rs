@@ -171,6 +171,27 @@ pub async fn run(ctx: &Ctx, a: IssueArgs) -> anyhow::Result<()> {
         let w = key
             .as_ref()
             .ok_or_else(|| usage("--secret needs a generated key (not --csr)"))?;
+        if let Some(ns) = crate::kube_store::kube_namespace(ctx) {
+            // With the kube store the Secret is written to the cluster, not printed.
+            let ks = crate::kube_store::open(ns, ctx.kubeconfig.as_deref()).await?;
+            ks.apply_tls_secret(
+                &at.namespace,
+                &at.name,
+                &w.cert.chain_pem(),
+                &w.key.to_pkcs8_pem(),
+                &ca_pem,
+                &a.ca,
+            )
+            .await?;
+            store.record(&entry).await?;
+            eprintln!(
+                "meshca: issued serial {} for {} (valid until {}); wrote Secret {at}",
+                report.serial,
+                report.sans.join(", "),
+                rfc3339(report.not_after)
+            );
+            return ctx.emit(&report, String::new);
+        }
         let yaml = output::tls_secret_manifest(at, &a.ca, w, &ca_pem)?;
         store.record(&entry).await?;
         print!("{yaml}");

@@ -8,6 +8,8 @@ mod init;
 mod inspect;
 mod issue;
 mod sds;
+mod kube_store;
+mod signer;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,6 +29,10 @@ struct Cli {
     /// Where CAs live: `local` (the home directory) or `kube:<namespace>`.
     #[arg(long, global = true, default_value = "local")]
     store: String,
+    /// Kubeconfig for `--store kube:<ns>`, `bundle publish` and `signer run`
+    /// [default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account].
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
     /// Output format of data printed on stdout.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
     output: OutputFormat,
@@ -63,6 +69,9 @@ enum Command {
     /// Envoy SDS server.
     #[command(subcommand)]
     Sds(sds::SdsCmd),
+    /// The in-cluster CSR signer controller.
+    #[command(subcommand)]
+    Signer(signer::SignerCmd),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
     let ctx = Ctx {
         home: cli.home,
         store: cli.store,
+        kubeconfig: cli.kubeconfig,
         output: cli.output,
     };
     match rt.block_on(run(ctx, cli.command)) {
@@ -121,5 +131,6 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
         Command::Check => ca::run_check(&ctx).await,
         Command::Sds(c) => sds::run(&ctx, c).await,
+        Command::Signer(c) => signer::run_cmd(&ctx, c).await,
     }
 }

@@ -96,6 +96,10 @@ impl Issuer for LocalIssuer {
     async fn sign(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert> {
         self.sign_now(req, now)
     }
+
+    fn ca_certificate(&self) -> Option<&rustls_pki_types::CertificateDer<'static>> {
+        Some(&self.ca.cert)
+    }
 }
 
 impl LocalIssuer {

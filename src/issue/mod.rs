@@ -80,6 +80,12 @@ pub trait Issuer: Send + Sync + std::fmt::Debug {
 
     /// Signs a request that has already passed policy.
     async fn sign(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert>;
+
+    /// The CA certificate this issuer signs with, when it is known locally (used to tell
+    /// whether an existing leaf came from this CA). Default: unknown.
+    fn ca_certificate(&self) -> Option<&CertificateDer<'static>> {
+        None
+    }
 }
 
 /// One ledger line: what was issued, by whom, until when.

@@ -1,0 +1,77 @@
+//! The Kubernetes side of the CLI: `--store kube:<namespace>`, `issue --secret` written
+//! straight to the cluster, and `bundle publish`.
+
+use std::path::Path;
+
+use clap::Args;
+use meshca::kube::store::KubeStore;
+use meshca::store::{bundle_anchors, Store};
+
+use crate::common::{usage, Ctx};
+
+/// Opens the Kubernetes store in `namespace`, using `--kubeconfig`, else `KUBECONFIG` /
+/// `~/.kube/config`, else the in-cluster service account.
+pub async fn open(namespace: &str, kubeconfig: Option<&Path>) -> anyhow::Result<KubeStore> {
+    if namespace.is_empty() {
+        return Err(usage("--store kube:<namespace> needs a namespace"));
+    }
+    let client = meshca::kube::client(kubeconfig).await?;
+    Ok(KubeStore::new(client, namespace))
+}
+
+/// The namespace of `--store kube:<ns>`, if that is the selected store.
+pub fn kube_namespace(ctx: &Ctx) -> Option<&str> {
+    ctx.store.strip_prefix("kube:")
+}
+
+/// `meshca bundle publish`.
+#[derive(Args, Debug)]
+pub struct PublishArgs {
+    /// Bundle name.
+    name: String,
+    /// Target namespace (repeatable) [default: the bundle's own namespaces].
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+}
+
+#[derive(serde::Serialize)]
+struct PublishReport {
+    bundle: String,
+    configmap: String,
+    namespaces: Vec<String>,
+    anchors: usize,
+}
+
+/// Publishes a bundle as ConfigMaps `<name>-trust-bundle` (key `ca.crt`) in each namespace.
+pub async fn publish(ctx: &Ctx, store: &dyn Store, a: PublishArgs) -> anyhow::Result<()> {
+    let spec = store.load_bundle(&a.name).await?;
+    let namespaces = if a.namespaces.is_empty() {
+        spec.namespaces.clone()
+    } else {
+        a.namespaces
+    };
+    if namespaces.is_empty() {
+        return Err(usage(format!(
+            "bundle {} names no namespace: pass --namespace NS (repeatable)",
+            spec.name
+        )));
+    }
+    let anchors = bundle_anchors(store, &spec).await?;
+    let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
+    meshca::kube::bundles::publish(&client, &spec, &anchors, &namespaces, None).await?;
+    let report = PublishReport {
+        bundle: spec.name.clone(),
+        configmap: spec.configmap_name(),
+        namespaces,
+        anchors: anchors.len(),
+    };
+    ctx.emit(&report, || {
+        format!(
+            "published bundle {} ({} anchors) as ConfigMap {} in {}\n",
+            report.bundle,
+            report.anchors,
+            report.configmap,
+            report.namespaces.join(", ")
+        )
+    })
+}

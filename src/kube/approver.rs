@@ -1,0 +1,323 @@
+//! The optional policy auto-approver (`--auto-approve`, off by default).
+//!
+//! A pending CSR for a served signer from `system:serviceaccount:<ns>:<sa>` is approved when
+//! the CA's policy, evaluated *with that requester*, allows every SAN in it:
+//! - the SPIFFE ID, if any, must be exactly `spiffe://<td>/ns/<ns>/sa/<sa>`;
+//! - DNS names must match the policy's `allowed_dns` patterns with `{ns}`/`{sa}` bound to the
+//!   requester; when the policy lists none, the approver allows only `<sa>.<ns>.svc` and
+//!   `<sa>.<ns>.svc.cluster.local` (an empty list means "any name" for an operator using the
+//!   CLI, which is far too much to hand to any service account);
+//! - IP SANs are never auto-approved (a service account cannot prove it owns an address);
+//! - no `CA:TRUE`, no `cert sign`/`crl sign` usage, no TTL over the policy (in the default
+//!   [`TtlMode::Fail`]), no weak key.
+//!
+//! Anything else is **denied** with a reason naming the offending value. CSRs from users
+//! that are not service accounts (people, nodes) are left pending for a human to decide.
+//! Decisions are written through the `/approval` subresource as a merge patch carrying the
+//! resourceVersion they were made on.
+
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use super::signer::{
+    classify_write, conditions_plus, request_ttl_and_der, Signer, TtlMode, WriteOutcome,
+};
+use super::FIELD_MANAGER;
+use crate::error::{Error, Result};
+use crate::issue::Issuer;
+use crate::policy::{PolicyRequest, Requester};
+use crate::x509::CsrInfo;
+
+/// Condition reason of an approval.
+pub const REASON_APPROVED: &str = "MeshcaPolicyApproved";
+/// Condition reason of a denial.
+pub const REASON_DENIED: &str = "MeshcaPolicyDenied";
+
+/// The approver's decision on a pending CSR.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Approve, with a message.
+    Approve(String),
+    /// Deny, with a message naming what was wrong.
+    Deny(String),
+    /// Leave for a human (the requester is not a service account).
+    Leave(String),
+}
+
+/// Decides a pending CSR. Pure.
+pub fn evaluate(csr: &CertificateSigningRequest, issuer: &dyn Issuer, mode: TtlMode) -> Verdict {
+    let username = csr.spec.username.as_deref().unwrap_or("");
+    let Some(requester) = Requester::from_username(username) else {
+        return Verdict::Leave(format!(
+            "requester {username:?} is not a service account; leaving it for manual approval"
+        ));
+    };
+    let (der, ttl) = match request_ttl_and_der(csr, issuer, mode) {
+        Ok(v) => v,
+        Err(rej) => return Verdict::Deny(rej.message),
+    };
+    match check(&requester, issuer, &der, ttl) {
+        Ok(sans) => Verdict::Approve(format!(
+            "approved by meshca policy: system:serviceaccount:{}:{} may receive {}",
+            requester.namespace,
+            requester.service_account,
+            sans.join(", ")
+        )),
+        Err(e) => Verdict::Deny(e.to_string()),
+    }
+}
+
+fn check(
+    r: &Requester,
+    issuer: &dyn Issuer,
+    der: &[u8],
+    ttl: Option<std::time::Duration>,
+) -> Result<Vec<String>> {
+    let meta = issuer.meta();
+    let info = CsrInfo::from_der(der)?;
+    if let crate::key::PublicKeyKind::Rsa { bits } = info.key {
+        if bits < crate::key::MIN_RSA_BITS {
+            return Err(Error::PolicyDenied {
+                ca: meta.name.clone(),
+                reason: format!(
+                    "RSA key of {bits} bits is under the {}-bit minimum",
+                    crate::key::MIN_RSA_BITS
+                ),
+            });
+        }
+    }
+    if !info.signature_valid {
+        return Err(Error::Csr(
+            "signature does not verify with the request's own key (proof of possession failed)"
+                .into(),
+        ));
+    }
+    let sans = info.sans.to_sans()?;
+    if let Some(ip) = sans.ips.first() {
+        return Err(Error::PolicyDenied {
+            ca: meta.name.clone(),
+            reason: format!("IP SAN {ip} is never auto-approved"),
+        });
+    }
+    let mut policy = meta.policy.clone();
+    if policy.allowed_dns.is_empty() {
+        policy.allowed_dns = vec!["{sa}.{ns}.svc".into(), "{sa}.{ns}.svc.cluster.local".into()];
+    }
+    policy.check(
+        &meta.name,
+        &meta.trust_domain,
+        &PolicyRequest {
+            sans: &sans,
+            ttl,
+            key: info.key,
+            wants_ca: info.wants_ca,
+            requester: Some(r),
+        },
+    )?;
+    Ok(sans.display_list())
+}
+
+/// Writes a verdict through `/approval`.
+pub async fn write(
+    signer: &Signer,
+    csr: &CertificateSigningRequest,
+    verdict: &Verdict,
+) -> Result<WriteOutcome> {
+    let name = csr.metadata.name.as_deref().unwrap_or_default();
+    let (ty, reason, message) = match verdict {
+        Verdict::Approve(m) => ("Approved", REASON_APPROVED, m),
+        Verdict::Deny(m) => ("Denied", REASON_DENIED, m),
+        Verdict::Leave(m) => {
+            tracing::info!(csr = name, "{m}");
+            return Ok(WriteOutcome::LostRace);
+        }
+    };
+    let patch = json!({
+        "metadata": { "resourceVersion": csr.metadata.resource_version },
+        "status": { "conditions": conditions_plus(csr, ty, reason, message, signer.clock.now()) },
+    });
+    signer.limiter.acquire().await;
+    let pp = PatchParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let out = classify_write(
+        signer
+            .api()
+            .patch_approval(name, &pp, &Patch::Merge(&patch))
+            .await,
+        "writing an approval",
+    )?;
+    match (&out, verdict) {
+        (WriteOutcome::Written, Verdict::Approve(_)) => {
+            signer.metrics.csrs_approved.inc();
+            tracing::info!(csr = name, message = %message, "CSR approved");
+        }
+        (WriteOutcome::Written, _) => {
+            signer.metrics.csrs_denied.inc();
+            tracing::warn!(csr = name, message = %message, "CSR denied");
+        }
+        _ => {
+            signer.metrics.csr_conflicts.inc();
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyAlgorithm;
+    use crate::kube::signer::tests::{csr_obj, csr_pem, issuer, signer_with};
+    use crate::kube::signer::SignerConfig;
+    use crate::kube::testutil::{json as resp, mock_client, next};
+    use crate::policy::Policy;
+
+    fn eval(sans: &[&str], username: &str, policy: Policy, exp: Option<i32>) -> Verdict {
+        let iss = issuer("mesh", policy);
+        let mut csr = csr_obj(
+            "c",
+            "meshca.io/mesh",
+            &csr_pem(sans, KeyAlgorithm::EcdsaP256),
+            &[],
+            exp,
+        );
+        csr.spec.username = Some(username.into());
+        evaluate(&csr, iss.as_ref(), TtlMode::Fail)
+    }
+
+    #[test]
+    fn own_identity_and_service_names_are_approved() {
+        let v = eval(
+            &[
+                "spiffe://cluster.local/ns/app/sa/blue",
+                "blue.app.svc",
+                "blue.app.svc.cluster.local",
+            ],
+            "system:serviceaccount:app:blue",
+            Policy::default(),
+            Some(3600),
+        );
+        match v {
+            Verdict::Approve(m) => assert!(
+                m.contains("system:serviceaccount:app:blue") && m.contains("blue.app.svc"),
+                "{m}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn anything_else_is_denied_naming_the_offender() {
+        let sa = "system:serviceaccount:app:blue";
+        let deny = |v: Verdict, needle: &str| match v {
+            Verdict::Deny(m) => assert!(m.contains(needle), "{needle:?} not in {m}"),
+            other => panic!("expected a denial naming {needle}: {other:?}"),
+        };
+        deny(
+            eval(
+                &["spiffe://cluster.local/ns/app/sa/green"],
+                sa,
+                Policy::default(),
+                None,
+            ),
+            "spiffe://cluster.local/ns/app/sa/green",
+        );
+        deny(
+            eval(&["green.app.svc"], sa, Policy::default(), None),
+            "green.app.svc",
+        );
+        deny(
+            eval(&["api.bank.example"], sa, Policy::default(), None),
+            "api.bank.example",
+        );
+        deny(eval(&["10.1.2.3"], sa, Policy::default(), None), "10.1.2.3");
+        deny(
+            eval(&["*.app.svc"], sa, Policy::default(), None),
+            "*.app.svc",
+        );
+        deny(
+            eval(
+                &["blue.app.svc"],
+                sa,
+                Policy::default(),
+                Some(365 * 24 * 3600),
+            ),
+            "over the maximum",
+        );
+        deny(
+            eval(&["blue.app.svc"], sa, Policy::default(), Some(60)),
+            "below the minimum",
+        );
+        // A policy's own patterns replace the defaults.
+        let p = Policy {
+            allowed_dns: vec!["{sa}.mesh.example".into()],
+            ..Policy::default()
+        };
+        assert!(matches!(
+            eval(&["blue.mesh.example"], sa, p.clone(), None),
+            Verdict::Approve(_)
+        ));
+        deny(eval(&["blue.app.svc"], sa, p, None), "blue.app.svc");
+    }
+
+    #[test]
+    fn people_are_left_for_manual_approval() {
+        assert!(matches!(
+            eval(
+                &["blue.app.svc"],
+                "alice@example.com",
+                Policy::default(),
+                None
+            ),
+            Verdict::Leave(_)
+        ));
+    }
+
+    #[tokio::test]
+    async fn auto_approve_writes_through_the_approval_subresource() {
+        let (client, mut h) = mock_client();
+        let cfg = SignerConfig {
+            auto_approve: true,
+            ..SignerConfig::default()
+        };
+        let s = signer_with(client, &[("mesh", issuer("mesh", Policy::default()))], cfg);
+        let csr = csr_obj(
+            "c1",
+            "meshca.io/mesh",
+            &csr_pem(
+                &["spiffe://cluster.local/ns/app/sa/green"],
+                KeyAlgorithm::EcdsaP256,
+            ),
+            &[],
+            None,
+        );
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/certificates.k8s.io/v1/certificatesigningrequests/c1/approval"
+            );
+            assert_eq!(body["metadata"]["resourceVersion"], "42");
+            let c = &body["status"]["conditions"][0];
+            assert_eq!(c["type"], "Denied");
+            assert_eq!(c["reason"], REASON_DENIED);
+            assert!(
+                c["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("does not belong to requester"),
+                "{c}"
+            );
+            send.send_response(resp(200, &json!({
+                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"name": "c1"}, "spec": {"request": "", "signerName": "meshca.io/mesh"},
+            })));
+        });
+        s.reconcile(&csr).await.unwrap();
+        server.await.unwrap();
+        assert_eq!(s.metrics().csrs_denied.get(), 1);
+    }
+}

@@ -1,0 +1,310 @@
+//! Prometheus metrics and the `/healthz`, `/readyz`, `/metrics` endpoints.
+//!
+//! Metric names (all prefixed `meshca_`):
+//! - `csr_reconciles_total` CSR reconciles for signers meshca serves;
+//! - `csrs_signed_total`, `csrs_failed_total{reason}`, `csr_conflicts_total` (someone else won);
+//! - `csrs_approved_total`, `csrs_denied_total` (auto-approver);
+//! - `csr_sign_duration_seconds` histogram: from the reconcile start to the accepted status write;
+//! - `csr_issue_latency_seconds` histogram: from the CSR's creationTimestamp to the accepted write;
+//! - `managed_secrets_issued_total`, `managed_secrets_failed_total`, `bundle_configmaps_applied_total`;
+//! - `ca_expiry_timestamp_seconds{ca}`: notAfter of each loaded CA, as a Unix time;
+//! - `leader` 1 while this replica leads.
+//!
+//! `/healthz` answers 200 while the process serves HTTP. `/readyz` answers 200 once the CAs
+//! are loaded (followers are ready too: they are hot standbys), 503 before.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::{Request, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::error::{Error, Result};
+
+/// Label set with one `reason`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The condition reason.
+    pub reason: String,
+}
+
+/// Label set with one `ca`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CaLabel {
+    /// The CA name.
+    pub ca: String,
+}
+
+/// Everything the controller counts.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    ready: AtomicBool,
+    /// CSR reconciles for served signers.
+    pub csr_reconciles: Counter,
+    /// Certificates written to CSRs.
+    pub csrs_signed: Counter,
+    /// `Failed` conditions written, by reason.
+    pub csrs_failed: Family<ReasonLabel, Counter>,
+    /// Writes that lost to another writer.
+    pub csr_conflicts: Counter,
+    /// Auto-approvals.
+    pub csrs_approved: Counter,
+    /// Auto-denials.
+    pub csrs_denied: Counter,
+    /// Reconcile start to accepted write.
+    pub sign_duration: Histogram,
+    /// CSR creation to accepted write.
+    pub issue_latency: Histogram,
+    /// Managed Secrets (re)issued.
+    pub managed_issued: Counter,
+    /// Managed Secrets that could not be issued.
+    pub managed_failed: Counter,
+    /// Trust-bundle ConfigMaps applied.
+    pub bundle_applied: Counter,
+    /// CA notAfter as Unix time.
+    pub ca_expiry: Family<CaLabel, Gauge>,
+    /// 1 while leading.
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("meshca");
+        let m = Metrics {
+            registry: Registry::default(),
+            ready: AtomicBool::new(false),
+            csr_reconciles: Counter::default(),
+            csrs_signed: Counter::default(),
+            csrs_failed: Family::default(),
+            csr_conflicts: Counter::default(),
+            csrs_approved: Counter::default(),
+            csrs_denied: Counter::default(),
+            sign_duration: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            issue_latency: Histogram::new(exponential_buckets(0.005, 2.0, 16)),
+            managed_issued: Counter::default(),
+            managed_failed: Counter::default(),
+            bundle_applied: Counter::default(),
+            ca_expiry: Family::default(),
+            leader: Gauge::default(),
+        };
+        registry.register(
+            "csr_reconciles",
+            "CSR reconciles for signers meshca serves",
+            m.csr_reconciles.clone(),
+        );
+        registry.register(
+            "csrs_signed",
+            "Certificates written to CSRs",
+            m.csrs_signed.clone(),
+        );
+        registry.register(
+            "csrs_failed",
+            "Failed conditions written to CSRs",
+            m.csrs_failed.clone(),
+        );
+        registry.register(
+            "csr_conflicts",
+            "CSR writes that lost to another writer",
+            m.csr_conflicts.clone(),
+        );
+        registry.register(
+            "csrs_approved",
+            "CSRs approved by policy",
+            m.csrs_approved.clone(),
+        );
+        registry.register(
+            "csrs_denied",
+            "CSRs denied by policy",
+            m.csrs_denied.clone(),
+        );
+        registry.register(
+            "csr_sign_duration_seconds",
+            "Reconcile start to accepted certificate write",
+            m.sign_duration.clone(),
+        );
+        registry.register(
+            "csr_issue_latency_seconds",
+            "CSR creation to accepted certificate write",
+            m.issue_latency.clone(),
+        );
+        registry.register(
+            "managed_secrets_issued",
+            "Managed Secrets issued or renewed",
+            m.managed_issued.clone(),
+        );
+        registry.register(
+            "managed_secrets_failed",
+            "Managed Secrets that could not be issued",
+            m.managed_failed.clone(),
+        );
+        registry.register(
+            "bundle_configmaps_applied",
+            "Trust-bundle ConfigMaps applied",
+            m.bundle_applied.clone(),
+        );
+        registry.register(
+            "ca_expiry_timestamp_seconds",
+            "notAfter of each loaded CA (Unix time)",
+            m.ca_expiry.clone(),
+        );
+        registry.register("leader", "1 while this replica leads", m.leader.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// Marks the process ready (or not).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    /// Whether `/readyz` answers 200.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+
+    /// Answers one HTTP request.
+    pub fn respond(&self, path: &str) -> (u16, &'static str, String) {
+        match path {
+            "/healthz" | "/livez" => (200, "text/plain", "ok\n".into()),
+            "/readyz" if self.is_ready() => (200, "text/plain", "ok\n".into()),
+            "/readyz" => (503, "text/plain", "not ready: CAs not loaded yet\n".into()),
+            "/metrics" => (
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                self.render(),
+            ),
+            _ => (404, "text/plain", "not found\n".into()),
+        }
+    }
+}
+
+/// Serves the endpoints on `addr` until `shutdown` completes.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
+    serve_listener(metrics, listener, shutdown).await
+}
+
+/// Serves the endpoints on a bound listener until `shutdown` completes.
+pub async fn serve_listener(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = &mut shutdown => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (code, ctype, body) = m.respond(req.uri().path());
+                async move {
+                    Response::builder()
+                        .status(code)
+                        .header("content-type", ctype)
+                        .body(Full::new(Bytes::from(body)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn endpoints_over_http() {
+        let m = Arc::new(Metrics::new());
+        m.csrs_signed.inc();
+        m.csrs_failed
+            .get_or_create(&ReasonLabel {
+                reason: "MeshcaPolicyDenied".into(),
+            })
+            .inc();
+        m.ca_expiry
+            .get_or_create(&CaLabel { ca: "mesh".into() })
+            .set(2_000_000_000);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let srv = tokio::spawn(serve_listener(m.clone(), l, async move {
+            let _ = stopped.await;
+        }));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        m.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let body = get(addr, "/metrics").await;
+        assert!(body.contains("meshca_csrs_signed_total 1"), "{body}");
+        assert!(
+            body.contains("meshca_csrs_failed_total{reason=\"MeshcaPolicyDenied\"} 1"),
+            "{body}"
+        );
+        assert!(
+            body.contains("meshca_ca_expiry_timestamp_seconds{ca=\"mesh\"} 2000000000"),
+            "{body}"
+        );
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        stop.send(()).unwrap();
+        srv.await.unwrap().unwrap();
+    }
+}

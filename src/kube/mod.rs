@@ -1,0 +1,168 @@
+//! The Kubernetes front end (cargo feature `kube`).
+//!
+//! - [`store::KubeStore`]: CAs as `kubernetes.io/tls` Secrets, bundle definitions and the
+//!   issuance ledger as ConfigMaps, all in one namespace.
+//! - [`signer`]: a kube-runtime controller that signs `certificates.k8s.io/v1`
+//!   CertificateSigningRequests whose `signerName` is `meshca.io/<ca>`.
+//! - [`approver`]: the optional policy auto-approver (off by default).
+//! - [`managed`]: Secrets annotated with `meshca.io/ca` are filled with `tls.crt`, `tls.key`
+//!   and `ca.crt`, and renewed at 2/3 of their lifetime.
+//! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
+//! - [`leader`]: Lease-based leader election, so that only one replica acts.
+//! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
+//! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
+//! - [`run`]: wires all of the above into `meshca signer run`.
+//!
+//! Every write uses the field manager [`FIELD_MANAGER`]. Library errors are converted into a
+//! CSR `Failed` condition (bad input, policy) or a retry with backoff (API trouble) exactly
+//! once, in [`signer`].
+
+pub mod approver;
+pub mod bundles;
+pub mod leader;
+pub mod managed;
+pub mod metrics;
+pub mod ratelimit;
+pub mod run;
+pub mod signer;
+pub mod store;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Field manager for every server-side apply and patch meshca makes.
+pub const FIELD_MANAGER: &str = "meshca";
+/// Prefix of the signer names meshca serves (`meshca.io/<ca>`).
+pub const SIGNER_PREFIX: &str = "meshca.io/";
+/// The standard "managed by" label.
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// Value of [`LABEL_MANAGED_BY`] on everything meshca creates.
+pub const MANAGED_BY: &str = "meshca";
+/// Label naming the CA a Secret holds.
+pub const LABEL_CA: &str = "meshca.io/ca";
+/// Label naming the trust bundle a ConfigMap holds.
+pub const LABEL_BUNDLE: &str = "meshca.io/bundle";
+
+/// The signer name of a CA: `meshca.io/<ca>`.
+pub fn signer_name(ca: &str) -> String {
+    format!("{SIGNER_PREFIX}{ca}")
+}
+
+/// The CA name in a `meshca.io/<ca>` signer name, if it is one.
+pub fn ca_from_signer_name(signer: &str) -> Option<&str> {
+    signer
+        .strip_prefix(SIGNER_PREFIX)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+}
+
+/// Converts a Kubernetes client error into the library error, once, with a one-line message.
+pub(crate) fn kube_err(context: &str, e: kube::Error) -> Error {
+    let retryable = match &e {
+        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409,
+        _ => true,
+    };
+    let message = match &e {
+        kube::Error::Api(s) => format!("{context}: {} ({} {})", s.message, s.code, s.reason),
+        other => format!("{context}: {other}"),
+    };
+    Error::Backend {
+        backend: "kubernetes",
+        message,
+        retryable,
+    }
+}
+
+/// The HTTP status code of an API error, if the error is one.
+pub fn api_code(e: &kube::Error) -> Option<u16> {
+    match e {
+        kube::Error::Api(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// Builds a client: from `kubeconfig` when given, else `KUBECONFIG` / `~/.kube/config`, else
+/// the in-cluster service account.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p)
+                .map_err(|e| Error::Store(format!("{}: {e}", p.display())))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| Error::Store(format!("{}: {e}", p.display())))?
+        }
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| Error::Store(format!("no Kubernetes configuration found: {e}")))?,
+    };
+    kube::Client::try_from(config).map_err(|e| Error::Store(format!("Kubernetes client: {e}")))
+}
+
+/// RFC 3339 "now" for condition timestamps.
+pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+pub(crate) mod testutil {
+    //! A tower-test mock API server: scripted request/response pairs.
+
+    use http::{Request, Response};
+    use kube::client::Body;
+    use tower_test::mock::Handle;
+
+    /// A client whose requests land on the returned handle.
+    pub fn mock_client() -> (kube::Client, Handle<Request<Body>, Response<Body>>) {
+        let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        (kube::Client::new(svc, "default"), handle)
+    }
+
+    /// A JSON response.
+    pub fn json(code: u16, v: &serde_json::Value) -> Response<Body> {
+        Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(v).unwrap()))
+            .unwrap()
+    }
+
+    /// A Kubernetes `Status` failure response.
+    pub fn status(code: u16, reason: &str, message: &str) -> Response<Body> {
+        json(
+            code,
+            &serde_json::json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {},
+                "status": "Failure", "message": message, "reason": reason, "code": code
+            }),
+        )
+    }
+
+    /// The next request: method, path with query, and JSON body (Null when empty).
+    pub async fn next(
+        handle: &mut Handle<Request<Body>, Response<Body>>,
+    ) -> (
+        Request<()>,
+        serde_json::Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    ) {
+        let (req, send) =
+            tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request())
+                .await
+                .expect("a request within 10 s")
+                .expect("service alive");
+        let (parts, body) = req.into_parts();
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .unwrap()
+            .to_bytes();
+        let v = if bytes.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (Request::from_parts(parts, ()), v, send)
+    }
+}

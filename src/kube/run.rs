@@ -1,0 +1,253 @@
+//! `meshca signer run`: loads the CAs, serves health and metrics, elects a leader and, while
+//! leading, runs the CSR controller, the managed-Secret controllers and the bundle sync.
+//! Followers keep their CAs loaded and report ready, so a takeover only waits for the Lease.
+//! Shutdown (SIGTERM, Ctrl-C or the caller's future) lets in-flight reconciles finish and
+//! releases the Lease.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::bundles;
+use super::leader::{self, LeaderConfig};
+use super::managed::Managed;
+use super::metrics::{self, CaLabel, Metrics};
+use super::ratelimit::RateLimiter;
+use super::signer::{Signer, SignerConfig};
+use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::issue::Issuer;
+use crate::store::{load_issuer, Store};
+
+/// Everything `meshca signer run` takes.
+#[derive(Debug)]
+pub struct RunConfig {
+    /// Where the CAs and bundles are.
+    pub store: Arc<dyn Store>,
+    /// CAs to serve (`None`: every CA in the store).
+    pub cas: Option<Vec<String>>,
+    /// CSR controller settings.
+    pub signer: SignerConfig,
+    /// Client-side rate limit for writes.
+    pub qps: f64,
+    /// Burst for writes.
+    pub burst: u32,
+    /// Where to serve /healthz, /readyz, /metrics (`None`: not served).
+    pub metrics_addr: Option<SocketAddr>,
+    /// Leader election (`None`: always lead; run one replica only).
+    pub leader: Option<LeaderConfig>,
+    /// Namespaces whose annotated Secrets are managed (`["*"]`: all; empty: off).
+    pub managed_namespaces: Vec<String>,
+    /// Label selector narrowing the watched Secrets.
+    pub managed_selector: Option<String>,
+    /// How often trust-bundle ConfigMaps are re-applied (`None`: off).
+    pub bundle_resync: Option<Duration>,
+    /// Metrics to record into (`None`: a fresh registry). Lets callers and tests read them.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
+impl RunConfig {
+    /// Defaults around a store: every CA, 200 QPS / burst 400, no metrics endpoint, no leader
+    /// election, no managed Secrets, bundles re-applied every 30 s.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        RunConfig {
+            store,
+            cas: None,
+            signer: SignerConfig::default(),
+            qps: super::ratelimit::DEFAULT_QPS,
+            burst: super::ratelimit::DEFAULT_BURST,
+            metrics_addr: None,
+            leader: None,
+            managed_namespaces: Vec::new(),
+            managed_selector: None,
+            bundle_resync: Some(Duration::from_secs(30)),
+            metrics: None,
+        }
+    }
+}
+
+/// Loads the issuers to serve and records their expiry.
+pub async fn load_issuers(
+    store: &dyn Store,
+    names: Option<&[String]>,
+    metrics: &Metrics,
+) -> Result<BTreeMap<String, Arc<dyn Issuer>>> {
+    let names = match names {
+        Some(n) => n.to_vec(),
+        None => store.list_cas().await?,
+    };
+    if names.is_empty() {
+        return Err(Error::Store(format!(
+            "no CA to serve in {}",
+            store.describe()
+        )));
+    }
+    let mut out = BTreeMap::new();
+    for n in names {
+        let iss: Arc<dyn Issuer> = Arc::from(load_issuer(store, &n).await?);
+        if let Some(c) = iss.ca_certificate() {
+            let info = crate::x509::CertInfo::from_der(c)?;
+            metrics
+                .ca_expiry
+                .get_or_create(&CaLabel { ca: n.clone() })
+                .set(info.not_after.unix_timestamp());
+        }
+        out.insert(n, iss);
+    }
+    Ok(out)
+}
+
+async fn until(mut rx: watch::Receiver<bool>, want: bool) {
+    // An error means the sender is gone: treat as reached.
+    let _ = rx.wait_for(|v| *v == want).await;
+}
+
+/// Runs until `shutdown` completes.
+pub async fn run(
+    client: kube::Client,
+    cfg: RunConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let metrics = cfg
+        .metrics
+        .clone()
+        .unwrap_or_else(|| Arc::new(Metrics::new()));
+    // Every task this function starts lives in `bg` (or `session`) and is aborted when the
+    // `run` future is dropped, so that cancelling `run` stops the replica at once (like a
+    // killed process: no Lease release).
+    let mut bg = tokio::task::JoinSet::new();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    bg.spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+
+    if let Some(addr) = cfg.metrics_addr {
+        let m = metrics.clone();
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| Error::Store(format!("cannot listen on {addr}: {e}")))?;
+        let stop = until(stop_rx.clone(), true);
+        bg.spawn(async move {
+            let _ = metrics::serve_listener(m, listener, stop).await;
+        });
+        tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    }
+
+    let issuers = load_issuers(cfg.store.as_ref(), cfg.cas.as_deref(), &metrics).await?;
+    let names: Vec<String> = issuers.keys().map(|c| super::signer_name(c)).collect();
+    tracing::info!(signers = ?names, "CAs loaded");
+    metrics.set_ready(true);
+
+    let (leader_rx, election) = match cfg.leader.clone() {
+        Some(lc) => {
+            let (rx, task) = leader::start(client.clone(), lc, until(stop_rx.clone(), true))?;
+            (rx, Some(AbortOnDrop(task)))
+        }
+        None => (leader::always_leader(), None),
+    };
+    let limiter = Arc::new(RateLimiter::new(cfg.qps, cfg.burst));
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+
+    if let Some(interval) = cfg.bundle_resync {
+        bg.spawn(bundles::sync_loop(
+            cfg.store.clone(),
+            client.clone(),
+            metrics.clone(),
+            limiter.clone(),
+            leader_rx.clone(),
+            interval,
+            stop_rx.clone(),
+        ));
+    }
+
+    let signer = Arc::new(Signer::new(
+        client.clone(),
+        issuers.clone(),
+        cfg.signer.clone(),
+        metrics.clone(),
+        limiter.clone(),
+        leader_rx.clone(),
+        clock.clone(),
+    ));
+    let managed = Arc::new(Managed::new(
+        client.clone(),
+        issuers,
+        metrics.clone(),
+        limiter,
+        leader_rx.clone(),
+        clock,
+    ));
+
+    loop {
+        // Wait to lead (or stop).
+        tokio::select! {
+            _ = until(stop_rx.clone(), true) => break,
+            _ = until(leader_rx.clone(), true) => {}
+        }
+        if *stop_rx.borrow() {
+            break;
+        }
+        metrics.leader.set(1);
+        tracing::info!("leading: starting controllers");
+        // A session ends when leadership is lost or on shutdown.
+        let (end_tx, end_rx) = watch::channel(false);
+        let mut session = tokio::task::JoinSet::new();
+        {
+            let (l, s) = (leader_rx.clone(), stop_rx.clone());
+            session.spawn(async move {
+                tokio::select! {
+                    _ = until(l, false) => {}
+                    _ = until(s, true) => {}
+                }
+                let _ = end_tx.send(true);
+            });
+        }
+        session.spawn(signer.clone().run(until(end_rx.clone(), true)));
+        for ns in &cfg.managed_namespaces {
+            let ns = (ns != "*").then(|| ns.clone());
+            session.spawn(managed.clone().run(
+                ns,
+                cfg.managed_selector.clone(),
+                until(end_rx.clone(), true),
+            ));
+        }
+        while session.join_next().await.is_some() {}
+        metrics.leader.set(0);
+        tracing::info!("controllers stopped");
+    }
+    if let Some(mut e) = election {
+        let _ = (&mut e.0).await;
+    }
+    bg.shutdown().await;
+    Ok(())
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A future that completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,1122 @@
+//! The CSR signer: a kube-runtime controller over `certificates.k8s.io/v1`
+//! CertificateSigningRequests whose `signerName` is `meshca.io/<ca>` for a CA it loaded.
+//!
+//! For each CSR the controller:
+//! 1. ignores it unless the signer name is one it serves (an unknown `meshca.io/x` is left
+//!    alone for whoever serves it) and it has no certificate yet;
+//! 2. with auto-approval on, decides pending CSRs by policy ([`super::approver`]);
+//! 3. signs only when an `Approved` condition is present and neither `Denied` nor `Failed` is
+//!    (the API server would accept a certificate on an unapproved CSR, so this check is ours);
+//! 4. parses the request, verifies its signature, checks `spec.usages` and `expirationSeconds`
+//!    and runs the CA's policy through [`crate::issue::check_csr`] - the same decision the CLI
+//!    makes;
+//! 5. writes the leaf plus chain PEM to `status.certificate` through the `/status`
+//!    subresource, as a merge patch carrying the resourceVersion it decided on. A conflict
+//!    (409) or an "immutable" rejection (422) means someone else changed or signed the CSR
+//!    first: it is counted and never retried blindly.
+//!
+//! Bad input (garbage request, bad signature, RSA-1024, forbidden SANs, `isCA`, TTL out of
+//! bounds) ends in a `Failed` condition with a readable message, never in a crash loop.
+//! API errors are retried with per-object exponential backoff (0.5 s doubling to 5 min).
+//!
+//! **TTL.** `spec.expirationSeconds` below 600 (the API minimum) fails. Above the policy's
+//! `max_ttl` it fails too by default ([`TtlMode::Fail`]), because the same request fails
+//! through `meshca issue`; [`TtlMode::Cap`] instead issues the policy maximum, which
+//! Kubernetes allows ("the signer may issue a shorter certificate").
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures::StreamExt;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::watcher;
+use serde_json::json;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::metrics::{Metrics, ReasonLabel};
+use super::ratelimit::RateLimiter;
+use super::{api_code, ca_from_signer_name, kube_err, FIELD_MANAGER};
+use crate::clock::Clock;
+use crate::error::{Error, Result};
+use crate::issue::{check_csr, CsrOptions, Issuer, SignRequest};
+
+/// The API's minimum `spec.expirationSeconds`.
+pub const MIN_EXPIRATION_SECONDS: i32 = 600;
+/// Condition reason for requests that cannot be parsed or verified.
+pub const REASON_BAD_REQUEST: &str = "MeshcaBadRequest";
+/// Condition reason for requests the CA's policy refuses.
+pub const REASON_POLICY: &str = "MeshcaPolicyDenied";
+/// Condition reason for signing failures that retrying cannot fix (e.g. expired CA).
+pub const REASON_SIGN_FAILED: &str = "MeshcaSigningFailed";
+
+/// What to do when `expirationSeconds` exceeds the policy's maximum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TtlMode {
+    /// Set a `Failed` condition (the default; consistent with `meshca issue`).
+    #[default]
+    Fail,
+    /// Issue with the policy's maximum TTL instead.
+    Cap,
+}
+
+impl std::str::FromStr for TtlMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "fail" => Ok(TtlMode::Fail),
+            "cap" => Ok(TtlMode::Cap),
+            _ => Err(Error::invalid(
+                "TTL mode",
+                format!("{s:?}; expected fail or cap"),
+            )),
+        }
+    }
+}
+
+/// Controller settings.
+#[derive(Clone, Debug)]
+pub struct SignerConfig {
+    /// Reconciles running at once.
+    pub concurrency: u16,
+    /// Over-policy TTL handling.
+    pub ttl_mode: TtlMode,
+    /// Whether pending CSRs are approved or denied by policy.
+    pub auto_approve: bool,
+}
+
+impl Default for SignerConfig {
+    fn default() -> Self {
+        SignerConfig {
+            concurrency: 16,
+            ttl_mode: TtlMode::Fail,
+            auto_approve: false,
+        }
+    }
+}
+
+/// Everything a reconcile needs.
+pub struct Signer {
+    client: kube::Client,
+    issuers: BTreeMap<String, Arc<dyn Issuer>>,
+    cfg: SignerConfig,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) limiter: Arc<RateLimiter>,
+    leader: watch::Receiver<bool>,
+    pub(super) clock: Arc<dyn Clock>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer")
+            .field("cas", &self.issuers.keys().collect::<Vec<_>>())
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+/// The outcome of looking at a CSR.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Not addressed to a signer this controller serves.
+    NotOurs,
+    /// `status.certificate` is already set.
+    AlreadySigned,
+    /// Denied or Failed: terminal.
+    Terminal(&'static str),
+    /// Neither approved nor denied yet.
+    Pending {
+        /// The CA.
+        ca: String,
+    },
+    /// Approved and not denied or failed: sign with `ca`.
+    Sign {
+        /// The CA.
+        ca: String,
+    },
+}
+
+fn has_condition(csr: &CertificateSigningRequest, ty: &str) -> bool {
+    csr.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == ty && c.status == "True"))
+}
+
+/// Classifies a CSR. Pure.
+pub fn classify(csr: &CertificateSigningRequest, serves: impl Fn(&str) -> bool) -> Decision {
+    let Some(ca) = ca_from_signer_name(&csr.spec.signer_name).filter(|c| serves(c)) else {
+        return Decision::NotOurs;
+    };
+    if csr
+        .status
+        .as_ref()
+        .and_then(|s| s.certificate.as_ref())
+        .is_some_and(|c| !c.0.is_empty())
+    {
+        return Decision::AlreadySigned;
+    }
+    if has_condition(csr, "Denied") {
+        return Decision::Terminal("denied");
+    }
+    if has_condition(csr, "Failed") {
+        return Decision::Terminal("failed");
+    }
+    if has_condition(csr, "Approved") {
+        Decision::Sign { ca: ca.to_string() }
+    } else {
+        Decision::Pending { ca: ca.to_string() }
+    }
+}
+
+/// A request that must not be signed, with the condition reason and message to record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// Condition reason (CamelCase).
+    pub reason: &'static str,
+    /// Human-readable message naming what was wrong.
+    pub message: String,
+}
+
+impl Rejection {
+    fn bad(message: impl Into<String>) -> Self {
+        Rejection {
+            reason: REASON_BAD_REQUEST,
+            message: message.into(),
+        }
+    }
+}
+
+/// Maps a library error from a request check: the requester's fault becomes a rejection,
+/// anything else stays an error (retried).
+fn reject_or_retry(e: Error) -> std::result::Result<Rejection, Error> {
+    match e {
+        Error::PolicyDenied { .. } => Ok(Rejection {
+            reason: REASON_POLICY,
+            message: e.to_string(),
+        }),
+        Error::Csr(_) | Error::Invalid { .. } | Error::Pem { .. } | Error::TooLarge { .. } => {
+            Ok(Rejection::bad(e.to_string()))
+        }
+        other => Err(other),
+    }
+}
+
+/// The DER of the PEM `CERTIFICATE REQUEST` in `spec.request`.
+pub fn request_der(csr: &CertificateSigningRequest) -> std::result::Result<Vec<u8>, Rejection> {
+    let raw = &csr.spec.request.0;
+    if raw.len() > crate::fsutil::MAX_INPUT_BYTES as usize {
+        return Err(Rejection::bad(format!(
+            "spec.request is {} bytes, over the limit",
+            raw.len()
+        )));
+    }
+    let blocks = crate::pemutil::parse_blocks(raw, "spec.request")
+        .map_err(|e| Rejection::bad(e.to_string()))?;
+    let reqs: Vec<_> = blocks
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE REQUEST")
+        .collect();
+    match reqs.len() {
+        1 => Ok(reqs.into_iter().next().expect("one").into_contents()),
+        0 => Err(Rejection::bad(
+            "spec.request holds no CERTIFICATE REQUEST PEM block",
+        )),
+        n => Err(Rejection::bad(format!(
+            "spec.request holds {n} CERTIFICATE REQUEST blocks; expected one"
+        ))),
+    }
+}
+
+/// The TTL asked for, checked against the API minimum and (in [`TtlMode::Cap`]) capped.
+pub fn requested_ttl(
+    csr: &CertificateSigningRequest,
+    issuer: &dyn Issuer,
+    mode: TtlMode,
+) -> std::result::Result<Option<Duration>, Rejection> {
+    let Some(s) = csr.spec.expiration_seconds else {
+        return Ok(None);
+    };
+    if s < MIN_EXPIRATION_SECONDS {
+        return Err(Rejection::bad(format!(
+            "spec.expirationSeconds {s} is below the minimum of {MIN_EXPIRATION_SECONDS}"
+        )));
+    }
+    let ttl = Duration::from_secs(s as u64);
+    Ok(Some(match mode {
+        TtlMode::Fail => ttl,
+        TtlMode::Cap => ttl.min(issuer.meta().policy.max_ttl),
+    }))
+}
+
+/// Usages meshca refuses: it issues end-entity certificates only.
+const CA_USAGES: [&str; 2] = ["cert sign", "crl sign"];
+
+/// The request DER and requested TTL after the checks that need no CA policy: usages, PEM,
+/// the API minimum of `expirationSeconds`.
+pub fn request_ttl_and_der(
+    csr: &CertificateSigningRequest,
+    issuer: &dyn Issuer,
+    mode: TtlMode,
+) -> std::result::Result<(Vec<u8>, Option<Duration>), Rejection> {
+    if let Some(u) = csr
+        .spec
+        .usages
+        .iter()
+        .flatten()
+        .find(|u| CA_USAGES.contains(&u.as_str()))
+    {
+        return Err(Rejection {
+            reason: REASON_POLICY,
+            message: format!(
+                "usage {u:?} is not allowed: meshca issues only end-entity certificates"
+            ),
+        });
+    }
+    let der = request_der(csr)?;
+    let ttl = requested_ttl(csr, issuer, mode)?;
+    Ok((der, ttl))
+}
+
+/// Every check before signing (no I/O). `Err(Ok(rejection))` fails the CSR;
+/// `Err(Err(error))` is unexpected and retried.
+pub fn prepare(
+    csr: &CertificateSigningRequest,
+    issuer: &dyn Issuer,
+    mode: TtlMode,
+) -> std::result::Result<SignRequest, std::result::Result<Rejection, Error>> {
+    let (der, ttl) = request_ttl_and_der(csr, issuer, mode).map_err(Ok)?;
+    let opts = CsrOptions {
+        ttl,
+        ..CsrOptions::default()
+    };
+    check_csr(issuer, &der, &opts).map_err(reject_or_retry)
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// The existing conditions as JSON plus `new` (merge patches replace the whole list).
+pub(crate) fn conditions_plus(
+    csr: &CertificateSigningRequest,
+    ty: &str,
+    reason: &str,
+    message: &str,
+    now: OffsetDateTime,
+) -> serde_json::Value {
+    let mut list: Vec<serde_json::Value> = csr
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .map(|cs| {
+            cs.iter()
+                .map(|c| serde_json::to_value(c).unwrap_or(serde_json::Value::Null))
+                .collect()
+        })
+        .unwrap_or_default();
+    list.retain(|c| !c.is_null());
+    let ts = super::rfc3339(now);
+    list.push(json!({
+        "type": ty,
+        "status": "True",
+        "reason": reason,
+        "message": truncate(message, 1000),
+        "lastUpdateTime": ts,
+        "lastTransitionTime": ts,
+    }));
+    serde_json::Value::Array(list)
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// What a write attempt came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteOutcome {
+    /// Accepted.
+    Written,
+    /// 409/422: another writer got there first (or the CSR changed under us).
+    LostRace,
+}
+
+pub(super) fn classify_write(
+    r: std::result::Result<CertificateSigningRequest, kube::Error>,
+    what: &str,
+) -> Result<WriteOutcome> {
+    match r {
+        Ok(_) => Ok(WriteOutcome::Written),
+        Err(e) if matches!(api_code(&e), Some(409) | Some(422)) => {
+            tracing::info!(error = %e, "{what}: lost the race to another writer");
+            Ok(WriteOutcome::LostRace)
+        }
+        Err(e) if api_code(&e) == Some(404) => Ok(WriteOutcome::LostRace),
+        Err(e) => Err(kube_err(what, e)),
+    }
+}
+
+impl Signer {
+    /// A signer for the CAs in `issuers` (keyed by CA name).
+    pub fn new(
+        client: kube::Client,
+        issuers: BTreeMap<String, Arc<dyn Issuer>>,
+        cfg: SignerConfig,
+        metrics: Arc<Metrics>,
+        limiter: Arc<RateLimiter>,
+        leader: watch::Receiver<bool>,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
+        Signer {
+            client,
+            issuers,
+            cfg,
+            metrics,
+            limiter,
+            leader,
+            clock,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The signer names served.
+    pub fn signer_names(&self) -> Vec<String> {
+        self.issuers.keys().map(|c| super::signer_name(c)).collect()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub(super) fn api(&self) -> Api<CertificateSigningRequest> {
+        Api::all(self.client.clone())
+    }
+
+    fn leading(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    /// Writes a `Failed` condition through `/status`.
+    async fn fail(&self, csr: &CertificateSigningRequest, rej: &Rejection) -> Result<WriteOutcome> {
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        let patch = json!({
+            "metadata": { "resourceVersion": csr.metadata.resource_version },
+            "status": { "conditions": conditions_plus(csr, "Failed", rej.reason, &rej.message, self.clock.now()) },
+        });
+        self.limiter.acquire().await;
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let out = classify_write(
+            self.api()
+                .patch_status(name, &pp, &Patch::Merge(&patch))
+                .await,
+            "setting a Failed condition",
+        )?;
+        if out == WriteOutcome::Written {
+            tracing::warn!(csr = name, reason = rej.reason, message = %rej.message, "CSR failed");
+            self.metrics
+                .csrs_failed
+                .get_or_create(&ReasonLabel {
+                    reason: rej.reason.to_string(),
+                })
+                .inc();
+        } else {
+            self.metrics.csr_conflicts.inc();
+        }
+        Ok(out)
+    }
+
+    /// Reconciles one CSR.
+    pub async fn reconcile(&self, csr: &CertificateSigningRequest) -> Result<Action> {
+        let started = std::time::Instant::now();
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        let decision = classify(csr, |c| self.issuers.contains_key(c));
+        let ca = match decision {
+            Decision::NotOurs | Decision::AlreadySigned | Decision::Terminal(_) => {
+                return Ok(Action::await_change())
+            }
+            Decision::Pending { ca } => {
+                self.metrics.csr_reconciles.inc();
+                if !self.cfg.auto_approve || !self.leading() {
+                    return Ok(Action::await_change());
+                }
+                let issuer = &self.issuers[&ca];
+                let verdict = super::approver::evaluate(csr, issuer.as_ref(), self.cfg.ttl_mode);
+                super::approver::write(self, csr, &verdict).await?;
+                return Ok(Action::await_change());
+            }
+            Decision::Sign { ca } => ca,
+        };
+        self.metrics.csr_reconciles.inc();
+        if !self.leading() {
+            return Ok(Action::await_change());
+        }
+        let issuer = &self.issuers[&ca];
+        let req = match prepare(csr, issuer.as_ref(), self.cfg.ttl_mode) {
+            Ok(r) => r,
+            Err(Ok(rej)) => {
+                self.fail(csr, &rej).await?;
+                return Ok(Action::await_change());
+            }
+            Err(Err(e)) => return Err(e),
+        };
+        let now = self.clock.now();
+        let cert = match issuer.sign(&req, now).await {
+            Ok(c) => c,
+            Err(e @ Error::Build(_)) => {
+                // The CA cannot sign this (expired CA, unsupported key): retrying will not help.
+                let rej = Rejection {
+                    reason: REASON_SIGN_FAILED,
+                    message: e.to_string(),
+                };
+                self.fail(csr, &rej).await?;
+                return Ok(Action::await_change());
+            }
+            Err(e) => return Err(e),
+        };
+        // Fencing: leadership may have been lost while signing.
+        if !self.leading() {
+            return Ok(Action::await_change());
+        }
+        let patch = json!({
+            "metadata": { "resourceVersion": csr.metadata.resource_version },
+            "status": { "certificate": b64(cert.chain_pem().as_bytes()) },
+        });
+        self.limiter.acquire().await;
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        match classify_write(
+            self.api()
+                .patch_status(name, &pp, &Patch::Merge(&patch))
+                .await,
+            "writing status.certificate",
+        )? {
+            WriteOutcome::Written => {
+                self.metrics.csrs_signed.inc();
+                self.metrics
+                    .sign_duration
+                    .observe(started.elapsed().as_secs_f64());
+                if let Some(created) = &csr.metadata.creation_timestamp {
+                    let created_ms = created.0.as_millisecond();
+                    let now_ms =
+                        (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+                    // creationTimestamp has one-second resolution; clamp at zero.
+                    self.metrics
+                        .issue_latency
+                        .observe(((now_ms - created_ms).max(0)) as f64 / 1000.0);
+                }
+                tracing::info!(csr = name, ca = %ca, serial = %cert.info.serial_hex(), sans = ?cert.info.sans, not_after = %cert.info.not_after, "signed CSR");
+            }
+            WriteOutcome::LostRace => {
+                self.metrics.csr_conflicts.inc();
+            }
+        }
+        Ok(Action::await_change())
+    }
+
+    fn backoff(&self, name: &str) -> Duration {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(name.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        backoff_for(*n)
+    }
+
+    fn reset_backoff(&self, name: &str) {
+        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        f.remove(name);
+    }
+
+    /// Runs the CSR controller until `shutdown` completes (in-flight reconciles finish first).
+    pub async fn run(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    ) {
+        let api = self.api();
+        let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
+        Controller::new(api, watcher::Config::default())
+            .with_config(cfg)
+            .graceful_shutdown_on(shutdown)
+            .run(
+                |csr, ctx: Arc<Signer>| async move {
+                    let r = ctx.reconcile(&csr).await;
+                    if r.is_ok() {
+                        ctx.reset_backoff(csr.metadata.name.as_deref().unwrap_or_default());
+                    }
+                    r
+                },
+                |csr, err, ctx: Arc<Signer>| {
+                    let name = csr.metadata.name.as_deref().unwrap_or_default();
+                    let d = ctx.backoff(name);
+                    tracing::warn!(csr = name, error = %err, retry_in = ?d, "CSR reconcile failed; will retry");
+                    Action::requeue(d)
+                },
+                self.clone(),
+            )
+            .for_each(|r| async move {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "controller event");
+                }
+            })
+            .await;
+    }
+}
+
+/// Backoff after `n` consecutive failures: 0.5 s doubling, at most 5 minutes.
+pub fn backoff_for(n: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << n.saturating_sub(1).min(20));
+    Duration::from_millis(ms.min(300_000))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ca::{create_root, CaSpec};
+    use crate::clock::SystemClock;
+    use crate::issue::LocalIssuer;
+    use crate::key::KeyAlgorithm;
+    use crate::kube::testutil::{json as resp, mock_client, next, status};
+    use crate::policy::Policy;
+
+    pub(crate) fn local(name: &str, policy: Policy) -> Arc<LocalIssuer> {
+        let mut spec = CaSpec::root(name);
+        spec.policy = policy;
+        Arc::new(LocalIssuer::new(create_root(&spec, OffsetDateTime::now_utc()).unwrap()).unwrap())
+    }
+
+    pub(crate) fn issuer(name: &str, policy: Policy) -> Arc<dyn Issuer> {
+        local(name, policy)
+    }
+
+    /// A PEM CSR for `sans` with a fresh key of `alg`, made with rcgen.
+    pub(crate) fn csr_pem(sans: &[&str], alg: KeyAlgorithm) -> String {
+        let key = match alg {
+            KeyAlgorithm::EcdsaP256 => {
+                rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap()
+            }
+            _ => rcgen::KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap(),
+        };
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = sans
+            .iter()
+            .map(|s| {
+                if s.starts_with("spiffe://") {
+                    rcgen::SanType::URI(s.to_string().try_into().unwrap())
+                } else if let Ok(ip) = s.parse() {
+                    rcgen::SanType::IpAddress(ip)
+                } else {
+                    rcgen::SanType::DnsName(s.to_string().try_into().unwrap())
+                }
+            })
+            .collect();
+        p.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    pub(crate) fn csr_obj(
+        name: &str,
+        signer: &str,
+        pem: &str,
+        conditions: &[&str],
+        exp: Option<i32>,
+    ) -> CertificateSigningRequest {
+        let conds: Vec<serde_json::Value> = conditions
+            .iter()
+            .map(|t| json!({"type": t, "status": "True", "reason": "Test", "message": "test"}))
+            .collect();
+        serde_json::from_value(json!({
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest",
+            "metadata": { "name": name, "resourceVersion": "42", "creationTimestamp": "2026-01-01T00:00:00Z" },
+            "spec": {
+                "request": b64(pem.as_bytes()),
+                "signerName": signer,
+                "usages": ["digital signature", "server auth", "client auth"],
+                "username": "system:serviceaccount:app:blue",
+                "expirationSeconds": exp,
+            },
+            "status": { "conditions": conds },
+        }))
+        .unwrap()
+    }
+
+    pub(crate) fn signer_with(
+        client: kube::Client,
+        issuers: &[(&str, Arc<dyn Issuer>)],
+        cfg: SignerConfig,
+    ) -> Signer {
+        Signer::new(
+            client,
+            issuers
+                .iter()
+                .map(|(n, i)| (n.to_string(), i.clone()))
+                .collect(),
+            cfg,
+            Arc::new(Metrics::new()),
+            Arc::new(RateLimiter::new(0.0, 1)),
+            super::super::leader::always_leader(),
+            Arc::new(SystemClock),
+        )
+    }
+
+    #[test]
+    fn classification() {
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let serves = |c: &str| c == "mesh";
+        assert_eq!(
+            classify(
+                &csr_obj("x", "example.com/other", &pem, &["Approved"], None),
+                serves
+            ),
+            Decision::NotOurs
+        );
+        assert_eq!(
+            classify(
+                &csr_obj("x", "meshca.io/unknown", &pem, &["Approved"], None),
+                serves
+            ),
+            Decision::NotOurs
+        );
+        assert_eq!(
+            classify(&csr_obj("x", "meshca.io/mesh", &pem, &[], None), serves),
+            Decision::Pending { ca: "mesh".into() }
+        );
+        assert_eq!(
+            classify(
+                &csr_obj("x", "meshca.io/mesh", &pem, &["Approved"], None),
+                serves
+            ),
+            Decision::Sign { ca: "mesh".into() }
+        );
+        assert_eq!(
+            classify(
+                &csr_obj("x", "meshca.io/mesh", &pem, &["Approved", "Denied"], None),
+                serves
+            ),
+            Decision::Terminal("denied")
+        );
+        assert_eq!(
+            classify(
+                &csr_obj("x", "meshca.io/mesh", &pem, &["Approved", "Failed"], None),
+                serves
+            ),
+            Decision::Terminal("failed")
+        );
+        let mut signed = csr_obj("x", "meshca.io/mesh", &pem, &["Approved"], None);
+        signed.status.as_mut().unwrap().certificate = Some(k8s_openapi::ByteString(b"x".to_vec()));
+        assert_eq!(classify(&signed, serves), Decision::AlreadySigned);
+        // An Approved condition whose status is not "True" does not count.
+        let mut c = csr_obj("x", "meshca.io/mesh", &pem, &["Approved"], None);
+        c.status.as_mut().unwrap().conditions.as_mut().unwrap()[0].status = "False".into();
+        assert_eq!(
+            classify(&c, serves),
+            Decision::Pending { ca: "mesh".into() }
+        );
+    }
+
+    #[test]
+    fn bad_input_is_rejected_with_reasons() {
+        let iss = issuer(
+            "mesh",
+            Policy {
+                max_ttl: Duration::from_secs(3600),
+                ..Policy::default()
+            },
+        );
+        let check = |csr: &CertificateSigningRequest, mode| match prepare(csr, iss.as_ref(), mode) {
+            Err(Ok(r)) => r,
+            other => panic!("expected a rejection, got {other:?}"),
+        };
+        let good = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        // Garbage request.
+        let r = check(
+            &csr_obj("x", "meshca.io/mesh", "garbage", &["Approved"], None),
+            TtlMode::Fail,
+        );
+        assert_eq!(r.reason, REASON_BAD_REQUEST);
+        assert!(r.message.contains("no PEM block"), "{}", r.message);
+        // Signature that does not match: flip a byte inside the signature.
+        let der = pem::parse(&good).unwrap().into_contents();
+        let mut bad = der.clone();
+        let n = bad.len();
+        bad[n - 5] ^= 0x01;
+        let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", bad));
+        let r = check(
+            &csr_obj("x", "meshca.io/mesh", &tampered, &["Approved"], None),
+            TtlMode::Fail,
+        );
+        assert!(
+            r.message.contains("signature does not verify"),
+            "{}",
+            r.message
+        );
+        // TTL below the API minimum and above the policy.
+        let r = check(
+            &csr_obj("x", "meshca.io/mesh", &good, &["Approved"], Some(599)),
+            TtlMode::Fail,
+        );
+        assert!(
+            r.message.contains("below the minimum of 600"),
+            "{}",
+            r.message
+        );
+        let r = check(
+            &csr_obj("x", "meshca.io/mesh", &good, &["Approved"], Some(7200)),
+            TtlMode::Fail,
+        );
+        assert_eq!(r.reason, REASON_POLICY);
+        assert!(r.message.contains("over the maximum"), "{}", r.message);
+        // In cap mode the same request is issued with the policy maximum.
+        let ok = prepare(
+            &csr_obj("x", "meshca.io/mesh", &good, &["Approved"], Some(7200)),
+            iss.as_ref(),
+            TtlMode::Cap,
+        )
+        .unwrap();
+        assert_eq!(ok.ttl, Duration::from_secs(3600));
+        // Wildcard and IP SANs the policy forbids.
+        let w = csr_pem(&["*.example.com"], KeyAlgorithm::EcdsaP256);
+        let r = check(
+            &csr_obj("x", "meshca.io/mesh", &w, &["Approved"], None),
+            TtlMode::Fail,
+        );
+        assert!(
+            r.message.contains("wildcard DNS name *.example.com"),
+            "{}",
+            r.message
+        );
+        let no_ip = issuer(
+            "mesh",
+            Policy {
+                allow_ip_sans: false,
+                ..Policy::default()
+            },
+        );
+        let ip = csr_pem(&["10.0.0.1"], KeyAlgorithm::EcdsaP256);
+        match prepare(
+            &csr_obj("x", "meshca.io/mesh", &ip, &["Approved"], None),
+            no_ip.as_ref(),
+            TtlMode::Fail,
+        ) {
+            Err(Ok(r)) => assert!(r.message.contains("IP SAN 10.0.0.1"), "{}", r.message),
+            other => panic!("{other:?}"),
+        }
+        // CA usages.
+        let mut ca_use = csr_obj("x", "meshca.io/mesh", &good, &["Approved"], None);
+        ca_use.spec.usages = Some(vec!["cert sign".into()]);
+        assert!(check(&ca_use, TtlMode::Fail).message.contains("cert sign"));
+    }
+
+    #[test]
+    fn rsa_1024_is_refused() {
+        // rcgen cannot make RSA-1024 keys; use a committed-at-runtime openssl one when present.
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:1024",
+                "-nodes",
+                "-subj",
+                "/CN=x",
+                "-addext",
+                "subjectAltName=DNS:a.example.com",
+                "-keyout",
+            ])
+            .arg(&key)
+            .output();
+        let Some(out) = out.ok().filter(|o| o.status.success()) else {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("openssl is required in CI");
+            }
+            eprintln!("skipping: openssl not available");
+            return;
+        };
+        let pem = String::from_utf8(out.stdout).unwrap();
+        let iss = issuer("mesh", Policy::default());
+        match prepare(
+            &csr_obj("x", "meshca.io/mesh", &pem, &["Approved"], None),
+            iss.as_ref(),
+            TtlMode::Fail,
+        ) {
+            Err(Ok(r)) => {
+                assert!(r.message.contains("1024"), "{}", r.message);
+                assert_eq!(r.reason, REASON_POLICY, "{}", r.message);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn approved_csr_is_signed_through_the_status_subresource() {
+        let (client, mut h) = mock_client();
+        let iss = local("mesh", Policy::default());
+        let s = signer_with(
+            client,
+            &[("mesh", iss.clone() as Arc<dyn Issuer>)],
+            SignerConfig::default(),
+        );
+        let pem = csr_pem(
+            &["spiffe://cluster.local/ns/app/sa/blue", "blue.app.svc"],
+            KeyAlgorithm::EcdsaP256,
+        );
+        let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], Some(3600));
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/certificates.k8s.io/v1/certificatesigningrequests/c1/status"
+            );
+            assert_eq!(
+                req.headers()["content-type"],
+                "application/merge-patch+json"
+            );
+            assert!(req.uri().query().unwrap().contains("fieldManager=meshca"));
+            assert_eq!(body["metadata"]["resourceVersion"], "42");
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(body["status"]["certificate"].as_str().unwrap())
+                .unwrap();
+            send.send_response(resp(200, &json!({
+                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"name": "c1"}, "spec": {"request": "", "signerName": "meshca.io/mesh"},
+            })));
+            pem
+        });
+        let action = s.reconcile(&csr).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        let pem = server.await.unwrap();
+        let certs = crate::pemutil::parse_certs(&pem, "status.certificate").unwrap();
+        assert_eq!(certs.len(), 1, "a root CA's leaf chain is the leaf alone");
+        let info = crate::x509::CertInfo::from_der(&certs[0]).unwrap();
+        assert_eq!(info.sans.uri, vec!["spiffe://cluster.local/ns/app/sa/blue"]);
+        let lifetime = info.not_after - info.not_before;
+        assert!(
+            lifetime <= time::Duration::seconds(3600 + 600),
+            "{lifetime}"
+        );
+        crate::x509::verify_chain(
+            &certs[0],
+            &[],
+            &[iss.ca().root().clone()],
+            OffsetDateTime::now_utc(),
+            crate::x509::Usage::Client,
+        )
+        .unwrap();
+        assert_eq!(s.metrics.csrs_signed.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn controller_lists_watches_signs_and_shuts_down() {
+        let (client, mut h) = mock_client();
+        let s = Arc::new(signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        ));
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let approved =
+            serde_json::to_value(csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None))
+                .unwrap();
+        let other = serde_json::to_value(csr_obj("c2", "example.com/x", &pem, &["Approved"], None))
+            .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ctl = tokio::spawn(s.clone().run(async move {
+            let _ = stopped.await;
+        }));
+        let mut patched = Vec::new();
+        let mut parked = Vec::new();
+        // The initial list, the watch (left open) and exactly one status patch, in any order.
+        while patched.is_empty() {
+            let (req, body, send) = next(&mut h).await;
+            let q = req.uri().query().unwrap_or("").to_string();
+            match req.method().as_str() {
+                "GET" if q.contains("watch=true") => parked.push(send),
+                "GET" => {
+                    assert_eq!(
+                        req.uri().path(),
+                        "/apis/certificates.k8s.io/v1/certificatesigningrequests"
+                    );
+                    send.send_response(resp(200, &json!({
+                        "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                        "metadata": {"resourceVersion": "100"}, "items": [approved, other],
+                    })));
+                }
+                "PATCH" => {
+                    patched.push(req.uri().path().to_string());
+                    assert!(body["status"]["certificate"].is_string());
+                    send.send_response(resp(200, &approved));
+                }
+                m => panic!("unexpected {m} {}", req.uri()),
+            }
+        }
+        assert_eq!(
+            patched,
+            vec!["/apis/certificates.k8s.io/v1/certificatesigningrequests/c1/status"]
+        );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), ctl)
+            .await
+            .expect("graceful shutdown")
+            .unwrap();
+        assert_eq!(s.metrics.csrs_signed.get(), 1);
+        drop(parked);
+    }
+
+    #[tokio::test]
+    async fn conflict_means_someone_else_won() {
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        );
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
+        let server = tokio::spawn(async move {
+            let (_, _, send) = next(&mut h).await;
+            send.send_response(status(409, "Conflict", "the object has been modified"));
+            let (_, _, send) = next(&mut h).await;
+            send.send_response(status(
+                422,
+                "Invalid",
+                "status.certificate: Invalid value: field is immutable",
+            ));
+        });
+        assert_eq!(s.reconcile(&csr).await.unwrap(), Action::await_change());
+        assert_eq!(s.reconcile(&csr).await.unwrap(), Action::await_change());
+        server.await.unwrap();
+        assert_eq!(s.metrics.csrs_signed.get(), 0);
+        assert_eq!(s.metrics.csr_conflicts.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_retried_with_backoff() {
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        );
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
+        let server = tokio::spawn(async move {
+            let (_, _, send) = next(&mut h).await;
+            send.send_response(status(500, "InternalError", "etcd timeout"));
+        });
+        let e = s.reconcile(&csr).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Backend {
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        server.await.unwrap();
+        assert_eq!(s.backoff("c1"), Duration::from_millis(500));
+        assert_eq!(s.backoff("c1"), Duration::from_millis(1000));
+        s.reset_backoff("c1");
+        assert_eq!(s.backoff("c1"), Duration::from_millis(500));
+        assert_eq!(backoff_for(40), Duration::from_secs(300));
+    }
+
+    #[tokio::test]
+    async fn bad_csr_gets_a_failed_condition_keeping_existing_ones() {
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        );
+        let csr = csr_obj("c1", "meshca.io/mesh", "garbage", &["Approved"], None);
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(
+                req.uri().path(),
+                "/apis/certificates.k8s.io/v1/certificatesigningrequests/c1/status"
+            );
+            let conds = body["status"]["conditions"].as_array().unwrap().clone();
+            assert_eq!(conds.len(), 2);
+            assert_eq!(conds[0]["type"], "Approved");
+            assert_eq!(conds[1]["type"], "Failed");
+            assert_eq!(conds[1]["status"], "True");
+            assert_eq!(conds[1]["reason"], REASON_BAD_REQUEST);
+            assert!(conds[1]["lastUpdateTime"].as_str().unwrap().ends_with('Z'));
+            assert_eq!(body["metadata"]["resourceVersion"], "42");
+            assert!(body["status"].get("certificate").is_none());
+            send.send_response(resp(200, &json!({
+                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"name": "c1"}, "spec": {"request": "", "signerName": "meshca.io/mesh"},
+            })));
+        });
+        s.reconcile(&csr).await.unwrap();
+        server.await.unwrap();
+        let text = s.metrics.render();
+        assert!(
+            text.contains("meshca_csrs_failed_total{reason=\"MeshcaBadRequest\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn pending_denied_unknown_and_follower_make_no_requests() {
+        let (client, mut h) = mock_client();
+        let iss = issuer("mesh", Policy::default());
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let s = signer_with(
+            client.clone(),
+            &[("mesh", iss.clone())],
+            SignerConfig::default(),
+        );
+        for csr in [
+            csr_obj("p", "meshca.io/mesh", &pem, &[], None),
+            csr_obj("d", "meshca.io/mesh", &pem, &["Denied"], None),
+            csr_obj("f", "meshca.io/mesh", &pem, &["Approved", "Failed"], None),
+            csr_obj("u", "meshca.io/unknown", &pem, &["Approved"], None),
+        ] {
+            assert_eq!(s.reconcile(&csr).await.unwrap(), Action::await_change());
+        }
+        // A follower does not sign an approved CSR.
+        let (tx, rx) = watch::channel(false);
+        let follower = Signer::new(
+            client,
+            [("mesh".to_string(), iss)].into_iter().collect(),
+            SignerConfig::default(),
+            Arc::new(Metrics::new()),
+            Arc::new(RateLimiter::new(0.0, 1)),
+            rx,
+            Arc::new(SystemClock),
+        );
+        follower
+            .reconcile(&csr_obj("a", "meshca.io/mesh", &pem, &["Approved"], None))
+            .await
+            .unwrap();
+        drop(tx);
+        // No request reached the API.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), h.next_request())
+                .await
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,630 @@
+//! [`KubeStore`]: the meshca store in one Kubernetes namespace.
+//!
+//! Layout (all objects labelled `app.kubernetes.io/managed-by: meshca`):
+//! ```text
+//! Secret    meshca-ca-<name>               type kubernetes.io/tls, label meshca.io/ca=<name>
+//!           tls.crt  the CA certificate followed by its parents up to the root
+//!           tls.key  the CA key, PKCS#8 PEM (empty for remote-key backends such as ACM PCA)
+//!           ca.crt   the root at the top of the chain
+//!           annotation meshca.io/meta: the CA's facts and policy (JSON)
+//! ConfigMap meshca-bundle-<name>           label meshca.io/bundle-spec=<name>; bundle.json
+//! ConfigMap meshca-ledger-<yyyymmdd>-<n>   label meshca.io/ledger=true; ledger.jsonl
+//! ```
+//! A CA is created with a plain create (so two concurrent `init`s cannot both win) and
+//! replaced with server-side apply (field manager `meshca`, forced). The ledger is sharded
+//! by day and by size (each shard stays under 900 kB of the 1 MiB object limit); appends use
+//! optimistic concurrency (resourceVersion) and retry on conflict, so no line is lost.
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use base64::Engine as _;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use super::{api_code, kube_err, FIELD_MANAGER, LABEL_CA, LABEL_MANAGED_BY, MANAGED_BY};
+use crate::bundle::BundleSpec;
+use crate::ca::{validate_ca_name, CaMaterial, CaMeta};
+use crate::error::{Error, Result};
+use crate::issue::LedgerEntry;
+use crate::key::PrivateKey;
+use crate::pemutil;
+use crate::store::{SaveOutcome, Store};
+
+/// Annotation holding a CA's [`CaMeta`] as JSON.
+pub const ANNOTATION_META: &str = "meshca.io/meta";
+/// Label of bundle-definition ConfigMaps.
+pub const LABEL_BUNDLE_SPEC: &str = "meshca.io/bundle-spec";
+/// Label of ledger shards.
+pub const LABEL_LEDGER: &str = "meshca.io/ledger";
+const LEDGER_SHARD_LIMIT: usize = 900_000;
+const LEDGER_MAX_SHARDS_PER_DAY: u32 = 64;
+const LEDGER_MAX_CONFLICTS: u32 = 20;
+
+/// The Secret name of a CA.
+pub fn ca_secret_name(ca: &str) -> String {
+    format!("meshca-ca-{ca}")
+}
+
+/// The ConfigMap name of a bundle definition.
+pub fn bundle_spec_name(bundle: &str) -> String {
+    format!("meshca-bundle-{bundle}")
+}
+
+/// A store in one namespace of a cluster.
+#[derive(Clone)]
+pub struct KubeStore {
+    client: kube::Client,
+    namespace: String,
+}
+
+impl std::fmt::Debug for KubeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeStore")
+            .field("namespace", &self.namespace)
+            .finish()
+    }
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The Secret manifest (as applied) of a CA.
+pub fn ca_secret_manifest(ca: &CaMaterial, namespace: &str) -> Result<serde_json::Value> {
+    let meta = serde_json::to_string(&ca.meta).map_err(|e| Error::Build(e.to_string()))?;
+    let key = ca.key.as_ref().map(|k| k.to_pkcs8_pem());
+    let key_bytes: &[u8] = key.as_ref().map(|k| k.as_bytes()).unwrap_or(b"");
+    Ok(json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": ca_secret_name(&ca.meta.name),
+            "namespace": namespace,
+            "labels": { LABEL_MANAGED_BY: MANAGED_BY, LABEL_CA: ca.meta.name },
+            "annotations": { ANNOTATION_META: meta },
+        },
+        "type": "kubernetes.io/tls",
+        "data": {
+            "tls.crt": b64(ca.chain_pem().as_bytes()),
+            "tls.key": b64(key_bytes),
+            "ca.crt": b64(pemutil::certs_to_pem([ca.root()]).as_bytes()),
+        }
+    }))
+}
+
+/// Reads a CA back from its Secret.
+pub fn ca_from_secret(name: &str, s: &Secret) -> Result<CaMaterial> {
+    let sname = ca_secret_name(name);
+    let labelled = s
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(LABEL_CA))
+        .is_some_and(|v| v == name);
+    if !labelled {
+        return Err(Error::Corrupt(format!(
+            "Secret {sname} is not labelled {LABEL_CA}={name}"
+        )));
+    }
+    let meta_json = s
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ANNOTATION_META))
+        .ok_or_else(|| {
+            Error::Corrupt(format!(
+                "Secret {sname} has no {ANNOTATION_META} annotation"
+            ))
+        })?;
+    let meta: CaMeta = serde_json::from_str(meta_json)
+        .map_err(|e| Error::Corrupt(format!("Secret {sname} {ANNOTATION_META}: {e}")))?;
+    if meta.name != name {
+        return Err(Error::Corrupt(format!(
+            "Secret {sname} describes CA {:?}",
+            meta.name
+        )));
+    }
+    let data = s.data.as_ref();
+    let get = |k: &str| data.and_then(|d| d.get(k)).map(|b| b.0.as_slice());
+    let crt =
+        get("tls.crt").ok_or_else(|| Error::Corrupt(format!("Secret {sname} has no tls.crt")))?;
+    let chain = pemutil::parse_certs(crt, &format!("Secret {sname} tls.crt"))
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+    let key = match get("tls.key").filter(|k| !k.is_empty()) {
+        Some(k) => {
+            let text = zeroize::Zeroizing::new(k.to_vec());
+            let s = std::str::from_utf8(&text)
+                .map_err(|_| Error::Corrupt(format!("Secret {sname} tls.key is not PEM text")))?;
+            Some(
+                PrivateKey::from_pem(s, &format!("Secret {sname} tls.key"))
+                    .map_err(|e| Error::Corrupt(e.to_string()))?,
+            )
+        }
+        None => None,
+    };
+    let mut it = chain.into_iter();
+    let cert = it
+        .next()
+        .ok_or_else(|| Error::Corrupt(format!("Secret {sname} tls.crt is empty")))?;
+    let ca = CaMaterial {
+        meta,
+        cert,
+        parents: it.collect(),
+        key,
+    };
+    ca.validate()?;
+    Ok(ca)
+}
+
+impl KubeStore {
+    /// A store in `namespace` reached through `client`.
+    pub fn new(client: kube::Client, namespace: impl Into<String>) -> Self {
+        KubeStore {
+            client,
+            namespace: namespace.into(),
+        }
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The client.
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    fn configmaps(&self) -> Api<ConfigMap> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
+    /// Writes (creates or updates) a `kubernetes.io/tls`-shaped Secret `namespace/name` with
+    /// `tls.crt`, `tls.key` and `ca.crt` by server-side apply (field manager `meshca`, forced).
+    /// An existing Secret keeps its type and its other keys.
+    pub async fn apply_tls_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        tls_crt: &str,
+        tls_key: &str,
+        ca_crt: &str,
+        ca: &str,
+    ) -> Result<()> {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let exists = api
+            .get_metadata_opt(name)
+            .await
+            .map_err(|e| kube_err("reading the target Secret", e))?
+            .is_some();
+        let mut body = super::managed::apply_body(name, namespace, tls_crt, tls_key, ca_crt);
+        body["metadata"]["labels"] = json!({ LABEL_MANAGED_BY: MANAGED_BY });
+        body["metadata"]["annotations"] = json!({ "meshca.io/issued-by": ca });
+        if !exists {
+            // The type is immutable: set it only when creating.
+            body["type"] = json!("kubernetes.io/tls");
+        }
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| kube_err(&format!("applying Secret {namespace}/{name}"), e))
+    }
+
+    fn ledger_shard(&self, day: &str, n: u32) -> String {
+        format!("meshca-ledger-{day}-{n}")
+    }
+
+    async fn append_ledger(&self, line: &str) -> Result<()> {
+        let day = {
+            let d = time::OffsetDateTime::now_utc().date();
+            format!("{:04}{:02}{:02}", d.year(), u8::from(d.month()), d.day())
+        };
+        let api = self.configmaps();
+        let mut conflicts = 0;
+        let mut n = 0;
+        while n < LEDGER_MAX_SHARDS_PER_DAY {
+            let name = self.ledger_shard(&day, n);
+            let current = api
+                .get_opt(&name)
+                .await
+                .map_err(|e| kube_err("reading the ledger", e))?;
+            let result = match current {
+                None => {
+                    let cm: ConfigMap = serde_json::from_value(json!({
+                        "metadata": { "name": name, "labels": { LABEL_MANAGED_BY: MANAGED_BY, LABEL_LEDGER: "true" } },
+                        "data": { "ledger.jsonl": line }
+                    }))
+                    .map_err(|e| Error::Build(e.to_string()))?;
+                    api.create(
+                        &PostParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &cm,
+                    )
+                    .await
+                    .map(|_| ())
+                }
+                Some(mut cm) => {
+                    let data = cm.data.get_or_insert_with(BTreeMap::new);
+                    let text = data.entry("ledger.jsonl".into()).or_default();
+                    if text.len() + line.len() > LEDGER_SHARD_LIMIT {
+                        n += 1;
+                        continue;
+                    }
+                    text.push_str(line);
+                    // `cm` still carries the resourceVersion it was read at: optimistic concurrency.
+                    api.replace(
+                        &name,
+                        &PostParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &cm,
+                    )
+                    .await
+                    .map(|_| ())
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if api_code(&e) == Some(409) && conflicts < LEDGER_MAX_CONFLICTS => {
+                    conflicts += 1
+                }
+                Err(e) => return Err(kube_err("appending to the ledger", e)),
+            }
+        }
+        Err(Error::Store(format!(
+            "ledger: more than {LEDGER_MAX_SHARDS_PER_DAY} full shards today"
+        )))
+    }
+}
+
+#[async_trait]
+impl Store for KubeStore {
+    fn describe(&self) -> String {
+        format!("kube:{}", self.namespace)
+    }
+
+    async fn list_cas(&self) -> Result<Vec<String>> {
+        let lp =
+            ListParams::default().labels(&format!("{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_CA}"));
+        let list = self
+            .secrets()
+            .list_metadata(&lp)
+            .await
+            .map_err(|e| kube_err("listing CA Secrets", e))?;
+        let mut names: Vec<String> = list
+            .items
+            .iter()
+            .filter_map(|s| s.metadata.labels.as_ref()?.get(LABEL_CA).cloned())
+            .filter(|n| validate_ca_name(n).is_ok())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    async fn ca_exists(&self, name: &str) -> Result<bool> {
+        if validate_ca_name(name).is_err() {
+            return Ok(false);
+        }
+        let s = self
+            .secrets()
+            .get_metadata_opt(&ca_secret_name(name))
+            .await
+            .map_err(|e| kube_err("reading a CA Secret", e))?;
+        Ok(s.is_some())
+    }
+
+    async fn load_ca(&self, name: &str) -> Result<CaMaterial> {
+        validate_ca_name(name).map_err(|_| Error::UnknownCa(name.to_string()))?;
+        let s = self
+            .secrets()
+            .get_opt(&ca_secret_name(name))
+            .await
+            .map_err(|e| kube_err("reading a CA Secret", e))?
+            .ok_or_else(|| Error::UnknownCa(name.to_string()))?;
+        ca_from_secret(name, &s)
+    }
+
+    async fn save_ca(&self, ca: &CaMaterial, replace: bool) -> Result<SaveOutcome> {
+        validate_ca_name(&ca.meta.name)?;
+        ca.validate()?;
+        let manifest = ca_secret_manifest(ca, &self.namespace)?;
+        let name = ca_secret_name(&ca.meta.name);
+        let api = self.secrets();
+        if !replace {
+            let s: Secret =
+                serde_json::from_value(manifest).map_err(|e| Error::Build(e.to_string()))?;
+            let pp = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            return match api.create(&pp, &s).await {
+                Ok(_) => Ok(SaveOutcome::Created),
+                Err(e) if api_code(&e) == Some(409) => {
+                    Err(Error::AlreadyExists(format!("CA {}", ca.meta.name)))
+                }
+                Err(e) => Err(kube_err("creating a CA Secret", e)),
+            };
+        }
+        let existed = api
+            .get_metadata_opt(&name)
+            .await
+            .map_err(|e| kube_err("reading a CA Secret", e))?
+            .is_some();
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .map_err(|e| kube_err("applying a CA Secret", e))?;
+        Ok(if existed {
+            SaveOutcome::Replaced
+        } else {
+            SaveOutcome::Created
+        })
+    }
+
+    async fn list_bundles(&self) -> Result<Vec<BundleSpec>> {
+        let lp = ListParams::default().labels(&format!(
+            "{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_BUNDLE_SPEC}"
+        ));
+        let list = self
+            .configmaps()
+            .list(&lp)
+            .await
+            .map_err(|e| kube_err("listing bundle ConfigMaps", e))?;
+        let mut out = Vec::new();
+        for cm in &list.items {
+            out.push(bundle_from_configmap(cm)?);
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    async fn load_bundle(&self, name: &str) -> Result<BundleSpec> {
+        if validate_ca_name(name).is_err() {
+            return Err(Error::UnknownBundle(name.to_string()));
+        }
+        let cm = self
+            .configmaps()
+            .get_opt(&bundle_spec_name(name))
+            .await
+            .map_err(|e| kube_err("reading a bundle ConfigMap", e))?
+            .ok_or_else(|| Error::UnknownBundle(name.to_string()))?;
+        bundle_from_configmap(&cm)
+    }
+
+    async fn save_bundle(&self, b: &BundleSpec) -> Result<SaveOutcome> {
+        b.validate()?;
+        let name = bundle_spec_name(&b.name);
+        let api = self.configmaps();
+        let existed = api
+            .get_metadata_opt(&name)
+            .await
+            .map_err(|e| kube_err("reading a bundle ConfigMap", e))?
+            .is_some();
+        let spec = serde_json::to_string_pretty(b).map_err(|e| Error::Build(e.to_string()))?;
+        let manifest = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": name,
+                "namespace": self.namespace,
+                "labels": { LABEL_MANAGED_BY: MANAGED_BY, LABEL_BUNDLE_SPEC: b.name },
+            },
+            "data": { "bundle.json": spec }
+        });
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&manifest),
+        )
+        .await
+        .map_err(|e| kube_err("applying a bundle ConfigMap", e))?;
+        Ok(if existed {
+            SaveOutcome::Replaced
+        } else {
+            SaveOutcome::Created
+        })
+    }
+
+    async fn record(&self, entry: &LedgerEntry) -> Result<()> {
+        let mut line = serde_json::to_string(entry).map_err(|e| Error::Build(e.to_string()))?;
+        line.push('\n');
+        self.append_ledger(&line).await
+    }
+
+    async fn ledger(&self) -> Result<Vec<LedgerEntry>> {
+        let lp = ListParams::default().labels(&format!(
+            "{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_LEDGER}=true"
+        ));
+        let list = self
+            .configmaps()
+            .list(&lp)
+            .await
+            .map_err(|e| kube_err("listing ledger ConfigMaps", e))?;
+        let mut out = Vec::new();
+        for cm in &list.items {
+            let name = cm.metadata.name.clone().unwrap_or_default();
+            let text = cm
+                .data
+                .as_ref()
+                .and_then(|d| d.get("ledger.jsonl"))
+                .map(String::as_str)
+                .unwrap_or("");
+            for (i, l) in text
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+            {
+                out.push(serde_json::from_str(l).map_err(|e| {
+                    Error::Corrupt(format!("ConfigMap {name} line {}: {e}", i + 1))
+                })?);
+            }
+        }
+        out.sort_by_key(|e: &LedgerEntry| e.issued_at);
+        Ok(out)
+    }
+}
+
+fn bundle_from_configmap(cm: &ConfigMap) -> Result<BundleSpec> {
+    let name = cm.metadata.name.clone().unwrap_or_default();
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("bundle.json"))
+        .ok_or_else(|| Error::Corrupt(format!("ConfigMap {name} has no bundle.json")))?;
+    let b: BundleSpec =
+        serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("ConfigMap {name}: {e}")))?;
+    b.validate()?;
+    Ok(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{create_root, CaSpec};
+    use crate::kube::testutil::{json as resp, mock_client, next, status};
+
+    fn secret_from(manifest: &serde_json::Value) -> Secret {
+        serde_json::from_value(manifest.clone()).unwrap()
+    }
+
+    #[test]
+    fn ca_secret_round_trips_and_is_labelled() {
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        let m = ca_secret_manifest(&ca, "meshca").unwrap();
+        assert_eq!(m["type"], "kubernetes.io/tls");
+        assert_eq!(m["metadata"]["labels"][LABEL_CA], "mesh");
+        assert_eq!(m["metadata"]["labels"][LABEL_MANAGED_BY], "meshca");
+        let back = ca_from_secret("mesh", &secret_from(&m)).unwrap();
+        assert_eq!(back.cert, ca.cert);
+        assert!(back.key.is_some());
+        // A Secret for another CA name is refused, not silently used.
+        assert!(ca_from_secret("other", &secret_from(&m)).is_err());
+        // A damaged key is reported without echoing it.
+        let mut bad = m.clone();
+        bad["data"]["tls.key"] = serde_json::Value::String(b64(
+            b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n",
+        ));
+        let e = ca_from_secret("mesh", &secret_from(&bad))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.key") && !e.contains("c2VjcmV0"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn create_conflict_is_already_exists_and_load_missing_is_unknown() {
+        let (client, mut h) = mock_client();
+        let store = KubeStore::new(client, "meshca");
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "POST");
+            assert!(
+                req.uri().path().ends_with("/namespaces/meshca/secrets"),
+                "{}",
+                req.uri()
+            );
+            assert!(req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .contains("fieldManager=meshca"));
+            assert_eq!(body["metadata"]["name"], "meshca-ca-mesh");
+            send.send_response(status(
+                409,
+                "AlreadyExists",
+                "secrets \"meshca-ca-mesh\" already exists",
+            ));
+            let (req, _, send) = next(&mut h).await;
+            assert_eq!(req.method(), "GET");
+            assert!(req.uri().path().ends_with("/secrets/meshca-ca-nope"));
+            send.send_response(status(404, "NotFound", "not found"));
+        });
+        let e = store.save_ca(&ca, false).await.unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+        assert!(matches!(
+            store.load_ca("nope").await,
+            Err(Error::UnknownCa(_))
+        ));
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn replace_uses_forced_server_side_apply() {
+        let (client, mut h) = mock_client();
+        let store = KubeStore::new(client, "meshca");
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        let server = tokio::spawn(async move {
+            let (_, _, send) = next(&mut h).await; // metadata GET
+            send.send_response(status(404, "NotFound", "not found"));
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert_eq!(
+                req.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
+            let q = req.uri().query().unwrap();
+            assert!(
+                q.contains("fieldManager=meshca") && q.contains("force=true"),
+                "{q}"
+            );
+            assert_eq!(body["kind"], "Secret");
+            send.send_response(resp(200, &body));
+        });
+        assert_eq!(
+            store.save_ca(&ca, true).await.unwrap(),
+            SaveOutcome::Created
+        );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn ledger_append_retries_on_conflict_and_rolls_full_shards() {
+        let (client, mut h) = mock_client();
+        let store = KubeStore::new(client, "meshca");
+        let server = tokio::spawn(async move {
+            // Shard 0 is full.
+            let (req, _, send) = next(&mut h).await;
+            assert!(req.uri().path().ends_with("-0"), "{}", req.uri());
+            send.send_response(resp(200, &json!({"apiVersion":"v1","kind":"ConfigMap",
+                "metadata":{"name":"x-0","resourceVersion":"1"},"data":{"ledger.jsonl":"a".repeat(LEDGER_SHARD_LIMIT)}})));
+            // Shard 1 exists; the first replace conflicts, the second succeeds.
+            for attempt in 0..2 {
+                let (req, _, send) = next(&mut h).await;
+                assert!(req.uri().path().ends_with("-1"));
+                send.send_response(resp(200, &json!({"apiVersion":"v1","kind":"ConfigMap",
+                    "metadata":{"name":"x-1","resourceVersion":format!("{}", 10 + attempt)},"data":{"ledger.jsonl":"old\n"}})));
+                let (req, body, send) = next(&mut h).await;
+                assert_eq!(req.method(), "PUT");
+                assert_eq!(
+                    body["metadata"]["resourceVersion"],
+                    format!("{}", 10 + attempt)
+                );
+                assert_eq!(body["data"]["ledger.jsonl"], "old\nnew\n");
+                if attempt == 0 {
+                    send.send_response(status(409, "Conflict", "the object has been modified"));
+                } else {
+                    send.send_response(resp(200, &body));
+                }
+            }
+        });
+        store.append_ledger("new\n").await.unwrap();
+        server.await.unwrap();
+    }
+}

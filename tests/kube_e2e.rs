@@ -1,0 +1,823 @@
+//! End-to-end tests of the Kubernetes front end against a real API server (1.24+).
+//!
+//! They are `#[ignore]`d because no API server exists in CI. Run them with
+//! ```text
+//! MESHCA_E2E_KUBECONFIG=$HOME/.kube/config cargo test --all-features --test kube_e2e -- --ignored --test-threads=2
+//! ```
+//! The kubeconfig's user must be allowed to create namespaces, CSRs, approvals, ClusterRoles
+//! and bindings (a kind or k3d admin is fine). Each test works in its own namespace
+//! `meshca-e2e-<id>` with its own CA `e2e-<id>` (so its signer name `meshca.io/e2e-<id>` is
+//! unique cluster-wide) and deletes what it created, CSRs included. The controller runs
+//! in-process, exactly as `meshca signer run` runs it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use meshca::bundle::BundleSpec;
+use meshca::ca::{create_root, CaSpec};
+use meshca::kube::leader::LeaderConfig;
+use meshca::kube::metrics::Metrics;
+use meshca::kube::run::{run, RunConfig};
+use meshca::kube::store::{ca_secret_name, KubeStore};
+use meshca::policy::Policy;
+use meshca::store::Store;
+use serde_json::json;
+
+const LABEL: &str = "meshca-e2e";
+
+fn kubeconfig() -> Option<PathBuf> {
+    match std::env::var_os("MESHCA_E2E_KUBECONFIG").filter(|v| !v.is_empty()) {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!(
+                "MESHCA_E2E_KUBECONFIG is not set (required when CI=true for --ignored e2e runs)"
+            )
+        }
+        None => {
+            eprintln!("skipping: set MESHCA_E2E_KUBECONFIG to a cluster's kubeconfig to run the Kubernetes e2e tests");
+            None
+        }
+    }
+}
+
+fn unique() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{:x}{}",
+        (t as u64) & 0xff_ffff,
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn b64(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+struct Env {
+    client: kube::Client,
+    ns: String,
+    ca: String,
+    store: Arc<KubeStore>,
+    stops: Vec<tokio::sync::oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<meshca::Result<()>>>,
+    cluster_objects: Vec<(String, String)>,
+}
+
+impl Env {
+    async fn new(path: &std::path::Path, policy: Policy) -> Env {
+        let client = meshca::kube::client(Some(path)).await.expect("kubeconfig");
+        let id = unique();
+        let ns = format!("meshca-e2e-{id}");
+        let nsapi: Api<Namespace> = Api::all(client.clone());
+        nsapi
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({"metadata": {"name": ns, "labels": {LABEL: "true"}}}),
+                )
+                .unwrap(),
+            )
+            .await
+            .expect("create namespace");
+        let store = Arc::new(KubeStore::new(client.clone(), ns.clone()));
+        let ca = format!("e2e-{id}");
+        let mut spec = CaSpec::root(&ca);
+        spec.policy = policy;
+        let material = create_root(&spec, time::OffsetDateTime::now_utc()).unwrap();
+        store.save_ca(&material, false).await.expect("save CA");
+        Env {
+            client,
+            ns,
+            ca,
+            store,
+            stops: Vec::new(),
+            tasks: Vec::new(),
+            cluster_objects: Vec::new(),
+        }
+    }
+
+    fn signer(&self) -> String {
+        format!("meshca.io/{}", self.ca)
+    }
+
+    fn config(&self) -> RunConfig {
+        let mut c = RunConfig::new(self.store.clone() as Arc<dyn Store>);
+        c.cas = Some(vec![self.ca.clone()]);
+        c.bundle_resync = Some(Duration::from_secs(1));
+        c
+    }
+
+    /// Starts a controller replica; returns its index.
+    fn start(&mut self, cfg: RunConfig) -> usize {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let client = self.client.clone();
+        self.tasks.push(tokio::spawn(run(client, cfg, async move {
+            let _ = rx.await;
+        })));
+        self.stops.push(tx);
+        self.tasks.len() - 1
+    }
+
+    fn csrs(&self) -> Api<CertificateSigningRequest> {
+        Api::all(self.client.clone())
+    }
+
+    async fn create_csr_as(
+        &self,
+        client: &kube::Client,
+        name: &str,
+        pem: &str,
+        signer: &str,
+        exp: Option<i32>,
+    ) -> Result<CertificateSigningRequest, kube::Error> {
+        let api: Api<CertificateSigningRequest> = Api::all(client.clone());
+        let csr: CertificateSigningRequest = serde_json::from_value(json!({
+            "apiVersion": "certificates.k8s.io/v1",
+            "kind": "CertificateSigningRequest",
+            "metadata": {"name": name, "labels": {LABEL: self.ns}},
+            "spec": {
+                "request": b64(pem.as_bytes()),
+                "signerName": signer,
+                "usages": ["digital signature", "server auth", "client auth"],
+                "expirationSeconds": exp,
+            }
+        }))
+        .unwrap();
+        api.create(&PostParams::default(), &csr).await
+    }
+
+    async fn create_csr(
+        &self,
+        name: &str,
+        pem: &str,
+        signer: &str,
+        exp: Option<i32>,
+    ) -> CertificateSigningRequest {
+        self.create_csr_as(&self.client, name, pem, signer, exp)
+            .await
+            .expect("create CSR")
+    }
+
+    async fn decide(&self, name: &str, ty: &str) {
+        let patch = json!({"status": {"conditions": [{
+            "type": ty, "status": "True", "reason": "E2ETest", "message": "decided by the e2e test",
+        }]}});
+        self.csrs()
+            .patch_approval(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .expect("approval");
+    }
+
+    async fn wait_csr(
+        &self,
+        name: &str,
+        what: &str,
+        timeout: Duration,
+        f: impl Fn(&CertificateSigningRequest) -> bool,
+    ) -> CertificateSigningRequest {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.csrs().get(name).await.expect("get CSR");
+            if f(&c) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "CSR {name}: timed out waiting for {what}: {:?}",
+                c.status
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    async fn wait_signed(&self, name: &str) -> Vec<u8> {
+        let c = self
+            .wait_csr(name, "a certificate", Duration::from_secs(60), |c| {
+                certificate(c).is_some()
+            })
+            .await;
+        certificate(&c).unwrap()
+    }
+
+    async fn cleanup(mut self) {
+        for s in self.stops.drain(..) {
+            let _ = s.send(());
+        }
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+        let lp = ListParams::default().labels(&format!("{LABEL}={}", self.ns));
+        let _ = self
+            .csrs()
+            .delete_collection(&DeleteParams::default(), &lp)
+            .await;
+        for (kind, name) in &self.cluster_objects {
+            let dp = DeleteParams::default();
+            let _ = match kind.as_str() {
+                "ClusterRole" => {
+                    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(self.client.clone())
+                        .delete(name, &dp)
+                        .await
+                        .map(|_| ())
+                }
+                _ => {
+                    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(self.client.clone())
+                        .delete(name, &dp)
+                        .await
+                        .map(|_| ())
+                }
+            };
+        }
+        let _ = Api::<Namespace>::all(self.client.clone())
+            .delete(&self.ns, &DeleteParams::default())
+            .await;
+    }
+}
+
+fn certificate(c: &CertificateSigningRequest) -> Option<Vec<u8>> {
+    c.status
+        .as_ref()?
+        .certificate
+        .as_ref()
+        .map(|b| b.0.clone())
+        .filter(|b| !b.is_empty())
+}
+
+fn condition<'a>(
+    c: &'a CertificateSigningRequest,
+    ty: &str,
+) -> Option<&'a k8s_openapi::api::certificates::v1::CertificateSigningRequestCondition> {
+    c.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|x| x.type_ == ty)
+}
+
+fn csr_pem(sans: &[&str]) -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.subject_alt_names = sans
+        .iter()
+        .map(|s| {
+            if s.starts_with("spiffe://") {
+                rcgen::SanType::URI(s.to_string().try_into().unwrap())
+            } else {
+                rcgen::SanType::DnsName(s.to_string().try_into().unwrap())
+            }
+        })
+        .collect();
+    p.serialize_request(&key).unwrap().pem().unwrap()
+}
+
+fn openssl_verify(ca_pem: &[u8], chain_pem: &[u8]) -> String {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("ca.pem"), ca_pem).unwrap();
+    std::fs::write(d.path().join("chain.pem"), chain_pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            "ca.pem",
+            "-untrusted",
+            "chain.pem",
+            "chain.pem",
+        ])
+        .current_dir(d.path())
+        .output()
+        .expect("openssl");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+async fn ca_crt_from_secret(env: &Env) -> Vec<u8> {
+    let s: Secret = Api::namespaced(env.client.clone(), &env.ns)
+        .get(&ca_secret_name(&env.ca))
+        .await
+        .unwrap();
+    s.data.unwrap()["ca.crt"].0.clone()
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn approved_csr_is_signed_and_verifies_with_openssl() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    env.start(env.config());
+    let name = format!("{}-ok", env.ns);
+    env.create_csr(
+        &name,
+        &csr_pem(&["spiffe://cluster.local/ns/app/sa/web", "web.app.svc"]),
+        &env.signer(),
+        Some(3600),
+    )
+    .await;
+    env.decide(&name, "Approved").await;
+    let chain = env.wait_signed(&name).await;
+    let ca = ca_crt_from_secret(&env).await;
+    let out = openssl_verify(&ca, &chain);
+    let certs = meshca::pemutil::parse_certs(&chain, "status.certificate").unwrap();
+    let info = meshca::x509::CertInfo::from_der(&certs[0]).unwrap();
+    env.cleanup().await;
+    assert!(out.contains("chain.pem: OK"), "{out}");
+    assert_eq!(info.sans.uri, vec!["spiffe://cluster.local/ns/app/sa/web"]);
+    let life = info.not_after - info.not_before;
+    assert!(
+        life <= time::Duration::seconds(3600 + 600),
+        "expirationSeconds honoured: {life}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn pending_denied_and_unknown_ca_csrs_are_left_alone() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    env.start(env.config());
+    let pem = csr_pem(&["web.app.svc"]);
+    let (pending, denied, unknown, control) = (
+        format!("{}-pending", env.ns),
+        format!("{}-denied", env.ns),
+        format!("{}-unknown", env.ns),
+        format!("{}-control", env.ns),
+    );
+    env.create_csr(&pending, &pem, &env.signer(), None).await;
+    env.create_csr(&denied, &pem, &env.signer(), None).await;
+    env.decide(&denied, "Denied").await;
+    env.create_csr(
+        &unknown,
+        &pem,
+        &format!("meshca.io/{}-nobody", env.ca),
+        None,
+    )
+    .await;
+    env.decide(&unknown, "Approved").await;
+    // The control CSR, created last, proves the controller has seen the others.
+    env.create_csr(&control, &pem, &env.signer(), None).await;
+    env.decide(&control, "Approved").await;
+    env.wait_signed(&control).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut results = BTreeMap::new();
+    for n in [&pending, &denied, &unknown] {
+        let c = env.csrs().get(n).await.unwrap();
+        results.insert(
+            n.clone(),
+            (certificate(&c).is_some(), condition(&c, "Failed").is_some()),
+        );
+    }
+    env.cleanup().await;
+    for (n, (cert, failed)) in results {
+        assert!(
+            !cert && !failed,
+            "{n} was touched: certificate={cert} failed={failed}"
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn bad_input_fails_or_is_rejected_with_reasons() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(
+        &kc,
+        Policy {
+            max_ttl: Duration::from_secs(3600),
+            allow_ip_sans: false,
+            ..Policy::default()
+        },
+    )
+    .await;
+    env.start(env.config());
+    // The API server itself refuses a garbage request and expirationSeconds under 600.
+    let e = env
+        .create_csr_as(
+            &env.client,
+            &format!("{}-garbage", env.ns),
+            "garbage",
+            &env.signer(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(meshca::kube::api_code(&e), Some(422), "{e}");
+    let e = env
+        .create_csr_as(
+            &env.client,
+            &format!("{}-short", env.ns),
+            &csr_pem(&["a.example.com"]),
+            &env.signer(),
+            Some(599),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(meshca::kube::api_code(&e), Some(422), "{e}");
+    // What reaches the signer gets a Failed condition naming the problem.
+    let d = tempfile::tempdir().unwrap();
+    let rsa = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:1024",
+            "-nodes",
+            "-subj",
+            "/CN=x",
+            "-addext",
+            "subjectAltName=DNS:a.example.com",
+            "-keyout",
+        ])
+        .arg(d.path().join("k.pem"))
+        .output()
+        .expect("openssl");
+    let cases = [
+        (
+            "rsa1024",
+            String::from_utf8(rsa.stdout).unwrap(),
+            None,
+            "1024 bits",
+        ),
+        (
+            "wildcard",
+            csr_pem(&["*.example.com"]),
+            None,
+            "wildcard DNS name *.example.com",
+        ),
+        (
+            "ttl",
+            csr_pem(&["a.example.com"]),
+            Some(7200),
+            "over the maximum",
+        ),
+    ];
+    for (suffix, pem, exp, _) in &cases {
+        let n = format!("{}-{suffix}", env.ns);
+        env.create_csr(&n, pem, &env.signer(), *exp).await;
+        env.decide(&n, "Approved").await;
+    }
+    let mut failures = Vec::new();
+    for (suffix, _, _, needle) in &cases {
+        let n = format!("{}-{suffix}", env.ns);
+        let c = env
+            .wait_csr(&n, "a Failed condition", Duration::from_secs(60), |c| {
+                condition(c, "Failed").is_some()
+            })
+            .await;
+        let f = condition(&c, "Failed").unwrap();
+        failures.push((
+            suffix.to_string(),
+            f.reason.clone().unwrap_or_default(),
+            f.message.clone().unwrap_or_default(),
+            needle.to_string(),
+            certificate(&c).is_some(),
+        ));
+    }
+    env.cleanup().await;
+    for (suffix, reason, message, needle, cert) in failures {
+        assert!(!cert, "{suffix}: signed anyway");
+        assert!(reason.starts_with("Meshca"), "{suffix}: reason {reason}");
+        assert!(
+            message.contains(&needle),
+            "{suffix}: {message:?} lacks {needle:?}"
+        );
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn auto_approve_denies_another_accounts_spiffe_id_and_approves_its_own() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut cfg = env.config();
+    cfg.signer.auto_approve = true;
+    env.start(cfg);
+    // A service account allowed to create CSRs, and a client that authenticates as it.
+    let sa_api: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    sa_api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "blue"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let role = format!("{}-csr-creator", env.ns);
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": role},
+            "rules": [{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]}]
+        })).unwrap())
+        .await
+        .unwrap();
+    env.cluster_objects
+        .push(("ClusterRole".into(), role.clone()));
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.client.clone())
+        .create(&PostParams::default(), &serde_json::from_value(json!({
+            "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": "blue", "namespace": env.ns}]
+        })).unwrap())
+        .await
+        .unwrap();
+    env.cluster_objects
+        .push(("ClusterRoleBinding".into(), role.clone()));
+    let tr = sa_api
+        .create_token_request(
+            "blue",
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": {"expirationSeconds": 600}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let token = tr.status.unwrap().token;
+    let mut config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&kc).unwrap(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    config.auth_info = Default::default();
+    config.auth_info.token = Some(token.into());
+    let sa_client = kube::Client::try_from(config).unwrap();
+
+    let td = "cluster.local";
+    let other = format!("{}-other", env.ns);
+    let own = format!("{}-own", env.ns);
+    // RBAC may take a moment to apply.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match env
+            .create_csr_as(
+                &sa_client,
+                &other,
+                &csr_pem(&[&format!("spiffe://{td}/ns/{}/sa/green", env.ns)]),
+                &env.signer(),
+                None,
+            )
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if meshca::kube::api_code(&e) == Some(403) && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("create CSR as the service account: {e}"),
+        }
+    }
+    env.create_csr_as(
+        &sa_client,
+        &own,
+        &csr_pem(&[
+            &format!("spiffe://{td}/ns/{}/sa/blue", env.ns),
+            &format!("blue.{}.svc", env.ns),
+        ]),
+        &env.signer(),
+        None,
+    )
+    .await
+    .unwrap();
+    let denied = env
+        .wait_csr(&other, "Denied", Duration::from_secs(60), |c| {
+            condition(c, "Denied").is_some()
+        })
+        .await;
+    let chain = env.wait_signed(&own).await;
+    let approved = env.csrs().get(&own).await.unwrap();
+    let ca = ca_crt_from_secret(&env).await;
+    env.cleanup().await;
+    let d = condition(&denied, "Denied").unwrap();
+    assert_eq!(d.reason.as_deref(), Some("MeshcaPolicyDenied"));
+    assert!(
+        d.message.as_deref().unwrap_or("").contains("/sa/green"),
+        "{:?}",
+        d.message
+    );
+    assert!(certificate(&denied).is_none());
+    assert_eq!(
+        condition(&approved, "Approved").unwrap().reason.as_deref(),
+        Some("MeshcaPolicyApproved")
+    );
+    assert!(openssl_verify(&ca, &chain).contains("OK"));
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn managed_secret_is_filled_and_renewed() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut cfg = env.config();
+    cfg.managed_namespaces = vec![env.ns.clone()];
+    env.start(cfg);
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    api.create(&PostParams::default(), &serde_json::from_value(json!({
+        "metadata": {"name": "web-tls", "annotations": {
+            "meshca.io/ca": env.ca, "meshca.io/dns-names": "web.app.svc", "meshca.io/ttl": "30s",
+            "meshca.io/spiffe-id": format!("spiffe://cluster.local/ns/{}/sa/web", env.ns),
+        }},
+        "type": "kubernetes.io/tls",
+        "data": {"tls.crt": "", "tls.key": ""},
+    })).unwrap())
+    .await
+    .unwrap();
+    let serial = |s: &Secret| -> Option<String> {
+        let crt = s.data.as_ref()?.get("tls.crt")?.0.clone();
+        let certs = meshca::pemutil::parse_certs(&crt, "tls.crt").ok()?;
+        Some(meshca::x509::CertInfo::from_der(&certs[0]).ok()?.serial)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (first, s1) = loop {
+        let s = api.get("web-tls").await.unwrap();
+        if let Some(x) = serial(&s) {
+            break (x, s);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "managed Secret never filled: {:?}",
+            s.metadata.annotations
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // 2/3 of 30 s: renewed after about 20 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let second = loop {
+        let s = api.get("web-tls").await.unwrap();
+        if let Some(x) = serial(&s).filter(|x| *x != first) {
+            break x;
+        }
+        assert!(Instant::now() < deadline, "managed Secret never renewed");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let data = s1.data.clone().unwrap();
+    let ca = ca_crt_from_secret(&env).await;
+    env.cleanup().await;
+    assert_ne!(first, second);
+    assert_eq!(data["ca.crt"].0, ca);
+    assert!(openssl_verify(&ca, &data["tls.crt"].0).contains("OK"));
+    let key = meshca::key::PrivateKey::from_pem(
+        std::str::from_utf8(&data["tls.key"].0).unwrap(),
+        "tls.key",
+    )
+    .unwrap();
+    let certs = meshca::pemutil::parse_certs(&data["tls.crt"].0, "tls.crt").unwrap();
+    assert_eq!(
+        key.public_key_der(),
+        meshca::x509::CertInfo::from_der(&certs[0])
+            .unwrap()
+            .spki_der
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn bundle_configmap_is_published_and_follows_membership() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    let second = format!("{}-b", env.ca);
+    let ca2 = create_root(&CaSpec::root(&second), time::OffsetDateTime::now_utc()).unwrap();
+    env.store.save_ca(&ca2, false).await.unwrap();
+    let name = format!("b{}", unique());
+    env.store
+        .save_bundle(&BundleSpec {
+            name: name.clone(),
+            cas: vec![env.ca.clone()],
+            file: None,
+            namespaces: vec![env.ns.clone()],
+        })
+        .await
+        .unwrap();
+    env.start(env.config());
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let count = |cm: &ConfigMap| {
+        cm.data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .map(|p| p.matches("BEGIN CERTIFICATE").count())
+            .unwrap_or(0)
+    };
+    let wait = |want: usize| {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(cm) = api.get_opt(&format!("{name}-trust-bundle")).await.unwrap() {
+                    if count(&cm) == want {
+                        return cm;
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "bundle ConfigMap never had {want} certificates"
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let one = wait(1).await;
+    env.store
+        .save_bundle(&BundleSpec {
+            name: name.clone(),
+            cas: vec![env.ca.clone(), second.clone()],
+            file: None,
+            namespaces: vec![env.ns.clone()],
+        })
+        .await
+        .unwrap();
+    let two = wait(2).await;
+    let ca = ca_crt_from_secret(&env).await;
+    env.cleanup().await;
+    assert_eq!(one.data.unwrap()["ca.crt"].as_bytes(), &ca[..]);
+    assert_eq!(one.metadata.labels.unwrap()["meshca.io/bundle"], name);
+    assert!(two.data.unwrap()["ca.crt"].contains(&String::from_utf8(ca).unwrap()));
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn two_replicas_one_leader_and_no_double_signing_after_the_leader_dies() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    let lease = format!("{}-lease", env.ca);
+    let metrics = [Arc::new(Metrics::new()), Arc::new(Metrics::new())];
+    for (i, m) in metrics.iter().enumerate() {
+        let mut cfg = env.config();
+        let mut lc = LeaderConfig::new(env.ns.clone(), format!("replica-{i}"));
+        lc.lease_name = lease.clone();
+        cfg.leader = Some(lc);
+        cfg.metrics = Some(m.clone());
+        env.start(cfg);
+    }
+    // Exactly one leads, and keeps leading.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metrics.iter().map(|m| m.leader.get()).sum::<i64>() != 1 {
+        assert!(Instant::now() < deadline, "no leader elected");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(
+            metrics.iter().map(|m| m.leader.get()).sum::<i64>(),
+            1,
+            "two leaders at once"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader = metrics.iter().position(|m| m.leader.get() == 1).unwrap();
+    let holder = Api::<Lease>::namespaced(env.client.clone(), &env.ns)
+        .get(&lease)
+        .await
+        .unwrap();
+    assert_eq!(
+        holder.spec.unwrap().holder_identity.as_deref(),
+        Some(format!("replica-{leader}").as_str())
+    );
+
+    // A burst of approved CSRs; kill the leader (no Lease release) while it works on them.
+    let n = 30;
+    let pem = csr_pem(&["web.app.svc"]);
+    let names: Vec<String> = (0..n).map(|i| format!("{}-ha-{i}", env.ns)).collect();
+    for name in &names {
+        env.create_csr(name, &pem, &env.signer(), None).await;
+        env.decide(name, "Approved").await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics[leader].csrs_signed.get() == 0 {
+        assert!(Instant::now() < deadline, "leader signed nothing");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    env.tasks[leader].abort();
+    let follower = 1 - leader;
+    for name in &names {
+        // Takeover waits for the Lease to expire (15 s).
+        env.wait_csr(name, "a certificate", Duration::from_secs(90), |c| {
+            certificate(c).is_some()
+        })
+        .await;
+    }
+    let signed = [metrics[0].csrs_signed.get(), metrics[1].csrs_signed.get()];
+    let follower_led = metrics[follower].leader.get();
+    env.cleanup().await;
+    assert_eq!(follower_led, 1, "the follower took over");
+    // Every CSR has a certificate (checked above). Each accepted write is counted, so more
+    // accepted writes than CSRs would mean a CSR was signed twice. (An aborted leader may lose
+    // the count of a write the server accepted just before the abort, hence `<=`.)
+    assert!(
+        signed[0] + signed[1] <= n as u64,
+        "a CSR was signed twice: {signed:?}"
+    );
+    assert!(
+        signed[follower] >= 1,
+        "the follower signed the rest: {signed:?}"
+    );
+}
