@@ -7,11 +7,13 @@
 //! - connections: opens N concurrent `StreamSecrets` (or `DeltaSecrets`) streams spread over
 //!   several HTTP/2 connections, ACKs every response, and reads the server's resident memory
 //!   (VmRSS) before and after: memory per stream;
+//! - churn (`--churn K`): K times, a new connection, one stream, the first secret, then the
+//!   client vanishes; twice, with the server's RSS after each batch (a leak shows as growth);
 //! - rotation: sends SIGHUP (forced renewal) and times until every stream has the new
 //!   certificate (p50, p99, all), several rounds.
 //!
 //! ```text
-//! meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--delta]
+//! meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--churn 5000] [--delta]
 //! ```
 #![forbid(unsafe_code)]
 
@@ -42,10 +44,11 @@ struct Opts {
     rounds: usize,
     delta: bool,
     cold: usize,
+    churn: usize,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--delta]");
+    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--churn 0] [--delta]");
     std::process::exit(1)
 }
 
@@ -56,6 +59,7 @@ fn parse_opts() -> Opts {
         rounds: 3,
         delta: false,
         cold: 300,
+        churn: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -70,6 +74,7 @@ fn parse_opts() -> Opts {
             "--per-conn" => o.per_conn = val().parse().unwrap_or_else(|_| usage()),
             "--rounds" => o.rounds = val().parse().unwrap_or_else(|_| usage()),
             "--cold" => o.cold = val().parse().unwrap_or_else(|_| usage()),
+            "--churn" => o.churn = val().parse().unwrap_or_else(|_| usage()),
             "--delta" => o.delta = true,
             _ => usage(),
         }
@@ -184,10 +189,10 @@ async fn open_stream(
     delta: bool,
     slot: usize,
     board: Option<Arc<Board>>,
-) -> Result<Duration, String> {
+) -> Result<(Duration, tokio::task::JoinHandle<()>), String> {
     let (tx_first, rx_first) = tokio::sync::oneshot::channel();
     let start = Instant::now();
-    if delta {
+    let reader = if delta {
         let (tx, rx) = mpsc::channel(4);
         tx.send(DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
@@ -219,7 +224,7 @@ async fn open_stream(
                     break;
                 }
             }
-        });
+        })
     } else {
         let (tx, rx) = mpsc::channel(4);
         tx.send(sotw_req(&["default"], "", ""))
@@ -247,12 +252,13 @@ async fn open_stream(
                     break;
                 }
             }
-        });
-    }
-    tokio::time::timeout(Duration::from_secs(60), rx_first)
+        })
+    };
+    let first = tokio::time::timeout(Duration::from_secs(60), rx_first)
         .await
         .map_err(|_| "no first secret within 60 s".to_string())?
-        .map_err(|_| "stream ended before the first secret".to_string())
+        .map_err(|_| "stream ended before the first secret".to_string())?;
+    Ok((first, reader))
 }
 
 struct ChildGuard(Child);
@@ -348,7 +354,23 @@ async fn run(opts: Opts) {
             drop(tx);
         }
         cold.sort();
+        drop(ch);
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut churn_rss = vec![rss_kib(pid)];
+        let t_churn = Instant::now();
+        for _ in 0..2 {
+            for _ in 0..opts.churn {
+                let c = Client::new(channel(&sock).await);
+                let (_, reader) = open_stream(c, opts.delta, 0, None)
+                    .await
+                    .expect("churn stream");
+                reader.abort();
+                // Dropping the client and its connection here: the stream vanishes mid-way.
+            }
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            churn_rss.push(rss_kib(pid));
+        }
+        let churn_time = t_churn.elapsed();
         let base_rss = rss_kib(pid);
 
         // N concurrent streams.
@@ -370,7 +392,9 @@ async fn run(opts: Opts) {
             let (board, sem, delta) = (board.clone(), sem.clone(), opts.delta);
             handles.push(tokio::spawn(async move {
                 let _p = sem.acquire_owned().await.unwrap();
-                open_stream(client, delta, i, Some(board)).await
+                open_stream(client, delta, i, Some(board))
+                    .await
+                    .map(|(d, _)| d)
             }));
         }
         let mut ramp = Vec::with_capacity(n);
@@ -408,6 +432,16 @@ async fn run(opts: Opts) {
             rss as f64 / 1024.0
         );
         println!("| server RSS per stream | {:.1} KiB |", per_stream / 1024.0);
+        if opts.churn > 0 {
+            println!(
+                "| churn: 2 x {} vanishing clients (connection + stream each, {}) : RSS before / after 1st / after 2nd | {:.1} / {:.1} / {:.1} MiB |",
+                opts.churn,
+                ms(churn_time),
+                churn_rss[0] as f64 / 1024.0,
+                churn_rss[1] as f64 / 1024.0,
+                churn_rss[2] as f64 / 1024.0
+            );
+        }
 
         // Rotation fan-out rounds.
         for round in 1..=opts.rounds {
