@@ -27,17 +27,26 @@ impl BundleSpec {
     /// Validates the name, the member names and the export file name.
     pub fn validate(&self) -> Result<()> {
         validate_ca_name(&self.name).map_err(|_| {
-            Error::invalid("bundle name", format!("{:?}: use a-z, 0-9 and '-'", self.name))
+            Error::invalid(
+                "bundle name",
+                format!("{:?}: use a-z, 0-9 and '-'", self.name),
+            )
         })?;
         if self.cas.is_empty() {
-            return Err(Error::invalid("bundle", format!("{} lists no CA", self.name)));
+            return Err(Error::invalid(
+                "bundle",
+                format!("{} lists no CA", self.name),
+            ));
         }
         for c in &self.cas {
             validate_ca_name(c)?;
         }
         if let Some(f) = &self.file {
             if f.is_empty() || f.contains('/') || f.starts_with('.') {
-                return Err(Error::invalid("bundle file", format!("{f:?} must be a plain file name")));
+                return Err(Error::invalid(
+                    "bundle file",
+                    format!("{f:?} must be a plain file name"),
+                ));
             }
         }
         Ok(())
@@ -45,7 +54,9 @@ impl BundleSpec {
 
     /// The export file name.
     pub fn file_name(&self) -> String {
-        self.file.clone().unwrap_or_else(|| format!("{}_bundle.pem", self.name.replace('-', "_")))
+        self.file
+            .clone()
+            .unwrap_or_else(|| format!("{}_bundle.pem", self.name.replace('-', "_")))
     }
 
     /// The ConfigMap name the bundle is published as.
@@ -104,7 +115,12 @@ mod tests {
 
     #[test]
     fn spec_validation_and_names() {
-        let mut b = BundleSpec { name: "frontend".into(), cas: vec!["ca1".into(), "ca2".into()], file: None, namespaces: vec![] };
+        let mut b = BundleSpec {
+            name: "frontend".into(),
+            cas: vec!["ca1".into(), "ca2".into()],
+            file: None,
+            namespaces: vec![],
+        };
         b.validate().unwrap();
         assert_eq!(b.file_name(), "frontend_bundle.pem");
         b.file = Some("ca_1_ca_2_bundle.pem".into());

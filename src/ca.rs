@@ -44,7 +44,9 @@ pub enum Backend {
 pub fn validate_ca_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         && !name.starts_with('-')
         && !name.ends_with('-');
     if ok {
@@ -158,7 +160,9 @@ impl CaMaterial {
 
     /// The CA certificate followed by its parents (what `chain.pem` holds).
     pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        std::iter::once(self.cert.clone()).chain(self.parents.iter().cloned()).collect()
+        std::iter::once(self.cert.clone())
+            .chain(self.parents.iter().cloned())
+            .collect()
     }
 
     /// The intermediates a leaf signed by this CA must carry: this CA (if not a root) and
@@ -182,7 +186,10 @@ impl CaMaterial {
     pub fn validate(&self) -> Result<()> {
         let info = self.info()?;
         if !info.is_ca {
-            return Err(Error::Corrupt(format!("CA {}: certificate is not a CA certificate", self.meta.name)));
+            return Err(Error::Corrupt(format!(
+                "CA {}: certificate is not a CA certificate",
+                self.meta.name
+            )));
         }
         if let Some(key) = &self.key {
             if key.public_key_der() != info.spki_der {
@@ -207,7 +214,10 @@ pub fn create_root(spec: &CaSpec, now: OffsetDateTime) -> Result<CaMaterial> {
     validate_ca_name(&spec.name)?;
     spec.policy.validate()?;
     if spec.parent.is_some() {
-        return Err(Error::invalid("CA spec", "create_root called with a parent"));
+        return Err(Error::invalid(
+            "CA spec",
+            "create_root called with a parent",
+        ));
     }
     let validity = spec.validity.unwrap_or(DEFAULT_ROOT_VALIDITY);
     let key = spec.key.generate()?;
@@ -232,7 +242,11 @@ pub fn create_root(spec: &CaSpec, now: OffsetDateTime) -> Result<CaMaterial> {
 
 /// Creates an intermediate CA signed by a local `parent`. Its validity is capped at the
 /// parent's notAfter; the parent's path length must allow it.
-pub fn create_intermediate(spec: &CaSpec, parent: &CaMaterial, now: OffsetDateTime) -> Result<CaMaterial> {
+pub fn create_intermediate(
+    spec: &CaSpec,
+    parent: &CaMaterial,
+    now: OffsetDateTime,
+) -> Result<CaMaterial> {
     validate_ca_name(&spec.name)?;
     spec.policy.validate()?;
     let parent_key = parent.key.as_ref().ok_or_else(|| {
@@ -245,7 +259,10 @@ pub fn create_intermediate(spec: &CaSpec, parent: &CaMaterial, now: OffsetDateTi
     if pinfo.path_len == Some(0) {
         return Err(Error::invalid(
             "CA spec",
-            format!("parent CA {} has pathLen 0 and cannot sign another CA", parent.meta.name),
+            format!(
+                "parent CA {} has pathLen 0 and cannot sign another CA",
+                parent.meta.name
+            ),
         ));
     }
     let validity = spec.validity.unwrap_or(DEFAULT_INTERMEDIATE_VALIDITY);
@@ -314,13 +331,19 @@ mod tests {
         int.validate().unwrap();
         let ii = int.info().unwrap();
         assert_eq!(ii.path_len, Some(0));
-        assert!(ii.not_after <= ri.not_after, "capped at the parent's notAfter");
+        assert!(
+            ii.not_after <= ri.not_after,
+            "capped at the parent's notAfter"
+        );
         assert_eq!(ii.issuer, ri.subject);
         assert_eq!(int.root(), &root.cert);
         // pathLen 0 cannot sign another CA.
         let mut spec2 = CaSpec::root("deeper");
         spec2.parent = Some("team-a".into());
-        assert!(create_intermediate(&spec2, &int, now).unwrap_err().to_string().contains("pathLen 0"));
+        assert!(create_intermediate(&spec2, &int, now)
+            .unwrap_err()
+            .to_string()
+            .contains("pathLen 0"));
     }
 
     #[test]
@@ -337,6 +360,10 @@ mod tests {
         let mut a = create_root(&CaSpec::root("a"), now).unwrap();
         let b = create_root(&CaSpec::root("b"), now).unwrap();
         a.key = b.key;
-        assert!(a.validate().unwrap_err().to_string().contains("does not match"));
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("does not match"));
     }
 }

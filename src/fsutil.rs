@@ -125,7 +125,10 @@ mod tests {
         write_atomic(&p, b"two", KEY_MODE).unwrap();
         assert_eq!(fs::read(&p).unwrap(), b"two");
         assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
-        let names: Vec<_> = fs::read_dir(d.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "no temp files left: {names:?}");
     }
 
@@ -146,7 +149,10 @@ mod tests {
         assert!(matches!(e, Error::TooLarge { .. }), "{e}");
         fs::write(&p, b"small").unwrap();
         assert_eq!(read_limited(&p).unwrap(), b"small");
-        assert!(matches!(read_limited(&d.path().join("nope")), Err(Error::Io { .. })));
+        assert!(matches!(
+            read_limited(&d.path().join("nope")),
+            Err(Error::Io { .. })
+        ));
     }
 
     #[test]

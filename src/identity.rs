@@ -24,10 +24,9 @@ impl TrustDomain {
                 format!("{s:?} must be 1 to 255 characters"),
             ));
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')))
-        {
+        if let Some(c) = s.chars().find(|c| {
+            !(c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'))
+        }) {
             return Err(Error::invalid(
                 "trust domain",
                 format!("{s:?} contains {c:?}; only a-z, 0-9, '.', '-' and '_' are allowed"),
@@ -89,8 +88,8 @@ impl SpiffeId {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
-        let trust_domain = TrustDomain::new(td)
-            .map_err(|e| Error::invalid(WHAT, format!("{s:?}: {e}")))?;
+        let trust_domain =
+            TrustDomain::new(td).map_err(|e| Error::invalid(WHAT, format!("{s:?}: {e}")))?;
         if path.is_empty() {
             return Err(Error::invalid(
                 WHAT,
@@ -99,10 +98,16 @@ impl SpiffeId {
         }
         for seg in path[1..].split('/') {
             if seg.is_empty() {
-                return Err(Error::invalid(WHAT, format!("{s:?} has an empty path segment")));
+                return Err(Error::invalid(
+                    WHAT,
+                    format!("{s:?} has an empty path segment"),
+                ));
             }
             if seg == "." || seg == ".." {
-                return Err(Error::invalid(WHAT, format!("{s:?} has a '{seg}' path segment")));
+                return Err(Error::invalid(
+                    WHAT,
+                    format!("{s:?} has a '{seg}' path segment"),
+                ));
             }
             if let Some(c) = seg
                 .chars()
@@ -110,7 +115,9 @@ impl SpiffeId {
             {
                 return Err(Error::invalid(
                     WHAT,
-                    format!("{s:?} contains {c:?}; path segments allow a-z, A-Z, 0-9, '.', '-', '_'"),
+                    format!(
+                        "{s:?} contains {c:?}; path segments allow a-z, A-Z, 0-9, '.', '-', '_'"
+                    ),
                 ));
             }
         }
@@ -195,7 +202,10 @@ impl DnsName {
         const WHAT: &str = "DNS name";
         let lower = s.trim_end_matches('.').to_ascii_lowercase();
         if lower.is_empty() || lower.len() > 253 {
-            return Err(Error::invalid(WHAT, format!("{s:?} must be 1 to 253 characters")));
+            return Err(Error::invalid(
+                WHAT,
+                format!("{s:?} must be 1 to 253 characters"),
+            ));
         }
         for (i, label) in lower.split('.').enumerate() {
             if i == 0 && label == "*" {
@@ -312,7 +322,10 @@ mod tests {
         let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/frontend").unwrap();
         assert_eq!(id.trust_domain().as_str(), "cluster.local");
         assert_eq!(id.k8s_workload(), Some(("default", "frontend")));
-        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/frontend");
+        assert_eq!(
+            id.to_string(),
+            "spiffe://cluster.local/ns/default/sa/frontend"
+        );
         for bad in [
             "http://cluster.local/x",
             "spiffe://cluster.local",
@@ -326,7 +339,9 @@ mod tests {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} should be rejected");
         }
         assert_eq!(
-            SpiffeId::parse("spiffe://td/ns/a/sa/b/extra").unwrap().k8s_workload(),
+            SpiffeId::parse("spiffe://td/ns/a/sa/b/extra")
+                .unwrap()
+                .k8s_workload(),
             None
         );
     }
@@ -342,9 +357,21 @@ mod tests {
 
     #[test]
     fn dns_names() {
-        assert_eq!(DnsName::parse("Blue.Mesh.svc.").unwrap().as_str(), "blue.mesh.svc");
+        assert_eq!(
+            DnsName::parse("Blue.Mesh.svc.").unwrap().as_str(),
+            "blue.mesh.svc"
+        );
         assert!(DnsName::parse("*.example.com").unwrap().is_wildcard());
-        for bad in ["", "*", "a..b", "-a.b", "a-.b", "a b", "x.*.y", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "*",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b",
+            "x.*.y",
+            &"a".repeat(64),
+        ] {
             assert!(DnsName::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
@@ -357,6 +384,9 @@ mod tests {
             ips: vec!["10.0.0.1".parse().unwrap()],
         };
         s.dedup();
-        assert_eq!(s.display_list(), ["URI:spiffe://td/w", "DNS:a", "IP:10.0.0.1"]);
+        assert_eq!(
+            s.display_list(),
+            ["URI:spiffe://td/w", "DNS:a", "IP:10.0.0.1"]
+        );
     }
 }

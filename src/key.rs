@@ -76,9 +76,15 @@ impl KeyAlgorithm {
     /// Generates a fresh private key.
     pub fn generate(self) -> Result<PrivateKey> {
         let kp = match self {
-            KeyAlgorithm::Rsa2048 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048),
-            KeyAlgorithm::Rsa3072 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072),
-            KeyAlgorithm::Rsa4096 => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_4096),
+            KeyAlgorithm::Rsa2048 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_2048)
+            }
+            KeyAlgorithm::Rsa3072 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_3072)
+            }
+            KeyAlgorithm::Rsa4096 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, RsaKeySize::_4096)
+            }
             other => KeyPair::generate_for(other.signature_algorithm()),
         }
         .map_err(|e| Error::Build(format!("generating a {} key: {e}", self.name())))?;
@@ -107,7 +113,10 @@ impl FromStr for KeyAlgorithm {
             "rsa-3072" => Ok(KeyAlgorithm::Rsa3072),
             "rsa-4096" => Ok(KeyAlgorithm::Rsa4096),
             _ => {
-                if let Some(bits) = norm.strip_prefix("rsa-").and_then(|b| b.parse::<usize>().ok()) {
+                if let Some(bits) = norm
+                    .strip_prefix("rsa-")
+                    .and_then(|b| b.parse::<usize>().ok())
+                {
                     if bits < MIN_RSA_BITS {
                         return Err(Error::invalid(
                             "key algorithm",
@@ -164,8 +173,12 @@ impl PublicKeyKind {
     /// Classifies a parsed SubjectPublicKeyInfo.
     pub fn of(spki: &SubjectPublicKeyInfo<'_>) -> PublicKeyKind {
         match spki.parsed() {
-            Ok(PublicKey::RSA(rsa)) => PublicKeyKind::Rsa { bits: rsa.key_size() },
-            Ok(PublicKey::EC(ec)) => PublicKeyKind::Ecdsa { bits: ec.key_size() },
+            Ok(PublicKey::RSA(rsa)) => PublicKeyKind::Rsa {
+                bits: rsa.key_size(),
+            },
+            Ok(PublicKey::EC(ec)) => PublicKeyKind::Ecdsa {
+                bits: ec.key_size(),
+            },
             _ if spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519 => {
                 PublicKeyKind::Ed25519
             }
@@ -213,11 +226,12 @@ impl PrivateKey {
             reason: "not a readable private key (expected PKCS#8, SEC1 or PKCS#1 PEM)".into(),
         })?;
         let spki_der = kp.subject_public_key_info();
-        let (_, spki) = <SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(&spki_der)
-            .map_err(|_| Error::Pem {
-                source_name: source_name.to_string(),
-                reason: "private key has an unreadable public half".into(),
-            })?;
+        let (_, spki) =
+            <SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(&spki_der)
+                .map_err(|_| Error::Pem {
+                    source_name: source_name.to_string(),
+                    reason: "private key has an unreadable public half".into(),
+                })?;
         let kind = PublicKeyKind::of(&spki);
         if let PublicKeyKind::Rsa { bits } = kind {
             if bits < MIN_RSA_BITS {
@@ -230,7 +244,10 @@ impl PrivateKey {
         let algorithm = kind.algorithm().ok_or_else(|| {
             Error::invalid("key", format!("{source_name}: unsupported key type {kind}"))
         })?;
-        Ok(PrivateKey { inner: kp, algorithm })
+        Ok(PrivateKey {
+            inner: kp,
+            algorithm,
+        })
     }
 
     /// The algorithm of this key.
@@ -279,7 +296,12 @@ mod tests {
 
     #[test]
     fn generated_keys_reload_with_the_same_algorithm_and_debug_is_redacted() {
-        for a in [KeyAlgorithm::EcdsaP256, KeyAlgorithm::EcdsaP384, KeyAlgorithm::Ed25519, KeyAlgorithm::Rsa2048] {
+        for a in [
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::EcdsaP384,
+            KeyAlgorithm::Ed25519,
+            KeyAlgorithm::Rsa2048,
+        ] {
             let k = a.generate().unwrap();
             let pem = k.to_pkcs8_pem();
             let back = PrivateKey::from_pem(&pem, "test").unwrap();
@@ -294,9 +316,12 @@ mod tests {
 
     #[test]
     fn garbage_key_error_does_not_echo_input() {
-        let e = PrivateKey::from_pem("-----BEGIN PRIVATE KEY-----\nc2VjcmV0c2VjcmV0\n-----END PRIVATE KEY-----\n", "k.pem")
-            .unwrap_err()
-            .to_string();
+        let e = PrivateKey::from_pem(
+            "-----BEGIN PRIVATE KEY-----\nc2VjcmV0c2VjcmV0\n-----END PRIVATE KEY-----\n",
+            "k.pem",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("k.pem:"), "{e}");
         assert!(!e.contains("c2VjcmV0"));
     }

@@ -64,7 +64,10 @@ pub fn certs_to_pem<'a>(certs: impl IntoIterator<Item = &'a CertificateDer<'a>>)
         .into_iter()
         .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref().to_vec()))
         .collect();
-    pem::encode_many_config(&blocks, pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF))
+    pem::encode_many_config(
+        &blocks,
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
 }
 
 /// SHA-256 of DER bytes as lower-case hex with `:` separators (the openssl style).
@@ -95,18 +98,33 @@ mod tests {
     fn garbage_and_wrong_blocks_are_rejected_by_name() {
         let e = parse_certs(b"hello", "x.pem").unwrap_err().to_string();
         assert_eq!(e, "x.pem: no PEM block found");
-        let e = parse_certs(b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", "x.pem")
-            .unwrap_err()
-            .to_string();
+        let e = parse_certs(
+            b"-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+            "x.pem",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("malformed PEM"), "{e}");
-        let e = parse_certs(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "x.pem")
-            .unwrap_err()
-            .to_string();
+        let e = parse_certs(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+            "x.pem",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("not valid X.509"), "{e}");
-        let e = parse_certs(b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n", "x.pem")
+        let e = parse_certs(
+            b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+            "x.pem",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("expected CERTIFICATE") && !e.contains("AAAA"),
+            "{e}"
+        );
+        assert!(parse_certs(&[0xff, 0xfe], "b")
             .unwrap_err()
-            .to_string();
-        assert!(e.contains("expected CERTIFICATE") && !e.contains("AAAA"), "{e}");
-        assert!(parse_certs(&[0xff, 0xfe], "b").unwrap_err().to_string().contains("UTF-8"));
+            .to_string()
+            .contains("UTF-8"));
     }
 }

@@ -103,17 +103,26 @@ pub struct PolicyRequest<'a> {
 
 impl Policy {
     /// Checks a request. On success returns the TTL to issue with.
-    pub fn check(&self, ca: &str, trust_domain: &TrustDomain, req: &PolicyRequest<'_>) -> Result<Duration> {
+    pub fn check(
+        &self,
+        ca: &str,
+        trust_domain: &TrustDomain,
+        req: &PolicyRequest<'_>,
+    ) -> Result<Duration> {
         let deny = |reason: String| Error::PolicyDenied {
             ca: ca.to_string(),
             reason,
         };
         if req.wants_ca {
-            return Err(deny("the request asks for CA:TRUE; meshca issues only end-entity certificates".into()));
+            return Err(deny(
+                "the request asks for CA:TRUE; meshca issues only end-entity certificates".into(),
+            ));
         }
         match req.key {
             PublicKeyKind::Rsa { bits } if bits < MIN_RSA_BITS => {
-                return Err(deny(format!("RSA key of {bits} bits is under the {MIN_RSA_BITS}-bit minimum")))
+                return Err(deny(format!(
+                    "RSA key of {bits} bits is under the {MIN_RSA_BITS}-bit minimum"
+                )))
             }
             PublicKeyKind::Other => return Err(deny("unsupported public key type".into())),
             _ => {}
@@ -127,7 +136,11 @@ impl Policy {
                 return Err(deny(format!(
                     "key type {} is not one of the allowed {}",
                     req.key,
-                    self.allowed_key_algorithms.iter().map(|a| a.name()).collect::<Vec<_>>().join(", ")
+                    self.allowed_key_algorithms
+                        .iter()
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )));
             }
         }
@@ -143,7 +156,9 @@ impl Policy {
             )));
         }
         if req.sans.is_empty() {
-            return Err(deny("the request has no SAN (give a SPIFFE ID, DNS name or IP)".into()));
+            return Err(deny(
+                "the request has no SAN (give a SPIFFE ID, DNS name or IP)".into(),
+            ));
         }
         if self.require_spiffe_id && req.sans.spiffe_id.is_none() {
             return Err(deny("this CA requires a SPIFFE ID".into()));
@@ -156,7 +171,11 @@ impl Policy {
             (None, Some((ns, sa))) => (Some(ns), Some(sa)),
             (None, None) => (None, None),
         };
-        let vars = Vars { ns, sa, td: trust_domain.as_str() };
+        let vars = Vars {
+            ns,
+            sa,
+            td: trust_domain.as_str(),
+        };
 
         if let Some(id) = &req.sans.spiffe_id {
             if id.trust_domain() != trust_domain {
@@ -165,7 +184,8 @@ impl Policy {
                 )));
             }
             if let Some(r) = req.requester {
-                let expected = SpiffeId::for_service_account(trust_domain, &r.namespace, &r.service_account)?;
+                let expected =
+                    SpiffeId::for_service_account(trust_domain, &r.namespace, &r.service_account)?;
                 if *id != expected {
                     return Err(deny(format!(
                         "SPIFFE ID {id} does not belong to requester system:serviceaccount:{}:{} (expected {expected})",
@@ -174,7 +194,10 @@ impl Policy {
                 }
             }
             if !self.allowed_spiffe_ids.is_empty()
-                && !self.allowed_spiffe_ids.iter().any(|p| spiffe_matches(p, id, &vars))
+                && !self
+                    .allowed_spiffe_ids
+                    .iter()
+                    .any(|p| spiffe_matches(p, id, &vars))
             {
                 return Err(deny(format!("SPIFFE ID {id} matches no allowed pattern")));
             }
@@ -183,7 +206,12 @@ impl Policy {
             if d.is_wildcard() && !self.allow_wildcard_dns {
                 return Err(deny(format!("wildcard DNS name {d} is not allowed")));
             }
-            if !self.allowed_dns.is_empty() && !self.allowed_dns.iter().any(|p| dns_matches(p, d.as_str(), &vars)) {
+            if !self.allowed_dns.is_empty()
+                && !self
+                    .allowed_dns
+                    .iter()
+                    .any(|p| dns_matches(p, d.as_str(), &vars))
+            {
                 return Err(deny(format!("DNS name {d} matches no allowed pattern")));
             }
         }
@@ -202,12 +230,18 @@ impl Policy {
         }
         for p in &self.allowed_spiffe_ids {
             if !p.starts_with("spiffe://") {
-                return Err(Error::invalid("policy", format!("SPIFFE pattern {p:?} must start with spiffe://")));
+                return Err(Error::invalid(
+                    "policy",
+                    format!("SPIFFE pattern {p:?} must start with spiffe://"),
+                ));
             }
         }
         for p in &self.allowed_dns {
             if p.is_empty() || p.contains(char::is_whitespace) {
-                return Err(Error::invalid("policy", format!("DNS pattern {p:?} is empty or has spaces")));
+                return Err(Error::invalid(
+                    "policy",
+                    format!("DNS pattern {p:?} is empty or has spaces"),
+                ));
             }
         }
         Ok(())
@@ -275,7 +309,11 @@ mod tests {
         }
     }
 
-    fn req<'a>(s: &'a Sans, ttl: Option<Duration>, requester: Option<&'a Requester>) -> PolicyRequest<'a> {
+    fn req<'a>(
+        s: &'a Sans,
+        ttl: Option<Duration>,
+        requester: Option<&'a Requester>,
+    ) -> PolicyRequest<'a> {
         PolicyRequest {
             sans: s,
             ttl,
@@ -293,12 +331,20 @@ mod tests {
     fn default_policy_allows_own_trust_domain_and_caps_ttl() {
         let p = Policy::default();
         let s = sans(Some("spiffe://cluster.local/ns/a/sa/b"), &["b.a.svc"]);
-        assert_eq!(p.check("ca1", &td(), &req(&s, None, None)).unwrap(), DEFAULT_TTL);
-        let e = p.check("ca1", &td(), &req(&s, Some(DEFAULT_MAX_TTL * 2), None)).unwrap_err();
+        assert_eq!(
+            p.check("ca1", &td(), &req(&s, None, None)).unwrap(),
+            DEFAULT_TTL
+        );
+        let e = p
+            .check("ca1", &td(), &req(&s, Some(DEFAULT_MAX_TTL * 2), None))
+            .unwrap_err();
         assert!(e.to_string().contains("over the maximum"), "{e}");
         let other = sans(Some("spiffe://evil.org/ns/a/sa/b"), &[]);
         let e = p.check("ca1", &td(), &req(&other, None, None)).unwrap_err();
-        assert!(e.to_string().contains("outside the CA's trust domain"), "{e}");
+        assert!(
+            e.to_string().contains("outside the CA's trust domain"),
+            "{e}"
+        );
         let empty = Sans::default();
         assert!(p.check("ca1", &td(), &req(&empty, None, None)).is_err());
     }
@@ -309,13 +355,28 @@ mod tests {
         let s = sans(None, &["a.example.com"]);
         let mut r = req(&s, None, None);
         r.wants_ca = true;
-        assert!(p.check("c", &td(), &r).unwrap_err().to_string().contains("CA:TRUE"));
+        assert!(p
+            .check("c", &td(), &r)
+            .unwrap_err()
+            .to_string()
+            .contains("CA:TRUE"));
         let mut r = req(&s, None, None);
         r.key = PublicKeyKind::Rsa { bits: 1024 };
-        assert!(p.check("c", &td(), &r).unwrap_err().to_string().contains("1024 bits"));
+        assert!(p
+            .check("c", &td(), &r)
+            .unwrap_err()
+            .to_string()
+            .contains("1024 bits"));
         let w = sans(None, &["*.example.com"]);
-        assert!(p.check("c", &td(), &req(&w, None, None)).unwrap_err().to_string().contains("wildcard"));
-        let p2 = Policy { allow_wildcard_dns: true, ..Policy::default() };
+        assert!(p
+            .check("c", &td(), &req(&w, None, None))
+            .unwrap_err()
+            .to_string()
+            .contains("wildcard"));
+        let p2 = Policy {
+            allow_wildcard_dns: true,
+            ..Policy::default()
+        };
         assert!(p2.check("c", &td(), &req(&w, None, None)).is_ok());
     }
 
@@ -323,18 +384,37 @@ mod tests {
     fn patterns_and_templates() {
         let p = Policy {
             allowed_spiffe_ids: vec!["spiffe://{td}/ns/{ns}/sa/{sa}".into()],
-            allowed_dns: vec!["{sa}.{ns}.svc".into(), "{sa}.{ns}.svc.cluster.local".into(), "**.mesh.example".into()],
+            allowed_dns: vec![
+                "{sa}.{ns}.svc".into(),
+                "{sa}.{ns}.svc.cluster.local".into(),
+                "**.mesh.example".into(),
+            ],
             ..Policy::default()
         };
-        let ok = sans(Some("spiffe://cluster.local/ns/app/sa/blue"), &["blue.app.svc", "x.y.mesh.example"]);
+        let ok = sans(
+            Some("spiffe://cluster.local/ns/app/sa/blue"),
+            &["blue.app.svc", "x.y.mesh.example"],
+        );
         assert!(p.check("c", &td(), &req(&ok, None, None)).is_ok());
-        let bad = sans(Some("spiffe://cluster.local/ns/app/sa/blue"), &["green.app.svc"]);
-        let e = p.check("c", &td(), &req(&bad, None, None)).unwrap_err().to_string();
+        let bad = sans(
+            Some("spiffe://cluster.local/ns/app/sa/blue"),
+            &["green.app.svc"],
+        );
+        let e = p
+            .check("c", &td(), &req(&bad, None, None))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("green.app.svc"), "{e}");
         let bare = sans(None, &["mesh.example"]);
-        assert!(p.check("c", &td(), &req(&bare, None, None)).is_err(), "** needs at least one label");
+        assert!(
+            p.check("c", &td(), &req(&bare, None, None)).is_err(),
+            "** needs at least one label"
+        );
         let no_id = sans(None, &["blue.app.svc"]);
-        assert!(p.check("c", &td(), &req(&no_id, None, None)).is_err(), "templates need a bound identity");
+        assert!(
+            p.check("c", &td(), &req(&no_id, None, None)).is_err(),
+            "templates need a bound identity"
+        );
     }
 
     #[test]
@@ -344,7 +424,10 @@ mod tests {
         let own = sans(Some("spiffe://cluster.local/ns/app/sa/blue"), &[]);
         assert!(p.check("c", &td(), &req(&own, None, Some(&r))).is_ok());
         let other = sans(Some("spiffe://cluster.local/ns/app/sa/green"), &[]);
-        let e = p.check("c", &td(), &req(&other, None, Some(&r))).unwrap_err().to_string();
+        let e = p
+            .check("c", &td(), &req(&other, None, Some(&r)))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not belong to requester"), "{e}");
         assert!(Requester::from_username("alice").is_none());
         assert!(Requester::from_username("system:serviceaccount:ns").is_none());
@@ -352,7 +435,11 @@ mod tests {
 
     #[test]
     fn spiffe_globs() {
-        let v = Vars { ns: None, sa: None, td: "cluster.local" };
+        let v = Vars {
+            ns: None,
+            sa: None,
+            td: "cluster.local",
+        };
         let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
         assert!(spiffe_matches("spiffe://cluster.local/ns/*/sa/*", &id, &v));
         assert!(spiffe_matches("spiffe://cluster.local/**", &id, &v));

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, GeneralSubtree, IsCa,
-    KeyUsagePurpose, NameConstraints, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    GeneralSubtree, IsCa, KeyUsagePurpose, NameConstraints, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 
@@ -45,7 +45,10 @@ pub fn workload_params(
     if matches!(key, PublicKeyKind::Rsa { .. }) {
         p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
     }
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     p.use_authority_key_identifier_extension = true;
     p.distinguished_name = workload_subject(sans, trust_domain);
     p.subject_alt_names = san_list(sans)?;
@@ -73,18 +76,14 @@ pub fn workload_subject(sans: &Sans, trust_domain: &TrustDomain) -> Distinguishe
 pub fn san_list(sans: &Sans) -> Result<Vec<SanType>> {
     let mut out = Vec::new();
     if let Some(id) = &sans.spiffe_id {
-        out.push(SanType::URI(
-            id.to_string()
-                .try_into()
-                .map_err(|_| Error::invalid("SPIFFE ID", "not representable as IA5String"))?,
-        ));
+        out.push(SanType::URI(id.to_string().try_into().map_err(|_| {
+            Error::invalid("SPIFFE ID", "not representable as IA5String")
+        })?));
     }
     for d in &sans.dns {
-        out.push(SanType::DnsName(
-            d.as_str()
-                .try_into()
-                .map_err(|_| Error::invalid("DNS name", "not representable as IA5String"))?,
-        ));
+        out.push(SanType::DnsName(d.as_str().try_into().map_err(|_| {
+            Error::invalid("DNS name", "not representable as IA5String")
+        })?));
     }
     for ip in &sans.ips {
         out.push(SanType::IpAddress(*ip));
@@ -124,7 +123,11 @@ pub fn ca_params(
         Some(n) => BasicConstraints::Constrained(n),
         None => BasicConstraints::Unconstrained,
     });
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p.use_authority_key_identifier_extension = intermediate;
     let mut dn = DistinguishedName::new();
     if let Some(o) = &subject.organization {
@@ -133,9 +136,15 @@ pub fn ca_params(
     if let Some(ou) = &subject.organizational_unit {
         dn.push(DnType::OrganizationalUnitName, ou.as_str());
     }
-    let cn = subject.common_name.clone().unwrap_or_else(|| format!("meshca {name} CA"));
+    let cn = subject
+        .common_name
+        .clone()
+        .unwrap_or_else(|| format!("meshca {name} CA"));
     if cn.is_empty() || cn.len() > 64 {
-        return Err(Error::invalid("CA subject", "common name must be 1 to 64 characters"));
+        return Err(Error::invalid(
+            "CA subject",
+            "common name must be 1 to 64 characters",
+        ));
     }
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;

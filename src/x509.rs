@@ -47,18 +47,31 @@ impl RawSans {
     /// Validates into typed [`Sans`]: at most one URI, which must be a SPIFFE ID.
     pub fn to_sans(&self) -> Result<Sans> {
         if self.uri.len() > 1 {
-            return Err(Error::invalid("SANs", "more than one URI SAN (an X509-SVID has exactly one)"));
+            return Err(Error::invalid(
+                "SANs",
+                "more than one URI SAN (an X509-SVID has exactly one)",
+            ));
         }
         if let Some(e) = self.email.first() {
-            return Err(Error::invalid("SANs", format!("e-mail SAN {e} is not supported")));
+            return Err(Error::invalid(
+                "SANs",
+                format!("e-mail SAN {e} is not supported"),
+            ));
         }
         let mut s = Sans {
             spiffe_id: self.uri.first().map(|u| SpiffeId::parse(u)).transpose()?,
-            dns: self.dns.iter().map(|d| DnsName::parse(d)).collect::<Result<_>>()?,
+            dns: self
+                .dns
+                .iter()
+                .map(|d| DnsName::parse(d))
+                .collect::<Result<_>>()?,
             ips: self
                 .ip
                 .iter()
-                .map(|i| i.parse().map_err(|_| Error::invalid("SANs", format!("bad IP SAN {i}"))))
+                .map(|i| {
+                    i.parse()
+                        .map_err(|_| Error::invalid("SANs", format!("bad IP SAN {i}")))
+                })
                 .collect::<Result<_>>()?,
         };
         s.dedup();
@@ -118,10 +131,13 @@ pub struct CertInfo {
 }
 
 fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>> {
-    let (rest, c) =
-        X509Certificate::from_der(der).map_err(|_| Error::invalid("certificate", "not valid X.509 DER"))?;
+    let (rest, c) = X509Certificate::from_der(der)
+        .map_err(|_| Error::invalid("certificate", "not valid X.509 DER"))?;
     if !rest.is_empty() {
-        return Err(Error::invalid("certificate", "trailing bytes after the certificate"));
+        return Err(Error::invalid(
+            "certificate",
+            "trailing bytes after the certificate",
+        ));
     }
     Ok(c)
 }
@@ -143,7 +159,9 @@ impl CertInfo {
         let mut eku = Vec::new();
         for ext in c.extensions() {
             match ext.parsed_extension() {
-                ParsedExtension::SubjectAlternativeName(s) => s.general_names.iter().for_each(|g| sans.push(g)),
+                ParsedExtension::SubjectAlternativeName(s) => {
+                    s.general_names.iter().for_each(|g| sans.push(g))
+                }
                 ParsedExtension::BasicConstraints(bc) => {
                     is_ca = bc.ca;
                     path_len = bc.path_len_constraint.map(|p| p.min(255) as u8);
@@ -162,7 +180,11 @@ impl CertInfo {
                         (k.key_cert_sign(), "keyCertSign"),
                         (k.crl_sign(), "cRLSign"),
                     ];
-                    ku = names.iter().filter(|(b, _)| *b).map(|(_, n)| n.to_string()).collect();
+                    ku = names
+                        .iter()
+                        .filter(|(b, _)| *b)
+                        .map(|(_, n)| n.to_string())
+                        .collect();
                 }
                 ParsedExtension::ExtendedKeyUsage(e) => {
                     let names = [
@@ -172,12 +194,17 @@ impl CertInfo {
                         (e.email_protection, "emailProtection"),
                         (e.any, "any"),
                     ];
-                    eku = names.iter().filter(|(b, _)| *b).map(|(_, n)| n.to_string()).collect();
+                    eku = names
+                        .iter()
+                        .filter(|(b, _)| *b)
+                        .map(|(_, n)| n.to_string())
+                        .collect();
                 }
                 _ => {}
             }
         }
-        let self_signed = c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok();
+        let self_signed =
+            c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok();
         Ok(CertInfo {
             subject: c.subject().to_string(),
             issuer: c.issuer().to_string(),
@@ -239,9 +266,15 @@ pub fn check_chain_order(chain: &[CertificateDer<'_>]) -> Result<()> {
                 parent.subject()
             )));
         }
-        child.verify_signature(Some(parent.public_key())).map_err(|_| {
-            Error::Verify(format!("signature of certificate {} does not verify with certificate {}", i + 1, i + 2))
-        })?;
+        child
+            .verify_signature(Some(parent.public_key()))
+            .map_err(|_| {
+                Error::Verify(format!(
+                    "signature of certificate {} does not verify with certificate {}",
+                    i + 1,
+                    i + 2
+                ))
+            })?;
     }
     Ok(())
 }
@@ -264,7 +297,8 @@ pub fn verify_chain(
     at: OffsetDateTime,
     usage: Usage,
 ) -> Result<()> {
-    let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| Error::Verify(format!("leaf: {e:?}")))?;
+    let ee =
+        webpki::EndEntityCert::try_from(leaf).map_err(|e| Error::Verify(format!("leaf: {e:?}")))?;
     let tas: Vec<_> = anchors
         .iter()
         .map(|a| webpki::anchor_from_trusted_cert(a).map(|t| t.to_owned()))
@@ -276,9 +310,17 @@ pub fn verify_chain(
         Usage::Server => webpki::KeyUsage::server_auth(),
         Usage::Client => webpki::KeyUsage::client_auth(),
     };
-    ee.verify_for_usage(webpki::ALL_VERIFICATION_ALGS, &tas, intermediates, time, ku, None, None)
-        .map(|_| ())
-        .map_err(|e| Error::Verify(describe_webpki(&e)))
+    ee.verify_for_usage(
+        webpki::ALL_VERIFICATION_ALGS,
+        &tas,
+        intermediates,
+        time,
+        ku,
+        None,
+        None,
+    )
+    .map(|_| ())
+    .map_err(|e| Error::Verify(describe_webpki(&e)))
 }
 
 fn describe_webpki(e: &webpki::Error) -> String {
@@ -286,7 +328,9 @@ fn describe_webpki(e: &webpki::Error) -> String {
         webpki::Error::UnknownIssuer => "no path to a trusted root (unknown issuer)".into(),
         webpki::Error::CertExpired { .. } => "certificate has expired".into(),
         webpki::Error::CertNotValidYet { .. } => "certificate is not valid yet".into(),
-        webpki::Error::InvalidSignatureForPublicKey => "a signature in the chain does not verify".into(),
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "a signature in the chain does not verify".into()
+        }
         other => format!("{other:?}"),
     }
 }
@@ -322,7 +366,9 @@ impl CsrInfo {
         if let Some(exts) = csr.requested_extensions() {
             for ext in exts {
                 match ext {
-                    ParsedExtension::SubjectAlternativeName(s) => s.general_names.iter().for_each(|g| sans.push(g)),
+                    ParsedExtension::SubjectAlternativeName(s) => {
+                        s.general_names.iter().for_each(|g| sans.push(g))
+                    }
                     ParsedExtension::BasicConstraints(bc) => wants_ca |= bc.ca,
                     _ => {}
                 }
@@ -373,6 +419,9 @@ mod tests {
     #[test]
     fn garbage_csr_is_a_csr_error() {
         assert!(matches!(CsrInfo::from_der(b"garbage"), Err(Error::Csr(_))));
-        assert!(matches!(CsrInfo::from_pem(b"nope", "x"), Err(Error::Pem { .. })));
+        assert!(matches!(
+            CsrInfo::from_pem(b"nope", "x"),
+            Err(Error::Pem { .. })
+        ));
     }
 }

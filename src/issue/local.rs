@@ -50,7 +50,10 @@ impl LocalIssuer {
     /// Wraps a loaded CA. Fails when the CA has no local key.
     pub fn new(mut ca: CaMaterial) -> Result<Self> {
         let key = ca.key.take().ok_or_else(|| {
-            Error::Unsupported(format!("CA {} has no local key (backend {:?})", ca.meta.name, ca.meta.backend))
+            Error::Unsupported(format!(
+                "CA {} has no local key (backend {:?})",
+                ca.meta.name, ca.meta.backend
+            ))
         })?;
         let info = ca.info()?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
@@ -95,11 +98,20 @@ impl LocalIssuer {
     /// Synchronous signing (the local CA does no I/O).
     pub fn sign_now(&self, req: &SignRequest, now: OffsetDateTime) -> Result<IssuedCert> {
         if now >= self.not_after {
-            return Err(Error::Build(format!("CA {} expired at {}", self.ca.meta.name, self.not_after)));
+            return Err(Error::Build(format!(
+                "CA {} expired at {}",
+                self.ca.meta.name, self.not_after
+            )));
         }
         // A leaf never outlives its CA.
         let not_after = (now + req.ttl).min(self.not_after);
-        let params = profile::workload_params(&req.sans, &self.ca.meta.trust_domain, req.key, now, not_after)?;
+        let params = profile::workload_params(
+            &req.sans,
+            &self.ca.meta.trust_domain,
+            req.key,
+            now,
+            not_after,
+        )?;
         let cert = params.signed_by(&spki(&req.public_key_der)?, &self.issuer)?;
         let leaf = cert.der().clone();
         let info = CertInfo::from_der(&leaf)?;

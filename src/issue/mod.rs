@@ -4,6 +4,8 @@
 //! checked) both run [`Policy::check`](crate::policy::Policy::check) *before* the issuer is
 //! called, so a denied request never reaches a remote backend.
 
+#[cfg(feature = "aws-pca")]
+pub mod acm_pca;
 pub mod local;
 
 use std::time::Duration;
@@ -122,7 +124,14 @@ impl LedgerEntry {
     }
 }
 
-fn check(issuer: &dyn Issuer, sans: &Sans, ttl: Option<Duration>, key: PublicKeyKind, wants_ca: bool, requester: Option<&Requester>) -> Result<Duration> {
+fn check(
+    issuer: &dyn Issuer,
+    sans: &Sans,
+    ttl: Option<Duration>,
+    key: PublicKeyKind,
+    wants_ca: bool,
+    requester: Option<&Requester>,
+) -> Result<Duration> {
     let meta = issuer.meta();
     meta.policy.check(
         &meta.name,
@@ -187,13 +196,23 @@ pub struct CsrOptions {
 pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
     let info = CsrInfo::from_der(csr_der)?;
     if !info.signature_valid {
-        return Err(Error::Csr("signature does not verify with the request's own key (proof of possession failed)".into()));
+        return Err(Error::Csr(
+            "signature does not verify with the request's own key (proof of possession failed)"
+                .into(),
+        ));
     }
     let sans = match &opts.override_sans {
         Some(s) => s.clone(),
         None => info.sans.to_sans()?,
     };
-    let ttl = check(issuer, &sans, opts.ttl, info.key, info.wants_ca, opts.requester.as_ref())?;
+    let ttl = check(
+        issuer,
+        &sans,
+        opts.ttl,
+        info.key,
+        info.wants_ca,
+        opts.requester.as_ref(),
+    )?;
     Ok(SignRequest {
         public_key_der: info.spki_der,
         key: info.key,
@@ -204,7 +223,12 @@ pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Resu
 }
 
 /// Signs an external CSR after [`check_csr`].
-pub async fn issue_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions, now: OffsetDateTime) -> Result<IssuedCert> {
+pub async fn issue_csr(
+    issuer: &dyn Issuer,
+    csr_der: &[u8],
+    opts: &CsrOptions,
+    now: OffsetDateTime,
+) -> Result<IssuedCert> {
     let req = check_csr(issuer, csr_der, opts)?;
     issuer.sign(&req, now).await
 }

@@ -73,9 +73,15 @@ impl LocalStore {
         }
         if home.exists() {
             if !home.is_dir() {
-                return Err(Error::Store(format!("{} exists and is not a directory", home.display())));
+                return Err(Error::Store(format!(
+                    "{} exists and is not a directory",
+                    home.display()
+                )));
             }
-            let non_empty = fs::read_dir(&home).map_err(|e| Error::io(&home, e))?.next().is_some();
+            let non_empty = fs::read_dir(&home)
+                .map_err(|e| Error::io(&home, e))?
+                .next()
+                .is_some();
             if non_empty {
                 return Err(Error::Store(format!(
                     "{} is a non-empty directory that is not a meshca home",
@@ -85,7 +91,11 @@ impl LocalStore {
         }
         fsutil::create_private_dir(&home)?;
         let marker = serde_json::json!({ "meshca_home": LAYOUT_VERSION });
-        fsutil::write_atomic(&home.join(MARKER), marker.to_string().as_bytes(), PUBLIC_MODE)?;
+        fsutil::write_atomic(
+            &home.join(MARKER),
+            marker.to_string().as_bytes(),
+            PUBLIC_MODE,
+        )?;
         Ok(LocalStore { home })
     }
 
@@ -152,15 +162,24 @@ impl LocalStore {
             let text = zeroize::Zeroizing::new(read("ca.key")?);
             let s = std::str::from_utf8(&text)
                 .map_err(|_| Error::Corrupt(format!("{}: not PEM text", key_path.display())))?;
-            Some(PrivateKey::from_pem(s, &key_path.display().to_string()).map_err(|e| Error::Corrupt(e.to_string()))?)
+            Some(
+                PrivateKey::from_pem(s, &key_path.display().to_string())
+                    .map_err(|e| Error::Corrupt(e.to_string()))?,
+            )
         } else {
             None
         };
         if meta.name != name {
-            return Err(Error::Corrupt(format!("{}: names CA {:?}", dir.display(), meta.name)));
+            return Err(Error::Corrupt(format!(
+                "{}: names CA {:?}",
+                dir.display(),
+                meta.name
+            )));
         }
         let mut it = chain.into_iter();
-        let cert = it.next().ok_or_else(|| Error::Corrupt(format!("{}: empty", chain_path.display())))?;
+        let cert = it
+            .next()
+            .ok_or_else(|| Error::Corrupt(format!("{}: empty", chain_path.display())))?;
         let ca = CaMaterial {
             meta,
             cert,
@@ -202,7 +221,9 @@ impl LocalStore {
 
     fn load_ca_sync(&self, name: &str) -> Result<CaMaterial> {
         validate_ca_name(name).map_err(|_| Error::UnknownCa(name.to_string()))?;
-        let dir = self.ca_dir_for_read(name).ok_or_else(|| Error::UnknownCa(name.to_string()))?;
+        let dir = self
+            .ca_dir_for_read(name)
+            .ok_or_else(|| Error::UnknownCa(name.to_string()))?;
         self.read_ca(name, &dir)
     }
 
@@ -228,7 +249,8 @@ impl LocalStore {
         if validate_ca_name(name).is_err() || !p.is_file() {
             return Err(Error::UnknownBundle(name.to_string()));
         }
-        serde_json::from_slice(&fsutil::read_limited(&p)?).map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))
+        serde_json::from_slice(&fsutil::read_limited(&p)?)
+            .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))
     }
 
     fn ledger_sync(&self) -> Result<Vec<LedgerEntry>> {
@@ -242,7 +264,8 @@ impl LocalStore {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l).map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
+                serde_json::from_str(l)
+                    .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
             })
             .collect()
     }
@@ -266,15 +289,28 @@ impl LocalStore {
         let mut rnd = [0u8; 6];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
             .map_err(|_| Error::Build("system random number generator failed".into()))?;
-        let tmp = cas.join(format!(".{name}.{}.{}.new.tmp", std::process::id(), pemutil::hex(&rnd)));
+        let tmp = cas.join(format!(
+            ".{name}.{}.{}.new.tmp",
+            std::process::id(),
+            pemutil::hex(&rnd)
+        ));
         let result = (|| {
             fsutil::create_private_dir(&tmp)?;
-            fsutil::write_atomic(&tmp.join("ca.crt"), pemutil::certs_to_pem([&ca.cert]).as_bytes(), PUBLIC_MODE)?;
-            fsutil::write_atomic(&tmp.join("chain.pem"), ca.chain_pem().as_bytes(), PUBLIC_MODE)?;
+            fsutil::write_atomic(
+                &tmp.join("ca.crt"),
+                pemutil::certs_to_pem([&ca.cert]).as_bytes(),
+                PUBLIC_MODE,
+            )?;
+            fsutil::write_atomic(
+                &tmp.join("chain.pem"),
+                ca.chain_pem().as_bytes(),
+                PUBLIC_MODE,
+            )?;
             if let Some(k) = &ca.key {
                 fsutil::write_atomic(&tmp.join("ca.key"), k.to_pkcs8_pem().as_bytes(), KEY_MODE)?;
             }
-            let meta = serde_json::to_vec_pretty(&ca.meta).map_err(|e| Error::Build(e.to_string()))?;
+            let meta =
+                serde_json::to_vec_pretty(&ca.meta).map_err(|e| Error::Build(e.to_string()))?;
             fsutil::write_atomic(&tmp.join("meta.json"), &meta, PUBLIC_MODE)?;
             if exists {
                 if old.exists() {
@@ -292,7 +328,13 @@ impl LocalStore {
         if result.is_err() {
             let _ = fs::remove_dir_all(&tmp);
         }
-        result.map(|()| if exists { SaveOutcome::Replaced } else { SaveOutcome::Created })
+        result.map(|()| {
+            if exists {
+                SaveOutcome::Replaced
+            } else {
+                SaveOutcome::Created
+            }
+        })
     }
 
     fn save_bundle_sync(&self, b: &BundleSpec) -> Result<SaveOutcome> {
@@ -303,7 +345,11 @@ impl LocalStore {
         let existed = p.exists();
         let json = serde_json::to_vec_pretty(b).map_err(|e| Error::Build(e.to_string()))?;
         fsutil::write_atomic(&p, &json, PUBLIC_MODE)?;
-        Ok(if existed { SaveOutcome::Replaced } else { SaveOutcome::Created })
+        Ok(if existed {
+            SaveOutcome::Replaced
+        } else {
+            SaveOutcome::Created
+        })
     }
 
     fn record_sync(&self, entry: &LedgerEntry) -> Result<()> {
@@ -365,7 +411,9 @@ mod tests {
     use time::OffsetDateTime;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -378,21 +426,39 @@ mod tests {
         let ca = create_root(&CaSpec::root("ca1"), now).unwrap();
         rt().block_on(async {
             assert_eq!(s.save_ca(&ca, false).await.unwrap(), SaveOutcome::Created);
-            assert!(matches!(s.save_ca(&ca, false).await, Err(Error::AlreadyExists(_))));
+            assert!(matches!(
+                s.save_ca(&ca, false).await,
+                Err(Error::AlreadyExists(_))
+            ));
             let back = s.load_ca("ca1").await.unwrap();
             assert_eq!(back.cert, ca.cert);
-            assert_eq!(back.key.unwrap().public_key_der(), ca.key.as_ref().unwrap().public_key_der());
+            assert_eq!(
+                back.key.unwrap().public_key_der(),
+                ca.key.as_ref().unwrap().public_key_der()
+            );
             let other = create_root(&CaSpec::root("ca1"), now).unwrap();
-            assert_eq!(s.save_ca(&other, true).await.unwrap(), SaveOutcome::Replaced);
+            assert_eq!(
+                s.save_ca(&other, true).await.unwrap(),
+                SaveOutcome::Replaced
+            );
             assert_eq!(s.load_ca("ca1").await.unwrap().cert, other.cert);
             assert!(matches!(s.load_ca("nope").await, Err(Error::UnknownCa(_))));
-            assert!(matches!(s.load_ca("../etc").await, Err(Error::UnknownCa(_))));
+            assert!(matches!(
+                s.load_ca("../etc").await,
+                Err(Error::UnknownCa(_))
+            ));
             assert_eq!(s.list_cas().await.unwrap(), ["ca1"]);
         });
         let key = home.join("cas/ca1/ca.key");
         assert_eq!(fs::metadata(&key).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(fs::metadata(home.join("cas/ca1")).unwrap().mode() & 0o777, 0o700);
-        let leftovers: Vec<_> = fs::read_dir(home.join("cas")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(
+            fs::metadata(home.join("cas/ca1")).unwrap().mode() & 0o777,
+            0o700
+        );
+        let leftovers: Vec<_> = fs::read_dir(home.join("cas"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(leftovers.len(), 1, "{leftovers:?}");
     }
 
@@ -406,14 +472,22 @@ mod tests {
         fs::rename(s.ca_dir("ca1"), s.old_ca_dir("ca1")).unwrap();
         assert_eq!(rt().block_on(s.load_ca("ca1")).unwrap().cert, ca.cert);
         assert_eq!(rt().block_on(s.list_cas()).unwrap(), ["ca1"]);
-        assert!(matches!(rt().block_on(s.save_ca(&ca, false)), Err(Error::AlreadyExists(_))));
-        assert!(s.ca_dir("ca1").is_dir(), "the next change finishes the recovery");
+        assert!(matches!(
+            rt().block_on(s.save_ca(&ca, false)),
+            Err(Error::AlreadyExists(_))
+        ));
+        assert!(
+            s.ca_dir("ca1").is_dir(),
+            "the next change finishes the recovery"
+        );
     }
 
     #[test]
     fn open_requires_a_home_and_create_refuses_foreign_dirs() {
         let d = tempfile::tempdir().unwrap();
-        let e = LocalStore::open(d.path().join("none")).unwrap_err().to_string();
+        let e = LocalStore::open(d.path().join("none"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("run `meshca init` first"), "{e}");
         fs::write(d.path().join("file"), b"x").unwrap();
         assert!(LocalStore::create(d.path()).is_err());
@@ -438,7 +512,10 @@ mod tests {
             s.record(&e).await.unwrap();
             assert_eq!(s.ledger().await.unwrap(), vec![e.clone(), e.clone()]);
         });
-        let mut f = OpenOptions::new().append(true).open(s.ledger_path()).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(s.ledger_path())
+            .unwrap();
         f.write_all(b"{half").unwrap();
         assert!(matches!(s.ledger_sync(), Err(Error::Corrupt(_))));
     }
@@ -447,12 +524,20 @@ mod tests {
     fn bundles_round_trip() {
         let d = tempfile::tempdir().unwrap();
         let s = LocalStore::create(d.path().join("h")).unwrap();
-        let b = BundleSpec { name: "frontend".into(), cas: vec!["ca1".into(), "ca2".into()], file: None, namespaces: vec![] };
+        let b = BundleSpec {
+            name: "frontend".into(),
+            cas: vec!["ca1".into(), "ca2".into()],
+            file: None,
+            namespaces: vec![],
+        };
         rt().block_on(async {
             assert_eq!(s.save_bundle(&b).await.unwrap(), SaveOutcome::Created);
             assert_eq!(s.save_bundle(&b).await.unwrap(), SaveOutcome::Replaced);
             assert_eq!(s.load_bundle("frontend").await.unwrap(), b);
-            assert!(matches!(s.load_bundle("x").await, Err(Error::UnknownBundle(_))));
+            assert!(matches!(
+                s.load_bundle("x").await,
+                Err(Error::UnknownBundle(_))
+            ));
             assert_eq!(s.list_bundles().await.unwrap(), vec![b.clone()]);
         });
     }

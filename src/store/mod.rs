@@ -53,18 +53,29 @@ pub async fn load_issuer(store: &dyn Store, name: &str) -> Result<Box<dyn Issuer
     let ca = store.load_ca(name).await?;
     match &ca.meta.backend {
         Backend::Local => Ok(Box::new(LocalIssuer::new(ca)?)),
+        #[cfg(feature = "aws-pca")]
+        Backend::AcmPca { .. } => Ok(Box::new(
+            crate::issue::acm_pca::AcmPcaIssuer::connect(ca, &crate::acm::PcaOptions::default())
+                .await?,
+        )),
+        #[cfg(not(feature = "aws-pca"))]
         Backend::AcmPca { .. } => Err(Error::Unsupported(format!(
-            "CA {name} is backed by ACM Private CA, which this build cannot reach"
+            "CA {name} is backed by ACM Private CA, which this build cannot reach (feature aws-pca)"
         ))),
     }
 }
 
 /// The anchors of a stored bundle.
-pub async fn bundle_anchors(store: &dyn Store, spec: &BundleSpec) -> Result<Vec<CertificateDer<'static>>> {
+pub async fn bundle_anchors(
+    store: &dyn Store,
+    spec: &BundleSpec,
+) -> Result<Vec<CertificateDer<'static>>> {
     let mut cas = Vec::with_capacity(spec.cas.len());
     for name in &spec.cas {
         cas.push(store.load_ca(name).await.map_err(|e| match e {
-            Error::UnknownCa(n) => Error::invalid("bundle", format!("{} names unknown CA {n:?}", spec.name)),
+            Error::UnknownCa(n) => {
+                Error::invalid("bundle", format!("{} names unknown CA {n:?}", spec.name))
+            }
             other => other,
         })?);
     }
