@@ -222,11 +222,8 @@ pub fn create_root(spec: &CaSpec, now: OffsetDateTime) -> Result<CaMaterial> {
     let validity = spec.validity.unwrap_or(DEFAULT_ROOT_VALIDITY);
     let key = spec.key.generate()?;
     let params = profile::ca_params(
-        &spec.name,
-        &spec.subject,
+        spec,
         Some(spec.path_len.unwrap_or(1)),
-        &spec.permitted_dns,
-        &spec.excluded_dns,
         now - profile::BACKDATE,
         now + validity,
         false,
@@ -278,11 +275,8 @@ pub fn create_intermediate(
     }
     let key = spec.key.generate()?;
     let params = profile::ca_params(
-        &spec.name,
-        &spec.subject,
+        spec,
         Some(path_len),
-        &spec.permitted_dns,
-        &spec.excluded_dns,
         now - profile::BACKDATE,
         not_after,
         true,

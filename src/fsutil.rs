@@ -100,6 +100,43 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
     result
 }
 
+/// Writes several files as one step: every file is staged as a fsynced temp file first and
+/// only then renamed into place, so a failure while writing leaves none of them changed.
+pub fn write_set_atomic(files: &[(PathBuf, Vec<u8>, u32)]) -> Result<()> {
+    let mut staged: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
+    let cleanup = |staged: &[(PathBuf, &Path)]| {
+        for (t, _) in staged {
+            let _ = fs::remove_file(t);
+        }
+    };
+    for (path, contents, mode) in files {
+        let staged_path = path.with_file_name(format!(
+            ".{}.staged.tmp",
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        if let Err(e) = write_atomic(&staged_path, contents, *mode) {
+            cleanup(&staged);
+            return Err(e);
+        }
+        staged.push((staged_path, path.as_path()));
+    }
+    for (t, p) in &staged {
+        fs::rename(t, p).map_err(|e| Error::io(*p, e))?;
+    }
+    let mut dirs: Vec<&Path> = files.iter().filter_map(|(p, _, _)| p.parent()).collect();
+    dirs.dedup();
+    for d in dirs {
+        sync_dir(if d.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            d
+        })?;
+    }
+    Ok(())
+}
+
 /// Fsyncs a directory so that renames within it are durable.
 pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)

@@ -53,6 +53,13 @@ impl fmt::Display for TrustDomain {
     }
 }
 
+impl FromStr for TrustDomain {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        TrustDomain::new(s)
+    }
+}
+
 impl TryFrom<String> for TrustDomain {
     type Error = Error;
     fn try_from(s: String) -> Result<Self> {

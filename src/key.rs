@@ -150,7 +150,7 @@ impl From<KeyAlgorithm> for String {
 }
 
 /// The kind and size of a public key, as found in a certificate or CSR.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "type")]
 pub enum PublicKeyKind {
     /// ECDSA on the named curve.

@@ -34,15 +34,21 @@ pub mod acm;
 pub mod bundle;
 pub mod ca;
 pub mod clock;
+pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod identity;
+pub mod inspect;
 pub mod issue;
 pub mod key;
+pub mod output;
 pub mod pemutil;
 pub mod policy;
 pub mod profile;
+pub mod report;
 pub mod store;
 pub mod x509;
 
 pub use error::{Error, Result};
+/// Certificate DER types used across the API (from `rustls-pki-types`).
+pub use rustls_pki_types as pki_types;

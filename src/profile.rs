@@ -106,15 +106,14 @@ pub struct CaSubject {
 /// The parameters of a CA certificate: `CA:TRUE` with a path length, keyCertSign + cRLSign,
 /// SKI (and AKI for intermediates), optional DNS name constraints.
 pub fn ca_params(
-    name: &str,
-    subject: &CaSubject,
+    spec: &crate::ca::CaSpec,
     path_len: Option<u8>,
-    permitted_dns: &[String],
-    excluded_dns: &[String],
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     intermediate: bool,
 ) -> Result<CertificateParams> {
+    let (name, subject) = (&spec.name, &spec.subject);
+    let (permitted_dns, excluded_dns) = (&spec.permitted_dns, &spec.excluded_dns);
     let mut p = CertificateParams::default();
     p.not_before = not_before;
     p.not_after = not_after;
@@ -149,7 +148,7 @@ pub fn ca_params(
     dn.push(DnType::CommonName, cn);
     p.distinguished_name = dn;
     if !permitted_dns.is_empty() || !excluded_dns.is_empty() {
-        let sub = |v: &[String]| -> Result<Vec<GeneralSubtree>> {
+        let sub = |v: &Vec<String>| -> Result<Vec<GeneralSubtree>> {
             v.iter()
                 .map(|d| {
                     let d = d.trim_start_matches('.');

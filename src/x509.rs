@@ -1,7 +1,7 @@
 //! Parsed views of certificates and CSRs (x509-parser) and chain verification (rustls-webpki).
 
 use rustls_pki_types::{CertificateDer, UnixTime};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -13,19 +13,19 @@ use crate::key::PublicKeyKind;
 use crate::pemutil;
 
 /// Subject alternative names as found, without validation (for display).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawSans {
     /// URI SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uri: Vec<String>,
     /// DNS SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<String>,
     /// IP SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ip: Vec<String>,
     /// E-mail SANs.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub email: Vec<String>,
 }
 
@@ -80,7 +80,7 @@ impl RawSans {
 }
 
 /// The facts of a certificate that meshca shows and checks.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CertInfo {
     /// Subject DN (RFC 4514 style).
     pub subject: String,
@@ -97,7 +97,7 @@ pub struct CertInfo {
     /// basicConstraints CA flag.
     pub is_ca: bool,
     /// basicConstraints pathLen.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_len: Option<u8>,
     /// Subject alternative names.
     pub sans: RawSans,
@@ -108,10 +108,10 @@ pub struct CertInfo {
     /// SHA-256 fingerprint of the DER.
     pub sha256_fingerprint: String,
     /// Subject key identifier.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject_key_id: Option<String>,
     /// Authority key identifier.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authority_key_id: Option<String>,
     /// Key usages by name.
     pub key_usage: Vec<String>,
@@ -120,13 +120,13 @@ pub struct CertInfo {
     /// Whether subject == issuer and the signature verifies with its own key.
     pub self_signed: bool,
     /// DER SubjectPublicKeyInfo (not serialized).
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub spki_der: Vec<u8>,
     /// DER subject (not serialized), for chain linking.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub subject_der: Vec<u8>,
     /// DER issuer (not serialized), for chain linking.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub issuer_der: Vec<u8>,
 }
 
@@ -279,6 +279,29 @@ pub fn check_chain_order(chain: &[CertificateDer<'_>]) -> Result<()> {
     Ok(())
 }
 
+/// The DNS name constraints of a CA certificate: (permitted, excluded) subtrees, lower-cased,
+/// without leading dots.
+pub fn dns_name_constraints(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+    let c = parse_cert(der)?;
+    let mut permitted = Vec::new();
+    let mut excluded = Vec::new();
+    for ext in c.extensions() {
+        if let ParsedExtension::NameConstraints(nc) = ext.parsed_extension() {
+            let collect = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>,
+                           out: &mut Vec<String>| {
+                for st in subtrees.iter().flatten() {
+                    if let GeneralName::DNSName(d) = st.base {
+                        out.push(d.trim_start_matches('.').to_ascii_lowercase());
+                    }
+                }
+            };
+            collect(&nc.permitted_subtrees, &mut permitted);
+            collect(&nc.excluded_subtrees, &mut excluded);
+        }
+    }
+    Ok((permitted, excluded))
+}
+
 /// Which extended key usage a verification asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Usage {
@@ -336,7 +359,7 @@ fn describe_webpki(e: &webpki::Error) -> String {
 }
 
 /// The facts of a PKCS#10 CSR.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CsrInfo {
     /// Subject DN.
     pub subject: String,
@@ -349,7 +372,7 @@ pub struct CsrInfo {
     /// Whether the self-signature verifies (proof of possession).
     pub signature_valid: bool,
     /// DER SubjectPublicKeyInfo.
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub spki_der: Vec<u8>,
 }
 
@@ -414,6 +437,47 @@ mod tests {
         check_chain_order(&int.chain()).unwrap();
         let reversed: Vec<_> = int.chain().into_iter().rev().collect();
         assert!(check_chain_order(&reversed).is_err());
+    }
+
+    #[test]
+    fn name_constraints_are_enforced_at_issuance_and_by_webpki() {
+        use crate::identity::{DnsName, Sans};
+        use crate::issue::{LocalIssuer, SignRequest};
+        let now = OffsetDateTime::now_utc();
+        let mut spec = CaSpec::root("team");
+        spec.permitted_dns = vec!["team.example".into()];
+        spec.excluded_dns = vec!["secret.team.example".into()];
+        let ca = create_root(&spec, now).unwrap();
+        assert_eq!(
+            dns_name_constraints(&ca.cert).unwrap(),
+            (
+                vec!["team.example".to_string()],
+                vec!["secret.team.example".to_string()]
+            )
+        );
+        let root = ca.cert.clone();
+        let issuer = LocalIssuer::new(ca).unwrap();
+        let key = crate::key::KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let req = |name: &str| SignRequest {
+            public_key_der: key.public_key_der(),
+            key: crate::key::PublicKeyKind::Ecdsa { bits: 256 },
+            sans: Sans {
+                dns: vec![DnsName::parse(name).unwrap()],
+                ..Sans::default()
+            },
+            ttl: std::time::Duration::from_secs(3600),
+            csr_der: None,
+        };
+        let ok = issuer.sign_now(&req("api.team.example"), now).unwrap();
+        verify_chain(&ok.leaf, &[], &[root.clone()], now, Usage::Server).unwrap();
+        for bad in [
+            "api.other.example",
+            "x.secret.team.example",
+            "team.example.evil",
+        ] {
+            let e = issuer.sign_now(&req(bad), now).unwrap_err().to_string();
+            assert!(e.contains("name constraints"), "{bad}: {e}");
+        }
     }
 
     #[test]

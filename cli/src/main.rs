@@ -1,1 +1,115 @@
-fn main() {}
+//! `meshca`: the private PKI of a Kubernetes service mesh, from the command line.
+#![forbid(unsafe_code)]
+
+mod bundle;
+mod ca;
+mod common;
+mod init;
+mod inspect;
+mod issue;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use common::{Ctx, OutputFormat};
+
+/// Private PKI for Envoy-based service meshes: CAs, workload certificates, trust bundles.
+#[derive(Parser, Debug)]
+#[command(name = "meshca", version, about, propagate_version = true)]
+struct Cli {
+    /// Home directory of the local store [default: $MESHCA_HOME, else $XDG_DATA_HOME/meshca,
+    /// else ~/.local/share/meshca].
+    #[arg(long, global = true, env = "MESHCA_HOME")]
+    home: Option<PathBuf>,
+    /// Where CAs live: `local` (the home directory) or `kube:<namespace>`.
+    #[arg(long, global = true, default_value = "local")]
+    store: String,
+    /// Output format of data printed on stdout.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    log_level: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = common::LogFormat::Text)]
+    log_format: common::LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create CAs (roots and intermediates), from flags or a meshca.toml.
+    Init(init::InitArgs),
+    /// Sign a workload certificate (fresh key or an external CSR).
+    Issue(issue::IssueArgs),
+    /// Create, update, show and export trust bundles.
+    #[command(subcommand)]
+    Bundle(bundle::BundleCmd),
+    /// Show a certificate, chain, CSR or bundle file.
+    Inspect(inspect::InspectArgs),
+    /// Verify a certificate chain against a trust bundle (exit 1 when it does not verify).
+    Verify(inspect::VerifyArgs),
+    /// List and show CAs.
+    #[command(subcommand)]
+    Ca(ca::CaCmd),
+    /// Show the issuance ledger.
+    Ledger(ca::LedgerArgs),
+    /// Check the store: every CA, bundle and ledger line must load.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // Usage errors are the user's: one line, exit 1 like every other user error.
+            eprintln!("meshca: error: {}", common::clap_one_line(&e));
+            return ExitCode::from(1);
+        }
+    };
+    common::init_logging(&cli.log_level, cli.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("meshca: error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let ctx = Ctx {
+        home: cli.home,
+        store: cli.store,
+        output: cli.output,
+    };
+    match rt.block_on(run(ctx, cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = common::exit_code(&e);
+            eprintln!("meshca: error: {}", common::one_line(&e));
+            ExitCode::from(code)
+        }
+    }
+}
+
+async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
+    match cmd {
+        Command::Init(a) => init::run(&ctx, a).await,
+        Command::Issue(a) => issue::run(&ctx, a).await,
+        Command::Bundle(c) => bundle::run(&ctx, c).await,
+        Command::Inspect(a) => inspect::run_inspect(&ctx, a).await,
+        Command::Verify(a) => inspect::run_verify(&ctx, a).await,
+        Command::Ca(c) => ca::run(&ctx, c).await,
+        Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
+        Command::Check => ca::run_check(&ctx).await,
+    }
+}

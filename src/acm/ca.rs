@@ -454,11 +454,8 @@ pub async fn create_subordinate_pca(
                     rcgen::CertificateSigningRequestParams::from_der(&csr_der.clone().into())
                         .map_err(|e| backend_err(format!("CA {a}: its CSR does not parse: {e}")))?;
                 let mut params = profile::ca_params(
-                    &spec.name,
-                    &spec.subject,
+                    spec,
                     Some(path_len),
-                    &spec.permitted_dns,
-                    &spec.excluded_dns,
                     now - profile::BACKDATE,
                     not_after,
                     true,

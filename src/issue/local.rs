@@ -16,6 +16,8 @@ use crate::x509::CertInfo;
 pub struct LocalIssuer {
     ca: CaMaterial,
     not_after: OffsetDateTime,
+    /// DNS name constraints of the CA certificate: (permitted, excluded).
+    dns_constraints: (Vec<String>, Vec<String>),
     issuer: rcgen::Issuer<'static, KeyRef>,
 }
 
@@ -57,8 +59,10 @@ impl LocalIssuer {
         })?;
         let info = ca.info()?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
+        let dns_constraints = crate::x509::dns_name_constraints(&ca.cert)?;
         Ok(LocalIssuer {
             not_after: info.not_after,
+            dns_constraints,
             ca,
             issuer,
         })
@@ -102,6 +106,20 @@ impl LocalIssuer {
                 "CA {} expired at {}",
                 self.ca.meta.name, self.not_after
             )));
+        }
+        // Never issue a certificate that its own CA's name constraints make invalid.
+        let (permitted, excluded) = &self.dns_constraints;
+        for d in &req.sans.dns {
+            let within =
+                |base: &String| d.as_str() == base || d.as_str().ends_with(&format!(".{base}"));
+            if (!permitted.is_empty() && !permitted.iter().any(within))
+                || excluded.iter().any(within)
+            {
+                return Err(Error::PolicyDenied {
+                    ca: self.ca.meta.name.clone(),
+                    reason: format!("DNS name {d} is outside the CA's name constraints"),
+                });
+            }
         }
         // A leaf never outlives its CA.
         let not_after = (now + req.ttl).min(self.not_after);

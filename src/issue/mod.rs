@@ -195,6 +195,19 @@ pub struct CsrOptions {
 /// request ready to sign. Pure: no I/O, so the signer and approver can share it.
 pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
     let info = CsrInfo::from_der(csr_der)?;
+    // Weak keys first: the verifier refuses RSA under 2048 bits outright, which would
+    // otherwise surface as a misleading signature failure.
+    if let PublicKeyKind::Rsa { bits } = info.key {
+        if bits < crate::key::MIN_RSA_BITS {
+            return Err(Error::PolicyDenied {
+                ca: issuer.meta().name.clone(),
+                reason: format!(
+                    "RSA key of {bits} bits is under the {}-bit minimum",
+                    crate::key::MIN_RSA_BITS
+                ),
+            });
+        }
+    }
     if !info.signature_valid {
         return Err(Error::Csr(
             "signature does not verify with the request's own key (proof of possession failed)"

@@ -1,0 +1,256 @@
+//! `meshca bundle`: named trust bundles.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use meshca::bundle::{self, BundleSpec};
+use meshca::output::{bundle_configmap_manifest, ObjectRef};
+use meshca::report::{AnchorSummary, BundleReport};
+use meshca::store::{self, SaveOutcome, Store};
+use meshca::x509::CertInfo;
+
+use crate::common::{rfc3339, usage, Ctx};
+
+#[derive(Subcommand, Debug)]
+pub enum BundleCmd {
+    /// Create a bundle of CAs (e.g. `frontend` trusting ca1 and ca2).
+    Create(CreateArgs),
+    /// Add or remove member CAs.
+    Update(UpdateArgs),
+    /// Show a bundle's members and anchors.
+    Show(NameArg),
+    /// List bundles.
+    List,
+    /// Write a bundle's PEM to a file or stdout.
+    Export(ExportArgs),
+    /// Print a ConfigMap manifest (key ca.crt) for `kubectl apply -f -`.
+    Configmap(ConfigMapArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// Bundle name.
+    name: String,
+    /// Member CA (repeatable).
+    #[arg(long = "ca", value_name = "NAME", required = true)]
+    cas: Vec<String>,
+    /// File name used by export and workload output [default: <name>_bundle.pem].
+    #[arg(long)]
+    file: Option<String>,
+    /// Namespace the ConfigMap is published to (repeatable).
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// Replace an existing bundle of that name.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct UpdateArgs {
+    /// Bundle name.
+    name: String,
+    /// CA to add (repeatable).
+    #[arg(long = "add-ca", value_name = "NAME")]
+    add: Vec<String>,
+    /// CA to remove (repeatable).
+    #[arg(long = "remove-ca", value_name = "NAME")]
+    remove: Vec<String>,
+    /// Namespace to add (repeatable).
+    #[arg(long = "add-namespace", value_name = "NS")]
+    add_ns: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct NameArg {
+    /// Bundle name.
+    name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Bundle name.
+    name: String,
+    /// Output file [default: stdout].
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ConfigMapArgs {
+    /// Bundle name.
+    name: String,
+    /// Namespace(s) [default: the bundle's namespaces].
+    #[arg(long = "namespace", value_name = "NS")]
+    namespaces: Vec<String>,
+    /// ConfigMap name [default: <bundle>-trust-bundle].
+    #[arg(long)]
+    configmap_name: Option<String>,
+}
+
+async fn report(store: &dyn Store, spec: &BundleSpec) -> anyhow::Result<BundleReport> {
+    let anchors = store::bundle_anchors(store, spec).await?;
+    let mut summaries = Vec::new();
+    for a in &anchors {
+        let i = CertInfo::from_der(a)?;
+        summaries.push(AnchorSummary {
+            subject: i.subject,
+            sha256_fingerprint: i.sha256_fingerprint,
+            not_after: i.not_after,
+        });
+    }
+    Ok(BundleReport {
+        name: spec.name.clone(),
+        cas: spec.cas.clone(),
+        file: spec.file_name(),
+        namespaces: spec.namespaces.clone(),
+        anchors: summaries,
+        pem: bundle::to_pem(&anchors),
+    })
+}
+
+fn text(r: &BundleReport) -> String {
+    let mut s = format!(
+        "bundle {}\n  CAs      {}\n  file     {}\n",
+        r.name,
+        r.cas.join(", "),
+        r.file
+    );
+    if !r.namespaces.is_empty() {
+        s.push_str(&format!("  publish  {}\n", r.namespaces.join(", ")));
+    }
+    for a in &r.anchors {
+        s.push_str(&format!(
+            "  anchor   {}  until {}  sha256 {}\n",
+            a.subject,
+            rfc3339(a.not_after),
+            a.sha256_fingerprint
+        ));
+    }
+    s
+}
+
+async fn save_checked(
+    ctx: &Ctx,
+    store: &dyn Store,
+    spec: &BundleSpec,
+) -> anyhow::Result<SaveOutcome> {
+    spec.validate()?;
+    // Every member must exist before the definition is stored.
+    let r = report(store, spec).await?;
+    let outcome = store.save_bundle(spec).await?;
+    ctx.emit(&r, || {
+        format!(
+            "{} bundle {}\n{}",
+            if outcome == SaveOutcome::Created {
+                "created"
+            } else {
+                "updated"
+            },
+            spec.name,
+            text(&r)
+        )
+    })?;
+    Ok(outcome)
+}
+
+pub async fn run(ctx: &Ctx, cmd: BundleCmd) -> anyhow::Result<()> {
+    let store = ctx.store(false).await?;
+    let store = store.as_ref();
+    match cmd {
+        BundleCmd::Create(a) => {
+            if !a.force && store.load_bundle(&a.name).await.is_ok() {
+                return Err(meshca::Error::AlreadyExists(format!("bundle {}", a.name)).into());
+            }
+            let spec = BundleSpec {
+                name: a.name,
+                cas: a.cas,
+                file: a.file,
+                namespaces: a.namespaces,
+            };
+            save_checked(ctx, store, &spec).await?;
+        }
+        BundleCmd::Update(a) => {
+            if a.add.is_empty() && a.remove.is_empty() && a.add_ns.is_empty() {
+                return Err(usage(
+                    "nothing to do: give --add-ca, --remove-ca or --add-namespace",
+                ));
+            }
+            let mut spec = store.load_bundle(&a.name).await?;
+            for r in &a.remove {
+                if !spec.cas.contains(r) {
+                    return Err(usage(format!("bundle {} has no CA {r:?}", spec.name)));
+                }
+                spec.cas.retain(|c| c != r);
+            }
+            for c in a.add {
+                if !spec.cas.contains(&c) {
+                    spec.cas.push(c);
+                }
+            }
+            for n in a.add_ns {
+                if !spec.namespaces.contains(&n) {
+                    spec.namespaces.push(n);
+                }
+            }
+            save_checked(ctx, store, &spec).await?;
+        }
+        BundleCmd::Show(a) => {
+            let r = report(store, &store.load_bundle(&a.name).await?).await?;
+            ctx.emit(&r, || text(&r))?;
+        }
+        BundleCmd::List => {
+            let mut all = Vec::new();
+            for b in store.list_bundles().await? {
+                all.push(report(store, &b).await?);
+            }
+            ctx.emit(&all, || {
+                if all.is_empty() {
+                    return "no bundles\n".into();
+                }
+                all.iter()
+                    .map(|r| format!("{:<20} {}\n", r.name, r.cas.join(",")))
+                    .collect()
+            })?;
+        }
+        BundleCmd::Export(a) => {
+            let r = report(store, &store.load_bundle(&a.name).await?).await?;
+            match a.out {
+                Some(p) => {
+                    meshca::fsutil::write_atomic(
+                        &p,
+                        r.pem.as_bytes(),
+                        meshca::fsutil::PUBLIC_MODE,
+                    )?;
+                    eprintln!(
+                        "meshca: wrote {} ({} anchors)",
+                        p.display(),
+                        r.anchors.len()
+                    );
+                }
+                None => print!("{}", r.pem),
+            }
+        }
+        BundleCmd::Configmap(a) => {
+            let spec = store.load_bundle(&a.name).await?;
+            let r = report(store, &spec).await?;
+            let namespaces = if a.namespaces.is_empty() {
+                spec.namespaces.clone()
+            } else {
+                a.namespaces
+            };
+            if namespaces.is_empty() {
+                return Err(usage(
+                    "no namespace: pass --namespace or add namespaces to the bundle",
+                ));
+            }
+            let name = a.configmap_name.unwrap_or_else(|| spec.configmap_name());
+            let mut docs = Vec::new();
+            for ns in namespaces {
+                let at: ObjectRef = format!("{ns}/{name}").parse()?;
+                docs.push(bundle_configmap_manifest(&at, &spec.name, &r.pem)?);
+            }
+            print!("{}", docs.join("---\n"));
+        }
+    }
+    Ok(())
+}

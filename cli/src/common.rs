@@ -1,0 +1,179 @@
+//! Shared CLI plumbing: store selection, output, logging, exit codes.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::anyhow;
+use meshca::store::{LocalStore, Store};
+use serde::Serialize;
+
+/// Output format of stdout data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON document.
+    Json,
+}
+
+/// Format of stderr logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Plain text lines.
+    Text,
+    /// JSON lines.
+    Json,
+}
+
+/// Global options every command sees.
+#[derive(Debug)]
+pub struct Ctx {
+    pub home: Option<PathBuf>,
+    pub store: String,
+    pub output: OutputFormat,
+}
+
+/// A user error raised by the CLI itself (bad flag combination and the like): exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(UsageError(msg.into()))
+}
+
+impl Ctx {
+    pub fn home_dir(&self) -> anyhow::Result<PathBuf> {
+        match &self.home {
+            Some(h) if !h.as_os_str().is_empty() => Ok(h.clone()),
+            _ => meshca::store::local::default_home()
+                .ok_or_else(|| usage("no home directory: pass --home or set MESHCA_HOME")),
+        }
+    }
+
+    /// Opens the selected store; `create` makes a missing local home (for `init`).
+    pub async fn store(&self, create: bool) -> anyhow::Result<Box<dyn Store>> {
+        match self.store.as_str() {
+            "local" => {
+                let home = self.home_dir()?;
+                let s = if create {
+                    LocalStore::create(&home)?
+                } else {
+                    LocalStore::open(&home)?
+                };
+                Ok(Box::new(s))
+            }
+            other if other.starts_with("kube:") => Err(anyhow!(meshca::Error::Unsupported(
+                "the kube store is not available in this build".into()
+            ))),
+            other => Err(usage(format!(
+                "unknown --store {other:?}; use `local` or `kube:<namespace>`"
+            ))),
+        }
+    }
+
+    pub fn json(&self) -> bool {
+        self.output == OutputFormat::Json
+    }
+
+    /// Prints `value` as JSON when `--output json`, else the text from `text()`.
+    pub fn emit<T: Serialize>(
+        &self,
+        value: &T,
+        text: impl FnOnce() -> String,
+    ) -> anyhow::Result<()> {
+        let mut out = std::io::stdout().lock();
+        if self.json() {
+            serde_json::to_writer_pretty(&mut out, value)?;
+            writeln!(out)?;
+        } else {
+            let t = text();
+            write!(out, "{t}")?;
+            if !t.is_empty() && !t.ends_with('\n') {
+                writeln!(out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Reads a file (or stdin for `-`) with the input size limit.
+pub fn read_input(path: &Path) -> anyhow::Result<(Vec<u8>, String)> {
+    if path == Path::new("-") {
+        Ok((
+            meshca::fsutil::read_limited_from("<stdin>", std::io::stdin().lock())?,
+            "<stdin>".into(),
+        ))
+    } else {
+        Ok((
+            meshca::fsutil::read_limited(path)?,
+            path.display().to_string(),
+        ))
+    }
+}
+
+pub fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => b.try_init(),
+        LogFormat::Json => b.json().try_init(),
+    };
+}
+
+/// 1 for the user's errors (input, policy, unknown names), 2 for everything else.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if cause.is::<UsageError>() {
+            return 1;
+        }
+        if let Some(me) = cause.downcast_ref::<meshca::Error>() {
+            return if me.is_user_error() { 1 } else { 2 };
+        }
+    }
+    2
+}
+
+/// The error chain on one line.
+pub fn one_line(e: &anyhow::Error) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// "3d 4h" style remaining time.
+pub fn time_left(secs: i64) -> String {
+    if secs <= 0 {
+        return "EXPIRED".into();
+    }
+    let d = secs / 86400;
+    let h = (secs % 86400) / 3600;
+    let m = (secs % 3600) / 60;
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else {
+        format!("{m}m {}s", secs % 60)
+    }
+}
+
+pub fn rfc3339(t: time::OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// A clap error on one line: its message lines joined, without the usage and help hints.
+pub fn clap_one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let parts: Vec<&str> = rendered
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    parts.join(" ").trim_start_matches("error: ").to_string()
+}

@@ -1,0 +1,195 @@
+//! `meshca init`: create CAs from flags or from a mesh file.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use meshca::ca::{create_intermediate, create_root, CaSpec};
+use meshca::config::{apply, Applied, ApplyOptions, MeshConfig, Outcome};
+use meshca::identity::TrustDomain;
+use meshca::key::KeyAlgorithm;
+use meshca::policy::Policy;
+use meshca::profile::CaSubject;
+use meshca::store::SaveOutcome;
+
+use crate::common::{usage, Ctx};
+
+#[derive(Args, Debug)]
+pub struct InitArgs {
+    /// Declarative mesh file (CAs, bundles, workloads); relative paths resolve against it.
+    #[arg(long, conflicts_with = "ca")]
+    config: Option<PathBuf>,
+    /// Name of a CA to create (repeatable: each gets the options below).
+    #[arg(long = "ca", value_name = "NAME")]
+    ca: Vec<String>,
+    /// Parent CA: create intermediates signed by it.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Key algorithm: ecdsa-p256, ecdsa-p384, ed25519, rsa-2048, rsa-3072, rsa-4096.
+    #[arg(long, default_value = "ecdsa-p256")]
+    key: KeyAlgorithm,
+    /// Validity, e.g. 10y, 90d [default: 10y for roots, 5y for intermediates].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    validity: Option<Duration>,
+    /// Subject common name [default: "meshca <name> CA"] (only with a single --ca).
+    #[arg(long)]
+    common_name: Option<String>,
+    /// Subject organization.
+    #[arg(long)]
+    organization: Option<String>,
+    /// Subject organizational unit.
+    #[arg(long)]
+    organizational_unit: Option<String>,
+    /// SPIFFE trust domain of the workloads this CA signs.
+    #[arg(long, default_value = meshca::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: TrustDomain,
+    /// basicConstraints pathLen [default: 1 for roots, 0 for intermediates].
+    #[arg(long)]
+    path_len: Option<u8>,
+    /// Name constraint: permitted DNS subtree (repeatable).
+    #[arg(long = "permit-dns", value_name = "DOMAIN")]
+    permit_dns: Vec<String>,
+    /// Name constraint: excluded DNS subtree (repeatable).
+    #[arg(long = "exclude-dns", value_name = "DOMAIN")]
+    exclude_dns: Vec<String>,
+    /// Policy: longest workload TTL.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_ttl: Option<Duration>,
+    /// Policy: TTL when a request names none.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    default_ttl: Option<Duration>,
+    /// Policy: allowed SPIFFE ID pattern (repeatable), e.g. 'spiffe://{td}/ns/*/sa/*'.
+    #[arg(long = "allow-spiffe", value_name = "PATTERN")]
+    allow_spiffe: Vec<String>,
+    /// Policy: allowed DNS pattern (repeatable), e.g. '{sa}.{ns}.svc' or '**.example.com'.
+    #[arg(long = "allow-dns", value_name = "PATTERN")]
+    allow_dns: Vec<String>,
+    /// Policy: permit wildcard DNS SANs.
+    #[arg(long)]
+    allow_wildcard_dns: bool,
+    /// Policy: refuse IP SANs.
+    #[arg(long)]
+    deny_ip_sans: bool,
+    /// Policy: every certificate must carry a SPIFFE ID.
+    #[arg(long)]
+    require_spiffe_id: bool,
+    /// Replace existing CAs (and re-issue workloads with --config).
+    #[arg(long)]
+    force: bool,
+}
+
+pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
+    let store = ctx.store(true).await?;
+    let now = time::OffsetDateTime::now_utc();
+    let report: Vec<Applied> = if let Some(path) = &a.config {
+        let cfg = MeshConfig::load(path)?;
+        let base_dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
+        apply(
+            store.as_ref(),
+            &cfg,
+            &ApplyOptions {
+                force: a.force,
+                base_dir,
+            },
+            now,
+        )
+        .await?
+    } else {
+        if a.ca.is_empty() {
+            return Err(usage("give --ca NAME (repeatable) or --config FILE"));
+        }
+        if a.ca.len() > 1 && a.common_name.is_some() {
+            return Err(usage(
+                "--common-name applies to one CA; create the CAs one at a time",
+            ));
+        }
+        let mut policy = Policy::default();
+        if let Some(m) = a.max_ttl {
+            policy.max_ttl = m;
+        }
+        if let Some(d) = a.default_ttl {
+            policy.default_ttl = d;
+        }
+        policy.allowed_spiffe_ids = a.allow_spiffe.clone();
+        policy.allowed_dns = a.allow_dns.clone();
+        policy.allow_wildcard_dns = a.allow_wildcard_dns;
+        policy.allow_ip_sans = !a.deny_ip_sans;
+        policy.require_spiffe_id = a.require_spiffe_id;
+        let parent = match &a.parent {
+            Some(p) => Some(store.load_ca(p).await?),
+            None => None,
+        };
+        let mut report = Vec::new();
+        for name in &a.ca {
+            let spec = CaSpec {
+                name: name.clone(),
+                parent: a.parent.clone(),
+                key: a.key,
+                validity: a.validity,
+                subject: CaSubject {
+                    common_name: a.common_name.clone(),
+                    organization: a.organization.clone(),
+                    organizational_unit: a.organizational_unit.clone(),
+                },
+                path_len: a.path_len,
+                trust_domain: Some(a.trust_domain.clone()),
+                permitted_dns: a.permit_dns.clone(),
+                excluded_dns: a.exclude_dns.clone(),
+                policy: policy.clone(),
+            };
+            if store.ca_exists(name).await? && !a.force {
+                report.push(Applied {
+                    kind: "ca".into(),
+                    name: name.clone(),
+                    outcome: Outcome::Exists,
+                    files: vec![],
+                    serial: None,
+                });
+                continue;
+            }
+            tracing::info!(ca = %name, key = %a.key, "generating CA key");
+            let ca = match &parent {
+                None => create_root(&spec, now)?,
+                Some(p) => create_intermediate(&spec, p, now)?,
+            };
+            let outcome = match store.save_ca(&ca, a.force).await {
+                Ok(SaveOutcome::Created) => Outcome::Created,
+                Ok(SaveOutcome::Replaced) => Outcome::Replaced,
+                // Another process created it between our check and our save.
+                Err(meshca::Error::AlreadyExists(_)) => Outcome::Exists,
+                Err(e) => return Err(e.into()),
+            };
+            report.push(Applied {
+                kind: "ca".into(),
+                name: name.clone(),
+                outcome,
+                files: vec![],
+                serial: Some(ca.info()?.serial_hex()),
+            });
+        }
+        report
+    };
+    let home = store.describe();
+    ctx.emit(&report, || {
+        let mut s = String::new();
+        for r in &report {
+            let what = match r.outcome {
+                Outcome::Created => "created",
+                Outcome::Exists => "exists (left alone; --force replaces it)",
+                Outcome::Replaced => "replaced",
+                Outcome::Updated => "updated",
+                Outcome::Unchanged => "unchanged",
+            };
+            s.push_str(&format!("{:<8} {:<16} {what}", r.kind, r.name));
+            if let Some(serial) = &r.serial {
+                s.push_str(&format!("  serial {serial}"));
+            }
+            s.push('\n');
+            for f in &r.files {
+                s.push_str(&format!("           wrote {}\n", f.display()));
+            }
+        }
+        s.push_str(&format!("store: {home}\n"));
+        s
+    })
+}

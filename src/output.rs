@@ -1,0 +1,236 @@
+//! Output layouts users already know: App Mesh-style files and Kubernetes manifests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::fsutil::{self, KEY_MODE, PUBLIC_MODE};
+use crate::issue::{IssuedCert, Workload};
+
+/// Paths written for a workload.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct WorkloadFiles {
+    /// `<name>_cert.pem`: the leaf.
+    pub cert: PathBuf,
+    /// `<name>_key.pem`: the private key (0600).
+    pub key: PathBuf,
+    /// `<name>_cert_chain.pem`: leaf and intermediates.
+    pub chain: PathBuf,
+}
+
+/// The file names of a workload in `dir`.
+pub fn workload_paths(dir: &Path, name: &str) -> WorkloadFiles {
+    WorkloadFiles {
+        cert: dir.join(format!("{name}_cert.pem")),
+        key: dir.join(format!("{name}_key.pem")),
+        chain: dir.join(format!("{name}_cert_chain.pem")),
+    }
+}
+
+/// Validates a workload name used in file names.
+pub fn validate_workload_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "workload name",
+            format!("{name:?}: use letters, digits, '-', '_' and '.'"),
+        ))
+    }
+}
+
+/// Writes the three App Mesh-style files for a workload as one atomic set.
+pub fn write_workload_files(dir: &Path, name: &str, w: &Workload) -> Result<WorkloadFiles> {
+    validate_workload_name(name)?;
+    if !dir.exists() {
+        fsutil::create_private_dir(dir)?;
+    }
+    let paths = workload_paths(dir, name);
+    let key = w.key.to_pkcs8_pem();
+    fsutil::write_set_atomic(&[
+        (paths.key.clone(), key.as_bytes().to_vec(), KEY_MODE),
+        (
+            paths.cert.clone(),
+            w.cert.leaf_pem().into_bytes(),
+            PUBLIC_MODE,
+        ),
+        (
+            paths.chain.clone(),
+            w.cert.chain_pem().into_bytes(),
+            PUBLIC_MODE,
+        ),
+    ])?;
+    Ok(paths)
+}
+
+/// Writes a certificate chain (CSR mode: no key) to `<name>_cert.pem` and `<name>_cert_chain.pem`.
+pub fn write_cert_files(dir: &Path, name: &str, c: &IssuedCert) -> Result<WorkloadFiles> {
+    validate_workload_name(name)?;
+    if !dir.exists() {
+        fsutil::create_private_dir(dir)?;
+    }
+    let paths = workload_paths(dir, name);
+    fsutil::write_set_atomic(&[
+        (paths.cert.clone(), c.leaf_pem().into_bytes(), PUBLIC_MODE),
+        (paths.chain.clone(), c.chain_pem().into_bytes(), PUBLIC_MODE),
+    ])?;
+    Ok(paths)
+}
+
+/// `NAMESPACE/NAME` of a Kubernetes object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectRef {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl std::str::FromStr for ObjectRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (ns, name) = s.split_once('/').ok_or_else(|| {
+            Error::invalid("object reference", format!("{s:?} must be NAMESPACE/NAME"))
+        })?;
+        for part in [ns, name] {
+            let ok = !part.is_empty()
+                && part.len() <= 253
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+                && !part.starts_with(['-', '.'])
+                && !part.ends_with(['-', '.']);
+            if !ok {
+                return Err(Error::invalid(
+                    "object reference",
+                    format!("{part:?} in {s:?} is not a valid Kubernetes name"),
+                ));
+            }
+        }
+        Ok(ObjectRef {
+            namespace: ns.into(),
+            name: name.into(),
+        })
+    }
+}
+
+impl std::fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Manifest<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: Metadata<'a>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    type_: Option<&'a str>,
+    data: BTreeMap<&'a str, String>,
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    name: &'a str,
+    namespace: &'a str,
+    labels: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: BTreeMap<&'a str, String>,
+}
+
+fn to_yaml(m: &Manifest<'_>) -> Result<String> {
+    serde_yaml::to_string(m).map_err(|e| Error::Build(format!("YAML encoding: {e}")))
+}
+
+/// A `kubernetes.io/tls` Secret with `tls.crt` (leaf + intermediates), `tls.key` and
+/// `ca.crt` (the trust bundle): the Istio ingress gateway credential format.
+pub fn tls_secret_manifest(
+    at: &ObjectRef,
+    ca: &str,
+    w: &Workload,
+    ca_crt_pem: &str,
+) -> Result<String> {
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let key = w.key.to_pkcs8_pem();
+    let mut data = BTreeMap::new();
+    data.insert("tls.crt", b64(w.cert.chain_pem().as_bytes()));
+    data.insert("tls.key", b64(key.as_bytes()));
+    data.insert("ca.crt", b64(ca_crt_pem.as_bytes()));
+    let mut annotations = BTreeMap::new();
+    annotations.insert("meshca.io/serial", w.cert.info.serial_hex());
+    annotations.insert(
+        "meshca.io/not-after",
+        w.cert
+            .info
+            .not_after
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    );
+    to_yaml(&Manifest {
+        api_version: "v1",
+        kind: "Secret",
+        metadata: Metadata {
+            name: &at.name,
+            namespace: &at.namespace,
+            labels: BTreeMap::from([
+                ("app.kubernetes.io/managed-by", "meshca"),
+                ("meshca.io/ca", ca),
+            ]),
+            annotations,
+        },
+        type_: Some("kubernetes.io/tls"),
+        data,
+    })
+}
+
+/// A ConfigMap carrying a trust bundle under key `ca.crt`.
+pub fn bundle_configmap_manifest(at: &ObjectRef, bundle: &str, ca_crt_pem: &str) -> Result<String> {
+    to_yaml(&Manifest {
+        api_version: "v1",
+        kind: "ConfigMap",
+        metadata: Metadata {
+            name: &at.name,
+            namespace: &at.namespace,
+            labels: BTreeMap::from([
+                ("app.kubernetes.io/managed-by", "meshca"),
+                ("meshca.io/bundle", bundle),
+            ]),
+            annotations: BTreeMap::new(),
+        },
+        type_: None,
+        data: BTreeMap::from([("ca.crt", ca_crt_pem.to_string())]),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_refs() {
+        let r: ObjectRef = "istio-ingress/gateway-ca-tls".parse().unwrap();
+        assert_eq!(r.to_string(), "istio-ingress/gateway-ca-tls");
+        for bad in ["noslash", "/x", "x/", "Upper/x", "a/b/c", "a/-b"] {
+            assert!(bad.parse::<ObjectRef>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn workload_names() {
+        validate_workload_name("frontend").unwrap();
+        for bad in ["", "../x", ".hidden", "a/b", "a b"] {
+            assert!(validate_workload_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
