@@ -214,3 +214,96 @@ fn init_create_register_and_issue() {
     let (code, _) = fails(&home, &["init", "--ca", "x", "--pca-arn", ghost]);
     assert_eq!(code, 1);
 }
+
+/// The standard AWS chain with no flags: IRSA-style web identity credentials (exchanged
+/// through moto's STS) and `AWS_ENDPOINT_URL` / `AWS_REGION` from the environment.
+#[test]
+fn web_identity_and_endpoint_from_environment() {
+    let Some(ep) = moto() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let token = dir.path().join("token");
+    // moto's STS does not validate the web identity token.
+    std::fs::write(&token, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJtZXNoY2EifQ.").unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(args)
+            .env("MESHCA_HOME", &home)
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_CONFIG_FILE", dir.path().join("none"))
+            .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+            .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token)
+            .env(
+                "AWS_ROLE_ARN",
+                "arn:aws:iam::123456789012:role/meshca-signer",
+            )
+            .env("AWS_ROLE_SESSION_NAME", "meshca-test")
+            .env("AWS_ENDPOINT_URL", &ep)
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env_remove("RUST_LOG")
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run(&[
+        "init",
+        "--ca",
+        "irsa",
+        "--backend",
+        "acm-pca",
+        "--create",
+        "--max-ttl",
+        "400d",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Control: the same without the web identity token finds no credentials at all.
+    let o = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args([
+            "init",
+            "--ca",
+            "nocreds",
+            "--backend",
+            "acm-pca",
+            "--create",
+        ])
+        .env("MESHCA_HOME", &home)
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_WEB_IDENTITY_TOKEN_FILE")
+        .env_remove("AWS_ROLE_ARN")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        .env_remove("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        .env("AWS_CONFIG_FILE", dir.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", dir.path().join("none"))
+        .env("AWS_ENDPOINT_URL", &ep)
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args(["--log-level", "error"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("no AWS credentials"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let o = run(&[
+        "issue",
+        "--ca",
+        "irsa",
+        "--dns",
+        "web.prod.svc",
+        "--ttl",
+        "365d",
+        "--out-dir",
+        "out",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.path().join("out/web_cert.pem").exists());
+}

@@ -12,8 +12,10 @@ use crate::error::Error;
 /// What kind of failure an AWS call ended in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// Credentials missing, invalid or lacking IAM permission.
+    /// Credentials invalid or lacking IAM permission.
     AccessDenied,
+    /// No credentials found anywhere in the AWS credential chain.
+    NoCredentials,
     /// The CA exists but is not ACTIVE (pending, disabled, expired, deleted).
     NotActive,
     /// No CA (or certificate) with that ARN in this account and region.
@@ -135,6 +137,17 @@ fn chain_text(e: &(dyn std::error::Error + 'static)) -> String {
     one_line(&parts.join(": "))
 }
 
+/// Credential-chain failures surface as dispatch or construction failures; spot them.
+fn credential_kind(detail: &str) -> Option<ErrorKind> {
+    if detail.contains("no credentials found") {
+        Some(ErrorKind::NoCredentials)
+    } else if detail.contains("credentials") || detail.contains("credential provider") {
+        Some(ErrorKind::AccessDenied)
+    } else {
+        None
+    }
+}
+
 impl CallError {
     /// Classifies an SDK error.
     pub fn from_sdk<E>(e: &SdkError<E, HttpResponse>) -> CallError
@@ -172,12 +185,8 @@ impl CallError {
                     Some(c) => chain_text(c),
                     None => chain_text(e),
                 };
-                // Missing credentials surface here too; they are an access problem.
-                let kind = if detail.contains("credentials") || detail.contains("identity") {
-                    ErrorKind::AccessDenied
-                } else {
-                    ErrorKind::Unreachable
-                };
+                // Credential-chain failures surface here too.
+                let kind = credential_kind(&detail).unwrap_or(ErrorKind::Unreachable);
                 CallError {
                     kind,
                     code: None,
@@ -186,11 +195,7 @@ impl CallError {
             }
             other => {
                 let detail = chain_text(other);
-                let kind = if detail.contains("credentials") || detail.contains("identity") {
-                    ErrorKind::AccessDenied
-                } else {
-                    ErrorKind::Other
-                };
+                let kind = credential_kind(&detail).unwrap_or(ErrorKind::Other);
                 CallError {
                     kind,
                     code: None,
@@ -206,6 +211,9 @@ impl CallError {
         let message = match self.kind {
             ErrorKind::AccessDenied => format!(
                 "access denied calling {op} on {arn}: {d} (the AWS identity needs acm-pca:{op}; check credentials, region and IAM policy)"
+            ),
+            ErrorKind::NoCredentials => format!(
+                "no AWS credentials for {op}: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or IRSA (AWS_ROLE_ARN + AWS_WEB_IDENTITY_TOKEN_FILE)"
             ),
             ErrorKind::NotActive => format!("CA {arn} is not active, so {op} is refused: {d}"),
             ErrorKind::NotFound => {
@@ -302,6 +310,31 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn missing_credentials_are_named() {
+        assert_eq!(
+            credential_kind(
+                "other: the credential provider was not enabled: no credentials found in chain"
+            ),
+            Some(ErrorKind::NoCredentials)
+        );
+        assert_eq!(
+            credential_kind("tcp connect error: Connection refused"),
+            None
+        );
+        let e = CallError {
+            kind: ErrorKind::NoCredentials,
+            code: None,
+            detail: "no credentials found in chain".into(),
+        }
+        .into_error("IssueCertificate", "arn:x", 1);
+        assert!(
+            e.to_string()
+                .contains("no AWS credentials for IssueCertificate"),
+            "{e}"
+        );
     }
 
     #[test]
