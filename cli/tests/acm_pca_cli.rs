@@ -168,6 +168,49 @@ fn init_create_register_and_issue() {
         "{text}"
     );
 
+    // A subordinate PCA signed by the local root (--parent), issuing a chain that openssl
+    // verifies against the local root alone.
+    let mut args = vec![
+        "init",
+        "--ca",
+        "pca-sub",
+        "--backend",
+        "acm-pca",
+        "--create",
+        "--parent",
+        "local-root",
+        "--max-ttl",
+        "400d",
+    ];
+    args.extend(base);
+    ok(&home, &args);
+    ok(
+        &home,
+        &[
+            "issue",
+            "--ca",
+            "pca-sub",
+            "--dns",
+            "api.shop.svc",
+            "--ttl",
+            "365d",
+            "--out-dir",
+            "sub",
+        ],
+    );
+    let root_pem = ok(&home, &["ca", "show", "local-root", "--pem"]);
+    std::fs::write(dir.path().join("local-root.pem"), root_pem).unwrap();
+    let v = Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dir.path().join("local-root.pem"))
+        .arg("-untrusted")
+        .arg(dir.path().join("sub/api_cert_chain.pem"))
+        .arg(dir.path().join("sub/api_cert.pem"))
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stderr));
+
     // moto ignores Validity: a 24h request comes back with 365 days, which meshca refuses.
     let (code, err) = fails(
         &home,
