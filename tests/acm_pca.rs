@@ -795,7 +795,10 @@ mod pca {
             match t.await.unwrap() {
                 Ok(()) => ok += 1,
                 Err(e) => {
-                    assert!(e.contains("throttled locally"), "{e}");
+                    assert!(
+                        e.starts_with("acm-pca: throttled locally: arn:aws:acm-pca:"),
+                        "{e}"
+                    );
                     shed += 1;
                 }
             }

@@ -188,7 +188,7 @@ impl PcaClient {
                 if let Err(e) = l.acquire(what).await {
                     return Err((
                         CallError {
-                            kind: ErrorKind::Throttled,
+                            kind: ErrorKind::Shed,
                             code: None,
                             detail: match e {
                                 Error::Backend { message, .. } => message,

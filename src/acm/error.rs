@@ -26,6 +26,8 @@ pub enum ErrorKind {
     MalformedCsr,
     /// Rate-limited by AWS.
     Throttled,
+    /// Refused by meshca's own rate limiter (the queue was too deep); no AWS call was made.
+    Shed,
     /// The certificate is still being issued (GetCertificate) or the CA's CSR is not ready.
     InProgress,
     /// A quota (number of CAs or certificates) is exhausted.
@@ -224,6 +226,7 @@ impl CallError {
             ErrorKind::Throttled => format!(
                 "throttled by AWS: {op} on {arn} still rate-limited after {attempts} attempt(s) ({d}); lower the request rate or raise the quota"
             ),
+            ErrorKind::Shed => d.clone(),
             ErrorKind::InProgress => format!("{op} on {arn}: still in progress ({d})"),
             ErrorKind::QuotaExceeded => format!("AWS quota exceeded: {op} on {arn}: {d}"),
             ErrorKind::InvalidArgs => format!("{op} on {arn} rejected by AWS: {d}"),
