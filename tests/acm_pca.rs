@@ -507,11 +507,27 @@ mod pca {
 
     impl Relay {
         async fn start(upstream: &str, throttle: usize) -> Relay {
+            Self::with_faults(
+                upstream,
+                vec![(
+                    "ACMPrivateCA.IssueCertificate",
+                    "ThrottlingException",
+                    throttle,
+                )],
+            )
+            .await
+        }
+
+        /// Answers the first `n` calls of each `(X-Amz-Target, error code, n)` with that error.
+        async fn with_faults(
+            upstream: &str,
+            faults: Vec<(&'static str, &'static str, usize)>,
+        ) -> Relay {
             let up = upstream.trim_start_matches("http://").to_string();
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = format!("http://{}", l.local_addr().unwrap());
             let sent = Arc::new(Mutex::new(Vec::new()));
-            let left = Arc::new(Mutex::new(throttle));
+            let left = Arc::new(Mutex::new(faults));
             let s2 = sent.clone();
             let task = tokio::spawn(async move {
                 loop {
@@ -527,18 +543,21 @@ mod pca {
                             };
                             sent.lock().unwrap().extend_from_slice(&req);
                             let text = String::from_utf8_lossy(&req).to_string();
-                            let throttle_now = text.contains("ACMPrivateCA.IssueCertificate") && {
-                                let mut l = left.lock().unwrap();
-                                if *l > 0 {
-                                    *l -= 1;
-                                    true
-                                } else {
-                                    false
-                                }
-                            };
-                            if throttle_now {
-                                let body =
-                                    r#"{"__type":"ThrottlingException","message":"Rate exceeded"}"#;
+                            let fault = left
+                                .lock()
+                                .unwrap()
+                                .iter_mut()
+                                .find(|(target, _, n)| {
+                                    *n > 0 && text.contains(&format!("{target}\r\n"))
+                                })
+                                .map(|(_, code, n)| {
+                                    *n -= 1;
+                                    *code
+                                });
+                            if let Some(code) = fault {
+                                let body = format!(
+                                    r#"{{"__type":"{code}","message":"injected by the test relay"}}"#
+                                );
                                 let resp = format!(
                                 "HTTP/1.1 400 Bad Request\r\nContent-Type: application/x-amz-json-1.1\r\nContent-Length: {}\r\n\r\n{body}",
                                 body.len()
@@ -754,6 +773,168 @@ mod pca {
             }
         ));
         assert_eq!(relay.issue_calls(), 2);
+    }
+
+    #[tokio::test]
+    async fn get_certificate_in_progress_is_polled_until_a_deadline() {
+        let Some(ep) = moto() else { return };
+        let now = OffsetDateTime::now_utc();
+        let ca = create_root_pca(&spec(&unique("poll")), &opts(&ep), now)
+            .await
+            .unwrap();
+        // moto's GetCertificate returns at once; the relay answers the first three with
+        // RequestInProgressException, as AWS does while a certificate is being issued.
+        let relay = Relay::with_faults(
+            &ep,
+            vec![(
+                "ACMPrivateCA.GetCertificate",
+                "RequestInProgressException",
+                3,
+            )],
+        )
+        .await;
+        let issuer = AcmPcaIssuer::connect(copy(&ca), &opts(&relay.addr))
+            .await
+            .unwrap();
+        issue_workload(
+            &issuer,
+            &sans("p", "a"),
+            Some(MOTO_VALIDITY),
+            KeyAlgorithm::EcdsaP256,
+            now,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            issuer.client().calls(),
+            5,
+            "1 IssueCertificate + 3 in-progress polls + 1 GetCertificate"
+        );
+        assert_eq!(relay.issue_calls(), 1, "polling never re-issues");
+
+        // Never ready: a retryable error after the deadline, with bounded polls.
+        let relay = Relay::with_faults(
+            &ep,
+            vec![(
+                "ACMPrivateCA.GetCertificate",
+                "RequestInProgressException",
+                1000,
+            )],
+        )
+        .await;
+        let o = PcaOptions {
+            poll_deadline: Duration::from_millis(800),
+            ..opts(&relay.addr)
+        };
+        let issuer = AcmPcaIssuer::connect(copy(&ca), &o).await.unwrap();
+        let err = issue_workload(
+            &issuer,
+            &sans("p", "b"),
+            Some(MOTO_VALIDITY),
+            KeyAlgorithm::EcdsaP256,
+            now,
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("still in progress after"), "{err}");
+        assert!(matches!(
+            err,
+            Error::Backend {
+                retryable: true,
+                ..
+            }
+        ));
+        // 100+200+400 ms of backoff fit in 800 ms: at most 5 GetCertificate calls.
+        assert!(issuer.client().calls() <= 6, "{}", issuer.client().calls());
+    }
+
+    #[tokio::test]
+    async fn aws_error_codes_map_to_one_line_messages() {
+        let Some(ep) = moto() else { return };
+        let now = OffsetDateTime::now_utc();
+        let ca = create_root_pca(&spec(&unique("errors")), &opts(&ep), now)
+            .await
+            .unwrap();
+        // moto does not check CA state or IAM on IssueCertificate, and accepts any CSR it can
+        // parse: the relay injects the AWS error responses for these cases.
+        let cases = [
+            (
+                "AccessDeniedException",
+                "access denied calling IssueCertificate",
+                false,
+                false,
+            ),
+            (
+                "InvalidStateException",
+                "is not active, so IssueCertificate is refused",
+                false,
+                false,
+            ),
+            (
+                "MalformedCSRException",
+                "CSR rejected: ACM PCA rejected the CSR",
+                true,
+                false,
+            ),
+            ("LimitExceededException", "AWS quota exceeded", false, false),
+        ];
+        for (code, want, user_error, retryable) in cases {
+            let relay =
+                Relay::with_faults(&ep, vec![("ACMPrivateCA.IssueCertificate", code, 1)]).await;
+            let issuer = AcmPcaIssuer::connect(copy(&ca), &opts(&relay.addr))
+                .await
+                .unwrap();
+            let err = issue_workload(
+                &issuer,
+                &sans("e", "a"),
+                Some(MOTO_VALIDITY),
+                KeyAlgorithm::EcdsaP256,
+                now,
+            )
+            .await
+            .unwrap_err();
+            let msg = err.to_string();
+            assert!(msg.contains(want), "{code}: {msg}");
+            assert!(
+                !msg.contains('\n') && !msg.contains("SdkError") && !msg.contains("ServiceError"),
+                "{msg}"
+            );
+            assert_eq!(err.is_user_error(), user_error, "{code}: {err:?}");
+            if let Error::Backend { retryable: r, .. } = err {
+                assert_eq!(r, retryable, "{code}");
+            }
+            assert_eq!(relay.issue_calls(), 1, "{code}: not retried");
+        }
+    }
+
+    #[tokio::test]
+    async fn inactive_ca_is_not_registered() {
+        let Some(ep) = moto() else { return };
+        let now = OffsetDateTime::now_utc();
+        let ca = create_root_pca(&spec(&unique("disabled")), &opts(&ep), now)
+            .await
+            .unwrap();
+        let Backend::AcmPca { arn, .. } = ca.meta.backend.clone() else {
+            unreachable!()
+        };
+        let client = meshca::acm::PcaClient::connect(None, &opts(&ep))
+            .await
+            .unwrap();
+        client
+            .sdk()
+            .update_certificate_authority()
+            .certificate_authority_arn(&arn)
+            .status(aws_sdk_acmpca::types::CertificateAuthorityStatus::Disabled)
+            .send()
+            .await
+            .unwrap();
+        let err = register_pca("off", &arn, &PcaCaSpec::default(), &opts(&ep), now)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("is not active (status DISABLED)"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
