@@ -8,6 +8,7 @@ mod common;
 mod init;
 mod inspect;
 mod issue;
+mod sds;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,9 @@ enum Command {
     Ledger(ca::LedgerArgs),
     /// Check the store: every CA, bundle and ledger line must load.
     Check,
+    /// Envoy SDS server.
+    #[command(subcommand)]
+    Sds(sds::SdsCmd),
 }
 
 fn main() -> ExitCode {
@@ -75,7 +79,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    common::init_logging(&cli.log_level, cli.log_format);
+    // The SDS server logs each push, ACK and NACK at info.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Sds(_), "warn") => "info",
+        (_, l) => l,
+    };
+    common::init_logging(level, cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -112,5 +121,6 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Ca(c) => ca::run(&ctx, c).await,
         Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
         Command::Check => ca::run_check(&ctx).await,
+        Command::Sds(c) => sds::run(&ctx, c).await,
     }
 }
