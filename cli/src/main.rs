@@ -1,6 +1,7 @@
 //! `meshca`: the private PKI of a Kubernetes service mesh, from the command line.
 #![forbid(unsafe_code)]
 
+mod aws;
 mod bundle;
 mod ca;
 mod common;
