@@ -8,8 +8,8 @@ mod common;
 mod init;
 mod inspect;
 mod issue;
-mod sds;
 mod kube_store;
+mod sds;
 mod signer;
 
 use std::path::PathBuf;
