@@ -78,21 +78,41 @@ pub fn fingerprint_sha256(der: &[u8]) -> String {
 
 /// Bytes as upper-case hex with `:` separators.
 pub fn hex_colon(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    // On the issuance path (serial, SKI, AKI, fingerprint), so no per-byte `format!`.
+    const UPPER: &[u8; 16] = b"0123456789ABCDEF";
+    let mut s = String::with_capacity(bytes.len() * 3);
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            s.push(':');
+        }
+        s.push(UPPER[usize::from(b >> 4)] as char);
+        s.push(UPPER[usize::from(b & 0xf)] as char);
+    }
+    s
 }
 
 /// Bytes as lower-case hex without separators.
 pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const LOWER: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(LOWER[usize::from(b >> 4)] as char);
+        s.push(LOWER[usize::from(b & 0xf)] as char);
+    }
+    s
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_forms() {
+        assert_eq!(hex_colon(&[0x00, 0xab, 0x7f, 0x10]), "00:AB:7F:10");
+        assert_eq!(hex(&[0x00, 0xab, 0x7f, 0x10]), "00ab7f10");
+        assert_eq!(hex_colon(&[]), "");
+        assert_eq!(hex(&[0xff]), "ff");
+    }
 
     #[test]
     fn garbage_and_wrong_blocks_are_rejected_by_name() {

@@ -24,16 +24,19 @@ struct KeyRef(std::sync::Arc<PrivateKey>);
 
 impl PublicKeyData for KeyRef {
     fn der_bytes(&self) -> &[u8] {
-        self.0.key_pair().der_bytes()
+        self.0.public_key_raw()
     }
     fn algorithm(&self) -> &'static SignatureAlgorithm {
-        self.0.key_pair().algorithm()
+        self.0.algorithm().signature_algorithm()
     }
 }
 
 impl SigningKey for KeyRef {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.0.key_pair().sign(msg)
+        self.0
+            .key_pair()
+            .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?
+            .sign(msg)
     }
 }
 
@@ -56,6 +59,8 @@ impl LocalIssuer {
             ))
         })?;
         let info = ca.info()?;
+        // Parse the signing key now, so a bad key fails here rather than at the first sign.
+        key.key_pair()?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
         Ok(LocalIssuer {
             not_after: info.not_after,
@@ -80,7 +85,7 @@ pub(crate) fn csr_for(key: &PrivateKey, sans: &Sans, td: &TrustDomain) -> Result
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = profile::workload_subject(sans, td);
     p.subject_alt_names = profile::san_list(sans)?;
-    Ok(p.serialize_request(key.key_pair())?.der().to_vec())
+    Ok(p.serialize_request(key.key_pair()?)?.der().to_vec())
 }
 
 #[async_trait]
