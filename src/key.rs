@@ -318,14 +318,8 @@ impl PrivateKey {
 
     /// The key as PKCS#8 PEM. The caller is responsible for writing it with mode 0600.
     pub fn to_pkcs8_pem(&self) -> zeroize::Zeroizing<String> {
-        let block = pem::Pem::new("PRIVATE KEY", self.pkcs8.to_vec());
-        let text = zeroize::Zeroizing::new(pem::encode_config(
-            &block,
-            pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-        ));
-        // `Pem` holds a copy of the key bytes: wipe it too.
-        let mut contents = block.into_contents();
-        zeroize::Zeroize::zeroize(&mut contents);
+        let mut text = zeroize::Zeroizing::new(String::new());
+        crate::pemutil::encode_block("PRIVATE KEY", &self.pkcs8, &mut text);
         text
     }
 
