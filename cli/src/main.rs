@@ -1,14 +1,15 @@
 //! `meshca`: the private PKI of a Kubernetes service mesh, from the command line.
 #![forbid(unsafe_code)]
 
+mod aws;
 mod bundle;
 mod ca;
 mod common;
 mod init;
 mod inspect;
 mod issue;
-mod sds;
 mod kube_store;
+mod sds;
 mod signer;
 
 use std::path::PathBuf;
