@@ -468,7 +468,7 @@ pub async fn create_subordinate_pca(
                 params.key_identifier_method =
                     rcgen::KeyIdMethod::PreSpecified(method1_key_id(&csr_der)?);
                 csr_params.params = params;
-                let issuer = rcgen::Issuer::from_ca_cert_der(&parent.cert, pkey.key_pair())?;
+                let issuer = rcgen::Issuer::from_ca_cert_der(&parent.cert, pkey.key_pair()?)?;
                 csr_params.signed_by(&issuer)?.der().clone()
             }
             (None, Some((parn, region, endpoint))) => {
