@@ -8,6 +8,7 @@ mod init;
 mod inspect;
 mod issue;
 mod kube_store;
+mod sds;
 mod signer;
 
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ enum Command {
     /// The in-cluster CSR signer controller.
     #[command(subcommand)]
     Signer(signer::SignerCmd),
+    /// Envoy SDS server.
+    #[command(subcommand)]
+    Sds(sds::SdsCmd),
 }
 
 fn main() -> ExitCode {
@@ -83,7 +87,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    common::init_logging(&cli.log_level, cli.log_format);
+    // The SDS server logs each push, ACK and NACK at info.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Sds(_), "warn") => "info",
+        (_, l) => l,
+    };
+    common::init_logging(level, cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -122,5 +131,6 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
         Command::Check => ca::run_check(&ctx).await,
         Command::Signer(c) => signer::run_cmd(&ctx, c).await,
+        Command::Sds(c) => sds::run(&ctx, c).await,
     }
 }

@@ -1,2 +1,677 @@
-//! Envoy SDS server for meshca (see issue "Envoy SDS server").
+//! # meshca-sds
+//!
+//! An Envoy Secret Discovery Service (SDS) server. It serves the workload certificate as the
+//! secret `default`, its trust bundle as `ROOTCA` and every trust bundle of a meshca home
+//! under its own name, over all three RPCs of `envoy.service.secret.v3.SecretDiscoveryService`
+//! (`StreamSecrets`, `DeltaSecrets`, `FetchSecrets`), on a Unix socket and/or TCP.
+//!
+//! Certificates come from a [`CertSource`]: a CA in a meshca home ([`LocalCaSource`], which
+//! issues and renews the certificate itself) or PEM files ([`FileSource`], e.g. a mounted
+//! `kubernetes.io/tls` Secret). A [`Rotator`](rotation::Rotator) renews at a fraction of the
+//! lifetime with jitter, verifies every new chain against the bundle and the expected
+//! identity, and publishes a [`Snapshot`](secrets::Snapshot) through `tokio::sync::watch`;
+//! each stream pushes only what changed. The protocol bookkeeping lives in [`xds`], which
+//! does no I/O.
+//!
+//! ```no_run
+//! use meshca_sds::{serve, shutdown_signal, Listen, ServeConfig, SourceConfig};
+//! # async fn run() -> Result<(), meshca_sds::ServeError> {
+//! let cfg = ServeConfig::new(
+//!     SourceConfig::Files {
+//!         cert: "/etc/tls/tls.crt".into(),
+//!         key: "/etc/tls/tls.key".into(),
+//!         ca: "/etc/tls/ca.crt".into(),
+//!         expected: None,
+//!     },
+//!     vec![Listen::parse("unix:/run/meshca/sds.sock")?],
+//! );
+//! serve(cfg, shutdown_signal()).await
+//! # }
+//! ```
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod metrics;
+pub mod rotation;
+pub mod secrets;
+pub mod service;
+pub mod source;
+pub mod xds;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
+use meshca::identity::Sans;
+use meshca::key::KeyAlgorithm;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+pub use metrics::Metrics;
+pub use rotation::RotationConfig;
+pub use secrets::{Snapshot, DEFAULT_NAME, ROOTCA_NAME, SECRET_TYPE_URL};
+pub use service::SdsService;
+pub use source::{CertSource, FileSource, LocalCaSource, Material, SourceError, WorkloadCert};
+
+/// The default Unix socket path.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/meshca/sds.sock";
+
+/// Errors of the server front end. One line each, never key material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration is unusable.
+    #[error("invalid SDS configuration: {0}")]
+    Config(String),
+    /// The certificate source failed at startup.
+    #[error("certificate source failed at startup: {0}")]
+    Source(#[source] SourceError),
+    /// A listener could not be set up.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server on {addr}: {source}")]
+    Transport {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// An address to serve SDS on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A Unix domain socket path.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    /// Parses `unix:PATH` or `tcp:HOST:PORT` (HOST an IP address; `[::1]` for IPv6).
+    pub fn parse(s: &str) -> Result<Listen, ServeError> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if p.is_empty() {
+                return Err(ServeError::Config("unix: needs a socket path".into()));
+            }
+            return Ok(Listen::Unix(PathBuf::from(p)));
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            let addr = a.parse::<SocketAddr>().map_err(|_| {
+                ServeError::Config(format!(
+                    "{s:?}: expected tcp:IP:PORT, e.g. tcp:127.0.0.1:8234"
+                ))
+            })?;
+            return Ok(Listen::Tcp(addr));
+        }
+        Err(ServeError::Config(format!(
+            "{s:?}: expected unix:PATH or tcp:IP:PORT"
+        )))
+    }
+}
+
+impl ServeError {
+    /// Whether the configuration or input is at fault (the CLI exits 1) rather than the
+    /// environment (exit 2).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            ServeError::Config(_) | ServeError::Listen { .. } => true,
+            ServeError::Source(e) => e.user_error,
+            ServeError::Transport { .. } => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+            Listen::Tcp(a) => write!(f, "tcp:{a}"),
+        }
+    }
+}
+
+/// Where certificates come from.
+#[derive(Clone, Debug)]
+pub enum SourceConfig {
+    /// Issue from a CA in a meshca home.
+    LocalCa {
+        /// The meshca home.
+        home: PathBuf,
+        /// CA name.
+        ca: String,
+        /// Trust bundle served as `ROOTCA` (default: the CA's root).
+        bundle: Option<String>,
+        /// Identity of the certificate.
+        sans: Sans,
+        /// Lifetime (default: the CA policy's default TTL).
+        ttl: Option<Duration>,
+        /// Key algorithm of the workload key.
+        key: KeyAlgorithm,
+    },
+    /// Serve PEM files.
+    Files {
+        /// Certificate chain, leaf first (`tls.crt`).
+        cert: PathBuf,
+        /// Private key (`tls.key`).
+        key: PathBuf,
+        /// Trust bundle (`ca.crt`).
+        ca: PathBuf,
+        /// Identity the certificate must carry, if any.
+        expected: Option<Sans>,
+    },
+}
+
+/// Everything [`serve`] needs. Build with [`ServeConfig::new`] and adjust fields.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// The certificate source.
+    pub source: SourceConfig,
+    /// Addresses to serve on (at least one).
+    pub listen: Vec<Listen>,
+    /// File mode of Unix sockets (default 0600).
+    pub socket_mode: u32,
+    /// Optional address for `/metrics` and `/healthz`.
+    pub metrics: Option<SocketAddr>,
+    /// Rotation settings.
+    pub rotation: RotationConfig,
+    /// HTTP/2 streams allowed per connection (default 10 000).
+    pub max_concurrent_streams: u32,
+    /// Whether SIGHUP forces a renewal / re-read of the source (default true in [`serve`]).
+    pub reload_on_sighup: bool,
+    /// How long shutdown waits for connections to close (default 5 s).
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    /// A configuration with defaults.
+    pub fn new(source: SourceConfig, listen: Vec<Listen>) -> Self {
+        ServeConfig {
+            source,
+            listen,
+            socket_mode: 0o600,
+            metrics: None,
+            rotation: RotationConfig::default(),
+            max_concurrent_streams: 10_000,
+            reload_on_sighup: true,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ServeError> {
+        if self.listen.is_empty() {
+            return Err(ServeError::Config(
+                "no listen address (give unix:PATH and/or tcp:IP:PORT)".into(),
+            ));
+        }
+        let r = &self.rotation;
+        if !(r.renew_at > 0.0 && r.renew_at < 1.0) {
+            return Err(ServeError::Config(format!(
+                "renew-at {} must be between 0 and 1 (exclusive)",
+                r.renew_at
+            )));
+        }
+        if !(0.0..1.0).contains(&r.jitter) {
+            return Err(ServeError::Config(format!(
+                "jitter {} must be in [0, 1)",
+                r.jitter
+            )));
+        }
+        if r.poll_interval.is_zero() {
+            return Err(ServeError::Config("poll interval must be positive".into()));
+        }
+        if self.socket_mode & !0o777 != 0 {
+            return Err(ServeError::Config(format!(
+                "socket mode {:o} is not a permission mode",
+                self.socket_mode
+            )));
+        }
+        Ok(())
+    }
+
+    fn build_source(&self) -> Result<Box<dyn CertSource>, ServeError> {
+        Ok(match &self.source {
+            SourceConfig::LocalCa {
+                home,
+                ca,
+                bundle,
+                sans,
+                ttl,
+                key,
+            } => Box::new(
+                LocalCaSource::new(home, ca, bundle.clone(), sans.clone(), *ttl, *key)
+                    .map_err(|e| ServeError::Config(e.to_string()))?,
+            ),
+            SourceConfig::Files {
+                cert,
+                key,
+                ca,
+                expected,
+            } => Box::new(FileSource::new(
+                cert.clone(),
+                key.clone(),
+                ca.clone(),
+                expected.clone(),
+            )),
+        })
+    }
+}
+
+/// A bound listener and what it resolved to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Bound {
+    /// A Unix socket at this path.
+    Unix(PathBuf),
+    /// A TCP listener at this address (the real port when 0 was asked for).
+    Tcp(SocketAddr),
+}
+
+/// A running server. Dropping it does not stop it; call [`Server::shutdown`].
+#[derive(Debug)]
+pub struct Server {
+    bound: Vec<Bound>,
+    metrics_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    reload: Arc<Notify>,
+    shutdown_tx: watch::Sender<bool>,
+    servers: Vec<(String, JoinHandle<Result<(), tonic::transport::Error>>)>,
+    background: Vec<JoinHandle<()>>,
+    sockets: Vec<PathBuf>,
+    grace: Duration,
+}
+
+fn listen_err(addr: impl std::fmt::Display, source: std::io::Error) -> ServeError {
+    ServeError::Listen {
+        addr: addr.to_string(),
+        source,
+    }
+}
+
+/// Binds a Unix socket with `mode` without a window where it has looser permissions: bind
+/// at a temporary name, chmod, then rename into place. A stale socket (nobody listening) is
+/// replaced; a live one or a non-socket file is an error.
+fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+    let shown = format!("unix:{}", path.display());
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if !md.file_type().is_socket() {
+            return Err(listen_err(
+                &shown,
+                std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "path exists and is not a socket",
+                ),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(listen_err(
+                &shown,
+                std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "another server is listening on it",
+                ),
+            ));
+        }
+        std::fs::remove_file(path).map_err(|e| listen_err(&shown, e))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| listen_err(&shown, e))?;
+    }
+    let file_name = path.file_name().ok_or_else(|| {
+        listen_err(
+            &shown,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "socket path has no file name",
+            ),
+        )
+    })?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let l = UnixListener::bind(&tmp).map_err(|e| listen_err(&shown, e))?;
+    let finish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = finish {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(listen_err(&shown, e));
+    }
+    Ok(l)
+}
+
+impl Server {
+    /// Loads the first secrets (failing fast on a broken source), binds every listener and
+    /// starts serving.
+    pub async fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
+        cfg.validate()?;
+        let source = cfg.build_source()?;
+        let metrics = Arc::new(Metrics::default());
+        let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::new()));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let mut rotator =
+            rotation::Rotator::new(source, cfg.rotation.clone(), snap_tx, metrics.clone());
+        rotator.step(true).await.map_err(ServeError::Source)?;
+
+        let service = SdsService::new(snap_rx.clone(), metrics.clone(), shutdown_rx.clone());
+        let mut bound = Vec::new();
+        let mut servers = Vec::new();
+        let mut sockets = Vec::new();
+        for l in &cfg.listen {
+            let svc = SecretDiscoveryServiceServer::new(service.clone());
+            let builder = tonic::transport::Server::builder()
+                .max_concurrent_streams(cfg.max_concurrent_streams)
+                .http2_keepalive_interval(Some(Duration::from_secs(60)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(20)));
+            let mut sd = shutdown_rx.clone();
+            let signal = async move {
+                let _ = sd.wait_for(|s| *s).await;
+            };
+            let handle = match l {
+                Listen::Unix(path) => {
+                    let listener = bind_unix(path, cfg.socket_mode)?;
+                    sockets.push(path.clone());
+                    bound.push(Bound::Unix(path.clone()));
+                    let mut b = builder;
+                    tokio::spawn(async move {
+                        b.add_service(svc)
+                            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+                            .await
+                    })
+                }
+                Listen::Tcp(addr) => {
+                    let listener = TcpListener::bind(addr)
+                        .await
+                        .map_err(|e| listen_err(l, e))?;
+                    let local = listener.local_addr().map_err(|e| listen_err(l, e))?;
+                    bound.push(Bound::Tcp(local));
+                    let mut b = builder.tcp_nodelay(true);
+                    tokio::spawn(async move {
+                        b.add_service(svc)
+                            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                            .await
+                    })
+                }
+            };
+            tracing::info!(listen = %l, "serving SDS");
+            servers.push((l.to_string(), handle));
+        }
+
+        let mut background = Vec::new();
+        let mut metrics_addr = None;
+        if let Some(addr) = cfg.metrics {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| listen_err(format!("metrics tcp:{addr}"), e))?;
+            metrics_addr = Some(listener.local_addr().map_err(|e| listen_err(addr, e))?);
+            tracing::info!(addr = %metrics_addr.expect("set"), "serving /metrics and /healthz");
+            background.push(tokio::spawn(metrics::serve_http(
+                listener,
+                metrics.clone(),
+                snap_rx.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        let reload = Arc::new(Notify::new());
+        background.push(tokio::spawn(
+            rotator.run(reload.clone(), shutdown_rx.clone()),
+        ));
+        Ok(Server {
+            bound,
+            metrics_addr,
+            metrics,
+            snapshots: snap_rx,
+            reload,
+            shutdown_tx,
+            servers,
+            background,
+            sockets,
+            grace: cfg.shutdown_grace,
+        })
+    }
+
+    /// What the server listens on.
+    pub fn bound(&self) -> &[Bound] {
+        &self.bound
+    }
+
+    /// The TCP addresses the server listens on.
+    pub fn tcp_addrs(&self) -> Vec<SocketAddr> {
+        self.bound
+            .iter()
+            .filter_map(|b| match b {
+                Bound::Tcp(a) => Some(*a),
+                Bound::Unix(_) => None,
+            })
+            .collect()
+    }
+
+    /// The metrics address, if serving metrics.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The published snapshots.
+    pub fn snapshots(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshots.clone()
+    }
+
+    /// Forces a renewal (local CA) or a re-read (files) now.
+    pub fn reload(&self) {
+        self.reload.notify_one();
+    }
+
+    /// A handle that forces renewals, for signal handlers.
+    pub fn reload_handle(&self) -> Arc<Notify> {
+        self.reload.clone()
+    }
+
+    /// Stops: ends every open stream, stops accepting, waits up to the grace period, and
+    /// removes the Unix sockets.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.shutdown_tx.send(true);
+        let mut result = Ok(());
+        for (addr, mut h) in self.servers {
+            match tokio::time::timeout(self.grace, &mut h).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    if result.is_ok() {
+                        result = Err(ServeError::Transport { addr, source: e });
+                    }
+                }
+                Ok(Err(join)) => tracing::warn!(addr = %addr, error = %join, "server task failed"),
+                Err(_) => {
+                    tracing::warn!(addr = %addr, "connections still open after the grace period; closing them");
+                    h.abort();
+                }
+            }
+        }
+        for h in self.background {
+            if tokio::time::timeout(Duration::from_secs(2), h)
+                .await
+                .is_err()
+            {
+                tracing::warn!("background task did not stop in time");
+            }
+        }
+        for s in &self.sockets {
+            let _ = std::fs::remove_file(s);
+        }
+        tracing::info!("SDS server stopped");
+        result
+    }
+
+    /// Serves until `signal` resolves (or a server task fails), then shuts down.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<(), ServeError> {
+        tokio::pin!(signal);
+        let failed = {
+            let watch_servers = futures_first_exit(&mut self.servers);
+            tokio::select! {
+                _ = &mut signal => None,
+                f = watch_servers => Some(f),
+            }
+        };
+        if let Some((addr, err)) = failed {
+            tracing::error!(addr = %addr, error = %err, "server stopped unexpectedly");
+        }
+        self.shutdown().await
+    }
+}
+
+/// Resolves when any server task finishes on its own (which only happens on error).
+async fn futures_first_exit(
+    servers: &mut [(String, JoinHandle<Result<(), tonic::transport::Error>>)],
+) -> (String, String) {
+    loop {
+        if let Some((addr, _)) = servers.iter().find(|(_, h)| h.is_finished()) {
+            return (addr.clone(), "server task exited".into());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Resolves once the shutdown flag is set (or its sender is gone).
+pub(crate) async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => tracing::info!("SIGTERM received; shutting down"),
+                _ = i.recv() => tracing::info!("SIGINT received; shutting down"),
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Starts a server from `cfg` and runs it until `shutdown` resolves. With
+/// `cfg.reload_on_sighup`, SIGHUP forces a renewal.
+pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let sighup = cfg.reload_on_sighup;
+    let server = Server::start(cfg).await?;
+    if sighup {
+        let reload = server.reload_handle();
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received; renewing");
+                    reload.notify_one();
+                }
+            });
+        }
+    }
+    server.run_until(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_parsing() {
+        assert_eq!(
+            Listen::parse("unix:/tmp/x.sock").unwrap(),
+            Listen::Unix("/tmp/x.sock".into())
+        );
+        assert_eq!(
+            Listen::parse("tcp:127.0.0.1:0").unwrap(),
+            Listen::Tcp("127.0.0.1:0".parse().unwrap())
+        );
+        assert_eq!(
+            Listen::parse("tcp:[::1]:80").unwrap().to_string(),
+            "tcp:[::1]:80"
+        );
+        for bad in [
+            "unix:",
+            "tcp:localhost:80",
+            "udp:1",
+            "/tmp/x",
+            "tcp:1.2.3.4",
+        ] {
+            assert!(Listen::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn config_validation() {
+        let src = SourceConfig::Files {
+            cert: "c".into(),
+            key: "k".into(),
+            ca: "a".into(),
+            expected: None,
+        };
+        let mut c = ServeConfig::new(src, vec![]);
+        assert!(c.validate().unwrap_err().to_string().contains("no listen"));
+        c.listen.push(Listen::Tcp("127.0.0.1:0".parse().unwrap()));
+        c.validate().unwrap();
+        c.rotation.renew_at = 1.0;
+        assert!(c.validate().is_err());
+        c.rotation.renew_at = 0.7;
+        c.socket_mode = 0o1777;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn unix_socket_mode_and_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/sds.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let l = bind_unix(&p, 0o600).unwrap();
+            let md = std::fs::metadata(&p).unwrap();
+            assert_eq!(md.permissions().mode() & 0o777, 0o600);
+            // Live: refused.
+            assert!(bind_unix(&p, 0o600)
+                .unwrap_err()
+                .to_string()
+                .contains("another server"));
+            drop(l);
+            // Stale: replaced, with the requested mode.
+            let _l = bind_unix(&p, 0o660).unwrap();
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o660
+            );
+        });
+        let f = dir.path().join("file");
+        std::fs::write(&f, "x").unwrap();
+        assert!(bind_unix(&f, 0o600)
+            .unwrap_err()
+            .to_string()
+            .contains("not a socket"));
+    }
+}

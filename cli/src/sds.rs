@@ -1,0 +1,209 @@
+//! `meshca sds serve`: the Envoy SDS server.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use meshca::config::sans_from_parts;
+use meshca::identity::{DnsName, SpiffeId, TrustDomain};
+use meshca::key::KeyAlgorithm;
+use meshca::store::Store;
+use meshca_sds::{Listen, ServeConfig, SourceConfig, DEFAULT_SOCKET_PATH};
+
+use crate::common::{usage, Ctx};
+
+/// `meshca sds ...`
+#[derive(Subcommand, Debug)]
+pub enum SdsCmd {
+    /// Serve `default` (workload certificate) and `ROOTCA` (trust bundle) to Envoy over SDS,
+    /// renewing and pushing rotations and bundle changes.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Issue and renew the workload certificate from this CA of the meshca home.
+    #[arg(long, required_unless_present = "cert_file")]
+    ca: Option<String>,
+    /// SPIFFE ID of the workload.
+    #[arg(long, conflicts_with_all = ["namespace", "service_account"])]
+    spiffe_id: Option<SpiffeId>,
+    /// Kubernetes namespace (with --service-account: spiffe://<td>/ns/<ns>/sa/<sa>).
+    #[arg(long, requires = "service_account")]
+    namespace: Option<String>,
+    /// Kubernetes service account.
+    #[arg(long, requires = "namespace")]
+    service_account: Option<String>,
+    /// DNS SAN (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<DnsName>,
+    /// IP SAN (repeatable).
+    #[arg(long = "ip", value_name = "ADDR")]
+    ips: Vec<IpAddr>,
+    /// Trust domain for --namespace/--service-account with the file source
+    /// [default: the CA's trust domain, else cluster.local].
+    #[arg(long)]
+    trust_domain: Option<TrustDomain>,
+    /// Trust bundle served as ROOTCA [default: the CA's root]. Every bundle of the home is
+    /// also served under its own name.
+    #[arg(long, conflicts_with = "cert_file")]
+    bundle: Option<String>,
+    /// Lifetime of the workload certificate, e.g. 24h [default: the CA policy's default].
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "cert_file")]
+    ttl: Option<Duration>,
+    /// Renew when this fraction of the lifetime has passed (0 < f < 1).
+    #[arg(long, default_value_t = 0.5)]
+    renew_at: f64,
+    /// Pull each renewal earlier by a random part of up to this fraction (0 <= j < 1).
+    #[arg(long, default_value_t = 0.1)]
+    jitter: f64,
+    /// Workload key algorithm.
+    #[arg(long, default_value = "ecdsa-p256", conflicts_with = "cert_file")]
+    key: KeyAlgorithm,
+    /// Where to serve SDS: unix:PATH and/or tcp:IP:PORT (repeatable)
+    /// [default: unix:/run/meshca/sds.sock].
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// File mode of Unix sockets, octal.
+    #[arg(long, default_value = "600")]
+    socket_mode: String,
+    /// Serve Prometheus /metrics and /healthz on tcp:IP:PORT.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<String>,
+    /// File source: certificate chain, leaf first (e.g. a mounted Secret's tls.crt).
+    #[arg(long, requires_all = ["key_file", "ca_file"], conflicts_with = "ca")]
+    cert_file: Option<PathBuf>,
+    /// File source: private key (tls.key).
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// File source: trust bundle (ca.crt), served as ROOTCA.
+    #[arg(long, requires = "cert_file")]
+    ca_file: Option<PathBuf>,
+    /// How often the home or the files are checked for changes.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    poll_interval: Duration,
+}
+
+pub async fn run(ctx: &Ctx, cmd: SdsCmd) -> anyhow::Result<()> {
+    match cmd {
+        SdsCmd::Serve(a) => serve(ctx, a).await,
+    }
+}
+
+fn parse_tcp(flag: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    s.strip_prefix("tcp:")
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| usage(format!("{flag} {s:?}: expected tcp:IP:PORT")))
+}
+
+/// Builds the server configuration from the flags (no I/O except reading the CA's trust
+/// domain from the home).
+pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
+    let listen = if a.listen.is_empty() {
+        vec![Listen::Unix(PathBuf::from(DEFAULT_SOCKET_PATH))]
+    } else {
+        a.listen
+            .iter()
+            .map(|l| Listen::parse(l).map_err(|e| usage(e.to_string())))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let socket_mode = u32::from_str_radix(&a.socket_mode, 8)
+        .ok()
+        .filter(|m| *m <= 0o777)
+        .ok_or_else(|| {
+            usage(format!(
+                "--socket-mode {:?}: expected an octal mode such as 600",
+                a.socket_mode
+            ))
+        })?;
+    let metrics = a
+        .metrics
+        .as_deref()
+        .map(|m| parse_tcp("--metrics", m))
+        .transpose()?;
+    let source = match (&a.ca, &a.cert_file) {
+        (Some(ca), None) => {
+            if ctx.store != "local" {
+                return Err(usage(
+                    "sds serve issues from the local store only (--store local)",
+                ));
+            }
+            let home = ctx.home_dir()?;
+            let store = meshca::store::LocalStore::open(&home)?;
+            let td = match &a.trust_domain {
+                Some(td) => td.clone(),
+                None => store.load_ca(ca).await?.meta.trust_domain,
+            };
+            let sans = sans_from_parts(
+                &td,
+                a.spiffe_id.clone(),
+                a.namespace.as_deref(),
+                a.service_account.as_deref(),
+                a.dns.clone(),
+                a.ips.clone(),
+            )?;
+            if sans.is_empty() {
+                return Err(usage(
+                    "give the workload identity: --spiffe-id, --namespace/--service-account or --dns",
+                ));
+            }
+            SourceConfig::LocalCa {
+                home,
+                ca: ca.clone(),
+                bundle: a.bundle.clone(),
+                sans,
+                ttl: a.ttl,
+                key: a.key,
+            }
+        }
+        (None, Some(cert)) => {
+            let td = a.trust_domain.clone().unwrap_or_default();
+            let sans = sans_from_parts(
+                &td,
+                a.spiffe_id.clone(),
+                a.namespace.as_deref(),
+                a.service_account.as_deref(),
+                a.dns.clone(),
+                a.ips.clone(),
+            )?;
+            SourceConfig::Files {
+                cert: cert.clone(),
+                key: a
+                    .key_file
+                    .clone()
+                    .ok_or_else(|| usage("--cert-file needs --key-file"))?,
+                ca: a
+                    .ca_file
+                    .clone()
+                    .ok_or_else(|| usage("--cert-file needs --ca-file"))?,
+                expected: (!sans.is_empty()).then_some(sans),
+            }
+        }
+        _ => {
+            return Err(usage(
+                "give either --ca (local CA) or --cert-file/--key-file/--ca-file",
+            ))
+        }
+    };
+    let mut cfg = ServeConfig::new(source, listen);
+    cfg.socket_mode = socket_mode;
+    cfg.metrics = metrics;
+    cfg.rotation.renew_at = a.renew_at;
+    cfg.rotation.jitter = a.jitter;
+    cfg.rotation.poll_interval = a.poll_interval;
+    Ok(cfg)
+}
+
+async fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {
+    let cfg = config(ctx, a).await?;
+    meshca_sds::serve(cfg, meshca_sds::shutdown_signal())
+        .await
+        .map_err(|e| {
+            if e.is_user_error() {
+                usage(e.to_string())
+            } else {
+                anyhow::Error::new(e)
+            }
+        })
+}

@@ -1,0 +1,236 @@
+//! `meshca sds serve` end to end: starts, logs structured lines, answers /healthz and
+//! /metrics, keeps its socket at mode 0600, stops on SIGTERM and removes the socket; bad
+//! flags fail with one line and exit 1.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca"));
+        c.args(args)
+            .env("MESHCA_HOME", self.path("home"))
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir.path());
+        c
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).stdin(Stdio::null()).output().unwrap()
+    }
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "meshca {args:?}: {err}");
+        let lines: Vec<_> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "one line on stderr, got: {err}");
+        lines[0].to_string()
+    }
+}
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
+
+fn wait_for(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..200 {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn sigterm(pid: u32) {
+    let st = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn serve_runs_reports_health_and_stops_on_sigterm() {
+    let env = Env::new();
+    let o = env.run(&["init", "--ca", "ca1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let sock = env.path("run/sds.sock");
+    let port = free_port();
+    let log = std::fs::File::create(env.path("sds.log")).unwrap();
+    let child = env
+        .cmd(&[
+            "--log-format",
+            "json",
+            "sds",
+            "serve",
+            "--ca",
+            "ca1",
+            "--namespace",
+            "mesh",
+            "--service-account",
+            "web",
+            "--ttl",
+            "1h",
+            "--listen",
+            &format!("unix:{}", sock.display()),
+            "--listen",
+            "tcp:127.0.0.1:0",
+            "--metrics",
+            &format!("tcp:127.0.0.1:{port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut running = Running(child);
+    assert!(
+        wait_for(|| get(port, "/healthz").is_some_and(|(c, _)| c == 200)),
+        "healthz never OK; log: {}",
+        std::fs::read_to_string(env.path("sds.log")).unwrap()
+    );
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let (code, metrics) = get(port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("meshca_sds_rotations_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("meshca_sds_cert_expiry_timestamp_seconds "),
+        "{metrics}"
+    );
+    sigterm(running.0.id());
+    let mut status = None;
+    assert!(wait_for(|| {
+        status = running.0.try_wait().unwrap();
+        status.is_some()
+    }));
+    assert!(status.unwrap().success(), "clean exit on SIGTERM");
+    assert!(!Path::new(&sock).exists(), "socket removed");
+    let log = std::fs::read_to_string(env.path("sds.log")).unwrap();
+    // Structured JSON lines, including the certificate it obtained.
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "workload certificate obtained"),
+        "{log}"
+    );
+    assert!(!log.contains("PRIVATE KEY"), "no key material in logs");
+}
+
+#[test]
+fn bad_flags_fail_with_one_line() {
+    let env = Env::new();
+    assert!(env.run(&["init", "--ca", "ca1"]).status.success());
+    let e = env.fails(&["sds", "serve"]);
+    assert!(e.contains("--ca") || e.contains("--cert-file"), "{e}");
+    let e = env.fails(&["sds", "serve", "--ca", "ca1", "--listen", "tcp:127.0.0.1:0"]);
+    assert!(e.contains("identity"), "{e}");
+    let e = env.fails(&[
+        "sds",
+        "serve",
+        "--ca",
+        "ca1",
+        "--dns",
+        "a.example",
+        "--listen",
+        "udp:1",
+    ]);
+    assert!(e.contains("unix:PATH"), "{e}");
+    let e = env.fails(&[
+        "sds",
+        "serve",
+        "--ca",
+        "nope",
+        "--dns",
+        "a.example",
+        "--listen",
+        "tcp:127.0.0.1:0",
+    ]);
+    assert!(e.contains("unknown CA"), "{e}");
+    let e = env.fails(&[
+        "sds",
+        "serve",
+        "--ca",
+        "ca1",
+        "--dns",
+        "a.example",
+        "--renew-at",
+        "1.5",
+        "--listen",
+        "tcp:127.0.0.1:0",
+    ]);
+    assert!(e.contains("renew-at"), "{e}");
+    let e = env.fails(&[
+        "sds",
+        "serve",
+        "--ca",
+        "ca1",
+        "--dns",
+        "a.example",
+        "--socket-mode",
+        "999",
+    ]);
+    assert!(e.contains("socket-mode"), "{e}");
+    let e = env.fails(&[
+        "sds",
+        "serve",
+        "--cert-file",
+        "missing.crt",
+        "--key-file",
+        "k",
+        "--ca-file",
+        "c",
+        "--listen",
+        "tcp:127.0.0.1:0",
+    ]);
+    assert!(e.contains("missing.crt"), "{e}");
+}

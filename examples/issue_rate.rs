@@ -1,0 +1,102 @@
+//! Measures in-process issuance throughput on one thread and prints machine-readable lines.
+//!
+//! ```text
+//! cargo run --release --example issue_rate -- [SECONDS [NAME...]]
+//! ```
+//!
+//! With NAMEs, only those measurements run (for profiling one of them).
+//!
+//! Output (one line per measurement, `name certs_per_sec iterations seconds`):
+//!
+//! - `issue_workload`: ECDSA P-256 keygen + policy check + sign + DER, then the PEM of the
+//!   chain and the PKCS#8 key (what `meshca issue` writes), through [`issue_workload`] and a
+//!   [`LocalIssuer`].
+//! - `sign_csr`: sign-only from an already checked CSR ([`LocalIssuer::sign_now`]) + PEM.
+//! - `issue_csr`: a CSR end to end: parse, proof-of-possession check, policy, sign, PEM.
+//!
+//! `bench/compare.sh` runs it next to `openssl speed` and Python `cryptography`.
+
+use std::time::{Duration, Instant};
+
+use meshca::ca::{create_root, CaSpec};
+use meshca::identity::{DnsName, Sans, SpiffeId, TrustDomain};
+use meshca::issue::{check_csr, issue_csr, issue_workload, CsrOptions, LocalIssuer};
+use meshca::key::KeyAlgorithm;
+use time::OffsetDateTime;
+
+fn measure(name: &str, budget: Duration, mut f: impl FnMut() -> usize) {
+    let only: Vec<String> = std::env::args().skip(2).collect();
+    if !only.is_empty() && !only.iter().any(|o| o == name) {
+        return;
+    }
+    // Warm up (page faults, lazy initialisation in the crypto library).
+    let warm = Instant::now();
+    while warm.elapsed() < Duration::from_millis(200) {
+        std::hint::black_box(f());
+    }
+    let start = Instant::now();
+    let mut n: u64 = 0;
+    let mut bytes = 0usize;
+    while start.elapsed() < budget {
+        bytes = bytes.wrapping_add(f());
+        n += 1;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(bytes);
+    println!("{name} {:.1} {n} {secs:.3}", n as f64 / secs);
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let seconds: f64 = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3.0);
+    let budget = Duration::from_secs_f64(seconds);
+    let now = OffsetDateTime::now_utc();
+    let issuer = LocalIssuer::new(create_root(&CaSpec::root("bench"), now)?)?;
+    let td = TrustDomain::default();
+    let sans = Sans {
+        spiffe_id: Some(SpiffeId::for_service_account(&td, "bench", "workload")?),
+        dns: vec![DnsName::parse("workload.bench.svc.cluster.local")?],
+        ips: Vec::new(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().build()?;
+
+    measure("issue_workload", budget, || {
+        let w = rt
+            .block_on(issue_workload(
+                &issuer,
+                &sans,
+                None,
+                KeyAlgorithm::EcdsaP256,
+                now,
+            ))
+            .expect("issue");
+        w.cert.chain_pem().len() + w.key.to_pkcs8_pem().len()
+    });
+
+    // A CSR made once by a workload (rcgen), signed repeatedly.
+    let wkey = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params =
+        rcgen::CertificateParams::new(vec!["workload.bench.svc.cluster.local".to_string()])?;
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::URI(rcgen::string::Ia5String::try_from(
+            "spiffe://cluster.local/ns/bench/sa/workload",
+        )?));
+    let csr_der = params.serialize_request(&wkey)?.der().to_vec();
+    let req = check_csr(&issuer, &csr_der, &CsrOptions::default())?;
+
+    measure("sign_csr", budget, || {
+        let c = issuer.sign_now(&req, now).expect("sign");
+        c.chain_pem().len()
+    });
+    measure("issue_csr", budget, || {
+        let c = rt
+            .block_on(issue_csr(&issuer, &csr_der, &CsrOptions::default(), now))
+            .expect("issue csr");
+        c.chain_pem().len()
+    });
+    Ok(())
+}

@@ -1,0 +1,457 @@
+//! Load generator for the meshca SDS server.
+//!
+//! Starts the server as a child process (this binary re-executed with `__serve`) on a Unix
+//! socket, with a local CA in a temporary meshca home, then for each stream count N:
+//! - cold start: opens fresh streams one at a time on an idle server and times the first
+//!   secret (p50/p99);
+//! - connections: opens N concurrent `StreamSecrets` (or `DeltaSecrets`) streams spread over
+//!   several HTTP/2 connections, ACKs every response, and reads the server's resident memory
+//!   (VmRSS) before and after: memory per stream;
+//! - rotation: sends SIGHUP (forced renewal) and times until every stream has the new
+//!   certificate (p50, p99, all), several rounds.
+//!
+//! ```text
+//! meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--delta]
+//! ```
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use meshca::bundle::BundleSpec;
+use meshca::ca::{create_root, CaSpec};
+use meshca::identity::{Sans, SpiffeId, TrustDomain};
+use meshca::key::KeyAlgorithm;
+use meshca::store::{LocalStore, Store};
+use meshca_sds::{Listen, ServeConfig, SourceConfig, SECRET_TYPE_URL};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+type Client = SecretDiscoveryServiceClient<Channel>;
+
+#[derive(Debug)]
+struct Opts {
+    streams: Vec<usize>,
+    per_conn: usize,
+    rounds: usize,
+    delta: bool,
+    cold: usize,
+}
+
+fn usage() -> ! {
+    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--delta]");
+    std::process::exit(1)
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        streams: vec![1000, 10_000],
+        per_conn: 100,
+        rounds: 3,
+        delta: false,
+        cold: 300,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| usage());
+        match a.as_str() {
+            "--streams" => {
+                o.streams = val()
+                    .split(',')
+                    .map(|s| s.trim().parse().unwrap_or_else(|_| usage()))
+                    .collect()
+            }
+            "--per-conn" => o.per_conn = val().parse().unwrap_or_else(|_| usage()),
+            "--rounds" => o.rounds = val().parse().unwrap_or_else(|_| usage()),
+            "--cold" => o.cold = val().parse().unwrap_or_else(|_| usage()),
+            "--delta" => o.delta = true,
+            _ => usage(),
+        }
+    }
+    if o.per_conn == 0 || o.streams.iter().any(|n| *n == 0) {
+        usage();
+    }
+    o
+}
+
+fn sans() -> Sans {
+    Sans {
+        spiffe_id: Some(
+            SpiffeId::for_service_account(&TrustDomain::default(), "load", "client").unwrap(),
+        ),
+        ..Sans::default()
+    }
+}
+
+/// The child: serve until SIGTERM.
+fn serve_child(home: &Path, sock: &Path) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut cfg = ServeConfig::new(
+        SourceConfig::LocalCa {
+            home: home.to_path_buf(),
+            ca: "ca1".into(),
+            bundle: Some("mesh".into()),
+            sans: sans(),
+            ttl: Some(Duration::from_secs(3600)),
+            key: KeyAlgorithm::EcdsaP256,
+        },
+        vec![Listen::Unix(sock.to_path_buf())],
+    );
+    cfg.rotation.poll_interval = Duration::from_secs(5);
+    if let Err(e) = rt.block_on(meshca_sds::serve(cfg, meshca_sds::shutdown_signal())) {
+        eprintln!("server: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").args([sig, &pid.to_string()]).status();
+}
+
+async fn channel(sock: &Path) -> Channel {
+    let path = sock.to_path_buf();
+    Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .initial_connection_window_size(Some(16 * 1024 * 1024))
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(path).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect")
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Shared record of when each stream last received a push.
+struct Board {
+    base: Instant,
+    last_ns: Vec<AtomicU64>,
+    received: AtomicUsize,
+}
+
+fn sotw_req(names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        type_url: SECRET_TYPE_URL.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+/// Opens one stream, waits for the first secret (returns its latency), then keeps ACKing
+/// and recording pushes on the board until the stream ends.
+async fn open_stream(
+    mut client: Client,
+    delta: bool,
+    slot: usize,
+    board: Option<Arc<Board>>,
+) -> Result<Duration, String> {
+    let (tx_first, rx_first) = tokio::sync::oneshot::channel();
+    let start = Instant::now();
+    if delta {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["default".into()],
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut rs = client
+            .delta_secrets(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        tokio::spawn(async move {
+            let mut first = Some(tx_first);
+            while let Ok(Some(r)) = rs.message().await {
+                if let Some(f) = first.take() {
+                    let _ = f.send(start.elapsed());
+                } else if let Some(b) = &board {
+                    b.last_ns[slot].store(b.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    b.received.fetch_add(1, Ordering::Relaxed);
+                }
+                let ack = DeltaDiscoveryRequest {
+                    type_url: SECRET_TYPE_URL.into(),
+                    response_nonce: r.nonce,
+                    ..Default::default()
+                };
+                if tx.send(ack).await.is_err() {
+                    break;
+                }
+            }
+        });
+    } else {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(sotw_req(&["default"], "", ""))
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut rs = client
+            .stream_secrets(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| e.to_string())?
+            .into_inner();
+        tokio::spawn(async move {
+            let mut first = Some(tx_first);
+            while let Ok(Some(r)) = rs.message().await {
+                if let Some(f) = first.take() {
+                    let _ = f.send(start.elapsed());
+                } else if let Some(b) = &board {
+                    b.last_ns[slot].store(b.base.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    b.received.fetch_add(1, Ordering::Relaxed);
+                }
+                if tx
+                    .send(sotw_req(&["default"], &r.nonce, &r.version_info))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(60), rx_first)
+        .await
+        .map_err(|_| "no first secret within 60 s".to_string())?
+        .map_err(|_| "stream ended before the first secret".to_string())
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        signal(self.0.id(), "-TERM");
+        for _ in 0..50 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_child(home: &Path, sock: &Path) -> ChildGuard {
+    let exe = std::env::current_exe().expect("current exe");
+    let child = Command::new(exe)
+        .arg("__serve")
+        .arg(home)
+        .arg(sock)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("start server");
+    for _ in 0..200 {
+        if sock.exists() {
+            return ChildGuard(child);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("server did not create {}", sock.display());
+}
+
+async fn run(opts: Opts) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let home: PathBuf = dir.path().join("home");
+    let store = LocalStore::create(&home).expect("home");
+    let ca = create_root(&CaSpec::root("ca1"), time::OffsetDateTime::now_utc()).expect("ca");
+    store.save_ca(&ca, false).await.expect("save ca");
+    store
+        .save_bundle(&BundleSpec {
+            name: "mesh".into(),
+            cas: vec!["ca1".into()],
+            file: None,
+            namespaces: vec![],
+        })
+        .await
+        .expect("bundle");
+    let mode = if opts.delta {
+        "DeltaSecrets"
+    } else {
+        "StreamSecrets"
+    };
+    println!(
+        "# meshca SDS load ({mode}, Unix socket, {} streams per HTTP/2 connection)",
+        opts.per_conn
+    );
+    println!(
+        "host: {} CPUs; server and load generator share them",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0)
+    );
+
+    for &n in &opts.streams {
+        let sock = dir.path().join(format!("sds-{n}.sock"));
+        let child = start_child(&home, &sock);
+        let pid = child.0.id();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        // Cold start on an idle server: fresh connection-level stream, first secret.
+        let ch = channel(&sock).await;
+        let mut cold = Vec::with_capacity(opts.cold);
+        for _ in 0..opts.cold {
+            let c = Client::new(ch.clone());
+            let (tx, rx) = mpsc::channel(1);
+            let t = Instant::now();
+            tx.send(sotw_req(&["default"], "", "")).await.unwrap();
+            let mut rs = c
+                .clone()
+                .stream_secrets(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            rs.message().await.unwrap().unwrap();
+            cold.push(t.elapsed());
+            drop(tx);
+        }
+        cold.sort();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let base_rss = rss_kib(pid);
+
+        // N concurrent streams.
+        let board = Arc::new(Board {
+            base: Instant::now(),
+            last_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            received: AtomicUsize::new(0),
+        });
+        let conns = n.div_ceil(opts.per_conn);
+        let mut channels = Vec::with_capacity(conns);
+        for _ in 0..conns {
+            channels.push(channel(&sock).await);
+        }
+        let t_open = Instant::now();
+        let sem = Arc::new(tokio::sync::Semaphore::new(512));
+        let mut handles = Vec::with_capacity(n);
+        for i in 0..n {
+            let client = Client::new(channels[i / opts.per_conn].clone());
+            let (board, sem, delta) = (board.clone(), sem.clone(), opts.delta);
+            handles.push(tokio::spawn(async move {
+                let _p = sem.acquire_owned().await.unwrap();
+                open_stream(client, delta, i, Some(board)).await
+            }));
+        }
+        let mut ramp = Vec::with_capacity(n);
+        for h in handles {
+            match h.await.unwrap() {
+                Ok(d) => ramp.push(d),
+                Err(e) => panic!("stream failed: {e}"),
+            }
+        }
+        let open_time = t_open.elapsed();
+        ramp.sort();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss = rss_kib(pid);
+        let per_stream = (rss.saturating_sub(base_rss)) as f64 * 1024.0 / n as f64;
+
+        println!();
+        println!("## N = {n} streams ({conns} connections)");
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!(
+            "| cold start, first secret, idle server (p50 / p99, {} samples) | {} / {} |",
+            cold.len(),
+            ms(pct(&cold, 0.5)),
+            ms(pct(&cold, 0.99))
+        );
+        println!(
+            "| first secret while opening {n} streams, 512 in flight (p50 / p99) | {} / {} |",
+            ms(pct(&ramp, 0.5)),
+            ms(pct(&ramp, 0.99))
+        );
+        println!("| time to open all {n} streams | {} |", ms(open_time));
+        println!(
+            "| server RSS idle / with {n} streams | {:.1} MiB / {:.1} MiB |",
+            base_rss as f64 / 1024.0,
+            rss as f64 / 1024.0
+        );
+        println!("| server RSS per stream | {:.1} KiB |", per_stream / 1024.0);
+
+        // Rotation fan-out rounds.
+        for round in 1..=opts.rounds {
+            let before = board.received.load(Ordering::Relaxed);
+            let t0 = board.base.elapsed().as_nanos() as u64;
+            signal(pid, "-HUP");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while board.received.load(Ordering::Relaxed) < before + n && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let got = board.received.load(Ordering::Relaxed) - before;
+            let mut lat: Vec<Duration> = board
+                .last_ns
+                .iter()
+                .map(|a| a.load(Ordering::Relaxed))
+                .filter(|t| *t >= t0)
+                .map(|t| Duration::from_nanos(t - t0))
+                .collect();
+            lat.sort();
+            println!(
+                "| rotation round {round}: streams updated / p50 / p99 / all | {got}/{n} / {} / {} / {} |",
+                ms(pct(&lat, 0.5)),
+                ms(pct(&lat, 0.99)),
+                ms(lat.last().copied().unwrap_or_default())
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let rss_after = rss_kib(pid);
+        println!(
+            "| server RSS after rotations | {:.1} MiB |",
+            rss_after as f64 / 1024.0
+        );
+        drop(channels);
+        drop(child);
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__serve") && args.len() == 4 {
+        serve_child(Path::new(&args[2]), Path::new(&args[3]));
+        return;
+    }
+    let opts = parse_opts();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(opts));
+}

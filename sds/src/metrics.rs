@@ -1,0 +1,280 @@
+//! Counters and gauges, rendered as Prometheus text, and a tiny HTTP endpoint for them and
+//! for `/healthz`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::secrets::Snapshot;
+
+/// Which protocol variant a stream uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `StreamSecrets`.
+    Sotw,
+    /// `DeltaSecrets`.
+    Delta,
+}
+
+impl Mode {
+    /// Label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Sotw => "sotw",
+            Mode::Delta => "delta",
+        }
+    }
+}
+
+/// A pair of counters, one per [`Mode`].
+#[derive(Debug, Default)]
+pub struct PerMode {
+    sotw: AtomicU64,
+    delta: AtomicU64,
+}
+
+impl PerMode {
+    /// Adds `n` for `mode`.
+    pub fn add(&self, mode: Mode, n: u64) {
+        match mode {
+            Mode::Sotw => self.sotw.fetch_add(n, Ordering::Relaxed),
+            Mode::Delta => self.delta.fetch_add(n, Ordering::Relaxed),
+        };
+    }
+
+    /// Current value for `mode`.
+    pub fn get(&self, mode: Mode) -> u64 {
+        match mode {
+            Mode::Sotw => self.sotw.load(Ordering::Relaxed),
+            Mode::Delta => self.delta.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Everything the server counts.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Open streams (gauge).
+    pub streams_open: AtomicI64,
+    /// Streams accepted.
+    pub streams_total: PerMode,
+    /// Responses carrying a secret.
+    pub pushes: PerMode,
+    /// ACKs received.
+    pub acks: PerMode,
+    /// NACKs received.
+    pub nacks: PerMode,
+    /// Requests with a stale or unknown nonce.
+    pub stale_nonces: PerMode,
+    /// FetchSecrets calls answered.
+    pub fetches: AtomicU64,
+    /// Workload certificates published (first one included).
+    pub rotations: AtomicU64,
+    /// Trust bundle changes published.
+    pub bundle_updates: AtomicU64,
+    /// Source load or verification failures.
+    pub source_errors: AtomicU64,
+    /// notAfter of the served workload certificate, Unix seconds (0: none).
+    pub cert_expiry: AtomicI64,
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let mut gauge = |name: &str, help: &str, v: i64| {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+            ));
+        };
+        gauge(
+            "meshca_sds_streams_open",
+            "SDS streams currently open.",
+            self.streams_open.load(Ordering::Relaxed),
+        );
+        gauge(
+            "meshca_sds_cert_expiry_timestamp_seconds",
+            "notAfter of the served workload certificate (Unix time).",
+            self.cert_expiry.load(Ordering::Relaxed),
+        );
+        let mut counter = |name: &str, help: &str, v: u64| {
+            s.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        };
+        counter(
+            "meshca_sds_fetches_total",
+            "FetchSecrets calls answered.",
+            self.fetches.load(Ordering::Relaxed),
+        );
+        counter(
+            "meshca_sds_rotations_total",
+            "Workload certificates published.",
+            self.rotations.load(Ordering::Relaxed),
+        );
+        counter(
+            "meshca_sds_bundle_updates_total",
+            "Trust bundle changes published.",
+            self.bundle_updates.load(Ordering::Relaxed),
+        );
+        counter(
+            "meshca_sds_source_errors_total",
+            "Certificate source failures (the current secrets stay served).",
+            self.source_errors.load(Ordering::Relaxed),
+        );
+        for (name, help, pm) in [
+            (
+                "meshca_sds_streams_total",
+                "SDS streams accepted.",
+                &self.streams_total,
+            ),
+            (
+                "meshca_sds_pushes_total",
+                "Responses sent carrying a secret.",
+                &self.pushes,
+            ),
+            ("meshca_sds_acks_total", "ACKs received.", &self.acks),
+            ("meshca_sds_nacks_total", "NACKs received.", &self.nacks),
+            (
+                "meshca_sds_stale_nonces_total",
+                "Requests with a stale nonce (ignored).",
+                &self.stale_nonces,
+            ),
+        ] {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for m in [Mode::Sotw, Mode::Delta] {
+                s.push_str(&format!(
+                    "{name}{{mode=\"{}\"}} {}\n",
+                    m.as_str(),
+                    pm.get(m)
+                ));
+            }
+        }
+        s
+    }
+}
+
+/// Whether the server is healthy: it serves an unexpired workload certificate.
+pub fn healthy(snap: &Snapshot, now: time::OffsetDateTime) -> Result<(), String> {
+    match snap.cert_not_after() {
+        Some(t) if t > now => Ok(()),
+        Some(t) => Err(format!("workload certificate expired at {t}")),
+        None => Err("no workload certificate yet".into()),
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `listener` until `shutdown` resolves.
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let conn = tokio::select! {
+            c = listener.accept() => c,
+            _ = crate::stopped(&mut shutdown) => return,
+        };
+        let Ok((mut sock, _)) = conn else { continue };
+        let metrics = metrics.clone();
+        let snap = snapshots.borrow().clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while len < buf.len() {
+                    let n = sock.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..len]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = match (method, path) {
+                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                ("GET", "/healthz") => match healthy(&snap, time::OffsetDateTime::now_utc()) {
+                    Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                    Err(e) => ("503 Service Unavailable", "text/plain", format!("{e}\n")),
+                },
+                ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                _ => (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "method not allowed\n".to_string(),
+                ),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes())).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_has_every_series() {
+        let m = Metrics::default();
+        m.pushes.add(Mode::Delta, 3);
+        m.nacks.add(Mode::Sotw, 1);
+        m.cert_expiry.store(1234, Ordering::Relaxed);
+        let t = m.render();
+        assert!(
+            t.contains("meshca_sds_pushes_total{mode=\"delta\"} 3\n"),
+            "{t}"
+        );
+        assert!(t.contains("meshca_sds_nacks_total{mode=\"sotw\"} 1\n"));
+        assert!(t.contains("meshca_sds_cert_expiry_timestamp_seconds 1234\n"));
+        for n in [
+            "streams_open",
+            "acks_total",
+            "rotations_total",
+            "bundle_updates_total",
+            "stale_nonces_total",
+        ] {
+            assert!(t.contains(&format!("# TYPE meshca_sds_{n} ")), "{n}");
+        }
+    }
+
+    #[test]
+    fn health_needs_unexpired_cert() {
+        let now = time::OffsetDateTime::now_utc();
+        let mut s = Snapshot::new();
+        assert!(healthy(&s, now).is_err());
+        s.insert(
+            "default",
+            crate::secrets::certificate_entry(
+                "default",
+                "c",
+                "k",
+                "1".into(),
+                now + time::Duration::hours(1),
+            ),
+        );
+        assert!(healthy(&s, now).is_ok());
+        assert!(healthy(&s, now + time::Duration::hours(2))
+            .unwrap_err()
+            .contains("expired"));
+    }
+}

@@ -1,0 +1,241 @@
+//! The rotation loop: polls a [`CertSource`], renews the workload certificate at a fraction
+//! of its lifetime (with jitter), verifies what it gets and publishes a new [`Snapshot`]
+//! through `tokio::sync::watch` only when something changed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::sync::{watch, Notify};
+
+use crate::metrics::Metrics;
+use crate::secrets::{bundle_entry, certificate_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME};
+use crate::source::{verify_workload, CertSource, Material, SourceError, WorkloadCert};
+
+/// Rotation settings.
+#[derive(Clone, Debug)]
+pub struct RotationConfig {
+    /// Renew when this fraction of the certificate's lifetime has passed (default 0.5).
+    pub renew_at: f64,
+    /// Renewal is pulled earlier by up to this fraction of the renewal time (default 0.1).
+    pub jitter: f64,
+    /// How often the source is re-read for bundle or file changes (default 2 s).
+    pub poll_interval: Duration,
+    /// Longest wait between retries after a failure (default 60 s).
+    pub max_backoff: Duration,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            renew_at: 0.5,
+            jitter: 0.1,
+            poll_interval: Duration::from_secs(2),
+            max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A uniform random number in `[0, 1)`.
+fn random_unit() -> f64 {
+    let mut b = [0u8; 4];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+        return 0.5;
+    }
+    f64::from(u32::from_le_bytes(b)) / (f64::from(u32::MAX) + 1.0)
+}
+
+/// The rotation state: the current certificate and what is published.
+pub struct Rotator {
+    source: Box<dyn CertSource>,
+    cfg: RotationConfig,
+    tx: watch::Sender<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    current: Option<WorkloadCert>,
+    deadline: Option<OffsetDateTime>,
+}
+
+impl std::fmt::Debug for Rotator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rotator")
+            .field("source", &self.source.describe())
+            .field("current", &self.current)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rotator {
+    /// A rotator publishing into `tx`.
+    pub fn new(
+        source: Box<dyn CertSource>,
+        cfg: RotationConfig,
+        tx: watch::Sender<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Rotator {
+            source,
+            cfg,
+            tx,
+            metrics,
+            current: None,
+            deadline: None,
+        }
+    }
+
+    /// The source's description.
+    pub fn describe(&self) -> String {
+        self.source.describe()
+    }
+
+    /// One step: load (renewing if due or `force`), verify, publish if changed. On error the
+    /// published secrets stay as they are.
+    pub async fn step(&mut self, force: bool) -> Result<(), SourceError> {
+        let now = OffsetDateTime::now_utc();
+        let due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
+        let material = self.source.load(due, now).await?;
+        match self.accept(material, now) {
+            Ok(()) => Ok(()),
+            // The current certificate no longer verifies (a CA rotation took it out of the
+            // bundle): a renewing source gets one immediate chance to issue a new one.
+            Err(e) if !due => {
+                tracing::info!(error = %e, "current certificate no longer verifies; renewing");
+                let material = self.source.load(true, now).await?;
+                self.accept(material, now).map_err(|e| self.refused(e))
+            }
+            Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    fn refused(&self, message: String) -> SourceError {
+        SourceError {
+            source_name: self.source.describe(),
+            message,
+            user_error: true,
+        }
+    }
+
+    fn accept(&mut self, m: Material, now: OffsetDateTime) -> Result<(), String> {
+        let Material {
+            workload,
+            bundle,
+            named_bundles,
+        } = m;
+        let fresh = workload.is_some();
+        let cert = match (&workload, &self.current) {
+            (Some(w), _) => w,
+            (None, Some(c)) => c,
+            (None, None) => return Err("the source provided no workload certificate".into()),
+        };
+        verify_workload(cert, &bundle, self.source.expected_identity(), now)
+            .map_err(|e| format!("refusing to publish certificate {}: {e}", cert.info.serial))?;
+        let mut snap = Snapshot::new();
+        snap.insert(
+            DEFAULT_NAME,
+            certificate_entry(
+                DEFAULT_NAME,
+                &cert.chain_pem(),
+                &cert.key_pem,
+                cert.info.serial.clone(),
+                cert.info.not_after,
+            ),
+        );
+        snap.insert(ROOTCA_NAME, bundle_entry(ROOTCA_NAME, &bundle));
+        for (name, anchors) in &named_bundles {
+            if name == DEFAULT_NAME || name == ROOTCA_NAME {
+                tracing::warn!(bundle = %name, "trust bundle name is reserved; not served by that name");
+                continue;
+            }
+            snap.insert(name, bundle_entry(name, anchors));
+        }
+        let prev = self.tx.borrow().clone();
+        let changed = prev.changed_names(&snap);
+        if fresh {
+            if let Some(w) = workload {
+                let same_cert = self.current.as_ref().is_some_and(|c| c.chain == w.chain);
+                if !same_cert {
+                    self.deadline =
+                        Some(w.renew_deadline(self.cfg.renew_at, random_unit(), self.cfg.jitter));
+                    tracing::info!(
+                        serial = %w.info.serial,
+                        not_after = %w.info.not_after,
+                        renew_at = %self.deadline.map(|d| d.to_string()).unwrap_or_default(),
+                        source = %self.source.describe(),
+                        "workload certificate obtained"
+                    );
+                    self.current = Some(w);
+                } else if self.deadline.is_none_or(|d| now >= d) {
+                    // A file source re-read the same certificate: nothing to renew here.
+                    self.deadline =
+                        Some(w.renew_deadline(self.cfg.renew_at, random_unit(), self.cfg.jitter));
+                }
+            }
+        }
+        if changed.is_empty() {
+            return Ok(());
+        }
+        if changed.iter().any(|n| n == DEFAULT_NAME) {
+            self.metrics.rotations.fetch_add(1, Ordering::Relaxed);
+        }
+        let bundles_changed = changed
+            .iter()
+            .filter(|n| n.as_str() != DEFAULT_NAME)
+            .count() as u64;
+        self.metrics
+            .bundle_updates
+            .fetch_add(bundles_changed, Ordering::Relaxed);
+        if let Some(t) = snap.cert_not_after() {
+            self.metrics
+                .cert_expiry
+                .store(t.unix_timestamp(), Ordering::Relaxed);
+        }
+        tracing::info!(changed = ?changed, versions = ?snap.versions(), "publishing secrets");
+        self.tx.send_replace(Arc::new(snap));
+        Ok(())
+    }
+
+    /// Runs until `shutdown` is set. `reload` forces a renewal (SIGHUP).
+    pub async fn run(mut self, reload: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+        let mut failures: u32 = 0;
+        let mut force = false;
+        loop {
+            let wait = if failures == 0 {
+                let mut w = self.cfg.poll_interval;
+                if let Some(d) = self.deadline {
+                    let until = d - OffsetDateTime::now_utc();
+                    if until < time::Duration::ZERO {
+                        w = Duration::ZERO;
+                    } else if let Ok(u) = Duration::try_from(until) {
+                        w = w.min(u);
+                    }
+                }
+                w
+            } else {
+                let base = self.cfg.poll_interval.max(Duration::from_millis(500));
+                let exp = base.saturating_mul(1u32 << failures.min(10));
+                let capped = exp.min(self.cfg.max_backoff);
+                capped.mul_f64(0.75 + 0.5 * random_unit())
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = reload.notified() => { force = true; }
+                _ = crate::stopped(&mut shutdown) => return,
+            }
+            match self.step(force).await {
+                Ok(()) => {
+                    failures = 0;
+                    force = false;
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    self.metrics.source_errors.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        error = %e,
+                        attempt = failures,
+                        "certificate source failed; keeping the current secrets and retrying with backoff"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! The tonic `SecretDiscoveryService`: one task per stream drives an [`xds`](crate::xds)
+//! state machine with the client's requests and with every published [`Snapshot`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::{Metrics, Mode};
+use crate::secrets::{Snapshot, SECRET_TYPE_URL};
+use crate::xds::{DeltaRequest, DeltaStream, Event, Outcome, SotwRequest, SotwStream};
+
+/// Most names one stream may subscribe to.
+pub const MAX_NAMES_PER_STREAM: usize = 1024;
+/// Responses buffered per stream before the stream task waits for the client.
+const STREAM_BUFFER: usize = 4;
+
+/// The SDS service. Cheap to clone; all clones share state.
+#[derive(Clone, Debug)]
+pub struct SdsService {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+    next_id: AtomicU64,
+}
+
+impl SdsService {
+    /// A service serving the snapshots published on `snapshots`; open streams end when
+    /// `shutdown` becomes true.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        SdsService {
+            inner: Arc::new(Shared {
+                snapshots,
+                metrics,
+                shutdown,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+}
+
+/// Decrements the open-streams gauge when a stream task ends, however it ends.
+struct OpenGuard(Arc<Metrics>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.streams_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn check_type(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "unsupported type_url {type_url:?}; this server serves {SECRET_TYPE_URL}"
+        )))
+    }
+}
+
+fn check_names(n: usize) -> Result<(), Status> {
+    if n > MAX_NAMES_PER_STREAM {
+        Err(Status::invalid_argument(format!(
+            "{n} resource names in one stream; at most {MAX_NAMES_PER_STREAM} are allowed"
+        )))
+    } else {
+        Ok(())
+    }
+}
+
+fn node_id(node: &Option<envoy_types::pb::envoy::config::core::v3::Node>) -> String {
+    node.as_ref()
+        .map(|n| format!("{}/{}", n.cluster, n.id))
+        .unwrap_or_else(|| "-".into())
+}
+
+impl Shared {
+    fn log_events(&self, mode: Mode, stream: &str, node: &str, out: &Outcome) {
+        for e in &out.events {
+            match e {
+                Event::Ack { name, version } => {
+                    self.metrics.acks.add(mode, 1);
+                    tracing::info!(stream, node, mode = mode.as_str(), resource = %name, version = %version, "ACK");
+                }
+                Event::Nack {
+                    name,
+                    version,
+                    detail,
+                } => {
+                    self.metrics.nacks.add(mode, 1);
+                    tracing::warn!(
+                        stream, node, mode = mode.as_str(), resource = %name, version = %version, detail = %detail,
+                        "NACK: client rejected the secret; it is not re-sent until it changes"
+                    );
+                }
+                Event::StaleNonce { nonce } => {
+                    self.metrics.stale_nonces.add(mode, 1);
+                    tracing::debug!(stream, node, mode = mode.as_str(), nonce = %nonce, "stale nonce ignored");
+                }
+                Event::Subscribed(n) => {
+                    tracing::debug!(stream, node, mode = mode.as_str(), resource = %n, "subscribed")
+                }
+                Event::Unsubscribed(n) => {
+                    tracing::debug!(stream, node, mode = mode.as_str(), resource = %n, "unsubscribed")
+                }
+                Event::Unknown(n) => tracing::warn!(
+                    stream, node, mode = mode.as_str(), resource = %n,
+                    "requested secret does not exist; stream stays open and it is sent if it appears"
+                ),
+            }
+        }
+    }
+
+    fn sotw_responses(
+        &self,
+        stream: &str,
+        node: &str,
+        out: &Outcome,
+        snap: &Snapshot,
+    ) -> Vec<DiscoveryResponse> {
+        out.pushes
+            .iter()
+            .filter_map(|p| {
+                let e = snap.get(&p.name)?;
+                tracing::info!(stream, node, mode = "sotw", resource = %p.name, version = %p.version, nonce = %p.nonce, "push");
+                Some(DiscoveryResponse {
+                    version_info: p.version.clone(),
+                    resources: vec![e.any.clone()],
+                    type_url: SECRET_TYPE_URL.to_string(),
+                    nonce: p.nonce.clone(),
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+
+    fn delta_responses(
+        &self,
+        stream: &str,
+        node: &str,
+        out: &Outcome,
+        snap: &Snapshot,
+    ) -> Vec<DeltaDiscoveryResponse> {
+        let mut v: Vec<DeltaDiscoveryResponse> = out
+            .removals
+            .iter()
+            .map(|r| {
+                tracing::info!(stream, node, mode = "delta", removed = ?r.names, nonce = %r.nonce, "removal");
+                DeltaDiscoveryResponse {
+                    type_url: SECRET_TYPE_URL.to_string(),
+                    removed_resources: r.names.clone(),
+                    nonce: r.nonce.clone(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        v.extend(out.pushes.iter().filter_map(|p| {
+            let e = snap.get(&p.name)?;
+            tracing::info!(stream, node, mode = "delta", resource = %p.name, version = %p.version, nonce = %p.nonce, "push");
+            Some(DeltaDiscoveryResponse {
+                system_version_info: p.version.clone(),
+                resources: vec![Resource {
+                    name: p.name.clone(),
+                    version: p.version.clone(),
+                    resource: Some(e.any.clone()),
+                    ..Default::default()
+                }],
+                type_url: SECRET_TYPE_URL.to_string(),
+                nonce: p.nonce.clone(),
+                ..Default::default()
+            })
+        }));
+        v
+    }
+
+    fn open(&self, mode: Mode) -> (String, OpenGuard) {
+        let id = format!("s{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.metrics.streams_open.fetch_add(1, Ordering::Relaxed);
+        self.metrics.streams_total.add(mode, 1);
+        (id, OpenGuard(self.metrics.clone()))
+    }
+}
+
+async fn run_sotw(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<DiscoveryRequest>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+) {
+    let (id, _guard) = shared.open(Mode::Sotw);
+    let mut snaps = shared.snapshots.clone();
+    let mut shutdown = shared.shutdown.clone();
+    let mut st = SotwStream::new(&id);
+    let mut node = String::from("-");
+    let mut first = true;
+    loop {
+        let (out, snap) = tokio::select! {
+            _ = crate::stopped(&mut shutdown) => break,
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if first {
+                        node = node_id(&req.node);
+                        first = false;
+                        tracing::info!(stream = %id, node = %node, mode = "sotw", "stream opened");
+                    }
+                    if let Err(s) = check_type(&req.type_url).and_then(|_| check_names(req.resource_names.len())) {
+                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                    let r = SotwRequest {
+                        version_info: req.version_info,
+                        response_nonce: req.response_nonce,
+                        resource_names: req.resource_names,
+                        error_detail: req.error_detail.map(|e| e.message),
+                    };
+                    let snap = snaps.borrow_and_update().clone();
+                    (st.on_request(&r, &*snap), snap)
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
+                    break;
+                }
+            },
+            changed = snaps.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = snaps.borrow_and_update().clone();
+                (st.on_update(&*snap), snap)
+            }
+        };
+        shared.log_events(Mode::Sotw, &id, &node, &out);
+        for resp in shared.sotw_responses(&id, &node, &out, &snap) {
+            if tx.send(Ok(resp)).await.is_err() {
+                tracing::debug!(stream = %id, "client went away");
+                return;
+            }
+            shared.metrics.pushes.add(Mode::Sotw, 1);
+        }
+    }
+    tracing::debug!(stream = %id, node = %node, "stream closed");
+}
+
+async fn run_delta(
+    shared: Arc<Shared>,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let (id, _guard) = shared.open(Mode::Delta);
+    let mut snaps = shared.snapshots.clone();
+    let mut shutdown = shared.shutdown.clone();
+    let mut st = DeltaStream::new(&id);
+    let mut node = String::from("-");
+    let mut first = true;
+    loop {
+        let (out, snap) = tokio::select! {
+            _ = crate::stopped(&mut shutdown) => break,
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if first {
+                        node = node_id(&req.node);
+                        first = false;
+                        tracing::info!(stream = %id, node = %node, mode = "delta", "stream opened");
+                    }
+                    let n = req.resource_names_subscribe.len() + st.subscribed().count();
+                    if let Err(s) = check_type(&req.type_url).and_then(|_| check_names(n)) {
+                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
+                        let _ = tx.send(Err(s)).await;
+                        break;
+                    }
+                    let r = DeltaRequest {
+                        response_nonce: req.response_nonce,
+                        subscribe: req.resource_names_subscribe,
+                        unsubscribe: req.resource_names_unsubscribe,
+                        initial_versions: req.initial_resource_versions.into_iter().collect::<BTreeMap<_, _>>(),
+                        error_detail: req.error_detail.map(|e| e.message),
+                    };
+                    let snap = snaps.borrow_and_update().clone();
+                    (st.on_request(&r, &*snap), snap)
+                }
+                Ok(None) => break,
+                Err(s) => {
+                    tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
+                    break;
+                }
+            },
+            changed = snaps.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snap = snaps.borrow_and_update().clone();
+                (st.on_update(&*snap), snap)
+            }
+        };
+        shared.log_events(Mode::Delta, &id, &node, &out);
+        for resp in shared.delta_responses(&id, &node, &out, &snap) {
+            let pushes = resp.resources.len() as u64;
+            if tx.send(Ok(resp)).await.is_err() {
+                tracing::debug!(stream = %id, "client went away");
+                return;
+            }
+            shared.metrics.pushes.add(Mode::Delta, pushes);
+        }
+    }
+    tracing::debug!(stream = %id, node = %node, "stream closed");
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(run_delta(self.inner.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(run_sotw(self.inner.clone(), request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let req = request.into_inner();
+        check_type(&req.type_url)?;
+        check_names(req.resource_names.len())?;
+        if req.resource_names.is_empty() {
+            return Err(Status::invalid_argument(
+                "FetchSecrets needs at least one resource name",
+            ));
+        }
+        let snap = self.inner.snapshots.borrow().clone();
+        let mut resources = Vec::new();
+        let mut versions = Vec::new();
+        for n in &req.resource_names {
+            match snap.get(n) {
+                Some(e) => {
+                    resources.push(e.any.clone());
+                    versions.push(e.version.clone());
+                }
+                None => {
+                    tracing::warn!(node = %node_id(&req.node), resource = %n, "fetch of a secret that does not exist");
+                    return Err(Status::not_found(format!("no secret named {n:?}")));
+                }
+            }
+        }
+        self.inner.metrics.fetches.fetch_add(1, Ordering::Relaxed);
+        let nonce = format!("f{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
+        tracing::info!(node = %node_id(&req.node), resources = ?req.resource_names, "fetch");
+        Ok(Response::new(DiscoveryResponse {
+            version_info: versions.join(","),
+            resources,
+            type_url: SECRET_TYPE_URL.to_string(),
+            nonce,
+            ..Default::default()
+        }))
+    }
+}
