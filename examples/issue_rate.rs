@@ -6,7 +6,10 @@
 //!
 //! With NAMEs, only those measurements run (for profiling one of them).
 //!
-//! Output (one line per measurement, `name certs_per_sec iterations seconds`):
+//! Output, one line per measurement:
+//! `name certs_per_cpu_second iterations cpu_seconds cpu certs_per_wall_second`. Rates are
+//! per second of this thread's CPU time (user + system, from `/proc/thread-self/schedstat`),
+//! as `openssl speed` divides by CPU time; where that file is missing the clock is `wall`.
 //!
 //! - `issue_workload`: ECDSA P-256 keygen + policy check + sign + DER, then the PEM of the
 //!   chain and the PKCS#8 key (what `meshca issue` writes), through [`issue_workload`] and a
@@ -24,6 +27,14 @@ use meshca::issue::{check_csr, issue_csr, issue_workload, CsrOptions, LocalIssue
 use meshca::key::KeyAlgorithm;
 use time::OffsetDateTime;
 
+/// CPU time this thread has run (user + system), from `/proc/thread-self/schedstat`.
+/// `openssl speed` divides by CPU time too, so rates stay comparable on a busy machine.
+fn thread_cpu_time() -> Option<Duration> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    let ns: u64 = s.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_nanos(ns))
+}
+
 fn measure(name: &str, budget: Duration, mut f: impl FnMut() -> usize) {
     let only: Vec<String> = std::env::args().skip(2).collect();
     if !only.is_empty() && !only.iter().any(|o| o == name) {
@@ -34,16 +45,34 @@ fn measure(name: &str, budget: Duration, mut f: impl FnMut() -> usize) {
     while warm.elapsed() < Duration::from_millis(200) {
         std::hint::black_box(f());
     }
+    // Run for `budget` of CPU time (wall time where /proc is unavailable), at most 10x
+    // `budget` of wall time.
+    let cpu0 = thread_cpu_time();
+    let cpu = || thread_cpu_time().zip(cpu0).map(|(now, start)| now - start);
     let start = Instant::now();
     let mut n: u64 = 0;
     let mut bytes = 0usize;
-    while start.elapsed() < budget {
-        bytes = bytes.wrapping_add(f());
-        n += 1;
+    loop {
+        let spent = cpu().unwrap_or_else(|| start.elapsed());
+        if spent >= budget || start.elapsed() >= budget * 10 {
+            break;
+        }
+        for _ in 0..64 {
+            bytes = bytes.wrapping_add(f());
+            n += 1;
+        }
     }
-    let secs = start.elapsed().as_secs_f64();
+    let wall = start.elapsed().as_secs_f64();
+    let (secs, clock) = match cpu() {
+        Some(c) => (c.as_secs_f64(), "cpu"),
+        None => (wall, "wall"),
+    };
     std::hint::black_box(bytes);
-    println!("{name} {:.1} {n} {secs:.3}", n as f64 / secs);
+    println!(
+        "{name} {:.1} {n} {secs:.3} {clock} {:.1}",
+        n as f64 / secs,
+        n as f64 / wall
+    );
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -228,7 +228,7 @@ pub fn create_root(spec: &CaSpec, now: OffsetDateTime) -> Result<CaMaterial> {
         now + validity,
         false,
     )?;
-    let cert = params.self_signed(key.key_pair())?;
+    let cert = params.self_signed(key.key_pair()?)?;
     Ok(CaMaterial {
         meta: meta_for(spec, now),
         cert: cert.der().clone(),
@@ -281,8 +281,8 @@ pub fn create_intermediate(
         not_after,
         true,
     )?;
-    let issuer = rcgen::Issuer::from_ca_cert_der(&parent.cert, parent_key.key_pair())?;
-    let cert = params.signed_by(key.key_pair(), &issuer)?;
+    let issuer = rcgen::Issuer::from_ca_cert_der(&parent.cert, parent_key.key_pair()?)?;
+    let cert = params.signed_by(key.key_pair()?, &issuer)?;
     let mut meta = meta_for(spec, now);
     meta.parent = Some(parent.meta.name.clone());
     Ok(CaMaterial {

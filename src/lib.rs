@@ -29,6 +29,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "aws-pca")]
+pub mod acm;
 pub mod bundle;
 pub mod ca;
 pub mod clock;

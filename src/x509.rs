@@ -469,7 +469,14 @@ mod tests {
             csr_der: None,
         };
         let ok = issuer.sign_now(&req("api.team.example"), now).unwrap();
-        verify_chain(&ok.leaf, &[], std::slice::from_ref(&root), now, Usage::Server).unwrap();
+        verify_chain(
+            &ok.leaf,
+            &[],
+            std::slice::from_ref(&root),
+            now,
+            Usage::Server,
+        )
+        .unwrap();
         for bad in [
             "api.other.example",
             "x.secret.team.example",

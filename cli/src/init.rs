@@ -76,6 +76,8 @@ pub struct InitArgs {
     /// Replace existing CAs (and re-issue workloads with --config).
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    aws: crate::aws::AwsInitArgs,
 }
 
 pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
@@ -103,6 +105,7 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
                 "--common-name applies to one CA; create the CAs one at a time",
             ));
         }
+        let pca = a.aws.is_pca(&a.ca)?;
         let mut policy = Policy::default();
         if let Some(m) = a.max_ttl {
             policy.max_ttl = m;
@@ -149,6 +152,7 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
             }
             tracing::info!(ca = %name, key = %a.key, "generating CA key");
             let ca = match &parent {
+                _ if pca => crate::aws::init_pca(&a.aws, &spec, parent.as_ref(), now).await?,
                 None => create_root(&spec, now)?,
                 Some(p) => create_intermediate(&spec, p, now)?,
             };

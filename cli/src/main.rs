@@ -1,6 +1,7 @@
 //! `meshca`: the private PKI of a Kubernetes service mesh, from the command line.
 #![forbid(unsafe_code)]
 
+mod aws;
 mod bundle;
 mod ca;
 mod common;
@@ -66,12 +67,12 @@ enum Command {
     Ledger(ca::LedgerArgs),
     /// Check the store: every CA, bundle and ledger line must load.
     Check,
-    /// The in-cluster CSR signer controller.
-    #[command(subcommand)]
-    Signer(signer::SignerCmd),
     /// Envoy SDS server.
     #[command(subcommand)]
     Sds(sds::SdsCmd),
+    /// The in-cluster CSR signer controller.
+    #[command(subcommand)]
+    Signer(signer::SignerCmd),
 }
 
 fn main() -> ExitCode {
@@ -130,7 +131,7 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Ca(c) => ca::run(&ctx, c).await,
         Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
         Command::Check => ca::run_check(&ctx).await,
-        Command::Signer(c) => signer::run_cmd(&ctx, c).await,
         Command::Sds(c) => sds::run(&ctx, c).await,
+        Command::Signer(c) => signer::run_cmd(&ctx, c).await,
     }
 }

@@ -26,16 +26,19 @@ struct KeyRef(std::sync::Arc<PrivateKey>);
 
 impl PublicKeyData for KeyRef {
     fn der_bytes(&self) -> &[u8] {
-        self.0.key_pair().der_bytes()
+        self.0.public_key_raw()
     }
     fn algorithm(&self) -> &'static SignatureAlgorithm {
-        self.0.key_pair().algorithm()
+        self.0.algorithm().signature_algorithm()
     }
 }
 
 impl SigningKey for KeyRef {
     fn sign(&self, msg: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.0.key_pair().sign(msg)
+        self.0
+            .key_pair()
+            .map_err(|_| rcgen::Error::CouldNotParseKeyPair)?
+            .sign(msg)
     }
 }
 
@@ -58,6 +61,8 @@ impl LocalIssuer {
             ))
         })?;
         let info = ca.info()?;
+        // Parse the signing key now, so a bad key fails here rather than at the first sign.
+        key.key_pair()?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
         let dns_constraints = crate::x509::dns_name_constraints(&ca.cert)?;
         Ok(LocalIssuer {
@@ -74,9 +79,51 @@ impl LocalIssuer {
     }
 }
 
-/// Wraps DER SPKI bytes for rcgen.
-pub(crate) fn spki(der: &[u8]) -> Result<rcgen::SubjectPublicKeyInfo> {
-    rcgen::SubjectPublicKeyInfo::from_der(der).map_err(|e| Error::Build(format!("public key: {e}")))
+/// A subject public key for rcgen, from DER SubjectPublicKeyInfo.
+enum SubjectKey {
+    /// Parsed once with x509-parser; re-encodes to exactly the input bytes.
+    Known {
+        alg: &'static SignatureAlgorithm,
+        raw: Vec<u8>,
+    },
+    /// Anything else, as rcgen parses it.
+    Rcgen(rcgen::SubjectPublicKeyInfo),
+}
+
+impl PublicKeyData for SubjectKey {
+    fn der_bytes(&self) -> &[u8] {
+        match self {
+            SubjectKey::Known { raw, .. } => raw,
+            SubjectKey::Rcgen(k) => k.der_bytes(),
+        }
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        match self {
+            SubjectKey::Known { alg, .. } => alg,
+            SubjectKey::Rcgen(k) => k.algorithm(),
+        }
+    }
+}
+
+/// Wraps DER SPKI bytes for rcgen. Keys of the kinds meshca issues for take a single parse
+/// (rcgen's own parser tries every algorithm it knows, which showed in profiles); the result
+/// must re-encode to exactly `der`, else rcgen's parser decides.
+fn spki(der: &[u8]) -> Result<SubjectKey> {
+    use x509_parser::prelude::FromDer;
+    if let Ok(([], parsed)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der) {
+        if let Some(alg) = crate::key::PublicKeyKind::of(&parsed).algorithm() {
+            let key = SubjectKey::Known {
+                alg: alg.signature_algorithm(),
+                raw: parsed.subject_public_key.data.to_vec(),
+            };
+            if key.subject_public_key_info() == der {
+                return Ok(key);
+            }
+        }
+    }
+    rcgen::SubjectPublicKeyInfo::from_der(der)
+        .map(SubjectKey::Rcgen)
+        .map_err(|e| Error::Build(format!("public key: {e}")))
 }
 
 /// A CSR for `key` carrying `sans` (for backends that sign CSRs).
@@ -84,7 +131,7 @@ pub(crate) fn csr_for(key: &PrivateKey, sans: &Sans, td: &TrustDomain) -> Result
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = profile::workload_subject(sans, td);
     p.subject_alt_names = profile::san_list(sans)?;
-    Ok(p.serialize_request(key.key_pair())?.der().to_vec())
+    Ok(p.serialize_request(key.key_pair()?)?.der().to_vec())
 }
 
 #[async_trait]
@@ -143,5 +190,37 @@ impl LocalIssuer {
             root: self.ca.root().clone(),
             info,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::key::KeyAlgorithm;
+
+    #[test]
+    fn subject_keys_take_the_single_parse_path_and_match_rcgen() {
+        for a in [
+            KeyAlgorithm::EcdsaP256,
+            KeyAlgorithm::EcdsaP384,
+            KeyAlgorithm::Ed25519,
+            KeyAlgorithm::Rsa2048,
+        ] {
+            let der = a.generate().unwrap().public_key_der();
+            let k = spki(&der).unwrap();
+            assert!(matches!(k, SubjectKey::Known { .. }), "{a}");
+            let r = rcgen::SubjectPublicKeyInfo::from_der(&der).unwrap();
+            assert_eq!(k.der_bytes(), r.der_bytes(), "{a}");
+            assert_eq!(
+                k.subject_public_key_info(),
+                r.subject_public_key_info(),
+                "{a}"
+            );
+        }
+        // Trailing bytes and garbage are refused.
+        let mut der = KeyAlgorithm::EcdsaP256.generate().unwrap().public_key_der();
+        der.push(0);
+        assert!(spki(&der).is_err());
+        assert!(spki(b"garbage").is_err());
     }
 }

@@ -4,6 +4,8 @@
 //! checked) both run [`Policy::check`](crate::policy::Policy::check) *before* the issuer is
 //! called, so a denied request never reaches a remote backend.
 
+#[cfg(feature = "aws-pca")]
+pub mod acm_pca;
 pub mod local;
 
 use std::time::Duration;

@@ -53,8 +53,14 @@ pub async fn load_issuer(store: &dyn Store, name: &str) -> Result<Box<dyn Issuer
     let ca = store.load_ca(name).await?;
     match &ca.meta.backend {
         Backend::Local => Ok(Box::new(LocalIssuer::new(ca)?)),
+        #[cfg(feature = "aws-pca")]
+        Backend::AcmPca { .. } => Ok(Box::new(
+            crate::issue::acm_pca::AcmPcaIssuer::connect(ca, &crate::acm::PcaOptions::default())
+                .await?,
+        )),
+        #[cfg(not(feature = "aws-pca"))]
         Backend::AcmPca { .. } => Err(Error::Unsupported(format!(
-            "CA {name} is backed by ACM Private CA, which this build cannot reach"
+            "CA {name} is backed by ACM Private CA, which this build cannot reach (feature aws-pca)"
         ))),
     }
 }
