@@ -427,6 +427,23 @@ async fn bad_input_fails_or_is_rejected_with_reasons() {
         .await
         .unwrap_err();
     assert_eq!(meshca::kube::api_code(&e), Some(422), "{e}");
+    // ... and a request whose signature does not match (the API server verifies it on create).
+    let good = csr_pem(&["a.example.com"]);
+    let mut der = pem::parse(&good).unwrap().into_contents();
+    let n = der.len();
+    der[n - 5] ^= 0x01;
+    let tampered = pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der));
+    let e = env
+        .create_csr_as(
+            &env.client,
+            &format!("{}-tampered", env.ns),
+            &tampered,
+            &env.signer(),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(meshca::kube::api_code(&e), Some(422), "{e}");
     // What reaches the signer gets a Failed condition naming the problem.
     let d = tempfile::tempdir().unwrap();
     let rsa = std::process::Command::new("openssl")

@@ -309,4 +309,144 @@ mod tests {
         let c = LeaderConfig::new("meshca", "");
         assert!(c.validate().is_err());
     }
+
+    /// A minimal Lease endpoint on the tower-test mock: get, create, and both patch kinds
+    /// (server-side apply and strategic merge) merged into `spec`; records field managers.
+    async fn serve_lease(
+        mut h: tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        managers: Arc<Mutex<Vec<String>>>,
+        lease: Arc<Mutex<Option<serde_json::Value>>>,
+    ) {
+        use crate::kube::testutil::{json, next, status};
+        loop {
+            let (req, body, send) = next(&mut h).await;
+            let base = "/apis/coordination.k8s.io/v1/namespaces/meshca/leases";
+            if req.method() == "POST" {
+                assert_eq!(req.uri().path(), base);
+            } else {
+                assert_eq!(req.uri().path(), format!("{base}/meshca-signer"));
+            }
+            let mut l = lease.lock().unwrap();
+            match req.method().as_str() {
+                "GET" => match l.clone() {
+                    Some(v) => send.send_response(json(200, &v)),
+                    None => send.send_response(status(404, "NotFound", "leases not found")),
+                },
+                "POST" => {
+                    let mut v = body.clone();
+                    v["metadata"]["resourceVersion"] = serde_json::json!("1");
+                    *l = Some(v.clone());
+                    send.send_response(json(201, &v));
+                }
+                "PATCH" => {
+                    let q = req.uri().query().unwrap_or("").to_string();
+                    if let Some(fm) = q.split('&').find_map(|kv| kv.strip_prefix("fieldManager=")) {
+                        managers.lock().unwrap().push(fm.to_string());
+                    }
+                    let mut v = l.clone().expect("patch of an existing lease");
+                    for (k, val) in body["spec"].as_object().unwrap() {
+                        if val.is_null() {
+                            v["spec"].as_object_mut().map(|o| o.remove(k));
+                        } else {
+                            v["spec"][k] = val.clone();
+                        }
+                    }
+                    *l = Some(v.clone());
+                    send.send_response(json(200, &v));
+                }
+                m => panic!("unexpected {m}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn start_acquires_the_lease_and_releases_it_on_shutdown() {
+        let (client, h) = crate::kube::testutil::mock_client();
+        let managers = Arc::new(Mutex::new(Vec::new()));
+        let lease = Arc::new(Mutex::new(None));
+        let server = tokio::spawn(serve_lease(h, managers.clone(), lease.clone()));
+        let mut cfg = LeaderConfig::new("meshca", "pod-a");
+        cfg.lease_duration = Duration::from_secs(3);
+        cfg.renew_grace = Duration::from_secs(1);
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (mut rx, task) = start(client, cfg, async move {
+            let _ = stop_rx.await;
+        })
+        .unwrap();
+        wait_for(&mut rx, true).await;
+        {
+            let l = lease.lock().unwrap().clone().unwrap();
+            assert_eq!(l["metadata"]["name"], "meshca-signer");
+            assert_eq!(l["spec"]["holderIdentity"], "pod-a");
+            assert_eq!(l["spec"]["leaseDurationSeconds"], 3);
+        }
+        stop_tx.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(!*rx.borrow());
+        let l = lease.lock().unwrap().clone().unwrap();
+        assert!(l["spec"].get("holderIdentity").is_none(), "released: {l}");
+        assert!(
+            managers
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|m| m == "meshca-leader-pod-a"),
+            "{:?}",
+            managers.lock().unwrap()
+        );
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn two_candidates_one_leader_and_takeover_after_the_leader_dies() {
+        let lease = Arc::new(Mutex::new(None));
+        let mut servers = Vec::new();
+        let mut candidates = Vec::new();
+        for id in ["pod-a", "pod-b"] {
+            let (client, h) = crate::kube::testutil::mock_client();
+            servers.push(tokio::spawn(serve_lease(
+                h,
+                Arc::new(Mutex::new(Vec::new())),
+                lease.clone(),
+            )));
+            let mut cfg = LeaderConfig::new("meshca", id);
+            cfg.lease_duration = Duration::from_secs(2);
+            cfg.renew_grace = Duration::from_secs(1);
+            candidates.push(start(client, cfg, std::future::pending()).unwrap());
+            if id == "pod-a" {
+                // Let pod-a win deterministically.
+                wait_for(&mut candidates[0].0, true).await;
+            }
+        }
+        // For a while, exactly one leads: pod-a keeps renewing, pod-b waits.
+        for _ in 0..30 {
+            assert!(
+                *candidates[0].0.borrow() && !*candidates[1].0.borrow(),
+                "exactly one leader"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // Kill pod-a without releasing: pod-b takes over once the lease expires.
+        let killed_at = std::time::Instant::now();
+        candidates[0].1.abort();
+        wait_for(&mut candidates[1].0, true).await;
+        assert!(
+            killed_at.elapsed() <= Duration::from_secs(10),
+            "{:?}",
+            killed_at.elapsed()
+        );
+        assert_eq!(
+            lease.lock().unwrap().clone().unwrap()["spec"]["holderIdentity"],
+            "pod-b"
+        );
+        for s in servers {
+            s.abort();
+        }
+    }
 }

@@ -531,4 +531,49 @@ mod tests {
         assert_eq!(action, Action::requeue(MAX_RECHECK));
         assert_eq!(m.metrics.managed_issued.get(), 1);
     }
+
+    #[tokio::test]
+    async fn refused_requests_get_an_error_annotation_once() {
+        let (client, mut h) = mock_client();
+        let m = Managed::new(
+            client,
+            [(
+                "mesh".to_string(),
+                local("mesh", Policy::default()) as Arc<dyn Issuer>,
+            )]
+            .into_iter()
+            .collect(),
+            Arc::new(Metrics::new()),
+            Arc::new(RateLimiter::new(0.0, 1)),
+            crate::kube::leader::always_leader(),
+            Arc::new(crate::clock::SystemClock),
+        );
+        let mut s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "w", "namespace": "app", "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "*.app.svc"}},
+        }))
+        .unwrap();
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert!(body.get("data").is_none(), "no key material on failure");
+            let msg = body["metadata"]["annotations"][ANN_ERROR]
+                .as_str()
+                .unwrap()
+                .to_string();
+            send.send_response(resp(200, &body));
+            msg
+        });
+        assert_eq!(m.reconcile(&s).await.unwrap(), Action::await_change());
+        let msg = server.await.unwrap();
+        assert!(msg.contains("wildcard DNS name *.app.svc"), "{msg}");
+        // Seen again with the annotation already set: no second write (no request is served).
+        s.metadata
+            .annotations
+            .as_mut()
+            .unwrap()
+            .insert(ANN_ERROR.into(), msg);
+        assert_eq!(m.reconcile(&s).await.unwrap(), Action::await_change());
+        assert_eq!(m.metrics.managed_failed.get(), 2);
+        assert_eq!(m.metrics.managed_issued.get(), 0);
+    }
 }

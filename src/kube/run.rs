@@ -251,3 +251,92 @@ pub async fn shutdown_signal() {
     }
     tracing::info!("shutdown requested");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{create_root, CaSpec};
+    use crate::key::KeyAlgorithm;
+    use crate::kube::signer::tests::{csr_obj, csr_pem};
+    use crate::kube::testutil::{json as resp, mock_client, next};
+    use crate::store::LocalStore;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn run_loads_cas_becomes_ready_signs_and_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path().join("home")).unwrap();
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        let not_after = ca.info().unwrap().not_after.unix_timestamp();
+        store.save_ca(&ca, false).await.unwrap();
+        let (client, mut h) = mock_client();
+        let metrics = Arc::new(Metrics::new());
+        let mut cfg = RunConfig::new(Arc::new(store));
+        cfg.metrics = Some(metrics.clone());
+        cfg.bundle_resync = None;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(client, cfg, async move {
+            let _ = stopped.await;
+        }));
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let csr = serde_json::to_value(csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None))
+            .unwrap();
+        let mut parked = Vec::new();
+        let mut signed = false;
+        while !signed {
+            let (req, _, send) = next(&mut h).await;
+            let q = req.uri().query().unwrap_or("").to_string();
+            match req.method().as_str() {
+                "GET" if q.contains("watch=true") => parked.push(send),
+                "GET" => send.send_response(resp(
+                    200,
+                    &json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                            "metadata": {"resourceVersion": "1"}, "items": [csr]}),
+                )),
+                "PATCH" => {
+                    assert!(req.uri().path().ends_with("/c1/status"));
+                    send.send_response(resp(200, &csr));
+                    signed = true;
+                }
+                m => panic!("unexpected {m} {}", req.uri()),
+            }
+        }
+        assert!(metrics.is_ready());
+        assert_eq!(
+            metrics.leader.get(),
+            1,
+            "no election configured: always leads"
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains(&format!(
+                "meshca_ca_expiry_timestamp_seconds{{ca=\"mesh\"}} {not_after}"
+            )),
+            "{text}"
+        );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stops")
+            .unwrap()
+            .unwrap();
+        assert_eq!(metrics.leader.get(), 0);
+        assert_eq!(metrics.csrs_signed.get(), 1);
+        drop(parked);
+    }
+
+    #[tokio::test]
+    async fn run_refuses_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path().join("home")).unwrap();
+        let (client, _h) = mock_client();
+        let e = run(
+            client,
+            RunConfig::new(Arc::new(store)),
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("no CA to serve"), "{e}");
+    }
+}

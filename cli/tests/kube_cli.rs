@@ -1,0 +1,449 @@
+//! The CLI's Kubernetes wiring (`--store kube:<ns>`, `--kubeconfig`, `issue --secret` written
+//! to the cluster, `bundle publish`) run as a real process against a small in-memory fake of
+//! the Kubernetes REST API on 127.0.0.1. (No real API server exists here; the e2e tests in
+//! tests/kube_e2e.rs cover one.) The fake implements just enough of core/v1 Secrets and
+//! ConfigMaps: get, list with label selectors, create (409 on duplicates) and server-side
+//! apply, and records every request so the tests can check methods, paths and parameters.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+#[derive(Default)]
+struct State {
+    /// (namespace, resource, name) -> object
+    objects: BTreeMap<(String, String, String), Value>,
+    /// "METHOD path?query content-type"
+    log: Vec<String>,
+}
+
+struct Fake {
+    port: u16,
+    state: Arc<Mutex<State>>,
+}
+
+fn status(code: u16, reason: &str, msg: &str) -> (u16, Value) {
+    (
+        code,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": reason, "message": msg, "code": code}),
+    )
+}
+
+fn selector_matches(sel: &str, labels: &Value) -> bool {
+    sel.split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => labels.get(k).and_then(Value::as_str) == Some(v),
+            None => labels.get(term).is_some(),
+        })
+}
+
+fn query_param(q: &str, key: &str) -> Option<String> {
+    q.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| {
+            v.replace("%2C", ",")
+                .replace("%3D", "=")
+                .replace("%2F", "/")
+        })
+    })
+}
+
+fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) -> (u16, Value) {
+    st.log.push(format!("{method} {target} {ctype}"));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // api/v1/namespaces/<ns>/<resource>[/<name>]
+    if parts.len() < 5 || parts[0] != "api" || parts[2] != "namespaces" {
+        return status(404, "NotFound", "unsupported path");
+    }
+    let (ns, res) = (parts[3].to_string(), parts[4].to_string());
+    let name = parts.get(5).map(|s| s.to_string());
+    let kind = if res == "secrets" {
+        "Secret"
+    } else {
+        "ConfigMap"
+    };
+    match (method, name) {
+        ("GET", None) => {
+            let sel = query_param(query, "labelSelector").unwrap_or_default();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|((n, r, _), o)| {
+                    *n == ns && *r == res && selector_matches(&sel, &o["metadata"]["labels"])
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            (
+                200,
+                json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        }
+        ("GET", Some(n)) => match st.objects.get(&(ns, res.clone(), n.clone())) {
+            Some(o) => (200, o.clone()),
+            None => status(404, "NotFound", &format!("{res} \"{n}\" not found")),
+        },
+        ("POST", None) => {
+            let mut o: Value = serde_json::from_slice(body).unwrap();
+            let n = o["metadata"]["name"].as_str().unwrap().to_string();
+            let key = (ns.clone(), res.clone(), n.clone());
+            if st.objects.contains_key(&key) {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    &format!("{res} \"{n}\" already exists"),
+                );
+            }
+            o["metadata"]["namespace"] = json!(ns);
+            o["metadata"]["resourceVersion"] = json!("1");
+            o["apiVersion"] = json!("v1");
+            o["kind"] = json!(kind);
+            st.objects.insert(key, o.clone());
+            (201, o)
+        }
+        ("PUT", Some(n)) => {
+            let o: Value = serde_json::from_slice(body).unwrap();
+            st.objects.insert((ns, res, n), o.clone());
+            (200, o)
+        }
+        ("PATCH", Some(n)) => {
+            assert_eq!(
+                ctype, "application/apply-patch+yaml",
+                "only server-side apply is expected"
+            );
+            let patch: Value = serde_json::from_slice(body).unwrap();
+            let key = (ns.clone(), res.clone(), n.clone());
+            let mut o = st
+                .objects
+                .get(&key)
+                .cloned()
+                .unwrap_or_else(|| json!({"metadata": {}}));
+            for field in ["data", "type"] {
+                if let Some(v) = patch.get(field) {
+                    if let (Some(dst), Some(src)) = (
+                        o.get_mut(field).and_then(Value::as_object_mut),
+                        v.as_object(),
+                    ) {
+                        for (k, v) in src {
+                            dst.insert(k.clone(), v.clone());
+                        }
+                    } else {
+                        o[field] = v.clone();
+                    }
+                }
+            }
+            for m in ["labels", "annotations"] {
+                if let Some(v) = patch["metadata"].get(m) {
+                    o["metadata"][m] = v.clone();
+                }
+            }
+            o["metadata"]["name"] = json!(n);
+            o["metadata"]["namespace"] = json!(ns);
+            o["apiVersion"] = json!("v1");
+            o["kind"] = json!(kind);
+            st.objects.insert(key, o.clone());
+            (200, o)
+        }
+        _ => status(405, "MethodNotAllowed", "unsupported"),
+    }
+}
+
+fn serve_conn(stream: TcpStream, state: Arc<Mutex<State>>) {
+    let mut r = BufReader::new(stream.try_clone().unwrap());
+    let mut w = stream;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut it = line.split_whitespace();
+        let (method, target) = (
+            it.next().unwrap_or("").to_string(),
+            it.next().unwrap_or("").to_string(),
+        );
+        let (mut len, mut ctype) = (0usize, String::new());
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                match k.to_ascii_lowercase().as_str() {
+                    "content-length" => len = v.trim().parse().unwrap_or(0),
+                    "content-type" => ctype = v.trim().to_string(),
+                    _ => {}
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let (code, v) = handle(&mut state.lock().unwrap(), &method, &target, &ctype, &body);
+        let b = serde_json::to_vec(&v).unwrap();
+        let head = format!(
+            "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            b.len()
+        );
+        if w.write_all(head.as_bytes())
+            .and_then(|_| w.write_all(&b))
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+impl Fake {
+    fn start() -> Fake {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let s = state.clone();
+        // The listener thread ends with the test process.
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let s = s.clone();
+                std::thread::spawn(move || serve_conn(c, s));
+            }
+        });
+        Fake { port, state }
+    }
+
+    fn object(&self, ns: &str, res: &str, name: &str) -> Option<Value> {
+        self.state
+            .lock()
+            .unwrap()
+            .objects
+            .get(&(ns.into(), res.into(), name.into()))
+            .cloned()
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.state.lock().unwrap().log.clone()
+    }
+}
+
+struct Cli {
+    dir: tempfile::TempDir,
+}
+
+impl Cli {
+    fn new(port: u16) -> Cli {
+        let dir = tempfile::tempdir().unwrap();
+        let kc = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://127.0.0.1:{port}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: u\n    namespace: default\ncurrent-context: fake\n"
+        );
+        std::fs::write(dir.path().join("kubeconfig"), kc).unwrap();
+        Cli { dir }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        let kc = self.dir.path().join("kubeconfig");
+        let mut all = vec![
+            "--store",
+            "kube:meshca",
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(&all)
+            .env_remove("KUBECONFIG")
+            .env_remove("RUST_LOG")
+            .env("MESHCA_HOME", self.dir.path().join("unused-home"))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "meshca {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+fn data(o: &Value, key: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(o["data"][key].as_str().unwrap())
+        .unwrap()
+}
+
+#[test]
+fn kube_store_init_issue_secret_bundle_publish_and_ledger() {
+    let fake = Fake::start();
+    let cli = Cli::new(fake.port);
+
+    // init writes the CA Secret with a plain create.
+    cli.ok(&["init", "--ca", "mesh"]);
+    let ca = fake
+        .object("meshca", "secrets", "meshca-ca-mesh")
+        .expect("CA Secret");
+    assert_eq!(ca["type"], "kubernetes.io/tls");
+    assert_eq!(ca["metadata"]["labels"]["meshca.io/ca"], "mesh");
+    assert_eq!(
+        ca["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "meshca"
+    );
+    assert!(!data(&ca, "tls.key").is_empty());
+    // `init` is idempotent: an existing CA is left alone (found through the store's get).
+    let before = fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap();
+    let again = cli.ok(&["init", "--ca", "mesh"]);
+    assert!(again.contains("exists"), "{again}");
+    assert_eq!(
+        fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap(),
+        before
+    );
+
+    // ca list reads it back through the label selector.
+    let list: Value = serde_json::from_str(&cli.ok(&["ca", "list", "--output", "json"])).unwrap();
+    assert_eq!(list[0]["name"], "mesh", "{list}");
+
+    // issue --secret writes the Secret to the cluster by server-side apply.
+    cli.ok(&[
+        "issue",
+        "--ca",
+        "mesh",
+        "--namespace",
+        "app",
+        "--service-account",
+        "web",
+        "--dns",
+        "web.app.svc",
+        "--secret",
+        "app/web-tls",
+    ]);
+    let s = fake
+        .object("app", "secrets", "web-tls")
+        .expect("workload Secret");
+    assert_eq!(s["type"], "kubernetes.io/tls");
+    let chain = meshca::pemutil::parse_certs(&data(&s, "tls.crt"), "tls.crt").unwrap();
+    let roots = meshca::pemutil::parse_certs(&data(&s, "ca.crt"), "ca.crt").unwrap();
+    assert_eq!(
+        roots,
+        meshca::pemutil::parse_certs(&data(&ca, "ca.crt"), "ca.crt").unwrap()
+    );
+    meshca::x509::verify_chain(
+        &chain[0],
+        &chain[1..],
+        &roots,
+        time::OffsetDateTime::now_utc(),
+        meshca::x509::Usage::Server,
+    )
+    .unwrap();
+    let key = meshca::key::PrivateKey::from_pem(
+        std::str::from_utf8(&data(&s, "tls.key")).unwrap(),
+        "tls.key",
+    )
+    .unwrap();
+    assert_eq!(
+        key.public_key_der(),
+        meshca::x509::CertInfo::from_der(&chain[0])
+            .unwrap()
+            .spki_der
+    );
+    let log = fake.log();
+    let apply = log
+        .iter()
+        .find(|l| l.starts_with("PATCH /api/v1/namespaces/app/secrets/web-tls"))
+        .expect("an apply");
+    assert!(
+        apply.contains("fieldManager=meshca")
+            && apply.contains("force=true")
+            && apply.ends_with("application/apply-patch+yaml"),
+        "{apply}"
+    );
+
+    // The ledger recorded the issuance in a ConfigMap shard.
+    let ledger: Value = serde_json::from_str(&cli.ok(&["ledger", "--output", "json"])).unwrap();
+    assert!(
+        ledger
+            .to_string()
+            .contains("spiffe://cluster.local/ns/app/sa/web"),
+        "{ledger}"
+    );
+
+    // bundle create + publish: ConfigMap <name>-trust-bundle with ca.crt in the namespace.
+    cli.ok(&[
+        "bundle",
+        "create",
+        "mesh-trust",
+        "--ca",
+        "mesh",
+        "--namespace",
+        "app",
+    ]);
+    assert!(fake
+        .object("meshca", "configmaps", "meshca-bundle-mesh-trust")
+        .is_some());
+    let out: Value =
+        serde_json::from_str(&cli.ok(&["bundle", "publish", "mesh-trust", "--output", "json"]))
+            .unwrap();
+    assert_eq!(out["namespaces"], json!(["app"]));
+    let cm = fake
+        .object("app", "configmaps", "mesh-trust-trust-bundle")
+        .expect("bundle ConfigMap");
+    assert_eq!(
+        cm["data"]["ca.crt"].as_str().unwrap().as_bytes(),
+        &data(&ca, "ca.crt")[..]
+    );
+    assert_eq!(cm["metadata"]["labels"]["meshca.io/bundle"], "mesh-trust");
+}
+
+#[test]
+fn kube_store_errors_are_one_line_and_exit_codes_hold() {
+    // Nothing listens on this port: an unreachable cluster is not the user's input error.
+    let port = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cli = Cli::new(port);
+    let o = cli.run(&["ca", "list"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("meshca: error: kubernetes: listing CA Secrets"),
+        "{err}"
+    );
+    // A missing kubeconfig and an empty namespace are the user's: exit 1.
+    let o = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args([
+            "--store",
+            "kube:meshca",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+            "ca",
+            "list",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let o = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args(["--store", "kube:", "ca", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("needs a namespace"));
+}
