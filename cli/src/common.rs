@@ -1,8 +1,10 @@
 //! Shared CLI plumbing: store selection, output, logging, exit codes.
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+use meshca::identity::{DnsName, SpiffeId};
 use meshca::store::{LocalStore, Store};
 use serde::Serialize;
 
@@ -177,4 +179,41 @@ pub fn clap_one_line(e: &clap::Error) -> String {
         .filter(|l| !l.is_empty())
         .collect();
     parts.join(" ").trim_start_matches("error: ").to_string()
+}
+
+/// The workload identity flags shared by `issue` and `sds serve`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IdentityArgs {
+    /// SPIFFE ID for the URI SAN.
+    #[arg(long, conflicts_with_all = ["namespace", "service_account"])]
+    pub spiffe_id: Option<SpiffeId>,
+    /// Kubernetes namespace (with --service-account: spiffe://<td>/ns/<ns>/sa/<sa>).
+    #[arg(long, requires = "service_account")]
+    pub namespace: Option<String>,
+    /// Kubernetes service account.
+    #[arg(long, requires = "namespace")]
+    pub service_account: Option<String>,
+    /// DNS SAN (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    pub dns: Vec<DnsName>,
+    /// IP SAN (repeatable).
+    #[arg(long = "ip", value_name = "ADDR")]
+    pub ips: Vec<IpAddr>,
+}
+
+impl IdentityArgs {
+    /// The SANs these flags ask for, SPIFFE IDs built in trust domain `td`.
+    pub fn sans(
+        &self,
+        td: &meshca::identity::TrustDomain,
+    ) -> meshca::Result<meshca::identity::Sans> {
+        meshca::config::sans_from_parts(
+            td,
+            self.spiffe_id.clone(),
+            self.namespace.as_deref(),
+            self.service_account.as_deref(),
+            self.dns.clone(),
+            self.ips.clone(),
+        )
+    }
 }

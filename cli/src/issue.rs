@@ -1,41 +1,25 @@
 //! `meshca issue`: sign a workload certificate.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 use meshca::bundle;
-use meshca::config::sans_from_parts;
-use meshca::identity::{DnsName, SpiffeId};
 use meshca::issue::{issue_csr, issue_workload, CsrOptions, IssuedCert, LedgerEntry};
 use meshca::key::KeyAlgorithm;
 use meshca::output::{self, ObjectRef};
 use meshca::report::IssueReport;
 use meshca::store::{self, Store};
 
-use crate::common::{read_input, rfc3339, time_left, usage, Ctx};
+use crate::common::{read_input, rfc3339, time_left, usage, Ctx, IdentityArgs};
 
 #[derive(Args, Debug)]
 pub struct IssueArgs {
     /// Issuing CA.
     #[arg(long)]
     ca: String,
-    /// SPIFFE ID for the URI SAN.
-    #[arg(long, conflicts_with_all = ["namespace", "service_account"])]
-    spiffe_id: Option<SpiffeId>,
-    /// Kubernetes namespace (with --service-account: spiffe://<td>/ns/<ns>/sa/<sa>).
-    #[arg(long, requires = "service_account")]
-    namespace: Option<String>,
-    /// Kubernetes service account.
-    #[arg(long, requires = "namespace")]
-    service_account: Option<String>,
-    /// DNS SAN (repeatable).
-    #[arg(long = "dns", value_name = "NAME")]
-    dns: Vec<DnsName>,
-    /// IP SAN (repeatable).
-    #[arg(long = "ip", value_name = "ADDR")]
-    ips: Vec<IpAddr>,
+    #[command(flatten)]
+    id: IdentityArgs,
     /// Lifetime, e.g. 24h [default: the CA policy's default TTL].
     #[arg(long, value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
@@ -65,10 +49,10 @@ fn default_name(a: &IssueArgs, cert: &IssuedCert) -> String {
     if let Some(n) = &a.name {
         return n.clone();
     }
-    if let Some(sa) = &a.service_account {
+    if let Some(sa) = &a.id.service_account {
         return sa.clone();
     }
-    if let Some(d) = a.dns.first() {
+    if let Some(d) = a.id.dns.first() {
         return d
             .as_str()
             .trim_start_matches("*.")
@@ -77,7 +61,7 @@ fn default_name(a: &IssueArgs, cert: &IssuedCert) -> String {
             .unwrap_or("workload")
             .to_string();
     }
-    if let Some(id) = &a.spiffe_id {
+    if let Some(id) = &a.id.spiffe_id {
         if let Some(last) = id.path().rsplit('/').next() {
             return last.to_string();
         }
@@ -116,14 +100,7 @@ pub async fn run(ctx: &Ctx, a: IssueArgs) -> anyhow::Result<()> {
     }
     let td = issuer.meta().trust_domain.clone();
     let now = time::OffsetDateTime::now_utc();
-    let given = sans_from_parts(
-        &td,
-        a.spiffe_id.clone(),
-        a.namespace.as_deref(),
-        a.service_account.as_deref(),
-        a.dns.clone(),
-        a.ips.clone(),
-    )?;
+    let given = a.id.sans(&td)?;
 
     let (cert, key) = match &a.csr {
         Some(path) => {

@@ -1,17 +1,16 @@
 //! `meshca sds serve`: the Envoy SDS server.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use meshca::config::sans_from_parts;
-use meshca::identity::{DnsName, SpiffeId, TrustDomain};
+use meshca::identity::TrustDomain;
 use meshca::key::KeyAlgorithm;
 use meshca::store::Store;
 use meshca_sds::{Listen, ServeConfig, SourceConfig, DEFAULT_SOCKET_PATH};
 
-use crate::common::{usage, Ctx};
+use crate::common::{usage, Ctx, IdentityArgs};
 
 /// `meshca sds ...`
 #[derive(Subcommand, Debug)]
@@ -26,21 +25,8 @@ pub struct ServeArgs {
     /// Issue and renew the workload certificate from this CA of the meshca home.
     #[arg(long, required_unless_present = "cert_file")]
     ca: Option<String>,
-    /// SPIFFE ID of the workload.
-    #[arg(long, conflicts_with_all = ["namespace", "service_account"])]
-    spiffe_id: Option<SpiffeId>,
-    /// Kubernetes namespace (with --service-account: spiffe://<td>/ns/<ns>/sa/<sa>).
-    #[arg(long, requires = "service_account")]
-    namespace: Option<String>,
-    /// Kubernetes service account.
-    #[arg(long, requires = "namespace")]
-    service_account: Option<String>,
-    /// DNS SAN (repeatable).
-    #[arg(long = "dns", value_name = "NAME")]
-    dns: Vec<DnsName>,
-    /// IP SAN (repeatable).
-    #[arg(long = "ip", value_name = "ADDR")]
-    ips: Vec<IpAddr>,
+    #[command(flatten)]
+    id: IdentityArgs,
     /// Trust domain for --namespace/--service-account with the file source
     /// [default: the CA's trust domain, else cluster.local].
     #[arg(long)]
@@ -135,14 +121,7 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
                 Some(td) => td.clone(),
                 None => store.load_ca(ca).await?.meta.trust_domain,
             };
-            let sans = sans_from_parts(
-                &td,
-                a.spiffe_id.clone(),
-                a.namespace.as_deref(),
-                a.service_account.as_deref(),
-                a.dns.clone(),
-                a.ips.clone(),
-            )?;
+            let sans = a.id.sans(&td)?;
             if sans.is_empty() {
                 return Err(usage(
                     "give the workload identity: --spiffe-id, --namespace/--service-account or --dns",
@@ -159,14 +138,7 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
         }
         (None, Some(cert)) => {
             let td = a.trust_domain.clone().unwrap_or_default();
-            let sans = sans_from_parts(
-                &td,
-                a.spiffe_id.clone(),
-                a.namespace.as_deref(),
-                a.service_account.as_deref(),
-                a.dns.clone(),
-                a.ips.clone(),
-            )?;
+            let sans = a.id.sans(&td)?;
             SourceConfig::Files {
                 cert: cert.clone(),
                 key: a

@@ -197,16 +197,16 @@ pub struct CsrOptions {
     pub requester: Option<Requester>,
 }
 
-/// Checks an external CSR (signature, CA flag, SANs, key) against policy and returns the
-/// request ready to sign. Pure: no I/O, so the signer and approver can share it.
-pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
+/// Parses a CSR for CA `ca` and checks what does not depend on policy: no key under the RSA
+/// minimum, and a self-signature that verifies (proof of possession).
+pub fn parse_csr_checked(ca: &str, csr_der: &[u8]) -> Result<CsrInfo> {
     let info = CsrInfo::from_der(csr_der)?;
     // Weak keys first: the verifier refuses RSA under 2048 bits outright, which would
     // otherwise surface as a misleading signature failure.
     if let PublicKeyKind::Rsa { bits } = info.key {
         if bits < crate::key::MIN_RSA_BITS {
             return Err(Error::PolicyDenied {
-                ca: issuer.meta().name.clone(),
+                ca: ca.to_string(),
                 reason: format!(
                     "RSA key of {bits} bits is under the {}-bit minimum",
                     crate::key::MIN_RSA_BITS
@@ -220,6 +220,13 @@ pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Resu
                 .into(),
         ));
     }
+    Ok(info)
+}
+
+/// Checks an external CSR (signature, CA flag, SANs, key) against policy and returns the
+/// request ready to sign. Pure: no I/O, so the signer and approver can share it.
+pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
+    let info = parse_csr_checked(&issuer.meta().name, csr_der)?;
     let sans = match &opts.override_sans {
         Some(s) => s.clone(),
         None => info.sans.to_sans()?,

@@ -27,7 +27,6 @@ use super::FIELD_MANAGER;
 use crate::error::{Error, Result};
 use crate::issue::Issuer;
 use crate::policy::{PolicyRequest, Requester};
-use crate::x509::CsrInfo;
 
 /// Condition reason of an approval.
 pub const REASON_APPROVED: &str = "MeshcaPolicyApproved";
@@ -75,24 +74,7 @@ fn check(
     ttl: Option<std::time::Duration>,
 ) -> Result<Vec<String>> {
     let meta = issuer.meta();
-    let info = CsrInfo::from_der(der)?;
-    if let crate::key::PublicKeyKind::Rsa { bits } = info.key {
-        if bits < crate::key::MIN_RSA_BITS {
-            return Err(Error::PolicyDenied {
-                ca: meta.name.clone(),
-                reason: format!(
-                    "RSA key of {bits} bits is under the {}-bit minimum",
-                    crate::key::MIN_RSA_BITS
-                ),
-            });
-        }
-    }
-    if !info.signature_valid {
-        return Err(Error::Csr(
-            "signature does not verify with the request's own key (proof of possession failed)"
-                .into(),
-        ));
-    }
+    let info = crate::issue::parse_csr_checked(&meta.name, der)?;
     let sans = info.sans.to_sans()?;
     if let Some(ip) = sans.ips.first() {
         return Err(Error::PolicyDenied {
