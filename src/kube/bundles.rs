@@ -12,14 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use rustls_pki_types::CertificateDer;
 use serde_json::json;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::ratelimit::RateLimiter;
-use super::{kube_err, FIELD_MANAGER, LABEL_BUNDLE, LABEL_MANAGED_BY, MANAGED_BY};
+use super::{LABEL_BUNDLE, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::bundle::{self, BundleSpec};
 use crate::error::{Error, Result};
 use crate::store::{bundle_anchors, Store};
@@ -59,18 +59,13 @@ pub async fn publish(
             l.acquire().await;
         }
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-        api.patch(
+        super::apply(
+            &api,
             &spec.configmap_name(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&configmap_manifest(spec, ns, &pem)),
+            &configmap_manifest(spec, ns, &pem),
+            &format!("publishing bundle {} to namespace {ns}", spec.name),
         )
-        .await
-        .map_err(|e| {
-            kube_err(
-                &format!("publishing bundle {} to namespace {ns}", spec.name),
-                e,
-            )
-        })?;
+        .await?;
         n += 1;
     }
     Ok(n)

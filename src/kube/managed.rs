@@ -16,7 +16,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use serde_json::json;
@@ -25,7 +25,6 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::ratelimit::RateLimiter;
-use super::{kube_err, FIELD_MANAGER};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::identity::{DnsName, Sans, SpiffeId};
@@ -215,14 +214,7 @@ impl Managed {
     async fn apply(&self, ns: &str, name: &str, body: &serde_json::Value) -> Result<()> {
         self.limiter.acquire().await;
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        api.patch(
-            name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(body),
-        )
-        .await
-        .map(|_| ())
-        .map_err(|e| kube_err("applying a managed Secret", e))
+        super::apply(&api, name, body, "applying a managed Secret").await
     }
 
     async fn record_error(&self, s: &Secret, message: &str) -> Result<Action> {

@@ -56,6 +56,27 @@ pub fn ca_from_signer_name(signer: &str) -> Option<&str> {
         .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 
+/// Server-side apply of `body` to `name` with meshca's field manager, forced: meshca owns the
+/// fields it writes. `what` names the write in the error message.
+pub(crate) async fn apply<K>(
+    api: &kube::Api<K>,
+    name: &str,
+    body: &serde_json::Value,
+    what: &str,
+) -> Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch(
+        name,
+        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::Patch::Apply(body),
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| kube_err(what, e))
+}
+
 /// Converts a Kubernetes client error into the library error, once, with a one-line message.
 pub(crate) fn kube_err(context: &str, e: kube::Error) -> Error {
     let retryable = match &e {

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use async_trait::async_trait;
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 
 use super::{api_code, kube_err, FIELD_MANAGER, LABEL_CA, LABEL_MANAGED_BY, MANAGED_BY};
@@ -210,14 +210,13 @@ impl KubeStore {
             // The type is immutable: set it only when creating.
             body["type"] = json!("kubernetes.io/tls");
         }
-        api.patch(
+        super::apply(
+            &api,
             name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
+            &body,
+            &format!("applying Secret {namespace}/{name}"),
         )
         .await
-        .map(|_| ())
-        .map_err(|e| kube_err(&format!("applying Secret {namespace}/{name}"), e))
     }
 
     fn ledger_shard(&self, day: &str, n: u32) -> String {
@@ -364,13 +363,7 @@ impl Store for KubeStore {
             .await
             .map_err(|e| kube_err("reading a CA Secret", e))?
             .is_some();
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&manifest),
-        )
-        .await
-        .map_err(|e| kube_err("applying a CA Secret", e))?;
+        super::apply(&api, &name, &manifest, "applying a CA Secret").await?;
         Ok(if existed {
             SaveOutcome::Replaced
         } else {
@@ -428,13 +421,7 @@ impl Store for KubeStore {
             },
             "data": { "bundle.json": spec }
         });
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&manifest),
-        )
-        .await
-        .map_err(|e| kube_err("applying a bundle ConfigMap", e))?;
+        super::apply(&api, &name, &manifest, "applying a bundle ConfigMap").await?;
         Ok(if existed {
             SaveOutcome::Replaced
         } else {
