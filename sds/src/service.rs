@@ -197,76 +197,129 @@ impl Shared {
     }
 }
 
-async fn run_sotw(
-    shared: Arc<Shared>,
-    mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-) {
-    let (id, _guard) = shared.open(Mode::Sotw);
-    let mut snaps = shared.snapshots.clone();
-    let mut shutdown = shared.shutdown.clone();
-    let mut st = SotwStream::new(&id);
-    let mut node = String::from("-");
-    let mut first = true;
-    loop {
-        let (out, snap) = tokio::select! {
-            _ = crate::stopped(&mut shutdown) => break,
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => {
-                    if first {
-                        node = node_id(&req.node);
-                        first = false;
-                        tracing::info!(stream = %id, node = %node, mode = "sotw", "stream opened");
-                    }
-                    if let Err(s) = check_type(&req.type_url).and_then(|_| check_names(req.resource_names.len())) {
-                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
-                        let _ = tx.send(Err(s)).await;
-                        break;
-                    }
-                    let r = SotwRequest {
-                        version_info: req.version_info,
-                        response_nonce: req.response_nonce,
-                        resource_names: req.resource_names,
-                        error_detail: req.error_detail.map(|e| e.message),
-                    };
-                    let snap = snaps.borrow_and_update().clone();
-                    (st.on_request(&r, &*snap), snap)
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
-                    break;
-                }
-            },
-            changed = snaps.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let snap = snaps.borrow_and_update().clone();
-                (st.on_update(&*snap), snap)
-            }
-        };
-        shared.log_events(Mode::Sotw, &id, &node, &out);
-        for resp in shared.sotw_responses(&id, &node, &out, &snap) {
-            if tx.send(Ok(resp)).await.is_err() {
-                tracing::debug!(stream = %id, "client went away");
-                return;
-            }
-            shared.metrics.pushes.add(Mode::Sotw, 1);
-        }
-    }
-    tracing::debug!(stream = %id, node = %node, "stream closed");
+/// What differs between the state-of-the-world and the delta protocol; [`run_stream`] drives
+/// either.
+trait Flavor: Send + 'static {
+    type Req: prost::Message + Default + Send + 'static;
+    type Resp: Send + 'static;
+    const MODE: Mode;
+    /// The `node` of a request, for logs.
+    fn node(req: &Self::Req) -> String;
+    /// Validates a request and feeds it to the state machine; an error status closes the stream.
+    fn on_request(&mut self, req: Self::Req, snap: &Snapshot) -> Result<Outcome, Status>;
+    /// Feeds a newly published snapshot to the state machine.
+    fn on_update(&mut self, snap: &Snapshot) -> Outcome;
+    /// The responses for an outcome, each with the number of secrets it pushes.
+    fn responses(
+        shared: &Shared,
+        stream: &str,
+        node: &str,
+        out: &Outcome,
+        snap: &Snapshot,
+    ) -> Vec<(Self::Resp, u64)>;
 }
 
-async fn run_delta(
+impl Flavor for SotwStream {
+    type Req = DiscoveryRequest;
+    type Resp = DiscoveryResponse;
+    const MODE: Mode = Mode::Sotw;
+
+    fn node(req: &DiscoveryRequest) -> String {
+        node_id(&req.node)
+    }
+
+    fn on_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Result<Outcome, Status> {
+        check_type(&req.type_url).and_then(|_| check_names(req.resource_names.len()))?;
+        let r = SotwRequest {
+            version_info: req.version_info,
+            response_nonce: req.response_nonce,
+            resource_names: req.resource_names,
+            error_detail: req.error_detail.map(|e| e.message),
+        };
+        Ok(SotwStream::on_request(self, &r, snap))
+    }
+
+    fn on_update(&mut self, snap: &Snapshot) -> Outcome {
+        SotwStream::on_update(self, snap)
+    }
+
+    fn responses(
+        shared: &Shared,
+        stream: &str,
+        node: &str,
+        out: &Outcome,
+        snap: &Snapshot,
+    ) -> Vec<(DiscoveryResponse, u64)> {
+        shared
+            .sotw_responses(stream, node, out, snap)
+            .into_iter()
+            .map(|r| (r, 1))
+            .collect()
+    }
+}
+
+impl Flavor for DeltaStream {
+    type Req = DeltaDiscoveryRequest;
+    type Resp = DeltaDiscoveryResponse;
+    const MODE: Mode = Mode::Delta;
+
+    fn node(req: &DeltaDiscoveryRequest) -> String {
+        node_id(&req.node)
+    }
+
+    fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+        snap: &Snapshot,
+    ) -> Result<Outcome, Status> {
+        let n = req.resource_names_subscribe.len() + self.subscribed().count();
+        check_type(&req.type_url).and_then(|_| check_names(n))?;
+        let r = DeltaRequest {
+            response_nonce: req.response_nonce,
+            subscribe: req.resource_names_subscribe,
+            unsubscribe: req.resource_names_unsubscribe,
+            initial_versions: req
+                .initial_resource_versions
+                .into_iter()
+                .collect::<BTreeMap<_, _>>(),
+            error_detail: req.error_detail.map(|e| e.message),
+        };
+        Ok(DeltaStream::on_request(self, &r, snap))
+    }
+
+    fn on_update(&mut self, snap: &Snapshot) -> Outcome {
+        DeltaStream::on_update(self, snap)
+    }
+
+    fn responses(
+        shared: &Shared,
+        stream: &str,
+        node: &str,
+        out: &Outcome,
+        snap: &Snapshot,
+    ) -> Vec<(DeltaDiscoveryResponse, u64)> {
+        shared
+            .delta_responses(stream, node, out, snap)
+            .into_iter()
+            .map(|r| {
+                let pushes = r.resources.len() as u64;
+                (r, pushes)
+            })
+            .collect()
+    }
+}
+
+/// One stream's task: feeds the client's requests and every published snapshot to the state
+/// machine and sends what it decides, until the client leaves, errs or the server stops.
+async fn run_stream<F: Flavor>(
     shared: Arc<Shared>,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    mut st: F,
+    id: String,
+    mut inbound: Streaming<F::Req>,
+    tx: mpsc::Sender<Result<F::Resp, Status>>,
 ) {
-    let (id, _guard) = shared.open(Mode::Delta);
     let mut snaps = shared.snapshots.clone();
     let mut shutdown = shared.shutdown.clone();
-    let mut st = DeltaStream::new(&id);
     let mut node = String::from("-");
     let mut first = true;
     loop {
@@ -275,25 +328,19 @@ async fn run_delta(
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
                     if first {
-                        node = node_id(&req.node);
+                        node = F::node(&req);
                         first = false;
-                        tracing::info!(stream = %id, node = %node, mode = "delta", "stream opened");
+                        tracing::info!(stream = %id, node = %node, mode = F::MODE.as_str(), "stream opened");
                     }
-                    let n = req.resource_names_subscribe.len() + st.subscribed().count();
-                    if let Err(s) = check_type(&req.type_url).and_then(|_| check_names(n)) {
-                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
-                        let _ = tx.send(Err(s)).await;
-                        break;
-                    }
-                    let r = DeltaRequest {
-                        response_nonce: req.response_nonce,
-                        subscribe: req.resource_names_subscribe,
-                        unsubscribe: req.resource_names_unsubscribe,
-                        initial_versions: req.initial_resource_versions.into_iter().collect::<BTreeMap<_, _>>(),
-                        error_detail: req.error_detail.map(|e| e.message),
-                    };
                     let snap = snaps.borrow_and_update().clone();
-                    (st.on_request(&r, &*snap), snap)
+                    match st.on_request(req, &snap) {
+                        Ok(out) => (out, snap),
+                        Err(s) => {
+                            tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
+                            let _ = tx.send(Err(s)).await;
+                            break;
+                        }
+                    }
                 }
                 Ok(None) => break,
                 Err(s) => {
@@ -306,17 +353,16 @@ async fn run_delta(
                     break;
                 }
                 let snap = snaps.borrow_and_update().clone();
-                (st.on_update(&*snap), snap)
+                (st.on_update(&snap), snap)
             }
         };
-        shared.log_events(Mode::Delta, &id, &node, &out);
-        for resp in shared.delta_responses(&id, &node, &out, &snap) {
-            let pushes = resp.resources.len() as u64;
+        shared.log_events(F::MODE, &id, &node, &out);
+        for (resp, pushes) in F::responses(&shared, &id, &node, &out, &snap) {
             if tx.send(Ok(resp)).await.is_err() {
                 tracing::debug!(stream = %id, "client went away");
                 return;
             }
-            shared.metrics.pushes.add(Mode::Delta, pushes);
+            shared.metrics.pushes.add(F::MODE, pushes);
         }
     }
     tracing::debug!(stream = %id, node = %node, "stream closed");
@@ -332,7 +378,13 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(run_delta(self.inner.clone(), request.into_inner(), tx));
+        let (id, guard) = self.inner.open(Mode::Delta);
+        let st = DeltaStream::new(&id);
+        let shared = self.inner.clone();
+        tokio::spawn(async move {
+            run_stream(shared, st, id, request.into_inner(), tx).await;
+            drop(guard);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -341,7 +393,13 @@ impl SecretDiscoveryService for SdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(run_sotw(self.inner.clone(), request.into_inner(), tx));
+        let (id, guard) = self.inner.open(Mode::Sotw);
+        let st = SotwStream::new(&id);
+        let shared = self.inner.clone();
+        tokio::spawn(async move {
+            run_stream(shared, st, id, request.into_inner(), tx).await;
+            drop(guard);
+        });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
