@@ -92,6 +92,13 @@ mod pca {
         }
     }
 
+    /// Creates and activates a fresh root PCA named after `prefix` on moto.
+    async fn new_root(ep: &str, prefix: &str, now: OffsetDateTime) -> CaMaterial {
+        create_root_pca(&spec(&unique(prefix)), &opts(ep), now)
+            .await
+            .unwrap()
+    }
+
     fn unique(prefix: &str) -> String {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         format!(
@@ -233,9 +240,7 @@ mod pca {
     async fn validity_not_honoured_is_refused() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("validity")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "validity", now).await;
         let issuer = AcmPcaIssuer::connect(ca, &opts(&ep)).await.unwrap();
         // moto limitation: it ignores Validity and always issues for 365 days. meshca asked for
         // 24 hours, so it must refuse the certificate rather than hand out a 365-day one.
@@ -264,9 +269,7 @@ mod pca {
         store.save_ca(&local, false).await.unwrap();
 
         // Create a PCA, then register it by ARN under a second name (the `--pca-arn` path).
-        let created = create_root_pca(&spec(&unique("bundled")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let created = new_root(&ep, "bundled", now).await;
         let Backend::AcmPca { arn, .. } = created.meta.backend.clone() else {
             unreachable!()
         };
@@ -390,9 +393,7 @@ mod pca {
     async fn subordinate_signed_by_pca_parent_is_checked() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let parent = create_root_pca(&spec(&unique("pparent")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let parent = new_root(&ep, "pparent", now).await;
         let mut s = spec(&unique("psub"));
         s.parent = Some(parent.meta.name.clone());
         // moto limitation: SubordinateCACertificate_PathLen0/V1 gets no basicConstraints in moto,
@@ -651,9 +652,7 @@ mod pca {
     async fn idempotency_token_is_stable_across_retries() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("token")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "token", now).await;
         let relay = Relay::start(&ep, 0).await;
         let issuer = AcmPcaIssuer::connect(copy(&ca), &opts(&relay.addr))
             .await
@@ -711,9 +710,7 @@ mod pca {
     async fn throttling_is_retried_with_bounds() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("throttle")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "throttle", now).await;
         // moto never throttles: the relay answers the first two IssueCertificate calls with a
         // ThrottlingException, then passes calls through to moto.
         let relay = Relay::start(&ep, 2).await;
@@ -779,9 +776,7 @@ mod pca {
     async fn get_certificate_in_progress_is_polled_until_a_deadline() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("poll")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "poll", now).await;
         // moto's GetCertificate returns at once; the relay answers the first three with
         // RequestInProgressException, as AWS does while a certificate is being issued.
         let relay = Relay::with_faults(
@@ -852,9 +847,7 @@ mod pca {
     async fn aws_error_codes_map_to_one_line_messages() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("errors")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "errors", now).await;
         // moto does not check CA state or IAM on IssueCertificate, and accepts any CSR it can
         // parse: the relay injects the AWS error responses for these cases.
         let cases = [
@@ -911,9 +904,7 @@ mod pca {
     async fn inactive_ca_is_not_registered() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("disabled")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "disabled", now).await;
         let Backend::AcmPca { arn, .. } = ca.meta.backend.clone() else {
             unreachable!()
         };
@@ -941,9 +932,7 @@ mod pca {
     async fn burst_is_queued_and_shed_not_amplified() {
         let Some(ep) = moto() else { return };
         let now = OffsetDateTime::now_utc();
-        let ca = create_root_pca(&spec(&unique("burst")), &opts(&ep), now)
-            .await
-            .unwrap();
+        let ca = new_root(&ep, "burst", now).await;
         let relay = Relay::start(&ep, 0).await;
         let o = PcaOptions {
             limiter: LimiterConfig {
