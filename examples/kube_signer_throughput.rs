@@ -1,6 +1,8 @@
 //! In-process signing throughput of the CSR controller's reconcile against a mock API server
 //! that accepts every write at once. This measures meshca's own cost per CSR (parse, verify,
-//! policy, sign, JSON patch, client pipeline), not a real API server's; see docs/kubernetes.md.
+//! policy, sign, JSON patch, client pipeline, handing the ledger record to the batching
+//! writer), not a real API server's; see docs/kubernetes.md. The ledger writer here accepts
+//! every batch at once and counts the records.
 //!
 //! ```text
 //! cargo run --release --features kube --example kube_signer_throughput -- [COUNT] [CONCURRENCY]
@@ -16,10 +18,23 @@ use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use meshca::ca::{create_root, CaSpec};
 use meshca::issue::{Issuer, LocalIssuer};
+use meshca::kube::issuers::IssuerSet;
+use meshca::kube::ledger::{IssuedRecord, LedgerSink, LedgerWriter};
 use meshca::kube::metrics::Metrics;
 use meshca::kube::ratelimit::RateLimiter;
 use meshca::kube::signer::{Signer, SignerConfig};
 use serde_json::json;
+
+#[derive(Debug, Default)]
+struct CountingLedger(AtomicUsize);
+
+#[async_trait::async_trait]
+impl LedgerWriter for CountingLedger {
+    async fn append(&self, records: &[IssuedRecord]) -> meshca::error::Result<()> {
+        self.0.fetch_add(records.len(), Ordering::Relaxed);
+        Ok(())
+    }
+}
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
@@ -57,18 +72,24 @@ async fn main() {
     )]
     .into_iter()
     .collect();
-    let signer = Arc::new(Signer::new(
-        client,
-        issuers,
-        SignerConfig {
-            concurrency: concurrency as u16,
-            ..SignerConfig::default()
-        },
-        Arc::new(Metrics::new()),
-        Arc::new(RateLimiter::new(0.0, 1)),
-        meshca::kube::leader::always_leader(),
-        Arc::new(meshca::clock::SystemClock),
-    ));
+    let metrics = Arc::new(Metrics::new());
+    let ledger = Arc::new(CountingLedger::default());
+    let (sink, ledger_task) = LedgerSink::spawn(ledger.clone(), metrics.clone());
+    let signer = Arc::new(
+        Signer::new(
+            client,
+            IssuerSet::watch_fixed(issuers),
+            SignerConfig {
+                concurrency: concurrency as u16,
+                ..SignerConfig::default()
+            },
+            metrics,
+            Arc::new(RateLimiter::new(0.0, 1)),
+            meshca::kube::leader::always_leader(),
+            Arc::new(meshca::clock::SystemClock),
+        )
+        .with_ledger(sink),
+    );
 
     let csrs: Vec<CertificateSigningRequest> = (0..count)
         .map(|i| {
@@ -115,6 +136,13 @@ async fn main() {
         "one status write per CSR"
     );
     assert_eq!(signer.metrics().csrs_signed.get(), count as u64);
+    drop(signer);
+    meshca::kube::ledger::flush(ledger_task, Duration::from_secs(30)).await;
+    assert_eq!(
+        ledger.0.load(Ordering::Relaxed),
+        count,
+        "one ledger record per CSR"
+    );
     println!("mock API, in-process: {count} CSRs signed in {total:.2?} = {:.0} CSR/s (concurrency {concurrency})", count as f64 / total.as_secs_f64());
     println!(
         "per-reconcile latency: p50 {:.2?}  p99 {:.2?}  max {:.2?}",

@@ -98,7 +98,9 @@ pub enum Error {
 
 impl Error {
     /// Whether the error is the caller's (bad input, policy, unknown name) rather than an
-    /// internal or environmental failure. The CLI maps this to exit code 1, others to 2.
+    /// internal or environmental failure. The CLI maps this to exit code 1, others to 2: an
+    /// I/O error (EIO, a full disk) or an unusable store is not the caller's fault, so
+    /// [`Error::Io`] and [`Error::Store`] exit 2.
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
@@ -109,8 +111,6 @@ impl Error {
                 | Error::UnknownCa(_)
                 | Error::UnknownBundle(_)
                 | Error::TooLarge { .. }
-                | Error::Io { .. }
-                | Error::Store(_)
                 | Error::Verify(_)
                 | Error::AlreadyExists(_)
                 | Error::Unsupported(_)
@@ -136,5 +136,33 @@ impl From<rcgen::Error> for Error {
     fn from(e: rcgen::Error) -> Self {
         // rcgen's messages name algorithms and encodings, never key bytes.
         Error::Build(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The defect: I/O and store failures counted as the user's fault, so an EIO exited 1
+    /// (user error) instead of 2 (unexpected).
+    #[test]
+    fn io_and_store_failures_are_not_the_users_fault() {
+        let eio = Error::io("/home/x/ca.pem", std::io::Error::from_raw_os_error(5));
+        assert!(!eio.is_user_error(), "{eio}");
+        assert!(!Error::Store("kube:meshca: connection refused".into()).is_user_error());
+        assert!(!Error::Corrupt("bad".into()).is_user_error());
+        assert!(!Error::Build("x".into()).is_user_error());
+        for user in [
+            Error::invalid("SPIFFE ID", "x"),
+            Error::Csr("x".into()),
+            Error::PolicyDenied {
+                ca: "mesh".into(),
+                reason: "x".into(),
+            },
+            Error::UnknownCa("x".into()),
+            Error::AlreadyExists("CA x".into()),
+        ] {
+            assert!(user.is_user_error(), "{user}");
+        }
     }
 }

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use meshca::kube::leader::LeaderConfig;
-use meshca::kube::run::{run, shutdown_signal, RunConfig};
+use meshca::kube::ledger::{LedgerWriter, StoreLedger};
+use meshca::kube::run::{run, shutdown_signal, CaReload, RunConfig};
 use meshca::kube::signer::{SignerConfig, TtlMode};
 
 use crate::common::{usage, Ctx};
@@ -63,9 +64,14 @@ pub struct RunArgs {
     /// Namespace whose annotated Secrets (meshca.io/ca) are managed; repeatable; "*" for all.
     #[arg(long = "managed-namespace", value_name = "NS")]
     managed_namespaces: Vec<String>,
-    /// Label selector narrowing the Secrets watched for management.
-    #[arg(long)]
-    managed_selector: Option<String>,
+    /// Label selector of the Secrets watched for management ("" watches every Secret of the
+    /// managed namespaces).
+    #[arg(long, default_value = meshca::kube::managed::DEFAULT_SELECTOR)]
+    managed_selector: String,
+    /// How often the local store is re-read for CA changes ("0s": load once). The kube store
+    /// is watched instead.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ca_reload: Duration,
     /// How often trust-bundle ConfigMaps are re-applied ("0s" disables).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     bundle_resync: Duration,
@@ -90,6 +96,24 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
     let ttl_mode: TtlMode = a.ttl_over_policy.parse()?;
     let store: Arc<dyn meshca::store::Store> = Arc::from(ctx.store(false).await?);
     let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
+    // The kube store writes whole ledger lines (requester and object included) in batches.
+    let (ca_reload, ledger): (CaReload, Arc<dyn LedgerWriter>) =
+        match crate::kube_store::kube_namespace(ctx) {
+            Some(ns) => (
+                CaReload::KubeWatch {
+                    namespace: ns.to_string(),
+                },
+                Arc::new(crate::kube_store::open(ns, ctx.kubeconfig.as_deref()).await?),
+            ),
+            None => (
+                if a.ca_reload.is_zero() {
+                    CaReload::Off
+                } else {
+                    CaReload::Poll(a.ca_reload)
+                },
+                Arc::new(StoreLedger(store.clone())),
+            ),
+        };
     let leader = if a.leader_elect {
         let ns = a
             .lease_namespace
@@ -116,15 +140,19 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
             concurrency: a.concurrency,
             ttl_mode,
             auto_approve: a.auto_approve,
+            only_signer: None,
         },
         qps: a.qps,
         burst: a.burst,
         metrics_addr,
         leader,
         managed_namespaces: a.managed_namespaces.clone(),
-        managed_selector: a.managed_selector.clone(),
+        managed_selector: (!a.managed_selector.is_empty()).then(|| a.managed_selector.clone()),
         bundle_resync: (!a.bundle_resync.is_zero()).then_some(a.bundle_resync),
         metrics: None,
+        ca_reload,
+        ledger: Some(ledger),
+        instance: a.identity.clone().or_else(hostname),
     };
     run(client, cfg, shutdown_signal()).await?;
     Ok(())

@@ -63,6 +63,7 @@ pub async fn publish(
             &api,
             &spec.configmap_name(),
             &configmap_manifest(spec, ns, &pem),
+            super::FIELD_MANAGER,
             &format!("publishing bundle {} to namespace {ns}", spec.name),
         )
         .await?;

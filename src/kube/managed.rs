@@ -1,34 +1,51 @@
 //! Managed Secrets: the cert-manager-style flow without a CRD.
 //!
-//! A Secret annotated with `meshca.io/ca: <ca>` plus `meshca.io/spiffe-id` and/or
-//! `meshca.io/dns-names` (comma-separated), and optionally `meshca.io/ttl` (e.g. `24h`) and
+//! A Secret labelled `meshca.io/managed: "true"` (the default watch selector) and annotated
+//! with `meshca.io/ca: <ca>` plus `meshca.io/spiffe-id` and/or `meshca.io/dns-names`
+//! (comma-separated), and optionally `meshca.io/ttl` (e.g. `24h`) and
 //! `meshca.io/key-algorithm`, is filled with `tls.crt` (leaf + chain), `tls.key` and `ca.crt`
-//! (the CA's root) by server-side apply with field manager `meshca`. The controller re-issues
-//! when the annotations no longer match the certificate, when it was not signed by the CA, and
-//! at 2/3 of its lifetime. A request the policy refuses gets a `meshca.io/error` annotation
-//! with the reason (removed again once issuance succeeds); the Secret's other keys are left
-//! alone. The key is generated in the controller and never logged.
+//! (the CA's root) by server-side apply with its own field manager (`meshca-managed`), carrying
+//! the resourceVersion it decided on: a replica that lost leadership, or a decision made on a
+//! stale copy, gets a 409 and cannot overwrite a newer key. The controller re-issues when the
+//! annotations no longer match the certificate, when the certificate was not issued by the
+//! CA's current key (its authority key identifier is not the CA's subject key identifier), and
+//! at 2/3 of its lifetime.
+//!
+//! **A refused or failed renewal never touches the credential.** The reason goes into the
+//! `meshca.io/error` annotation (a JSON merge patch of that one annotation, field manager
+//! `meshca-managed-error`, which cannot drop `tls.crt`/`tls.key`/`ca.crt`), a Warning Event on
+//! the Secret (`IssuanceRefused` when retrying cannot help, `IssuanceFailed` when it will be
+//! retried) and `meshca_managed_secrets_failed_total`. A terminal refusal is recorded once per
+//! request and CA; a retryable failure is retried with per-Secret exponential backoff with
+//! jitter (0.5 s doubling to 5 min). The annotation is removed after the next successful
+//! issuance. The key is generated in the controller and never logged.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
+use kube::Resource as _;
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use super::backoff::Backoff;
+use super::issuers::{self, IssuerWatch};
+use super::ledger::{IssuedRecord, LedgerSink};
 use super::metrics::Metrics;
 use super::ratelimit::RateLimiter;
+use super::{FIELD_MANAGER_ERROR, FIELD_MANAGER_MANAGED};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::identity::{DnsName, Sans, SpiffeId};
-use crate::issue::{issue_workload, Issuer};
+use crate::issue::{issue_workload, LedgerEntry};
 use crate::key::KeyAlgorithm;
 use crate::x509::CertInfo;
 
@@ -44,6 +61,15 @@ pub const ANN_TTL: &str = "meshca.io/ttl";
 pub const ANN_KEY_ALGORITHM: &str = "meshca.io/key-algorithm";
 /// Annotation meshca sets when it cannot issue.
 pub const ANN_ERROR: &str = "meshca.io/error";
+/// Label that opts a Secret in to management.
+pub const LABEL_MANAGED: &str = "meshca.io/managed";
+/// The default label selector of the managed-Secret watch.
+pub const DEFAULT_SELECTOR: &str = "meshca.io/managed=true";
+/// Event reason: issuance refused, retrying cannot help (policy, bad annotations, a terminal
+/// backend error).
+pub const EVENT_REFUSED: &str = "IssuanceRefused";
+/// Event reason: issuance failed and will be retried with backoff.
+pub const EVENT_FAILED: &str = "IssuanceFailed";
 
 /// What a managed Secret asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,12 +134,14 @@ pub fn parse_annotations(ann: &BTreeMap<String, String>) -> Option<Result<Manage
 }
 
 /// When the Secret's current certificate must be replaced: `now` when it is missing, unreadable,
-/// for other SANs or from another CA; else at 2/3 of its lifetime (which may be in the past:
-/// the caller renews when the result is not after `now`).
+/// for other SANs, or not issued by the CA's current key (`ca_ski`, the CA's subject key
+/// identifier, compared with the leaf's authority key identifier: a CA re-created under the
+/// same name keeps its DN but not its key); else at 2/3 of its lifetime (which may be in the
+/// past: the caller renews when the result is not after `now`).
 pub fn renewal_time(
     tls_crt: Option<&[u8]>,
     req: &ManagedRequest,
-    ca_subject: Option<&str>,
+    ca_ski: Option<&str>,
     now: OffsetDateTime,
 ) -> OffsetDateTime {
     let Some(crt) = tls_crt else { return now };
@@ -143,7 +171,7 @@ pub fn renewal_time(
     have_dns.sort();
     if info.sans.uri != want_uri
         || have_dns != want_dns
-        || ca_subject.is_some_and(|s| s != info.issuer)
+        || ca_ski.is_some_and(|ski| info.authority_key_id.as_deref() != Some(ski))
     {
         return now;
     }
@@ -153,49 +181,92 @@ pub fn renewal_time(
     start + (info.not_after - start) * 2 / 3
 }
 
-/// The apply body for a managed Secret.
+/// The apply body for a managed Secret. With `resource_version` the apply is conditional: the
+/// API server answers 409 when the Secret changed since it was read.
 pub fn apply_body(
     name: &str,
     namespace: &str,
     tls_crt: &str,
     tls_key: &str,
     ca_crt: &str,
+    resource_version: Option<&str>,
 ) -> serde_json::Value {
     let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
-    json!({
+    let mut body = json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": { "name": name, "namespace": namespace },
         "data": { "tls.crt": b(tls_crt), "tls.key": b(tls_key), "ca.crt": b(ca_crt) },
-    })
+    });
+    if let Some(rv) = resource_version {
+        body["metadata"]["resourceVersion"] = json!(rv);
+    }
+    body
+}
+
+/// A digest of what a Secret asks for (its meshca annotations, the error annotation aside)
+/// and of the CA that would serve it: a terminal refusal is recorded once per value.
+fn request_fingerprint(ann: &BTreeMap<String, String>, ca_fingerprint: Option<&str>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for (k, v) in ann
+        .iter()
+        .filter(|(k, _)| k.starts_with("meshca.io/") && k.as_str() != ANN_ERROR)
+    {
+        ctx.update(&(k.len() as u64).to_be_bytes());
+        ctx.update(k.as_bytes());
+        ctx.update(&(v.len() as u64).to_be_bytes());
+        ctx.update(v.as_bytes());
+    }
+    ctx.update(ca_fingerprint.unwrap_or("").as_bytes());
+    crate::pemutil::hex(ctx.finish().as_ref())
 }
 
 /// The managed-Secret controller's context.
 pub struct Managed {
     client: kube::Client,
-    issuers: BTreeMap<String, Arc<dyn Issuer>>,
+    issuers: IssuerWatch,
     metrics: Arc<Metrics>,
     limiter: Arc<RateLimiter>,
     leader: watch::Receiver<bool>,
     clock: Arc<dyn Clock>,
+    backoff: Backoff,
+    /// Per Secret (`ns/name`): no new attempt before this instant (a retryable failure's
+    /// backoff holds even when a watch event arrives earlier).
+    not_before: Mutex<HashMap<String, Instant>>,
+    /// Per Secret: the request fingerprint last refused terminally.
+    refused: Mutex<HashMap<String, String>>,
+    recorder: Option<Recorder>,
+    ledger: Option<LedgerSink>,
 }
 
 impl std::fmt::Debug for Managed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Managed")
-            .field("cas", &self.issuers.keys().collect::<Vec<_>>())
+            .field("cas", &self.issuers.borrow().names())
             .finish()
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn secret_key(s: &Secret) -> String {
+    format!(
+        "{}/{}",
+        s.metadata.namespace.as_deref().unwrap_or_default(),
+        s.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// Longest wait between checks of a healthy Secret.
 const MAX_RECHECK: Duration = Duration::from_secs(6 * 3600);
 
 impl Managed {
-    /// A controller context.
+    /// A controller context over the CAs `issuers` shows.
     pub fn new(
         client: kube::Client,
-        issuers: BTreeMap<String, Arc<dyn Issuer>>,
+        issuers: IssuerWatch,
         metrics: Arc<Metrics>,
         limiter: Arc<RateLimiter>,
         leader: watch::Receiver<bool>,
@@ -208,34 +279,93 @@ impl Managed {
             limiter,
             leader,
             clock,
+            backoff: Backoff::new(),
+            not_before: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            recorder: None,
+            ledger: None,
         }
     }
 
-    async fn apply(&self, ns: &str, name: &str, body: &serde_json::Value) -> Result<()> {
-        self.limiter.acquire().await;
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
-        super::apply(&api, name, body, "applying a managed Secret").await
+    /// Publishes a Warning Event on the Secret for each refused or failed issuance.
+    pub fn with_events(mut self, reporter: Reporter) -> Self {
+        self.recorder = Some(Recorder::new(self.client.clone(), reporter));
+        self
     }
 
-    async fn record_error(&self, s: &Secret, message: &str) -> Result<Action> {
-        self.metrics.managed_failed.inc();
+    /// Records every certificate issued into `ledger`.
+    pub fn with_ledger(mut self, ledger: LedgerSink) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    fn api(&self, ns: &str) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// Sets or clears (`None`) the error annotation with a merge patch of that one key.
+    async fn set_error_annotation(&self, s: &Secret, message: Option<&str>) -> Result<()> {
         let (ns, name) = (
             s.metadata.namespace.as_deref().unwrap_or_default(),
             s.metadata.name.as_deref().unwrap_or_default(),
         );
-        tracing::warn!(secret = %format!("{ns}/{name}"), error = message, "managed Secret not issued");
+        let patch = json!({ "metadata": { "annotations": { ANN_ERROR: message } } });
+        self.limiter.acquire().await;
+        let pp = PatchParams {
+            field_manager: Some(FIELD_MANAGER_ERROR.into()),
+            ..Default::default()
+        };
+        self.api(ns)
+            .patch(name, &pp, &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| super::kube_err("annotating a managed Secret", e))
+    }
+
+    /// Records a refused (`retrying` false) or failed issuance: annotation (when it changes),
+    /// Event and metric. The Secret's data is never part of the write.
+    async fn report(&self, s: &Secret, message: &str, retrying: bool) -> Result<()> {
+        self.metrics.managed_failed.inc();
+        let key = secret_key(s);
+        let text = if retrying {
+            format!("{message} (will retry; the current certificate is kept)")
+        } else {
+            message.to_string()
+        };
+        tracing::warn!(secret = %key, error = message, retrying, "managed Secret not issued");
         let current = s
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(ANN_ERROR));
-        if current.map(String::as_str) != Some(message) {
-            let body = json!({
-                "apiVersion": "v1", "kind": "Secret",
-                "metadata": { "name": name, "namespace": ns, "annotations": { ANN_ERROR: message } },
-            });
-            self.apply(ns, name, &body).await?;
+        if current.map(String::as_str) != Some(text.as_str()) {
+            self.set_error_annotation(s, Some(&text)).await?;
         }
+        if let Some(r) = &self.recorder {
+            let ev = Event {
+                type_: EventType::Warning,
+                reason: if retrying {
+                    EVENT_FAILED
+                } else {
+                    EVENT_REFUSED
+                }
+                .into(),
+                note: Some(super::signer::truncate(&text, 1000)),
+                action: "Issue".into(),
+                secondary: None,
+            };
+            if let Err(e) = r.publish(&ev, &s.object_ref(&())).await {
+                tracing::warn!(secret = %key, error = %e, "could not publish an Event");
+            }
+        }
+        Ok(())
+    }
+
+    /// A terminal refusal: reported once for this request and CA.
+    async fn refuse(&self, s: &Secret, fingerprint: String, message: &str) -> Result<Action> {
+        let key = secret_key(s);
+        self.report(s, message, false).await?;
+        lock(&self.refused).insert(key, fingerprint);
         Ok(Action::await_change())
     }
 
@@ -243,60 +373,131 @@ impl Managed {
     pub async fn reconcile(&self, s: &Secret) -> Result<Action> {
         let empty = BTreeMap::new();
         let ann = s.metadata.annotations.as_ref().unwrap_or(&empty);
-        let req = match parse_annotations(ann) {
-            None => return Ok(Action::await_change()),
-            Some(Err(e)) => {
-                let msg = e.to_string();
-                return self.leader_only(|| self.record_error(s, &msg)).await;
-            }
-            Some(Ok(r)) => r,
-        };
-        let Some(issuer) = self.issuers.get(&req.ca) else {
-            // Another meshca signer may serve it.
+        let key = secret_key(s);
+        let parsed = parse_annotations(ann);
+        if parsed.is_none() {
             return Ok(Action::await_change());
-        };
+        }
         if !*self.leader.borrow() {
             return Ok(Action::await_change());
         }
+        // One snapshot of the CAs for the whole decision.
+        let snapshot = self.issuers.borrow().clone();
+        let req = match parsed {
+            Some(Ok(r)) => r,
+            Some(Err(e)) => {
+                let fp = request_fingerprint(ann, None);
+                if lock(&self.refused).get(&key) == Some(&fp) {
+                    return Ok(Action::await_change());
+                }
+                return self.refuse(s, fp, &e.to_string()).await;
+            }
+            None => return Ok(Action::await_change()),
+        };
+        let Some(issuer) = snapshot.get(&req.ca).cloned() else {
+            // Another meshca signer may serve it.
+            return Ok(Action::await_change());
+        };
+        if let Some(until) = lock(&self.not_before).get(&key).copied() {
+            let now = Instant::now();
+            if until > now {
+                return Ok(Action::requeue(until - now));
+            }
+        }
         let now = self.clock.now();
-        let ca_subject = issuer
+        let ca_ski = issuer
             .ca_certificate()
             .and_then(|c| CertInfo::from_der(c).ok())
-            .map(|i| i.subject);
-        let ca_subject = ca_subject.as_deref();
+            .and_then(|i| i.subject_key_id);
         let crt = s
             .data
             .as_ref()
             .and_then(|d| d.get("tls.crt"))
             .map(|b| b.0.as_slice());
-        let due = renewal_time(crt, &req, ca_subject, now);
+        let due = renewal_time(crt, &req, ca_ski.as_deref(), now);
         if due > now {
+            if ann.contains_key(ANN_ERROR) {
+                // The request is satisfied again (e.g. the annotations were reverted).
+                self.set_error_annotation(s, None).await?;
+            }
             let wait = Duration::try_from(due - now)
                 .unwrap_or(MAX_RECHECK)
                 .min(MAX_RECHECK);
             return Ok(Action::requeue(wait));
         }
+        let fp = request_fingerprint(ann, snapshot.fingerprint(&req.ca));
+        if lock(&self.refused).get(&key) == Some(&fp) {
+            return Ok(Action::await_change());
+        }
         let w = match issue_workload(issuer.as_ref(), &req.sans, req.ttl, req.key, now).await {
             Ok(w) => w,
-            Err(e) if e.is_user_error() => return self.record_error(s, &e.to_string()).await,
-            Err(e) => return Err(e),
+            Err(e) if !super::retryable(&e) => return self.refuse(s, fp, &e.to_string()).await,
+            Err(e) => {
+                if let Err(e2) = self.report(s, &e.to_string(), true).await {
+                    tracing::warn!(secret = %key, error = %e2, "could not record the failure");
+                }
+                return Err(e);
+            }
         };
         let (ns, name) = (
             s.metadata.namespace.as_deref().unwrap_or_default(),
             s.metadata.name.as_deref().unwrap_or_default(),
         );
-        let key = w.key.to_pkcs8_pem();
+        let pem_key = w.key.to_pkcs8_pem();
         let body = apply_body(
             name,
             ns,
             &w.cert.chain_pem(),
-            &key,
+            &pem_key,
             &crate::pemutil::certs_to_pem([&w.cert.root]),
+            s.metadata.resource_version.as_deref(),
         );
-        self.apply(ns, name, &body).await?;
+        // Fencing: leadership may have been lost while issuing.
+        if !*self.leader.borrow() {
+            return Ok(Action::await_change());
+        }
+        self.limiter.acquire().await;
+        let applied = self
+            .api(ns)
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER_MANAGED).force(),
+                &Patch::Apply(&body),
+            )
+            .await;
+        match applied {
+            Ok(_) => {}
+            Err(e) if super::api_code(&e) == Some(409) => {
+                // The Secret changed since it was read (another replica, a user): the newer
+                // version arrives as a watch event and is decided on afresh.
+                tracing::info!(secret = %key, error = %e, "managed Secret changed under us; not overwritten");
+                return Ok(Action::await_change());
+            }
+            Err(e) => return Err(super::kube_err("applying a managed Secret", e)),
+        }
         self.metrics.managed_issued.inc();
-        tracing::info!(secret = %format!("{ns}/{name}"), ca = %req.ca, serial = %w.cert.info.serial_hex(), not_after = %w.cert.info.not_after, "issued managed Secret");
-        let next = renewal_time(Some(w.cert.chain_pem().as_bytes()), &req, ca_subject, now);
+        self.backoff.reset(&key);
+        lock(&self.not_before).remove(&key);
+        lock(&self.refused).remove(&key);
+        tracing::info!(secret = %key, ca = %req.ca, serial = %w.cert.info.serial_hex(), not_after = %w.cert.info.not_after, "issued managed Secret");
+        if let Some(l) = &self.ledger {
+            l.record(IssuedRecord {
+                entry: LedgerEntry::for_cert(&req.ca, &w.cert, now),
+                requester: format!("namespace:{ns}"),
+                object: format!("secret/{key}"),
+            });
+        }
+        if ann.contains_key(ANN_ERROR) {
+            if let Err(e) = self.set_error_annotation(s, None).await {
+                tracing::warn!(secret = %key, error = %e, "could not remove the error annotation");
+            }
+        }
+        let next = renewal_time(
+            Some(w.cert.chain_pem().as_bytes()),
+            &req,
+            ca_ski.as_deref(),
+            now,
+        );
         Ok(Action::requeue(
             Duration::try_from(next - now)
                 .unwrap_or(MAX_RECHECK)
@@ -304,20 +505,18 @@ impl Managed {
         ))
     }
 
-    async fn leader_only<F, Fut>(&self, f: F) -> Result<Action>
-    where
-        F: FnOnce() -> Fut,
-        Fut: std::future::Future<Output = Result<Action>>,
-    {
-        if *self.leader.borrow() {
-            f().await
-        } else {
-            Ok(Action::await_change())
-        }
+    /// The wait after a retryable failure of `s`: exponential per Secret, with jitter. No new
+    /// attempt is made before it ends, whatever triggers the next reconcile.
+    pub fn retry_after(&self, s: &Secret) -> Duration {
+        let key = secret_key(s);
+        let d = self.backoff.next(&key);
+        lock(&self.not_before).insert(key, Instant::now() + d);
+        d
     }
 
     /// Runs a controller over the Secrets of `namespace` (all namespaces when `None`),
-    /// optionally narrowed by a label selector, until `shutdown`.
+    /// narrowed by a label selector (see [`DEFAULT_SELECTOR`]), until `shutdown`. Every Secret
+    /// is looked at again when the served CAs change.
     pub async fn run(
         self: Arc<Self>,
         namespace: Option<String>,
@@ -334,12 +533,14 @@ impl Managed {
         }
         Controller::new(api, wc)
             .with_config(ControllerConfig::default().concurrency(8))
+            .reconcile_all_on(issuers::changes(self.issuers.clone()))
             .graceful_shutdown_on(shutdown)
             .run(
                 |s, ctx: Arc<Managed>| async move { ctx.reconcile(&s).await },
-                |s, err, _| {
-                    tracing::warn!(secret = ?s.metadata.name, error = %err, "managed Secret reconcile failed; retrying");
-                    Action::requeue(Duration::from_secs(5))
+                |s, err, ctx: Arc<Managed>| {
+                    let d = ctx.retry_after(&s);
+                    tracing::warn!(secret = %secret_key(&s), error = %err, retry_in = ?d, "managed Secret reconcile failed; retrying");
+                    Action::requeue(d)
                 },
                 self.clone(),
             )
@@ -352,7 +553,7 @@ impl Managed {
 mod tests {
     use super::*;
     use crate::kube::signer::tests::local;
-    use crate::kube::testutil::{json as resp, mock_client, next};
+    use crate::kube::testutil::{json as resp, mock_client, next, status};
     use crate::policy::Policy;
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
@@ -392,10 +593,25 @@ mod tests {
         assert!(e.contains("meshca.io/ttl"), "{e}");
     }
 
+    fn managed(client: kube::Client, iss: Arc<dyn crate::issue::Issuer>) -> Managed {
+        Managed::new(
+            client,
+            issuers::IssuerSet::watch_fixed([("mesh".to_string(), iss)].into_iter().collect()),
+            Arc::new(Metrics::new()),
+            Arc::new(RateLimiter::new(0.0, 1)),
+            crate::kube::leader::always_leader(),
+            Arc::new(crate::clock::SystemClock),
+        )
+    }
+
+    fn ski(iss: &crate::issue::LocalIssuer) -> String {
+        iss.ca().info().unwrap().subject_key_id.unwrap()
+    }
+
     #[tokio::test]
     async fn fills_then_renews_at_two_thirds() {
         let iss = local("mesh", Policy::default());
-        let ca_subject = iss.ca().info().unwrap().subject;
+        let ca_ski = ski(&iss);
         let req = parse_annotations(&ann(&[
             (ANN_CA, "mesh"),
             (ANN_DNS_NAMES, "web.app.svc"),
@@ -405,7 +621,7 @@ mod tests {
         .unwrap();
         let now = OffsetDateTime::now_utc();
         assert_eq!(
-            renewal_time(None, &req, Some(&ca_subject), now),
+            renewal_time(None, &req, Some(&ca_ski), now),
             now,
             "empty Secret: issue now"
         );
@@ -413,7 +629,7 @@ mod tests {
             .await
             .unwrap();
         let pem = w.cert.chain_pem();
-        let at = renewal_time(Some(pem.as_bytes()), &req, Some(&ca_subject), now);
+        let at = renewal_time(Some(pem.as_bytes()), &req, Some(&ca_ski), now);
         let info = &w.cert.info;
         let issued = info.not_before + crate::profile::BACKDATE;
         let expected = issued + (info.not_after - issued) * 2 / 3;
@@ -436,7 +652,7 @@ mod tests {
         let at_short = renewal_time(
             Some(ws.cert.chain_pem().as_bytes()),
             &short,
-            Some(&ca_subject),
+            Some(&ca_ski),
             now,
         );
         assert_eq!(
@@ -445,49 +661,73 @@ mod tests {
         );
         // Past 2/3: due now.
         let later = at + time::Duration::seconds(1);
-        assert!(renewal_time(Some(pem.as_bytes()), &req, Some(&ca_subject), later) <= later);
+        assert!(renewal_time(Some(pem.as_bytes()), &req, Some(&ca_ski), later) <= later);
         // Annotations changed: due now.
         let other = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "api.app.svc")]))
             .unwrap()
             .unwrap();
         assert_eq!(
-            renewal_time(Some(pem.as_bytes()), &other, Some(&ca_subject), now),
-            now
-        );
-        // Another CA: due now.
-        assert_eq!(
-            renewal_time(Some(pem.as_bytes()), &req, Some("CN=other"), now),
+            renewal_time(Some(pem.as_bytes()), &other, Some(&ca_ski), now),
             now
         );
     }
 
     #[tokio::test]
-    async fn reconcile_applies_tls_keys_with_the_meshca_field_manager() {
+    async fn a_ca_recreated_with_the_same_name_triggers_renewal() {
+        // Same name, so the same DN; a new key, so a new SKI. The old leaf's issuer DN still
+        // matches the new CA's subject: only the key identifiers tell them apart.
+        let old = local("mesh", Policy::default());
+        let new = local("mesh", Policy::default());
+        assert_eq!(
+            old.ca().info().unwrap().subject,
+            new.ca().info().unwrap().subject
+        );
+        let req = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "web.app.svc")]))
+            .unwrap()
+            .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let w = issue_workload(old.as_ref(), &req.sans, req.ttl, req.key, now)
+            .await
+            .unwrap();
+        let pem = w.cert.chain_pem();
+        assert_eq!(w.cert.info.issuer, new.ca().info().unwrap().subject);
+        assert!(renewal_time(Some(pem.as_bytes()), &req, Some(&ski(&old)), now) > now);
+        assert_eq!(
+            renewal_time(Some(pem.as_bytes()), &req, Some(&ski(&new)), now),
+            now,
+            "issued by the old key: renew now"
+        );
+    }
+
+    #[tokio::test]
+    async fn reconcile_applies_tls_keys_with_its_own_field_manager_and_a_precondition() {
         let (client, mut h) = mock_client();
         let iss = local("mesh", Policy::default());
         let root = iss.ca().root().clone();
-        let m = Managed::new(
-            client,
-            [("mesh".to_string(), iss as Arc<dyn Issuer>)]
-                .into_iter()
-                .collect(),
-            Arc::new(Metrics::new()),
-            Arc::new(RateLimiter::new(0.0, 1)),
-            crate::kube::leader::always_leader(),
-            Arc::new(crate::clock::SystemClock),
-        );
+        let m = managed(client, iss);
         let s: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "web-tls", "namespace": "app", "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
+            "metadata": {"name": "web-tls", "namespace": "app", "resourceVersion": "7",
+                         "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
         }))
         .unwrap();
         let server = tokio::spawn(async move {
             let (req, body, send) = next(&mut h).await;
             assert_eq!(req.method(), "PATCH");
             assert_eq!(req.uri().path(), "/api/v1/namespaces/app/secrets/web-tls");
+            assert_eq!(
+                req.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
             let q = req.uri().query().unwrap();
             assert!(
-                q.contains("fieldManager=meshca") && q.contains("force=true"),
+                q.contains("fieldManager=meshca-managed&")
+                    || q.ends_with("fieldManager=meshca-managed"),
                 "{q}"
+            );
+            assert!(q.contains("force=true"), "{q}");
+            assert_eq!(
+                body["metadata"]["resourceVersion"], "7",
+                "conditional on the version decided on"
             );
             send.send_response(resp(200, &body));
             body
@@ -525,21 +765,124 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refused_requests_get_an_error_annotation_once() {
+    async fn a_conflict_means_a_newer_secret_and_is_not_overwritten() {
         let (client, mut h) = mock_client();
-        let m = Managed::new(
-            client,
-            [(
-                "mesh".to_string(),
-                local("mesh", Policy::default()) as Arc<dyn Issuer>,
-            )]
-            .into_iter()
-            .collect(),
-            Arc::new(Metrics::new()),
-            Arc::new(RateLimiter::new(0.0, 1)),
-            crate::kube::leader::always_leader(),
-            Arc::new(crate::clock::SystemClock),
-        );
+        let m = managed(client, local("mesh", Policy::default()));
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "w", "namespace": "app", "resourceVersion": "7",
+                         "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
+        }))
+        .unwrap();
+        let server = tokio::spawn(async move {
+            let (_, body, send) = next(&mut h).await;
+            assert_eq!(body["metadata"]["resourceVersion"], "7");
+            send.send_response(status(
+                409,
+                "Conflict",
+                "Operation cannot be fulfilled on secrets \"w\": the object has been modified",
+            ));
+            // Nothing else: no retry with a fresh version, no annotation.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), h.next_request())
+                    .await
+                    .is_err()
+            );
+        });
+        assert_eq!(m.reconcile(&s).await.unwrap(), Action::await_change());
+        server.await.unwrap();
+        assert_eq!(m.metrics.managed_issued.get(), 0);
+    }
+
+    /// The defect: a refused renewal applied only the error annotation with the data's field
+    /// manager and `force`, and server-side apply then removes every field that manager owned
+    /// but left out (tls.crt, tls.key, ca.crt). The write must be a merge patch of that one
+    /// annotation under another field manager, so that nothing else can change.
+    #[tokio::test]
+    async fn a_refused_renewal_keeps_the_data_byte_for_byte() {
+        let (client, mut h) = mock_client();
+        let iss = local("mesh", Policy::default());
+        // A Secret meshca filled earlier for web.app.svc ...
+        let now = OffsetDateTime::now_utc();
+        let sans = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "web.app.svc")]))
+            .unwrap()
+            .unwrap()
+            .sans;
+        let w = issue_workload(iss.as_ref(), &sans, None, KeyAlgorithm::EcdsaP256, now)
+            .await
+            .unwrap();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
+        let data = json!({
+            "tls.crt": b64(&w.cert.chain_pem()),
+            "tls.key": b64(&w.key.to_pkcs8_pem()),
+            "ca.crt": b64(&crate::pemutil::certs_to_pem([&w.cert.root])),
+        });
+        // ... whose annotations now ask for something the policy refuses.
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "w", "namespace": "app", "resourceVersion": "9", "uid": "u-1",
+                         "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "*.app.svc"}},
+            "type": "kubernetes.io/tls",
+            "data": data,
+        }))
+        .unwrap();
+        let m = managed(client, iss).with_events(Reporter {
+            controller: "meshca-signer".into(),
+            instance: Some("meshca-signer-0".into()),
+        });
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/app/secrets/w");
+            assert_eq!(
+                req.headers()["content-type"],
+                "application/merge-patch+json",
+                "a merge patch cannot drop fields; an apply of a partial object can"
+            );
+            let q = req.uri().query().unwrap_or("");
+            assert!(q.contains("fieldManager=meshca-managed-error"), "{q}");
+            assert!(!q.contains("force"), "{q}");
+            let msg = body["metadata"]["annotations"][ANN_ERROR]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert_eq!(
+                body,
+                json!({"metadata": {"annotations": {ANN_ERROR: msg.clone()}}}),
+                "exactly one annotation, nothing else"
+            );
+            send.send_response(resp(200, &json!({})));
+            // The Event on the Secret.
+            let (req, ev, send) = next(&mut h).await;
+            assert_eq!(req.method(), "POST");
+            assert_eq!(
+                req.uri().path(),
+                "/apis/events.k8s.io/v1/namespaces/app/events"
+            );
+            assert_eq!(ev["type"], "Warning");
+            assert_eq!(ev["reason"], EVENT_REFUSED);
+            assert_eq!(ev["regarding"]["kind"], "Secret");
+            assert_eq!(ev["regarding"]["name"], "w");
+            assert_eq!(ev["reportingController"], "meshca-signer");
+            assert!(ev["note"].as_str().unwrap().contains("*.app.svc"), "{ev}");
+            send.send_response(resp(201, &ev));
+            // Nothing else: in particular no apply of the Secret.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), h.next_request())
+                    .await
+                    .is_err()
+            );
+            msg
+        });
+        assert_eq!(m.reconcile(&s).await.unwrap(), Action::await_change());
+        let msg = server.await.unwrap();
+        assert!(msg.contains("wildcard DNS name *.app.svc"), "{msg}");
+        assert_eq!(m.metrics.managed_failed.get(), 1);
+        assert_eq!(m.metrics.managed_issued.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_terminal_refusal_is_recorded_once() {
+        let (client, mut h) = mock_client();
+        let m = managed(client, local("mesh", Policy::default()));
         let mut s: Secret = serde_json::from_value(json!({
             "metadata": {"name": "w", "namespace": "app", "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "*.app.svc"}},
         }))
@@ -557,15 +900,76 @@ mod tests {
         });
         assert_eq!(m.reconcile(&s).await.unwrap(), Action::await_change());
         let msg = server.await.unwrap();
-        assert!(msg.contains("wildcard DNS name *.app.svc"), "{msg}");
-        // Seen again with the annotation already set: no second write (no request is served).
+        // Seen again (the annotation write comes back as a watch event): not tried again, no
+        // second write (no request is served, so one would hang the test).
         s.metadata
             .annotations
             .as_mut()
             .unwrap()
             .insert(ANN_ERROR.into(), msg);
         assert_eq!(m.reconcile(&s).await.unwrap(), Action::await_change());
-        assert_eq!(m.metrics.managed_failed.get(), 2);
+        assert_eq!(m.metrics.managed_failed.get(), 1);
         assert_eq!(m.metrics.managed_issued.get(), 0);
+    }
+
+    #[derive(Debug)]
+    struct Unavailable(crate::ca::CaMeta);
+
+    #[async_trait::async_trait]
+    impl crate::issue::Issuer for Unavailable {
+        fn meta(&self) -> &crate::ca::CaMeta {
+            &self.0
+        }
+        async fn sign(
+            &self,
+            _: &crate::issue::SignRequest,
+            _: OffsetDateTime,
+        ) -> Result<crate::issue::IssuedCert> {
+            Err(Error::Backend {
+                backend: "acm-pca",
+                message: "throttled".into(),
+                retryable: true,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retryable_failure_backs_off_per_secret_with_jitter() {
+        let (client, mut h) = mock_client();
+        let meta = local("mesh", Policy::default()).ca().meta.clone();
+        let m = managed(client, Arc::new(Unavailable(meta)));
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "w", "namespace": "app", "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
+        }))
+        .unwrap();
+        let server = tokio::spawn(async move {
+            let (_, body, send) = next(&mut h).await;
+            let msg = body["metadata"]["annotations"][ANN_ERROR]
+                .as_str()
+                .unwrap()
+                .to_string();
+            assert!(
+                msg.contains("throttled") && msg.contains("will retry"),
+                "{msg}"
+            );
+            send.send_response(resp(200, &body));
+        });
+        let e = m.reconcile(&s).await.unwrap_err();
+        assert!(super::super::retryable(&e), "{e}");
+        server.await.unwrap();
+        // The error policy's waits grow per Secret (not a flat 5 s) and stay under the cap.
+        let d1 = m.retry_after(&s);
+        assert!(d1 <= Duration::from_millis(500), "{d1:?}");
+        // Within the backoff window a reconcile (e.g. from a watch event) makes no attempt.
+        assert_ne!(m.reconcile(&s).await.unwrap(), Action::await_change());
+        let mut last = d1;
+        for _ in 0..12 {
+            last = m.retry_after(&s);
+        }
+        assert!(
+            last > Duration::from_secs(60) && last <= super::super::backoff::CAP,
+            "{last:?}"
+        );
+        assert_eq!(m.metrics.managed_failed.get(), 1);
     }
 }

@@ -6,7 +6,11 @@
 //! - `csrs_approved_total`, `csrs_denied_total` (auto-approver);
 //! - `csr_sign_duration_seconds` histogram: from the reconcile start to the accepted status write;
 //! - `csr_issue_latency_seconds` histogram: from the CSR's creationTimestamp to the accepted write;
-//! - `managed_secrets_issued_total`, `managed_secrets_failed_total`, `bundle_configmaps_applied_total`;
+//! - `managed_secrets_issued_total`, `managed_secrets_failed_total` (refused or failed
+//!   issuance; the Secret's data is kept), `bundle_configmaps_applied_total`;
+//! - `ledger_entries_total`, `ledger_write_failures_total`: issued certificates recorded in the
+//!   store's ledger, and batches that could not be written;
+//! - `ca_reloads_total`: new snapshots of the served CAs (a CA created, replaced or removed);
 //! - `ca_expiry_timestamp_seconds{ca}`: notAfter of each loaded CA, as a Unix time;
 //! - `leader` 1 while this replica leads.
 //!
@@ -70,6 +74,12 @@ pub struct Metrics {
     pub managed_failed: Counter,
     /// Trust-bundle ConfigMaps applied.
     pub bundle_applied: Counter,
+    /// Ledger entries written.
+    pub ledger_entries: Counter,
+    /// Ledger batches that could not be written.
+    pub ledger_failures: Counter,
+    /// Snapshots of the served CAs published after start-up.
+    pub ca_reloads: Counter,
     /// CA notAfter as Unix time.
     pub ca_expiry: Family<CaLabel, Gauge>,
     /// 1 while leading.
@@ -100,6 +110,9 @@ impl Metrics {
             managed_issued: Counter::default(),
             managed_failed: Counter::default(),
             bundle_applied: Counter::default(),
+            ledger_entries: Counter::default(),
+            ledger_failures: Counter::default(),
+            ca_reloads: Counter::default(),
             ca_expiry: Family::default(),
             leader: Gauge::default(),
         };
@@ -157,6 +170,21 @@ impl Metrics {
             "bundle_configmaps_applied",
             "Trust-bundle ConfigMaps applied",
             m.bundle_applied.clone(),
+        );
+        registry.register(
+            "ledger_entries",
+            "Issued certificates recorded in the ledger",
+            m.ledger_entries.clone(),
+        );
+        registry.register(
+            "ledger_write_failures",
+            "Ledger batches that could not be written",
+            m.ledger_failures.clone(),
+        );
+        registry.register(
+            "ca_reloads",
+            "New snapshots of the served CAs after start-up",
+            m.ca_reloads.clone(),
         );
         registry.register(
             "ca_expiry_timestamp_seconds",

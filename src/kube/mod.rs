@@ -13,13 +13,20 @@
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
 //! - [`run`]: wires all of the above into `meshca signer run`.
 //!
-//! Every write uses the field manager [`FIELD_MANAGER`]. Library errors are converted into a
-//! CSR `Failed` condition (bad input, policy) or a retry with backoff (API trouble) exactly
-//! once, in [`signer`].
+//! Each kind of write has its own field manager, so that no server-side apply of one kind can
+//! drop the fields another kind owns: [`FIELD_MANAGER`] (the store, CSR status and approval,
+//! bundle ConfigMaps), [`FIELD_MANAGER_MANAGED`] (managed-Secret data),
+//! [`FIELD_MANAGER_ERROR`] (the managed-Secret error annotation, a merge patch) and
+//! [`FIELD_MANAGER_ISSUE`] (`meshca issue --secret`). Library errors are converted into a CSR
+//! `Failed` condition / Secret annotation (terminal) or a retry with per-object backoff
+//! (retryable, [`retryable`]) exactly once, in [`signer`] and [`managed`].
 
 pub mod approver;
+pub mod backoff;
 pub mod bundles;
+pub mod issuers;
 pub mod leader;
+pub mod ledger;
 pub mod managed;
 pub mod metrics;
 pub mod ratelimit;
@@ -31,8 +38,17 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
-/// Field manager for every server-side apply and patch meshca makes.
+/// Field manager of the store's objects, CSR status and approval writes and bundle ConfigMaps.
 pub const FIELD_MANAGER: &str = "meshca";
+/// Field manager of the data (`tls.crt`, `tls.key`, `ca.crt`) the managed-Secret controller
+/// applies.
+pub const FIELD_MANAGER_MANAGED: &str = "meshca-managed";
+/// Field manager of the `meshca.io/error` annotation on managed Secrets (a merge patch of that
+/// one annotation, which cannot drop any other field).
+pub const FIELD_MANAGER_ERROR: &str = "meshca-managed-error";
+/// Field manager of `meshca issue --secret` with the kube store
+/// ([`store::KubeStore::apply_tls_secret`]).
+pub const FIELD_MANAGER_ISSUE: &str = "meshca-issue";
 /// Prefix of the signer names meshca serves (`meshca.io/<ca>`).
 pub const SIGNER_PREFIX: &str = "meshca.io/";
 /// The standard "managed by" label.
@@ -56,12 +72,13 @@ pub fn ca_from_signer_name(signer: &str) -> Option<&str> {
         .filter(|n| !n.is_empty() && !n.contains('/'))
 }
 
-/// Server-side apply of `body` to `name` with meshca's field manager, forced: meshca owns the
-/// fields it writes. `what` names the write in the error message.
+/// Server-side apply of `body` to `name` as `manager`, forced: meshca owns the fields that
+/// manager writes. `what` names the write in the error message.
 pub(crate) async fn apply<K>(
     api: &kube::Api<K>,
     name: &str,
     body: &serde_json::Value,
+    manager: &str,
     what: &str,
 ) -> Result<()>
 where
@@ -69,7 +86,7 @@ where
 {
     api.patch(
         name,
-        &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+        &kube::api::PatchParams::apply(manager).force(),
         &kube::api::Patch::Apply(body),
     )
     .await
@@ -77,10 +94,28 @@ where
     .map_err(|e| kube_err(what, e))
 }
 
+/// Whether an API status code means "try again later": server trouble (5xx), throttling
+/// (429), a conflict (409), and authentication or authorization failures (401/403), which an
+/// operator fixes in RBAC without the request changing. 400 and 422 (the request itself is
+/// invalid) and 404 are terminal.
+pub fn retryable_code(code: u16) -> bool {
+    code >= 500 || matches!(code, 401 | 403 | 409 | 429)
+}
+
+/// Whether a retry of the same request can help. Backend errors say so themselves; store and
+/// I/O trouble is environmental; everything else (bad input, policy, an unusable CA) is not.
+pub fn retryable(e: &Error) -> bool {
+    match e {
+        Error::Backend { retryable, .. } => *retryable,
+        Error::Store(_) | Error::Io { .. } => true,
+        _ => false,
+    }
+}
+
 /// Converts a Kubernetes client error into the library error, once, with a one-line message.
 pub(crate) fn kube_err(context: &str, e: kube::Error) -> Error {
     let retryable = match &e {
-        kube::Error::Api(s) => s.code >= 500 || s.code == 429 || s.code == 409,
+        kube::Error::Api(s) => retryable_code(s.code),
         _ => true,
     };
     let message = match &e {
@@ -107,8 +142,9 @@ pub fn api_code(e: &kube::Error) -> Option<u16> {
 pub async fn client(kubeconfig: Option<&Path>) -> Result<kube::Client> {
     let config = match kubeconfig {
         Some(p) => {
+            // The user named this file: a missing or unreadable one is their input error.
             let kc = kube::config::Kubeconfig::read_from(p)
-                .map_err(|e| Error::Store(format!("{}: {e}", p.display())))?;
+                .map_err(|e| Error::invalid("kubeconfig", format!("{}: {e}", p.display())))?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|e| Error::Store(format!("{}: {e}", p.display())))?

@@ -1,10 +1,11 @@
 //! `meshca signer run`: loads the CAs, serves health and metrics, elects a leader and, while
 //! leading, runs the CSR controller, the managed-Secret controllers and the bundle sync.
 //! Followers keep their CAs loaded and report ready, so a takeover only waits for the Lease.
-//! Shutdown (SIGTERM, Ctrl-C or the caller's future) lets in-flight reconciles finish and
-//! releases the Lease.
+//! The CAs are reloaded whenever the store changes ([`CaReload`]), on leader and followers
+//! alike. Every certificate issued is recorded in the ledger (`RunConfig::ledger`).
+//! Shutdown (SIGTERM, Ctrl-C or the caller's future) lets in-flight reconciles finish, flushes
+//! the ledger and releases the Lease.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,15 +13,30 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::bundles;
+use super::issuers;
 use super::leader::{self, LeaderConfig};
+use super::ledger::{LedgerSink, LedgerWriter};
 use super::managed::Managed;
-use super::metrics::{self, CaLabel, Metrics};
+use super::metrics::{self, Metrics};
 use super::ratelimit::RateLimiter;
 use super::signer::{Signer, SignerConfig};
 use crate::clock::{Clock, SystemClock};
 use crate::error::{Error, Result};
-use crate::issue::Issuer;
-use crate::store::{load_issuer, Store};
+use crate::store::Store;
+
+/// How the served CAs follow the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaReload {
+    /// Loaded once at start-up.
+    Off,
+    /// Re-read every interval (the local store).
+    Poll(Duration),
+    /// Watch the CA Secrets of the kube store in this namespace (plus a slow safety poll).
+    KubeWatch {
+        /// The store's namespace.
+        namespace: String,
+    },
+}
 
 /// Everything `meshca signer run` takes.
 #[derive(Debug)]
@@ -41,8 +57,15 @@ pub struct RunConfig {
     pub leader: Option<LeaderConfig>,
     /// Namespaces whose annotated Secrets are managed (`["*"]`: all; empty: off).
     pub managed_namespaces: Vec<String>,
-    /// Label selector narrowing the watched Secrets.
+    /// Label selector of the watched Secrets (default [`super::managed::DEFAULT_SELECTOR`];
+    /// `None` watches every Secret of the managed namespaces).
     pub managed_selector: Option<String>,
+    /// How the CAs are reloaded.
+    pub ca_reload: CaReload,
+    /// Where issued certificates are recorded (`None`: not recorded).
+    pub ledger: Option<Arc<dyn LedgerWriter>>,
+    /// This replica's name in Events (`reportingInstance`).
+    pub instance: Option<String>,
     /// How often trust-bundle ConfigMaps are re-applied (`None`: off).
     pub bundle_resync: Option<Duration>,
     /// Metrics to record into (`None`: a fresh registry). Lets callers and tests read them.
@@ -51,10 +74,10 @@ pub struct RunConfig {
 
 impl RunConfig {
     /// Defaults around a store: every CA, 200 QPS / burst 400, no metrics endpoint, no leader
-    /// election, no managed Secrets, bundles re-applied every 30 s.
+    /// election, no managed Secrets (selector `meshca.io/managed=true` once enabled), bundles
+    /// re-applied every 30 s, CAs re-read every 10 s, the ledger through [`Store::record`].
     pub fn new(store: Arc<dyn Store>) -> Self {
         RunConfig {
-            store,
             cas: None,
             signer: SignerConfig::default(),
             qps: super::ratelimit::DEFAULT_QPS,
@@ -62,43 +85,21 @@ impl RunConfig {
             metrics_addr: None,
             leader: None,
             managed_namespaces: Vec::new(),
-            managed_selector: None,
+            managed_selector: Some(super::managed::DEFAULT_SELECTOR.to_string()),
             bundle_resync: Some(Duration::from_secs(30)),
             metrics: None,
+            ca_reload: CaReload::Poll(DEFAULT_CA_POLL),
+            ledger: Some(Arc::new(super::ledger::StoreLedger(store.clone()))),
+            instance: None,
+            store,
         }
     }
 }
 
-/// Loads the issuers to serve and records their expiry.
-pub async fn load_issuers(
-    store: &dyn Store,
-    names: Option<&[String]>,
-    metrics: &Metrics,
-) -> Result<BTreeMap<String, Arc<dyn Issuer>>> {
-    let names = match names {
-        Some(n) => n.to_vec(),
-        None => store.list_cas().await?,
-    };
-    if names.is_empty() {
-        return Err(Error::Store(format!(
-            "no CA to serve in {}",
-            store.describe()
-        )));
-    }
-    let mut out = BTreeMap::new();
-    for n in names {
-        let iss: Arc<dyn Issuer> = Arc::from(load_issuer(store, &n).await?);
-        if let Some(c) = iss.ca_certificate() {
-            let info = crate::x509::CertInfo::from_der(c)?;
-            metrics
-                .ca_expiry
-                .get_or_create(&CaLabel { ca: n.clone() })
-                .set(info.not_after.unix_timestamp());
-        }
-        out.insert(n, iss);
-    }
-    Ok(out)
-}
+/// How often the local store is re-read for CA changes.
+pub const DEFAULT_CA_POLL: Duration = Duration::from_secs(10);
+/// The safety poll behind the kube store's CA Secret watch.
+pub const KUBE_SAFETY_POLL: Duration = Duration::from_secs(300);
 
 async fn until(mut rx: watch::Receiver<bool>, want: bool) {
     // An error means the sender is gone: treat as reached.
@@ -137,9 +138,36 @@ pub async fn run(
         tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     }
 
-    let issuers = load_issuers(cfg.store.as_ref(), cfg.cas.as_deref(), &metrics).await?;
-    let names: Vec<String> = issuers.keys().map(|c| super::signer_name(c)).collect();
+    let first = issuers::reload(cfg.store.as_ref(), cfg.cas.as_deref(), None, &metrics).await?;
+    let names: Vec<String> = first
+        .names()
+        .iter()
+        .map(|c| super::signer_name(c))
+        .collect();
     tracing::info!(signers = ?names, "CAs loaded");
+    let (issuers_tx, issuers_rx) = watch::channel(Arc::new(first));
+    let triggers: Option<futures::stream::BoxStream<'static, ()>> = match &cfg.ca_reload {
+        CaReload::Off => None,
+        CaReload::Poll(every) => Some(Box::pin(issuers::poll_triggers(*every))),
+        CaReload::KubeWatch { namespace } => Some(Box::pin(issuers::kube_triggers(
+            client.clone(),
+            namespace,
+            KUBE_SAFETY_POLL,
+        ))),
+    };
+    if let Some(t) = triggers {
+        bg.spawn(issuers::watch_loop(
+            cfg.store.clone(),
+            cfg.cas.clone(),
+            metrics.clone(),
+            issuers_tx,
+            t,
+            until(stop_rx.clone(), true),
+        ));
+    } else {
+        // Receivers keep the last value after the sender is gone.
+        drop(issuers_tx);
+    }
     metrics.set_ready(true);
 
     let (leader_rx, election) = match cfg.leader.clone() {
@@ -164,23 +192,48 @@ pub async fn run(
         ));
     }
 
-    let signer = Arc::new(Signer::new(
+    let (ledger, ledger_task) = match cfg.ledger.clone() {
+        Some(w) => {
+            let (sink, task) = LedgerSink::spawn(w, metrics.clone());
+            (Some(sink), Some(task))
+        }
+        None => (None, None),
+    };
+    let mut signer_cfg = cfg.signer.clone();
+    if signer_cfg.only_signer.is_none() {
+        // Exactly one CA served by name: let the API server filter the CSR watch.
+        if let Some([one]) = cfg.cas.as_deref() {
+            signer_cfg.only_signer = Some(super::signer_name(one));
+        }
+    }
+    let mut signer = Signer::new(
         client.clone(),
-        issuers.clone(),
-        cfg.signer.clone(),
+        issuers_rx.clone(),
+        signer_cfg,
         metrics.clone(),
         limiter.clone(),
         leader_rx.clone(),
         clock.clone(),
-    ));
-    let managed = Arc::new(Managed::new(
+    );
+    let mut managed = Managed::new(
         client.clone(),
-        issuers,
+        issuers_rx,
         metrics.clone(),
         limiter,
         leader_rx.clone(),
         clock,
-    ));
+    )
+    .with_events(kube::runtime::events::Reporter {
+        controller: "meshca-signer".into(),
+        instance: cfg.instance.clone(),
+    });
+    if let Some(l) = &ledger {
+        signer = signer.with_ledger(l.clone());
+        managed = managed.with_ledger(l.clone());
+    }
+    drop(ledger);
+    let signer = Arc::new(signer);
+    let managed = Arc::new(managed);
 
     loop {
         // Wait to lead (or stop).
@@ -221,6 +274,12 @@ pub async fn run(
     }
     if let Some(mut e) = election {
         let _ = (&mut e.0).await;
+    }
+    // The controllers are stopped: the ledger writer ends once the last sink is dropped.
+    drop(signer);
+    drop(managed);
+    if let Some(t) = ledger_task {
+        super::ledger::flush(t, Duration::from_secs(10)).await;
     }
     bg.shutdown().await;
     Ok(())

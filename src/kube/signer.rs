@@ -12,20 +12,26 @@
 //!    makes;
 //! 5. writes the leaf plus chain PEM to `status.certificate` through the `/status`
 //!    subresource, as a merge patch carrying the resourceVersion it decided on. A conflict
-//!    (409) or an "immutable" rejection (422) means someone else changed or signed the CSR
-//!    first: it is counted and never retried blindly.
+//!    (409), or the API server's 422 `status.certificate: Forbidden: updates may not modify
+//!    existing certificate content` (the certificate is already set), means someone else
+//!    changed or signed the CSR first: it is counted and never retried blindly;
+//! 6. records the certificate in the ledger with the requester and the CSR's name
+//!    ([`super::ledger`]).
 //!
 //! Bad input (garbage request, bad signature, RSA-1024, forbidden SANs, `isCA`, TTL out of
-//! bounds) ends in a `Failed` condition with a readable message, never in a crash loop.
-//! API errors are retried with per-object exponential backoff (0.5 s doubling to 5 min).
+//! bounds) ends in a `Failed` condition with a readable message, never in a crash loop. Any
+//! other error is either terminal ([`super::retryable`] false: a 400/422 from the API server,
+//! an ACM PCA refusal), which fails the CSR once quoting the message, or retryable, which is
+//! retried with per-object exponential backoff with jitter ([`super::backoff`]: 0.5 s doubling
+//! to 5 min). The CAs come from an [`IssuerWatch`]: a CA created, replaced or removed is
+//! used from the next reconcile on, and every CSR is looked at again when the set changes.
 //!
 //! **TTL.** `spec.expirationSeconds` below 600 (the API minimum) fails. Above the policy's
 //! `max_ttl` it fails too by default ([`TtlMode::Fail`]), because the same request fails
 //! through `meshca issue`; [`TtlMode::Cap`] instead issues the policy maximum, which
 //! Kubernetes allows ("the signer may issue a shorter certificate").
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -38,12 +44,15 @@ use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
+use super::backoff::Backoff;
+use super::issuers::{self, IssuerWatch};
+use super::ledger::{IssuedRecord, LedgerSink};
 use super::metrics::{Metrics, ReasonLabel};
 use super::ratelimit::RateLimiter;
-use super::{api_code, ca_from_signer_name, kube_err, FIELD_MANAGER};
+use super::{ca_from_signer_name, kube_err, FIELD_MANAGER};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
-use crate::issue::{check_csr, CsrOptions, Issuer, SignRequest};
+use crate::issue::{check_csr, CsrOptions, Issuer, LedgerEntry, SignRequest};
 
 /// The API's minimum `spec.expirationSeconds`.
 pub const MIN_EXPIRATION_SECONDS: i32 = 600;
@@ -51,8 +60,15 @@ pub const MIN_EXPIRATION_SECONDS: i32 = 600;
 pub const REASON_BAD_REQUEST: &str = "MeshcaBadRequest";
 /// Condition reason for requests the CA's policy refuses.
 pub const REASON_POLICY: &str = "MeshcaPolicyDenied";
-/// Condition reason for signing failures that retrying cannot fix (e.g. expired CA).
+/// Condition reason for signing failures that retrying cannot fix (e.g. expired CA, a backend
+/// refusal).
 pub const REASON_SIGN_FAILED: &str = "MeshcaSigningFailed";
+/// Condition reason when the API server refuses a write as invalid (400/422 other than "the
+/// certificate is already set"); the message quotes the API server.
+pub const REASON_API_REJECTED: &str = "MeshcaRejectedByAPIServer";
+/// The API server's message when `status.certificate` is already set
+/// (`pkg/apis/certificates/validation`): the only 422 that means another writer won.
+pub const CERTIFICATE_ALREADY_SET: &str = "updates may not modify existing certificate content";
 
 /// What to do when `expirationSeconds` exceeds the policy's maximum.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -87,6 +103,10 @@ pub struct SignerConfig {
     pub ttl_mode: TtlMode,
     /// Whether pending CSRs are approved or denied by policy.
     pub auto_approve: bool,
+    /// The one signer name served, when exactly one CA is served by name: the CSR watch then
+    /// carries the field selector `spec.signerName=<it>` and the API server sends nothing
+    /// else (`None`: every CSR is watched and filtered here).
+    pub only_signer: Option<String>,
 }
 
 impl Default for SignerConfig {
@@ -95,6 +115,17 @@ impl Default for SignerConfig {
             concurrency: 16,
             ttl_mode: TtlMode::Fail,
             auto_approve: false,
+            only_signer: None,
+        }
+    }
+}
+
+impl SignerConfig {
+    /// The CSR watch: narrowed to [`SignerConfig::only_signer`] when set.
+    pub fn watcher_config(&self) -> watcher::Config {
+        match &self.only_signer {
+            Some(s) => watcher::Config::default().fields(&format!("spec.signerName={s}")),
+            None => watcher::Config::default(),
         }
     }
 }
@@ -102,19 +133,20 @@ impl Default for SignerConfig {
 /// Everything a reconcile needs.
 pub struct Signer {
     client: kube::Client,
-    issuers: BTreeMap<String, Arc<dyn Issuer>>,
+    issuers: IssuerWatch,
     cfg: SignerConfig,
     pub(super) metrics: Arc<Metrics>,
     pub(super) limiter: Arc<RateLimiter>,
     leader: watch::Receiver<bool>,
     pub(super) clock: Arc<dyn Clock>,
-    failures: Mutex<HashMap<String, u32>>,
+    backoff: Backoff,
+    ledger: Option<LedgerSink>,
 }
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Signer")
-            .field("cas", &self.issuers.keys().collect::<Vec<_>>())
+            .field("cas", &self.issuers.borrow().names())
             .field("cfg", &self.cfg)
             .finish()
     }
@@ -333,7 +365,7 @@ pub(crate) fn conditions_plus(
     serde_json::Value::Array(list)
 }
 
-fn truncate(s: &str, max: usize) -> String {
+pub(crate) fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
@@ -353,26 +385,40 @@ pub enum WriteOutcome {
     LostRace,
 }
 
+/// Whether an API error says another writer got there first: a resourceVersion conflict
+/// (409), the CSR gone (404), or the one 422 that means `status.certificate` is already set.
+/// Every other 422 is a real validation error.
+pub fn is_lost_race(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => {
+            s.code == 409
+                || s.code == 404
+                || (s.code == 422 && s.message.contains(CERTIFICATE_ALREADY_SET))
+        }
+        _ => false,
+    }
+}
+
 pub(super) fn classify_write(
     r: std::result::Result<CertificateSigningRequest, kube::Error>,
     what: &str,
 ) -> Result<WriteOutcome> {
     match r {
         Ok(_) => Ok(WriteOutcome::Written),
-        Err(e) if matches!(api_code(&e), Some(409) | Some(422)) => {
+        Err(e) if is_lost_race(&e) => {
             tracing::info!(error = %e, "{what}: lost the race to another writer");
             Ok(WriteOutcome::LostRace)
         }
-        Err(e) if api_code(&e) == Some(404) => Ok(WriteOutcome::LostRace),
         Err(e) => Err(kube_err(what, e)),
     }
 }
 
 impl Signer {
-    /// A signer for the CAs in `issuers` (keyed by CA name).
+    /// A signer for the CAs `issuers` shows (see [`issuers::IssuerSet::watch_fixed`] for a
+    /// fixed set).
     pub fn new(
         client: kube::Client,
-        issuers: BTreeMap<String, Arc<dyn Issuer>>,
+        issuers: IssuerWatch,
         cfg: SignerConfig,
         metrics: Arc<Metrics>,
         limiter: Arc<RateLimiter>,
@@ -387,13 +433,25 @@ impl Signer {
             limiter,
             leader,
             clock,
-            failures: Mutex::new(HashMap::new()),
+            backoff: Backoff::new(),
+            ledger: None,
         }
     }
 
-    /// The signer names served.
+    /// Records every certificate written into `ledger`.
+    pub fn with_ledger(mut self, ledger: LedgerSink) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// The signer names served now.
     pub fn signer_names(&self) -> Vec<String> {
-        self.issuers.keys().map(|c| super::signer_name(c)).collect()
+        self.issuers
+            .borrow()
+            .names()
+            .iter()
+            .map(|c| super::signer_name(c))
+            .collect()
     }
 
     /// The metrics.
@@ -445,7 +503,9 @@ impl Signer {
     pub async fn reconcile(&self, csr: &CertificateSigningRequest) -> Result<Action> {
         let started = std::time::Instant::now();
         let name = csr.metadata.name.as_deref().unwrap_or_default();
-        let decision = classify(csr, |c| self.issuers.contains_key(c));
+        // One snapshot of the CAs for the whole decision.
+        let snapshot = self.issuers.borrow().clone();
+        let decision = classify(csr, |c| snapshot.contains(c));
         let ca = match decision {
             Decision::NotOurs | Decision::AlreadySigned | Decision::Terminal(_) => {
                 return Ok(Action::await_change())
@@ -455,7 +515,9 @@ impl Signer {
                 if !self.cfg.auto_approve || !self.leading() {
                     return Ok(Action::await_change());
                 }
-                let issuer = &self.issuers[&ca];
+                let Some(issuer) = snapshot.get(&ca) else {
+                    return Ok(Action::await_change());
+                };
                 let verdict = super::approver::evaluate(csr, issuer.as_ref(), self.cfg.ttl_mode);
                 super::approver::write(self, csr, &verdict).await?;
                 return Ok(Action::await_change());
@@ -466,7 +528,9 @@ impl Signer {
         if !self.leading() {
             return Ok(Action::await_change());
         }
-        let issuer = &self.issuers[&ca];
+        let Some(issuer) = snapshot.get(&ca) else {
+            return Ok(Action::await_change());
+        };
         let req = match prepare(csr, issuer.as_ref(), self.cfg.ttl_mode) {
             Ok(r) => r,
             Err(Ok(rej)) => {
@@ -502,12 +566,26 @@ impl Signer {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        match classify_write(
+        let written = classify_write(
             self.api()
                 .patch_status(name, &pp, &Patch::Merge(&patch))
                 .await,
             "writing status.certificate",
-        )? {
+        );
+        let written = match written {
+            Err(e) if !super::retryable(&e) => {
+                // The API server refuses this certificate (400/422 other than "already set"):
+                // say so on the CSR instead of leaving it pending forever.
+                let rej = Rejection {
+                    reason: REASON_API_REJECTED,
+                    message: e.to_string(),
+                };
+                self.fail(csr, &rej).await?;
+                return Ok(Action::await_change());
+            }
+            other => other?,
+        };
+        match written {
             WriteOutcome::Written => {
                 self.metrics.csrs_signed.inc();
                 self.metrics
@@ -523,6 +601,13 @@ impl Signer {
                         .observe(((now_ms - created_ms).max(0)) as f64 / 1000.0);
                 }
                 tracing::info!(csr = name, ca = %ca, serial = %cert.info.serial_hex(), sans = ?cert.info.sans, not_after = %cert.info.not_after, "signed CSR");
+                if let Some(l) = &self.ledger {
+                    l.record(IssuedRecord {
+                        entry: LedgerEntry::for_cert(&ca, &cert, now),
+                        requester: csr.spec.username.clone().unwrap_or_default(),
+                        object: format!("csr/{name}"),
+                    });
+                }
             }
             WriteOutcome::LostRace => {
                 self.metrics.csr_conflicts.inc();
@@ -531,16 +616,44 @@ impl Signer {
         Ok(Action::await_change())
     }
 
-    fn backoff(&self, name: &str) -> Duration {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let n = f.entry(name.to_string()).or_insert(0);
-        *n = n.saturating_add(1);
-        backoff_for(*n)
+    /// [`Signer::reconcile`], then the error policy's half that needs I/O: a terminal error
+    /// fails the CSR once (quoting it) and is not retried; a retryable one is returned for
+    /// backoff. A success resets the CSR's backoff.
+    pub async fn reconcile_or_fail(&self, csr: &CertificateSigningRequest) -> Result<Action> {
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        match self.reconcile(csr).await {
+            Ok(a) => {
+                self.backoff.reset(name);
+                Ok(a)
+            }
+            Err(e) if super::retryable(&e) => Err(e),
+            Err(e) => {
+                self.backoff.reset(name);
+                if !self.leading() {
+                    return Ok(Action::await_change());
+                }
+                let reason = match &e {
+                    Error::Backend {
+                        backend: "kubernetes",
+                        ..
+                    } => REASON_API_REJECTED,
+                    _ => REASON_SIGN_FAILED,
+                };
+                let rej = Rejection {
+                    reason,
+                    message: e.to_string(),
+                };
+                if let Err(e2) = self.fail(csr, &rej).await {
+                    tracing::error!(csr = name, error = %e, fail_error = %e2, "terminal error, and the Failed condition could not be written");
+                }
+                Ok(Action::await_change())
+            }
+        }
     }
 
-    fn reset_backoff(&self, name: &str) {
-        let mut f = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        f.remove(name);
+    /// The wait before retrying `name` after a retryable failure (jittered, per CSR).
+    pub fn backoff(&self, name: &str) -> Duration {
+        self.backoff.next(name)
     }
 
     /// Runs the CSR controller until `shutdown` completes (in-flight reconciles finish first).
@@ -550,17 +663,13 @@ impl Signer {
     ) {
         let api = self.api();
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        Controller::new(api, watcher::Config::default())
+        Controller::new(api, self.cfg.watcher_config())
             .with_config(cfg)
+            // A CA created, replaced or removed: look at every CSR again.
+            .reconcile_all_on(issuers::changes(self.issuers.clone()))
             .graceful_shutdown_on(shutdown)
             .run(
-                |csr, ctx: Arc<Signer>| async move {
-                    let r = ctx.reconcile(&csr).await;
-                    if r.is_ok() {
-                        ctx.reset_backoff(csr.metadata.name.as_deref().unwrap_or_default());
-                    }
-                    r
-                },
+                |csr, ctx: Arc<Signer>| async move { ctx.reconcile_or_fail(&csr).await },
                 |csr, err, ctx: Arc<Signer>| {
                     let name = csr.metadata.name.as_deref().unwrap_or_default();
                     let d = ctx.backoff(name);
@@ -578,12 +687,6 @@ impl Signer {
     }
 }
 
-/// Backoff after `n` consecutive failures: 0.5 s doubling, at most 5 minutes.
-pub fn backoff_for(n: u32) -> Duration {
-    let ms = 500u64.saturating_mul(1u64 << n.saturating_sub(1).min(20));
-    Duration::from_millis(ms.min(300_000))
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -593,6 +696,7 @@ pub(crate) mod tests {
     use crate::key::KeyAlgorithm;
     use crate::kube::testutil::{json as resp, mock_client, next, status};
     use crate::policy::Policy;
+    use std::sync::Mutex;
 
     pub(crate) fn local(name: &str, policy: Policy) -> Arc<LocalIssuer> {
         let mut spec = CaSpec::root(name);
@@ -662,10 +766,12 @@ pub(crate) mod tests {
     ) -> Signer {
         Signer::new(
             client,
-            issuers
-                .iter()
-                .map(|(n, i)| (n.to_string(), i.clone()))
-                .collect(),
+            crate::kube::issuers::IssuerSet::watch_fixed(
+                issuers
+                    .iter()
+                    .map(|(n, i)| (n.to_string(), i.clone()))
+                    .collect(),
+            ),
             cfg,
             Arc::new(Metrics::new()),
             Arc::new(RateLimiter::new(0.0, 1)),
@@ -993,11 +1099,13 @@ pub(crate) mod tests {
         let server = tokio::spawn(async move {
             let (_, _, send) = next(&mut h).await;
             send.send_response(status(409, "Conflict", "the object has been modified"));
+            // The API server's message when status.certificate is already set
+            // (pkg/apis/certificates/validation: validateCertificateSigningRequestUpdate).
             let (_, _, send) = next(&mut h).await;
             send.send_response(status(
                 422,
                 "Invalid",
-                "status.certificate: Invalid value: field is immutable",
+                "CertificateSigningRequest.certificates.k8s.io \"c1\" is invalid: status.certificate: Forbidden: updates may not modify existing certificate content",
             ));
         });
         assert_eq!(s.reconcile(&csr).await.unwrap(), Action::await_change());
@@ -1005,6 +1113,268 @@ pub(crate) mod tests {
         server.await.unwrap();
         assert_eq!(s.metrics.csrs_signed.get(), 0);
         assert_eq!(s.metrics.csr_conflicts.get(), 2);
+    }
+
+    /// The defect: every 422 counted as a lost race, so a real validation error left the CSR
+    /// pending forever. Any other 422 must fail the CSR, quoting the API server.
+    #[tokio::test]
+    async fn any_other_422_fails_the_csr_quoting_the_api_server() {
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        );
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
+        let api_message = "CertificateSigningRequest.certificates.k8s.io \"c1\" is invalid: status.certificate: Invalid value: \"<certificate data>\": must contain at least one CERTIFICATE PEM block";
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert!(body["status"]["certificate"].is_string());
+            assert!(req.uri().path().ends_with("/c1/status"));
+            send.send_response(status(422, "Invalid", api_message));
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert!(req.uri().path().ends_with("/c1/status"));
+            assert!(body["status"].get("certificate").is_none());
+            let conds = body["status"]["conditions"].as_array().unwrap().clone();
+            assert_eq!(conds.last().unwrap()["type"], "Failed");
+            assert_eq!(conds.last().unwrap()["reason"], REASON_API_REJECTED);
+            let msg = conds.last().unwrap()["message"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            send.send_response(resp(200, &json!({
+                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"name": "c1"}, "spec": {"request": "", "signerName": "meshca.io/mesh"},
+            })));
+            msg
+        });
+        assert_eq!(
+            s.reconcile_or_fail(&csr).await.unwrap(),
+            Action::await_change()
+        );
+        let msg = server.await.unwrap();
+        assert!(
+            msg.contains("must contain at least one CERTIFICATE PEM block"),
+            "{msg}"
+        );
+        assert_eq!(s.metrics.csr_conflicts.get(), 0);
+        assert!(s
+            .metrics
+            .render()
+            .contains("meshca_csrs_failed_total{reason=\"MeshcaRejectedByAPIServer\"} 1"));
+    }
+
+    #[derive(Debug)]
+    struct Refusing(crate::ca::CaMeta, bool);
+
+    #[async_trait::async_trait]
+    impl Issuer for Refusing {
+        fn meta(&self) -> &crate::ca::CaMeta {
+            &self.0
+        }
+        async fn sign(
+            &self,
+            _: &SignRequest,
+            _: OffsetDateTime,
+        ) -> Result<crate::issue::IssuedCert> {
+            Err(Error::Backend {
+                backend: "acm-pca",
+                message: if self.1 {
+                    "throttled"
+                } else {
+                    "access denied calling IssueCertificate"
+                }
+                .into(),
+                retryable: self.1,
+            })
+        }
+    }
+
+    /// The defect: `Backend.retryable` was ignored, so a refusal that no retry can fix was
+    /// retried forever (and, on ACM PCA, billed again each time).
+    #[tokio::test]
+    async fn terminal_backend_errors_fail_once_and_retryable_ones_back_off() {
+        let meta = local("mesh", Policy::default()).ca().meta.clone();
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
+        // Retryable: returned for backoff, nothing written.
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", Arc::new(Refusing(meta.clone(), true)))],
+            SignerConfig::default(),
+        );
+        let e = s.reconcile_or_fail(&csr).await.unwrap_err();
+        assert!(super::super::retryable(&e), "{e}");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), h.next_request())
+                .await
+                .is_err()
+        );
+        // Terminal: one Failed condition quoting the backend.
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", Arc::new(Refusing(meta, false)))],
+            SignerConfig::default(),
+        );
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert!(req.uri().path().ends_with("/c1/status"));
+            let c = body["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .clone();
+            assert_eq!(c["type"], "Failed");
+            assert_eq!(c["reason"], REASON_SIGN_FAILED);
+            assert!(
+                c["message"].as_str().unwrap().contains("access denied"),
+                "{c}"
+            );
+            send.send_response(resp(200, &json!({
+                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                "metadata": {"name": "c1"}, "spec": {"request": "", "signerName": "meshca.io/mesh"},
+            })));
+        });
+        assert_eq!(
+            s.reconcile_or_fail(&csr).await.unwrap(),
+            Action::await_change()
+        );
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_replaced_ca_signs_without_a_restart_and_the_ledger_names_the_requester() {
+        let (client, mut h) = mock_client();
+        let old = local("mesh", Policy::default());
+        let new = local("mesh", Policy::default());
+        let set = |i: &Arc<LocalIssuer>| {
+            Arc::new(crate::kube::issuers::IssuerSet::fixed(
+                [("mesh".to_string(), i.clone() as Arc<dyn Issuer>)]
+                    .into_iter()
+                    .collect(),
+            ))
+        };
+        let (tx, rx) = watch::channel(set(&old));
+        #[derive(Debug, Default)]
+        struct Rec(Mutex<Vec<IssuedRecord>>);
+        #[async_trait::async_trait]
+        impl super::super::ledger::LedgerWriter for Rec {
+            async fn append(&self, r: &[IssuedRecord]) -> Result<()> {
+                self.0.lock().unwrap().extend_from_slice(r);
+                Ok(())
+            }
+        }
+        let rec = Arc::new(Rec::default());
+        let metrics = Arc::new(Metrics::new());
+        let (sink, task) = LedgerSink::spawn(rec.clone(), metrics.clone());
+        let s = Signer::new(
+            client,
+            rx,
+            SignerConfig::default(),
+            metrics,
+            Arc::new(RateLimiter::new(0.0, 1)),
+            super::super::leader::always_leader(),
+            Arc::new(SystemClock),
+        )
+        .with_ledger(sink);
+        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let server = tokio::spawn(async move {
+            let mut certs = Vec::new();
+            for _ in 0..2 {
+                let (_, body, send) = next(&mut h).await;
+                certs.push(
+                    base64::engine::general_purpose::STANDARD
+                        .decode(body["status"]["certificate"].as_str().unwrap())
+                        .unwrap(),
+                );
+                send.send_response(resp(200, &json!({
+                    "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
+                    "metadata": {"name": "c"}, "spec": {"request": "", "signerName": "meshca.io/mesh"},
+                })));
+            }
+            certs
+        });
+        s.reconcile(&csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None))
+            .await
+            .unwrap();
+        tx.send_replace(set(&new));
+        s.reconcile(&csr_obj("c2", "meshca.io/mesh", &pem, &["Approved"], None))
+            .await
+            .unwrap();
+        let certs = server.await.unwrap();
+        let aki = |pem: &[u8]| {
+            let der = crate::pemutil::parse_certs(pem, "c").unwrap().remove(0);
+            crate::x509::CertInfo::from_der(&der)
+                .unwrap()
+                .authority_key_id
+        };
+        assert_eq!(aki(&certs[0]), old.ca().info().unwrap().subject_key_id);
+        assert_eq!(
+            aki(&certs[1]),
+            new.ca().info().unwrap().subject_key_id,
+            "the new key signs"
+        );
+        drop(s);
+        super::super::ledger::flush(task, Duration::from_secs(10)).await;
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].requester, "system:serviceaccount:app:blue");
+        assert_eq!(got[0].object, "csr/c1");
+        assert_eq!(got[1].object, "csr/c2");
+        assert_eq!(got[0].entry.ca, "mesh");
+    }
+
+    #[tokio::test]
+    async fn one_served_signer_narrows_the_watch_with_a_field_selector() {
+        let (client, mut h) = mock_client();
+        let cfg = SignerConfig {
+            only_signer: Some("meshca.io/mesh".into()),
+            ..SignerConfig::default()
+        };
+        let s = Arc::new(signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            cfg,
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let ctl = tokio::spawn(s.clone().run(async move {
+            let _ = stopped.await;
+        }));
+        let (req, _, send) = next(&mut h).await;
+        assert_eq!(req.method(), "GET");
+        let q = req.uri().query().unwrap_or("").to_string();
+        assert!(
+            q.contains("fieldSelector=spec.signerName%3Dmeshca.io%2Fmesh"),
+            "{q}"
+        );
+        send.send_response(resp(
+            200,
+            &json!({
+                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                "metadata": {"resourceVersion": "1"}, "items": [],
+            }),
+        ));
+        let (req, _, _parked) = next(&mut h).await;
+        assert!(req
+            .uri()
+            .query()
+            .unwrap()
+            .contains("fieldSelector=spec.signerName%3Dmeshca.io%2Fmesh"));
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), ctl)
+            .await
+            .expect("stops")
+            .unwrap();
+        // Without one named signer the watch is unfiltered.
+        assert!(SignerConfig::default()
+            .watcher_config()
+            .field_selector
+            .is_none());
     }
 
     #[tokio::test]
@@ -1033,11 +1403,16 @@ pub(crate) mod tests {
             "{e}"
         );
         server.await.unwrap();
-        assert_eq!(s.backoff("c1"), Duration::from_millis(500));
-        assert_eq!(s.backoff("c1"), Duration::from_millis(1000));
-        s.reset_backoff("c1");
-        assert_eq!(s.backoff("c1"), Duration::from_millis(500));
-        assert_eq!(backoff_for(40), Duration::from_secs(300));
+        let d1 = s.backoff("c1");
+        let d2 = s.backoff("c1");
+        assert!(
+            d1 >= Duration::from_millis(250) && d1 <= Duration::from_millis(500),
+            "{d1:?}"
+        );
+        assert!(
+            d2 >= Duration::from_millis(500) && d2 <= Duration::from_millis(1000),
+            "{d2:?}"
+        );
     }
 
     #[tokio::test]
@@ -1100,7 +1475,9 @@ pub(crate) mod tests {
         let (tx, rx) = watch::channel(false);
         let follower = Signer::new(
             client,
-            [("mesh".to_string(), iss)].into_iter().collect(),
+            crate::kube::issuers::IssuerSet::watch_fixed(
+                [("mesh".to_string(), iss)].into_iter().collect(),
+            ),
             SignerConfig::default(),
             Arc::new(Metrics::new()),
             Arc::new(RateLimiter::new(0.0, 1)),

@@ -186,7 +186,9 @@ impl KubeStore {
     }
 
     /// Writes (creates or updates) a `kubernetes.io/tls`-shaped Secret `namespace/name` with
-    /// `tls.crt`, `tls.key` and `ca.crt` by server-side apply (field manager `meshca`, forced).
+    /// `tls.crt`, `tls.key` and `ca.crt` by server-side apply (field manager `meshca-issue`,
+    /// forced: its own manager, so it neither strips nor is stripped by the managed-Secret
+    /// controller's fields).
     /// An existing Secret keeps its type and its other keys.
     pub async fn apply_tls_secret(
         &self,
@@ -203,7 +205,7 @@ impl KubeStore {
             .await
             .map_err(|e| kube_err("reading the target Secret", e))?
             .is_some();
-        let mut body = super::managed::apply_body(name, namespace, tls_crt, tls_key, ca_crt);
+        let mut body = super::managed::apply_body(name, namespace, tls_crt, tls_key, ca_crt, None);
         body["metadata"]["labels"] = json!({ LABEL_MANAGED_BY: MANAGED_BY });
         body["metadata"]["annotations"] = json!({ "meshca.io/issued-by": ca });
         if !exists {
@@ -214,6 +216,7 @@ impl KubeStore {
             &api,
             name,
             &body,
+            super::FIELD_MANAGER_ISSUE,
             &format!("applying Secret {namespace}/{name}"),
         )
         .await
@@ -286,6 +289,23 @@ impl KubeStore {
         Err(Error::Store(format!(
             "ledger: more than {LEDGER_MAX_SHARDS_PER_DAY} full shards today"
         )))
+    }
+}
+
+#[async_trait]
+impl super::ledger::LedgerWriter for KubeStore {
+    /// One line per record (the common entry plus requester and object), appended to the
+    /// current shard in one optimistic read-modify-write.
+    async fn append(&self, records: &[super::ledger::IssuedRecord]) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for r in records {
+            text.push_str(&serde_json::to_string(r).map_err(|e| Error::Build(e.to_string()))?);
+            text.push('\n');
+        }
+        self.append_ledger(&text).await
     }
 }
 
@@ -363,7 +383,14 @@ impl Store for KubeStore {
             .await
             .map_err(|e| kube_err("reading a CA Secret", e))?
             .is_some();
-        super::apply(&api, &name, &manifest, "applying a CA Secret").await?;
+        super::apply(
+            &api,
+            &name,
+            &manifest,
+            FIELD_MANAGER,
+            "applying a CA Secret",
+        )
+        .await?;
         Ok(if existed {
             SaveOutcome::Replaced
         } else {
@@ -421,7 +448,14 @@ impl Store for KubeStore {
             },
             "data": { "bundle.json": spec }
         });
-        super::apply(&api, &name, &manifest, "applying a bundle ConfigMap").await?;
+        super::apply(
+            &api,
+            &name,
+            &manifest,
+            FIELD_MANAGER,
+            "applying a bundle ConfigMap",
+        )
+        .await?;
         Ok(if existed {
             SaveOutcome::Replaced
         } else {

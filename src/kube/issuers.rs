@@ -1,0 +1,390 @@
+//! The CAs the controllers sign with, as one snapshot published through a
+//! `tokio::sync::watch` channel, so that a CA created, replaced or removed in the store reaches
+//! the CSR signer and the managed-Secret controller without a restart.
+//!
+//! - [`IssuerSet`]: an immutable snapshot (CA name -> [`Issuer`], plus a fingerprint per CA).
+//!   Each reconcile takes the current snapshot once and uses it throughout, so one decision
+//!   never mixes two generations of a CA.
+//! - [`reload`]: builds the next snapshot from the store. A CA whose stored certificate and
+//!   facts (policy included) are unchanged keeps its issuer (no reconnect for ACM PCA); a
+//!   changed one is loaded afresh; a removed one is dropped. A CA that fails to load keeps its
+//!   previous issuer and the error is logged, so a damaged Secret never stops signing.
+//! - [`watch_loop`]: re-runs [`reload`] whenever a trigger fires (a watch event on the kube
+//!   store's CA Secrets, or a poll tick for the local store) and publishes the new snapshot
+//!   only when something changed.
+//!
+//! CA rotation (issue 10) is meant to publish through the same channel.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+
+use super::metrics::{CaLabel, Metrics};
+use crate::ca::CaMaterial;
+use crate::error::{Error, Result};
+use crate::issue::Issuer;
+use crate::store::{load_issuer, Store};
+
+/// One generation of the served CAs.
+#[derive(Debug, Default)]
+pub struct IssuerSet {
+    issuers: BTreeMap<String, Arc<dyn Issuer>>,
+    fingerprints: BTreeMap<String, String>,
+}
+
+/// The receiving side: the current snapshot, and a way to wait for the next one.
+pub type IssuerWatch = watch::Receiver<Arc<IssuerSet>>;
+
+impl IssuerSet {
+    /// A snapshot of fixed issuers (tests, examples, callers that never reload).
+    pub fn fixed(issuers: BTreeMap<String, Arc<dyn Issuer>>) -> Self {
+        let fingerprints = issuers
+            .iter()
+            .map(|(n, i)| {
+                let fp = i
+                    .ca_certificate()
+                    .map(|c| {
+                        crate::pemutil::hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref())
+                    })
+                    .unwrap_or_default();
+                (n.clone(), fp)
+            })
+            .collect();
+        IssuerSet {
+            issuers,
+            fingerprints,
+        }
+    }
+
+    /// A watch that always shows `issuers` (its sender is dropped at once; receivers keep the
+    /// value).
+    pub fn watch_fixed(issuers: BTreeMap<String, Arc<dyn Issuer>>) -> IssuerWatch {
+        watch::channel(Arc::new(Self::fixed(issuers))).1
+    }
+
+    /// The issuer of CA `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Issuer>> {
+        self.issuers.get(name)
+    }
+
+    /// Whether CA `name` is served.
+    pub fn contains(&self, name: &str) -> bool {
+        self.issuers.contains_key(name)
+    }
+
+    /// The served CA names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.issuers.keys().cloned().collect()
+    }
+
+    /// Number of CAs.
+    pub fn len(&self) -> usize {
+        self.issuers.len()
+    }
+
+    /// Whether no CA is served.
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+
+    /// The fingerprint of CA `name` (SHA-256 over its stored certificate and facts).
+    pub fn fingerprint(&self, name: &str) -> Option<&str> {
+        self.fingerprints.get(name).map(String::as_str)
+    }
+}
+
+/// SHA-256 over a CA's certificate and its stored facts (policy included), hex.
+pub fn ca_fingerprint(ca: &CaMaterial) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(ca.cert.as_ref());
+    for p in &ca.parents {
+        ctx.update(p.as_ref());
+    }
+    ctx.update(
+        serde_json::to_string(&ca.meta)
+            .unwrap_or_default()
+            .as_bytes(),
+    );
+    crate::pemutil::hex(ctx.finish().as_ref())
+}
+
+fn record_expiry(metrics: &Metrics, name: &str, ca: &CaMaterial) {
+    if let Ok(info) = ca.info() {
+        metrics
+            .ca_expiry
+            .get_or_create(&CaLabel {
+                ca: name.to_string(),
+            })
+            .set(info.not_after.unix_timestamp());
+    }
+}
+
+/// Builds the next snapshot from `store`: every CA (`names` `None`) or the named ones.
+/// `previous` supplies the issuers of unchanged CAs and the fallback for CAs that fail to
+/// load. With no previous snapshot (start-up) any load error is returned.
+pub async fn reload(
+    store: &dyn Store,
+    names: Option<&[String]>,
+    previous: Option<&IssuerSet>,
+    metrics: &Metrics,
+) -> Result<IssuerSet> {
+    let names = match names {
+        Some(n) => n.to_vec(),
+        None => store.list_cas().await?,
+    };
+    let mut next = IssuerSet::default();
+    for n in names {
+        let ca = match store.load_ca(&n).await {
+            Ok(ca) => ca,
+            Err(Error::UnknownCa(_)) if previous.is_some() => {
+                tracing::warn!(ca = %n, "CA removed from the store: no longer served");
+                continue;
+            }
+            Err(e) => match previous.and_then(|p| p.get(&n).map(|i| (i, p))) {
+                Some((i, p)) => {
+                    tracing::error!(ca = %n, error = %e, "CA could not be reloaded; keeping the loaded one");
+                    next.issuers.insert(n.clone(), i.clone());
+                    if let Some(fp) = p.fingerprint(&n) {
+                        next.fingerprints.insert(n.clone(), fp.to_string());
+                    }
+                    continue;
+                }
+                None if previous.is_some() => {
+                    tracing::error!(ca = %n, error = %e, "CA could not be loaded; not served");
+                    continue;
+                }
+                None => return Err(e),
+            },
+        };
+        let fp = ca_fingerprint(&ca);
+        let unchanged = previous
+            .filter(|p| p.fingerprint(&n) == Some(fp.as_str()))
+            .and_then(|p| p.get(&n));
+        let issuer = match unchanged {
+            Some(i) => i.clone(),
+            None => {
+                record_expiry(metrics, &n, &ca);
+                match load_issuer(store, &n).await {
+                    Ok(i) => Arc::from(i),
+                    Err(e) => match previous.and_then(|p| p.get(&n)) {
+                        Some(i) => {
+                            tracing::error!(ca = %n, error = %e, "changed CA could not be loaded; keeping the loaded one");
+                            next.issuers.insert(n.clone(), i.clone());
+                            if let Some(fp) = previous.and_then(|p| p.fingerprint(&n)) {
+                                next.fingerprints.insert(n.clone(), fp.to_string());
+                            }
+                            continue;
+                        }
+                        None if previous.is_some() => {
+                            tracing::error!(ca = %n, error = %e, "CA could not be loaded; not served");
+                            continue;
+                        }
+                        None => return Err(e),
+                    },
+                }
+            }
+        };
+        if previous.is_some() && unchanged.is_none() {
+            tracing::info!(ca = %n, fingerprint = %fp, "CA loaded (new or replaced)");
+        }
+        next.issuers.insert(n.clone(), issuer);
+        next.fingerprints.insert(n, fp);
+    }
+    if previous.is_none() && next.is_empty() {
+        return Err(Error::Store(format!(
+            "no CA to serve in {}",
+            store.describe()
+        )));
+    }
+    Ok(next)
+}
+
+/// Whether two snapshots serve the same CAs with the same fingerprints.
+fn same(a: &IssuerSet, b: &IssuerSet) -> bool {
+    a.fingerprints == b.fingerprints
+}
+
+/// Reloads on every item of `triggers` until it ends or `stop` fires, publishing a snapshot
+/// on `tx` when it differs from the current one. Reload errors are logged and the current
+/// snapshot stays.
+pub async fn watch_loop(
+    store: Arc<dyn Store>,
+    names: Option<Vec<String>>,
+    metrics: Arc<Metrics>,
+    tx: watch::Sender<Arc<IssuerSet>>,
+    triggers: impl Stream<Item = ()> + Send,
+    stop: impl std::future::Future<Output = ()> + Send,
+) {
+    let mut triggers = std::pin::pin!(triggers);
+    let mut stop = std::pin::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            t = triggers.next() => if t.is_none() { return },
+        }
+        let current = tx.borrow().clone();
+        match reload(store.as_ref(), names.as_deref(), Some(&current), &metrics).await {
+            Ok(next) if !same(&next, &current) => {
+                tracing::info!(cas = ?next.names(), "served CAs changed");
+                metrics.ca_reloads.inc();
+                tx.send_replace(Arc::new(next));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reloading the CAs failed; keeping the current ones")
+            }
+        }
+    }
+}
+
+/// A trigger every `every` (the local store: the home directory is re-read and compared).
+pub fn poll_triggers(every: Duration) -> impl Stream<Item = ()> + Send {
+    futures::stream::unfold(
+        tokio::time::interval_at(tokio::time::Instant::now() + every, every),
+        |mut iv| async move {
+            iv.tick().await;
+            Some(((), iv))
+        },
+    )
+}
+
+/// A trigger per change of the kube store's CA Secrets (label `meshca.io/ca`) in
+/// `namespace`, plus a slow poll as a safety net. Watch errors are retried by the watcher
+/// with its default backoff.
+pub fn kube_triggers(
+    client: kube::Client,
+    namespace: &str,
+    safety_poll: Duration,
+) -> impl Stream<Item = ()> + Send {
+    use k8s_openapi::api::core::v1::Secret;
+    use kube::core::PartialObjectMeta;
+    use kube::runtime::watcher;
+    // Metadata only: the watch never carries the CA keys.
+    let api: kube::Api<PartialObjectMeta<Secret>> = kube::Api::namespaced(client, namespace);
+    let cfg = watcher::Config::default().labels(&format!(
+        "{}={},{}",
+        super::LABEL_MANAGED_BY,
+        super::MANAGED_BY,
+        super::LABEL_CA
+    ));
+    let events = watcher(api, cfg).filter_map(|ev| async move {
+        match ev {
+            Ok(watcher::Event::Apply(_))
+            | Ok(watcher::Event::Delete(_))
+            | Ok(watcher::Event::InitDone) => Some(()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::debug!(error = %e, "CA Secret watch error");
+                None
+            }
+        }
+    });
+    futures::stream::select(events, poll_triggers(safety_poll))
+}
+
+/// A stream that yields once per new snapshot on `rx` (for `Controller::reconcile_all_on`).
+pub fn changes(rx: IssuerWatch) -> impl Stream<Item = ()> + Send {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::{create_root, CaSpec};
+    use crate::store::LocalStore;
+
+    #[tokio::test]
+    async fn reload_picks_up_created_replaced_and_removed_cas() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path().join("home")).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let a = create_root(&CaSpec::root("a"), now).unwrap();
+        store.save_ca(&a, false).await.unwrap();
+        let m = Metrics::new();
+        let first = reload(&store, None, None, &m).await.unwrap();
+        assert_eq!(first.names(), vec!["a"]);
+        let a_issuer = first.get("a").unwrap().clone();
+        // Unchanged: the same issuer object is kept.
+        let again = reload(&store, None, Some(&first), &m).await.unwrap();
+        assert!(same(&first, &again));
+        assert!(Arc::ptr_eq(again.get("a").unwrap(), &a_issuer));
+        // Created.
+        store
+            .save_ca(&create_root(&CaSpec::root("b"), now).unwrap(), false)
+            .await
+            .unwrap();
+        let second = reload(&store, None, Some(&again), &m).await.unwrap();
+        assert_eq!(second.names(), vec!["a", "b"]);
+        // Replaced under the same name (same DN, new key): a new issuer with the new cert.
+        let a2 = create_root(&CaSpec::root("a"), now).unwrap();
+        assert_eq!(a2.info().unwrap().subject, a.info().unwrap().subject);
+        store.save_ca(&a2, true).await.unwrap();
+        let third = reload(&store, None, Some(&second), &m).await.unwrap();
+        assert!(!same(&second, &third));
+        assert_eq!(
+            third.get("a").unwrap().ca_certificate().unwrap(),
+            &a2.cert,
+            "the replaced CA signs from now on"
+        );
+        // Removed (named explicitly, so it is looked up and found missing).
+        let names = vec!["a".to_string(), "gone".to_string()];
+        let fourth = reload(&store, Some(&names), Some(&third), &m)
+            .await
+            .unwrap();
+        assert_eq!(fourth.names(), vec!["a"]);
+        // At start-up a missing named CA is an error.
+        assert!(reload(&store, Some(&names), None, &m).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn watch_loop_publishes_only_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(LocalStore::create(dir.path().join("home")).unwrap());
+        let now = time::OffsetDateTime::now_utc();
+        store
+            .save_ca(&create_root(&CaSpec::root("a"), now).unwrap(), false)
+            .await
+            .unwrap();
+        let m = Arc::new(Metrics::new());
+        let first = reload(store.as_ref(), None, None, &m).await.unwrap();
+        let (tx, mut rx) = watch::channel(Arc::new(first));
+        let (trig_tx, trig_rx) = futures::channel::mpsc::unbounded::<()>();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(watch_loop(
+            store.clone(),
+            None,
+            m,
+            tx,
+            trig_rx,
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        rx.mark_unchanged();
+        // A trigger with nothing changed publishes nothing.
+        trig_tx.unbounded_send(()).unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), rx.changed())
+                .await
+                .is_err()
+        );
+        // A replaced CA is published.
+        store
+            .save_ca(&create_root(&CaSpec::root("a"), now).unwrap(), true)
+            .await
+            .unwrap();
+        trig_tx.unbounded_send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.changed())
+            .await
+            .expect("published")
+            .unwrap();
+        stop_tx.send(()).unwrap();
+        task.await.unwrap();
+    }
+}

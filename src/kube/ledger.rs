@@ -1,0 +1,204 @@
+//! The issuance ledger of the in-cluster front ends: every certificate the CSR signer or the
+//! managed-Secret controller issues is recorded with its requester and the object it was
+//! issued for.
+//!
+//! Writes are batched by one background task ([`LedgerSink`]): a reconcile hands its record
+//! over without waiting, and the task appends everything queued in one read-modify-write of
+//! the current shard, so a burst of 1,000 CSRs costs a handful of ConfigMap updates rather
+//! than 1,000 conflicting ones. A batch that cannot be written is retried with backoff a few
+//! times, then counted (`meshca_ledger_write_failures_total`) and logged with its serials: the
+//! certificates are already delivered, so a ledger outage never blocks or undoes issuance.
+//! On shutdown the queue is flushed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::metrics::Metrics;
+use crate::error::Result;
+use crate::issue::LedgerEntry;
+use crate::store::Store;
+
+/// Most records written in one batch.
+pub const MAX_BATCH: usize = 500;
+const ATTEMPTS: u32 = 5;
+
+/// One ledger line of the in-cluster front ends: the common entry plus who asked and for what.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct IssuedRecord {
+    /// The common ledger fields (serial, CA, SANs, validity, fingerprint).
+    #[serde(flatten)]
+    pub entry: LedgerEntry,
+    /// The authenticated requester: a CSR's `spec.username`, or `namespace:<ns>` for a managed
+    /// Secret (whoever can write Secrets in that namespace).
+    pub requester: String,
+    /// The object the certificate was issued for: `csr/<name>` or `secret/<ns>/<name>`.
+    pub object: String,
+}
+
+/// Where batches of records go.
+#[async_trait]
+pub trait LedgerWriter: Send + Sync + std::fmt::Debug {
+    /// Appends `records` (one line each), all or nothing.
+    async fn append(&self, records: &[IssuedRecord]) -> Result<()>;
+}
+
+/// Any [`Store`]: records go through [`Store::record`] one by one (the requester and object
+/// are logged, since the store's own entry has no place for them). The kube store implements
+/// [`LedgerWriter`] itself, with the full line and one write per batch.
+#[derive(Debug)]
+pub struct StoreLedger(pub Arc<dyn Store>);
+
+#[async_trait]
+impl LedgerWriter for StoreLedger {
+    async fn append(&self, records: &[IssuedRecord]) -> Result<()> {
+        for r in records {
+            tracing::debug!(serial = %r.entry.serial, requester = %r.requester, object = %r.object, "ledger");
+            self.0.record(&r.entry).await?;
+        }
+        Ok(())
+    }
+}
+
+/// The sending side: cheap to clone, never blocks.
+#[derive(Clone, Debug)]
+pub struct LedgerSink {
+    tx: mpsc::UnboundedSender<IssuedRecord>,
+}
+
+impl LedgerSink {
+    /// Starts the writer task. It ends (after writing what is queued) when every sink clone is
+    /// dropped.
+    pub fn spawn(
+        writer: Arc<dyn LedgerWriter>,
+        metrics: Arc<Metrics>,
+    ) -> (LedgerSink, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            LedgerSink { tx },
+            tokio::spawn(write_loop(writer, metrics, rx)),
+        )
+    }
+
+    /// Queues one record.
+    pub fn record(&self, r: IssuedRecord) {
+        if let Err(e) = self.tx.send(r) {
+            tracing::error!(serial = %e.0.entry.serial, "ledger writer stopped; record not written");
+        }
+    }
+}
+
+async fn write_loop(
+    writer: Arc<dyn LedgerWriter>,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::UnboundedReceiver<IssuedRecord>,
+) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match writer.append(&batch).await {
+                Ok(()) => {
+                    metrics.ledger_entries.inc_by(batch.len() as u64);
+                    break;
+                }
+                Err(e) if attempt < ATTEMPTS => {
+                    let d = super::backoff::ceiling(attempt);
+                    tracing::warn!(error = %e, records = batch.len(), retry_in = ?d, "ledger write failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => {
+                    metrics.ledger_failures.inc();
+                    let serials: Vec<&str> =
+                        batch.iter().map(|r| r.entry.serial.as_str()).collect();
+                    tracing::error!(error = %e, ?serials, "ledger write failed; these certificates are not in the ledger");
+                    break;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// Waits (at most `timeout`) for the writer task to flush after its sinks are dropped.
+pub async fn flush(task: tokio::task::JoinHandle<()>, timeout: Duration) {
+    if tokio::time::timeout(timeout, task).await.is_err() {
+        tracing::error!("ledger writer did not finish in time; queued records may be lost");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Fake {
+        batches: Mutex<Vec<usize>>,
+        fail_first: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl LedgerWriter for Fake {
+        async fn append(&self, records: &[IssuedRecord]) -> Result<()> {
+            {
+                let mut f = self.fail_first.lock().unwrap();
+                if *f > 0 {
+                    *f -= 1;
+                    return Err(crate::error::Error::Store("injected".into()));
+                }
+            }
+            self.batches.lock().unwrap().push(records.len());
+            Ok(())
+        }
+    }
+
+    pub(crate) fn record(serial: &str) -> IssuedRecord {
+        let t = time::OffsetDateTime::UNIX_EPOCH;
+        IssuedRecord {
+            entry: LedgerEntry {
+                serial: serial.into(),
+                ca: "mesh".into(),
+                subject: String::new(),
+                sans: vec!["DNS:a.example.com".into()],
+                not_after: t,
+                issued_at: t,
+                sha256: String::new(),
+            },
+            requester: "system:serviceaccount:app:blue".into(),
+            object: "csr/c1".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn batches_retries_and_flushes_on_drop() {
+        let fake = Arc::new(Fake::default());
+        *fake.fail_first.lock().unwrap() = 1;
+        let m = Arc::new(Metrics::new());
+        let (sink, task) = LedgerSink::spawn(fake.clone(), m.clone());
+        for i in 0..(MAX_BATCH + 3) {
+            sink.record(record(&format!("{i:x}")));
+        }
+        drop(sink);
+        flush(task, Duration::from_secs(30)).await;
+        let batches = fake.batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), MAX_BATCH + 3, "{batches:?}");
+        assert!(batches.len() <= 2, "batched: {batches:?}");
+        assert_eq!(m.ledger_entries.get(), (MAX_BATCH + 3) as u64);
+        assert_eq!(m.ledger_failures.get(), 0);
+        // The line carries the requester and the object next to the common fields.
+        let line = serde_json::to_value(record("ab")).unwrap();
+        assert_eq!(line["serial"], "ab");
+        assert_eq!(line["requester"], "system:serviceaccount:app:blue");
+        assert_eq!(line["object"], "csr/c1");
+        let back: LedgerEntry = serde_json::from_value(line).unwrap();
+        assert_eq!(
+            back.serial, "ab",
+            "the store's reader still parses the line"
+        );
+    }
+}
