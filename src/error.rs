@@ -98,9 +98,11 @@ pub enum Error {
 
 impl Error {
     /// Whether the error is the caller's (bad input, policy, unknown name) rather than an
-    /// internal or environmental failure. The CLI maps this to exit code 1, others to 2: an
-    /// I/O error (EIO, a full disk) or an unusable store is not the caller's fault, so
-    /// [`Error::Io`] and [`Error::Store`] exit 2.
+    /// internal or environmental failure. The CLI maps this to exit code 1, others to 2.
+    /// An unusable store ([`Error::Store`]) and an I/O failure ([`Error::Io`]: EIO, a full
+    /// disk, a read-only file system) are not the caller's fault and exit 2; only an I/O error
+    /// that is about the path the caller named (it does not exist, is not a directory, is a
+    /// directory, may not be accessed) is theirs.
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
@@ -114,7 +116,7 @@ impl Error {
                 | Error::Verify(_)
                 | Error::AlreadyExists(_)
                 | Error::Unsupported(_)
-        )
+        ) || matches!(self, Error::Io { source, .. } if io_is_users(source))
     }
 
     pub(crate) fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
@@ -130,6 +132,15 @@ impl Error {
             source,
         }
     }
+}
+
+/// Whether an I/O error is about the path itself (the caller's input) rather than the system.
+fn io_is_users(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        e.kind(),
+        K::NotFound | K::PermissionDenied | K::NotADirectory | K::IsADirectory | K::AlreadyExists
+    )
 }
 
 impl From<rcgen::Error> for Error {
@@ -149,6 +160,11 @@ mod tests {
     fn io_and_store_failures_are_not_the_users_fault() {
         let eio = Error::io("/home/x/ca.pem", std::io::Error::from_raw_os_error(5));
         assert!(!eio.is_user_error(), "{eio}");
+        let enospc = Error::io("/home/x/ca.pem", std::io::Error::from_raw_os_error(28));
+        assert!(!enospc.is_user_error(), "{enospc}");
+        // A path the caller named that does not exist is their input.
+        let enoent = Error::io("missing.csr", std::io::Error::from_raw_os_error(2));
+        assert!(enoent.is_user_error(), "{enoent}");
         assert!(!Error::Store("kube:meshca: connection refused".into()).is_user_error());
         assert!(!Error::Corrupt("bad".into()).is_user_error());
         assert!(!Error::Build("x".into()).is_user_error());

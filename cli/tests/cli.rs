@@ -46,12 +46,16 @@ impl Env {
     }
     /// Runs a command that must fail with exit 1 and one clear stderr line; returns that line.
     fn fails(&self, args: &[&str]) -> String {
+        self.fails_with(1, args)
+    }
+    /// Like [`Env::fails`] with exit `code` (2: not the user's fault, e.g. an unusable store).
+    fn fails_with(&self, code: i32, args: &[&str]) -> String {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
         assert_eq!(
             o.status.code(),
-            Some(1),
-            "meshca {args:?}: expected exit 1, stderr: {err}"
+            Some(code),
+            "meshca {args:?}: expected exit {code}, stderr: {err}"
         );
         assert!(!err.contains("panicked"), "{err}");
         let lines: Vec<_> = err.lines().collect();
@@ -495,7 +499,8 @@ fn bad_inputs_fail_cleanly_without_changing_state() {
 #[test]
 fn missing_or_unwritable_home() {
     let env = Env::new();
-    let e = env.fails(&["issue", "--ca", "ca1", "--dns", "a.svc"]);
+    // An unusable store exits 2 (store errors are not input errors), still with one line.
+    let e = env.fails_with(2, &["issue", "--ca", "ca1", "--dns", "a.svc"]);
     assert!(
         e.contains("no meshca home") && e.contains("meshca init"),
         "{e}"
@@ -507,13 +512,16 @@ fn missing_or_unwritable_home() {
         e.contains("Not a directory") || e.contains("not a directory"),
         "{e}"
     );
-    let e = env.fails(&[
-        "--home",
-        env.dir.path().to_str().unwrap(),
-        "init",
-        "--ca",
-        "ca1",
-    ]);
+    let e = env.fails_with(
+        2,
+        &[
+            "--home",
+            env.dir.path().to_str().unwrap(),
+            "init",
+            "--ca",
+            "ca1",
+        ],
+    );
     assert!(e.contains("not a meshca home"), "{e}");
 }
 
