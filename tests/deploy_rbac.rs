@@ -1,0 +1,249 @@
+//! deploy/ stays consistent with what `meshca signer run` does: no controller watches or
+//! writes what its Role does not grant. Reads the manifests themselves (no cluster needed).
+//!
+//! What the controller needs, by default (`src/kube/run.rs`):
+//! - cluster-wide: watch CSRs, write `/status`, `sign` for `meshca.io/*`;
+//! - in the store namespace `meshca`: watch the CA Secrets (reload), read bundle definitions,
+//!   create/update ledger shards, the leader Lease;
+//! - in every `--managed-namespace`: watch and patch Secrets, create Events.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use serde_yaml::Value;
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &Value| !v.is_null())
+        .collect()
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn all(dir: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(root().join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "yaml") && !p.ends_with("kustomization.yaml")
+        })
+        .collect();
+    files.sort();
+    for f in files {
+        out.extend(docs(&f));
+    }
+    out
+}
+
+fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(*p)?;
+    }
+    cur.as_str()
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(|v| v.as_sequence())
+        .map(|s| {
+            s.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (apiGroup, resource, verb) granted by the (Cluster)Role `name` in `namespace` (None:
+/// cluster-wide), when it is bound to the meshca-signer ServiceAccount.
+fn grants(objs: &[Value], namespace: Option<&str>) -> BTreeSet<(String, String, String)> {
+    let role_kind = if namespace.is_some() {
+        "Role"
+    } else {
+        "ClusterRole"
+    };
+    let binding_kind = if namespace.is_some() {
+        "RoleBinding"
+    } else {
+        "ClusterRoleBinding"
+    };
+    let mut out = BTreeSet::new();
+    for b in objs
+        .iter()
+        .filter(|o| s(o, &["kind"]) == Some(binding_kind))
+    {
+        if namespace.is_some() && s(b, &["metadata", "namespace"]) != namespace {
+            continue;
+        }
+        let bound = b["subjects"]
+            .as_sequence()
+            .into_iter()
+            .flatten()
+            .any(|sub| {
+                s(sub, &["kind"]) == Some("ServiceAccount")
+                    && s(sub, &["name"]) == Some("meshca-signer")
+                    && s(sub, &["namespace"]) == Some("meshca")
+            });
+        if !bound || s(b, &["roleRef", "kind"]) != Some(role_kind) {
+            continue;
+        }
+        let role_name = s(b, &["roleRef", "name"]).unwrap();
+        for r in objs.iter().filter(|o| {
+            s(o, &["kind"]) == Some(role_kind)
+                && s(o, &["metadata", "name"]) == Some(role_name)
+                && (namespace.is_none() || s(o, &["metadata", "namespace"]) == namespace)
+        }) {
+            for rule in r["rules"].as_sequence().into_iter().flatten() {
+                for g in strings(rule.get("apiGroups")) {
+                    for res in strings(rule.get("resources")) {
+                        for v in strings(rule.get("verbs")) {
+                            out.insert((g.clone(), res.clone(), v));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn need(
+    have: &BTreeSet<(String, String, String)>,
+    group: &str,
+    resource: &str,
+    verbs: &[&str],
+    scope: &str,
+) {
+    for v in verbs {
+        assert!(
+            have.contains(&(group.to_string(), resource.to_string(), v.to_string())),
+            "{scope}: the controller needs {v} on {group}/{resource}, which deploy/ does not grant"
+        );
+    }
+}
+
+fn deployment_args(objs: &[Value]) -> Vec<String> {
+    let d = objs
+        .iter()
+        .find(|o| s(o, &["kind"]) == Some("Deployment"))
+        .expect("a Deployment");
+    strings(d["spec"]["template"]["spec"]["containers"][0].get("args"))
+}
+
+fn managed_namespaces(args: &[String]) -> Vec<String> {
+    args.iter()
+        .filter_map(|a| a.strip_prefix("--managed-namespace=").map(str::to_string))
+        .collect()
+}
+
+fn check_install(objs: &[Value], managed: &[String]) {
+    let cluster = grants(objs, None);
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        &["get", "list", "watch"],
+        "cluster",
+    );
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "certificatesigningrequests/status",
+        &["patch"],
+        "cluster",
+    );
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "signers",
+        &["sign"],
+        "cluster",
+    );
+    let store = grants(objs, Some("meshca"));
+    need(
+        &store,
+        "",
+        "secrets",
+        &["get", "list", "watch"],
+        "namespace meshca (CA reload)",
+    );
+    need(
+        &store,
+        "",
+        "configmaps",
+        &["get", "list", "create", "update"],
+        "namespace meshca (bundles, ledger)",
+    );
+    need(
+        &store,
+        "coordination.k8s.io",
+        "leases",
+        &["create", "get", "patch"],
+        "namespace meshca (Lease)",
+    );
+    for ns in managed {
+        assert_ne!(ns, "*", "deploy/ never manages every namespace");
+        let g = grants(objs, Some(ns));
+        need(
+            &g,
+            "",
+            "secrets",
+            &["get", "list", "watch", "patch"],
+            &format!("managed namespace {ns}"),
+        );
+        need(
+            &g,
+            "events.k8s.io",
+            "events",
+            &["create", "patch"],
+            &format!("managed namespace {ns}"),
+        );
+    }
+}
+
+#[test]
+fn the_base_install_watches_only_what_it_is_granted() {
+    let base = all("deploy/base");
+    let args = deployment_args(&base);
+    assert!(args.iter().any(|a| a == "--store=kube:meshca"), "{args:?}");
+    let managed = managed_namespaces(&args);
+    assert!(
+        managed.is_empty(),
+        "the base manages {managed:?} but grants no Role there"
+    );
+    check_install(&base, &managed);
+}
+
+#[test]
+fn the_examples_add_a_managed_namespace_together_with_its_role() {
+    let mut objs = all("deploy/base");
+    objs.extend(all("deploy/examples"));
+    let k = docs(&root().join("deploy/examples/kustomization.yaml")).remove(0);
+    assert!(strings(k.get("resources")).contains(&"../base".to_string()));
+    // The JSON patches of the example overlay that add Deployment args.
+    let mut args = deployment_args(&objs);
+    for p in k["patches"].as_sequence().into_iter().flatten() {
+        let ops: Vec<Value> = serde_yaml::from_str(s(p, &["patch"]).unwrap()).unwrap();
+        for op in ops {
+            if s(&op, &["path"]) == Some("/spec/template/spec/containers/0/args/-") {
+                args.push(s(&op, &["value"]).unwrap().to_string());
+            }
+        }
+    }
+    let managed = managed_namespaces(&args);
+    assert_eq!(managed, vec!["demo".to_string()]);
+    check_install(&objs, &managed);
+    // The example Secret is one the default selector picks up.
+    let secret = objs
+        .iter()
+        .find(|o| s(o, &["kind"]) == Some("Secret"))
+        .unwrap();
+    assert_eq!(
+        s(secret, &["metadata", "labels", "meshca.io/managed"]),
+        Some("true")
+    );
+}
