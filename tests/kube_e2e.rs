@@ -25,7 +25,7 @@ use meshca::bundle::BundleSpec;
 use meshca::ca::{create_root, CaSpec};
 use meshca::kube::leader::LeaderConfig;
 use meshca::kube::metrics::Metrics;
-use meshca::kube::run::{run, RunConfig};
+use meshca::kube::run::{run, CaReload, RunConfig};
 use meshca::kube::store::{ca_secret_name, KubeStore};
 use meshca::policy::Policy;
 use meshca::store::Store;
@@ -116,7 +116,43 @@ impl Env {
         let mut c = RunConfig::new(self.store.clone() as Arc<dyn Store>);
         c.cas = Some(vec![self.ca.clone()]);
         c.bundle_resync = Some(Duration::from_secs(1));
+        // As `meshca signer run --store kube:<ns>` does.
+        c.ca_reload = CaReload::KubeWatch {
+            namespace: self.ns.clone(),
+        };
+        c.ledger = Some(self.store.clone());
         c
+    }
+
+    /// A client that authenticates as ServiceAccount `sa` of the test namespace (created
+    /// here) with a fresh token, against the same API server.
+    async fn sa_client(&self, kc: &std::path::Path, sa: &str) -> kube::Client {
+        let sa_api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
+        sa_api
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let tr = sa_api
+            .create_token_request(
+                sa,
+                &PostParams::default(),
+                &serde_json::from_value(json!({"spec": {"expirationSeconds": 600}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let token = tr.status.unwrap().token;
+        let mut config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(kc).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        config.auth_info = Default::default();
+        config.auth_info.token = Some(token.into());
+        kube::Client::try_from(config).unwrap()
     }
 
     /// Starts a controller replica; returns its index.
@@ -524,14 +560,7 @@ async fn auto_approve_denies_another_accounts_spiffe_id_and_approves_its_own() {
     cfg.signer.auto_approve = true;
     env.start(cfg);
     // A service account allowed to create CSRs, and a client that authenticates as it.
-    let sa_api: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
-    sa_api
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "blue"}})).unwrap(),
-        )
-        .await
-        .unwrap();
+    let sa_client = env.sa_client(&kc, "blue").await;
     let role = format!("{}-csr-creator", env.ns);
     Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.client.clone())
         .create(&PostParams::default(), &serde_json::from_value(json!({
@@ -552,24 +581,6 @@ async fn auto_approve_denies_another_accounts_spiffe_id_and_approves_its_own() {
         .unwrap();
     env.cluster_objects
         .push(("ClusterRoleBinding".into(), role.clone()));
-    let tr = sa_api
-        .create_token_request(
-            "blue",
-            &PostParams::default(),
-            &serde_json::from_value(json!({"spec": {"expirationSeconds": 600}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let token = tr.status.unwrap().token;
-    let mut config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::read_from(&kc).unwrap(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
-    config.auth_info = Default::default();
-    config.auth_info.token = Some(token.into());
-    let sa_client = kube::Client::try_from(config).unwrap();
 
     let td = "cluster.local";
     let other = format!("{}-other", env.ns);
@@ -640,7 +651,7 @@ async fn managed_secret_is_filled_and_renewed() {
     env.start(cfg);
     let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     api.create(&PostParams::default(), &serde_json::from_value(json!({
-        "metadata": {"name": "web-tls", "annotations": {
+        "metadata": {"name": "web-tls", "labels": {"meshca.io/managed": "true"}, "annotations": {
             "meshca.io/ca": env.ca, "meshca.io/dns-names": "web.app.svc", "meshca.io/ttl": "30s",
             "meshca.io/spiffe-id": format!("spiffe://cluster.local/ns/{}/sa/web", env.ns),
         }},
@@ -836,5 +847,295 @@ async fn two_replicas_one_leader_and_no_double_signing_after_the_leader_dies() {
     assert!(
         signed[follower] >= 1,
         "the follower signed the rest: {signed:?}"
+    );
+}
+
+/// The leaf's authority key identifier.
+fn aki(chain_pem: &[u8]) -> Option<String> {
+    let certs = meshca::pemutil::parse_certs(chain_pem, "chain").ok()?;
+    meshca::x509::CertInfo::from_der(&certs[0])
+        .ok()?
+        .authority_key_id
+}
+
+async fn create_managed(env: &Env, name: &str, dns: &str) {
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"meshca.io/managed": "true"}, "annotations": {
+                "meshca.io/ca": env.ca, "meshca.io/dns-names": dns,
+            }},
+            "type": "kubernetes.io/tls",
+            "data": {"tls.crt": "", "tls.key": ""},
+        }))
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn wait_secret(env: &Env, name: &str, what: &str, f: impl Fn(&Secret) -> bool) -> Secret {
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = api.get(name).await.unwrap();
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Secret {name}: timed out waiting for {what}: {:?}",
+            s.metadata.annotations
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+fn filled(s: &Secret) -> bool {
+    s.data
+        .as_ref()
+        .and_then(|d| d.get("tls.crt"))
+        .is_some_and(|c| !c.0.is_empty())
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn a_refused_renewal_keeps_the_credential_and_says_why() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut cfg = env.config();
+    cfg.managed_namespaces = vec![env.ns.clone()];
+    env.start(cfg);
+    create_managed(&env, "web-tls", "web.app.svc").await;
+    let before = wait_secret(&env, "web-tls", "a certificate", filled).await;
+    // Now ask for something the default policy refuses (a wildcard).
+    let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
+    api.patch(
+        "web-tls",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"metadata": {"annotations": {"meshca.io/dns-names": "*.app.svc"}}})),
+    )
+    .await
+    .unwrap();
+    let after = wait_secret(&env, "web-tls", "the error annotation", |s| {
+        s.metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("meshca.io/error"))
+    })
+    .await;
+    // A Warning Event on the Secret says why.
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ev = loop {
+        let list = events.list(&ListParams::default()).await.unwrap();
+        if let Some(e) = list.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("IssuanceRefused")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-tls")
+        }) {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no IssuanceRefused Event");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // Field ownership: the data is meshca-managed's, the annotation meshca-managed-error's.
+    let managers: Vec<String> = after
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.manager.clone())
+        .collect();
+    env.cleanup().await;
+    assert_eq!(
+        before.data, after.data,
+        "tls.crt, tls.key and ca.crt survive byte for byte"
+    );
+    let msg = &after.metadata.annotations.unwrap()["meshca.io/error"];
+    assert!(msg.contains("*.app.svc"), "{msg}");
+    assert!(ev.note.unwrap_or_default().contains("*.app.svc"));
+    assert!(
+        managers.iter().any(|m| m == "meshca-managed"),
+        "{managers:?}"
+    );
+    assert!(
+        managers.iter().any(|m| m == "meshca-managed-error"),
+        "{managers:?}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn a_replaced_ca_is_used_without_a_restart() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut cfg = env.config();
+    cfg.managed_namespaces = vec![env.ns.clone()];
+    env.start(cfg);
+    let old = env.store.load_ca(&env.ca).await.unwrap();
+    let old_ski = old.info().unwrap().subject_key_id;
+    let first = format!("{}-before", env.ns);
+    env.create_csr(&first, &csr_pem(&["a.example.com"]), &env.signer(), None)
+        .await;
+    env.decide(&first, "Approved").await;
+    assert_eq!(aki(&env.wait_signed(&first).await), old_ski);
+    create_managed(&env, "web-tls", "web.app.svc").await;
+    let s1 = wait_secret(&env, "web-tls", "a certificate", filled).await;
+    assert_eq!(aki(&s1.data.unwrap()["tls.crt"].0), old_ski);
+
+    // Replace the CA under the same name (same DN, new key), as `init --force` does.
+    let new = create_root(&CaSpec::root(&env.ca), time::OffsetDateTime::now_utc()).unwrap();
+    let new_ski = new.info().unwrap().subject_key_id;
+    assert_ne!(new_ski, old_ski);
+    env.store.save_ca(&new, true).await.unwrap();
+
+    // The running controller signs with the new key ...
+    let second = format!("{}-after", env.ns);
+    env.create_csr(&second, &csr_pem(&["a.example.com"]), &env.signer(), None)
+        .await;
+    env.decide(&second, "Approved").await;
+    let chain = env.wait_signed(&second).await;
+    // ... and re-issues the managed Secret from it (AKI against the new SKI).
+    let s2 = wait_secret(&env, "web-tls", "re-issuance by the new CA", |s| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("tls.crt"))
+            .is_some_and(|c| aki(&c.0) == new_ski)
+    })
+    .await;
+    // Both certificates are in the ledger with their requester and object.
+    let ledger = env.store.ledger().await.unwrap();
+    env.cleanup().await;
+    assert_eq!(aki(&chain), new_ski);
+    assert!(s2.data.is_some());
+    assert!(ledger.len() >= 3, "{ledger:?}");
+}
+
+/// deploy/base's Role and ClusterRole, and examples/demo-rbac.yaml's Role, rendered for the
+/// test namespace (`meshca` -> the test namespace, `demo` -> the test namespace, cluster-wide
+/// names made unique).
+fn deploy_rbac(ns: &str, unique_name: &str) -> Vec<serde_json::Value> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut out = Vec::new();
+    for f in [
+        "deploy/base/clusterrole.yaml",
+        "deploy/base/role.yaml",
+        "deploy/examples/demo-rbac.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(f)).unwrap();
+        for d in serde_yaml::Deserializer::from_str(&text) {
+            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
+            let mut j: serde_json::Value = serde_json::to_value(v).unwrap();
+            if j.is_null() {
+                continue;
+            }
+            let kind = j["kind"].as_str().unwrap().to_string();
+            if kind.starts_with("Cluster") {
+                j["metadata"]["name"] = json!(unique_name);
+                if kind == "ClusterRoleBinding" {
+                    j["roleRef"]["name"] = json!(unique_name);
+                }
+            } else {
+                j["metadata"]["namespace"] = json!(ns);
+                // Two Roles land in one namespace here: keep their names apart.
+                let n = format!("{}-{}", j["metadata"]["name"].as_str().unwrap(), out.len());
+                if kind == "RoleBinding" {
+                    j["roleRef"]["name"] = json!(format!(
+                        "{}-{}",
+                        j["roleRef"]["name"].as_str().unwrap(),
+                        out.len() - 1
+                    ));
+                }
+                j["metadata"]["name"] = json!(n);
+            }
+            for sub in j["subjects"].as_array_mut().into_iter().flatten() {
+                sub["namespace"] = json!(ns);
+            }
+            out.push(j);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn the_controller_runs_under_its_own_service_account_with_the_deploy_rbac() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, Policy::default()).await;
+    // The ServiceAccount of deploy/, bound by deploy/'s own RBAC (not admin).
+    let sa = env.sa_client(&kc, "meshca-signer").await;
+    let cluster_name = format!("{}-signer", env.ns);
+    for obj in deploy_rbac(&env.ns, &cluster_name) {
+        let kind = obj["kind"].as_str().unwrap();
+        let dyn_api = |plural: &str, namespaced: bool| {
+            let ar = kube::api::ApiResource {
+                group: "rbac.authorization.k8s.io".into(),
+                version: "v1".into(),
+                api_version: "rbac.authorization.k8s.io/v1".into(),
+                kind: kind.to_string(),
+                plural: plural.into(),
+            };
+            if namespaced {
+                Api::<kube::api::DynamicObject>::namespaced_with(env.client.clone(), &env.ns, &ar)
+            } else {
+                Api::<kube::api::DynamicObject>::all_with(env.client.clone(), &ar)
+            }
+        };
+        let api = match kind {
+            "ClusterRole" => dyn_api("clusterroles", false),
+            "ClusterRoleBinding" => dyn_api("clusterrolebindings", false),
+            "Role" => dyn_api("roles", true),
+            _ => dyn_api("rolebindings", true),
+        };
+        let o: kube::api::DynamicObject = serde_json::from_value(obj.clone()).unwrap();
+        api.create(&PostParams::default(), &o).await.unwrap();
+        if kind.starts_with("Cluster") {
+            env.cluster_objects
+                .push((kind.to_string(), cluster_name.clone()));
+        }
+    }
+    // The controller as the Deployment runs it: store = its namespace, leader election on the
+    // Lease deploy/ grants, the namespace managed.
+    let mut cfg = env.config();
+    let sa_store = Arc::new(KubeStore::new(sa.clone(), env.ns.clone()));
+    cfg.store = sa_store.clone();
+    cfg.ledger = Some(sa_store);
+    cfg.managed_namespaces = vec![env.ns.clone()];
+    cfg.leader = Some(LeaderConfig::new(env.ns.clone(), "e2e-0".to_string()));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    env.tasks
+        .push(tokio::spawn(run(sa.clone(), cfg, async move {
+            let _ = rx.await;
+        })));
+    env.stops.push(tx);
+    let name = format!("{}-sa", env.ns);
+    env.create_csr(&name, &csr_pem(&["a.example.com"]), &env.signer(), None)
+        .await;
+    env.decide(&name, "Approved").await;
+    let chain = env.wait_signed(&name).await;
+    create_managed(&env, "web-tls", "web.app.svc").await;
+    wait_secret(&env, "web-tls", "a certificate", filled).await;
+    // The ledger (ConfigMaps in the store namespace) was written under the same account.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ledger = loop {
+        let l = env.store.ledger().await.unwrap();
+        if l.len() >= 2 {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "ledger not written: {l:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let lease: Lease = Api::namespaced(env.client.clone(), &env.ns)
+        .get("meshca-signer")
+        .await
+        .unwrap();
+    env.cleanup().await;
+    assert!(!chain.is_empty());
+    assert!(ledger.len() >= 2);
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("e2e-0")
     );
 }
