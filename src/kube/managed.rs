@@ -45,8 +45,9 @@ use super::{FIELD_MANAGER_ERROR, FIELD_MANAGER_MANAGED};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::identity::{DnsName, Sans, SpiffeId};
-use crate::issue::{issue_workload, LedgerEntry};
+use crate::issue::{issue_csr, CsrOptions, LedgerEntry};
 use crate::key::KeyAlgorithm;
+use crate::key::PrivateKey;
 use crate::x509::CertInfo;
 
 /// Annotation naming the CA.
@@ -237,6 +238,19 @@ pub struct Managed {
     refused: Mutex<HashMap<String, String>>,
     recorder: Option<Recorder>,
     ledger: Option<LedgerSink>,
+    /// Per Secret: the key and CSR of an issuance that failed with a retryable error.
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+/// The key and CSR of a Secret's issuance that failed with a retryable error. The retry
+/// presents the same CSR for the same request, so a backend that deduplicates by request (ACM
+/// PCA's idempotency token is derived from the CSR) does not issue, and bill, a second
+/// certificate. Kept in memory only; `Debug` of the key is redacted.
+#[derive(Debug)]
+struct Pending {
+    fingerprint: String,
+    key: PrivateKey,
+    csr_der: Vec<u8>,
 }
 
 impl std::fmt::Debug for Managed {
@@ -284,6 +298,7 @@ impl Managed {
             refused: Mutex::new(HashMap::new()),
             recorder: None,
             ledger: None,
+            pending: Mutex::new(HashMap::new()),
         }
     }
 
@@ -429,16 +444,42 @@ impl Managed {
         if lock(&self.refused).get(&key) == Some(&fp) {
             return Ok(Action::await_change());
         }
-        let w = match issue_workload(issuer.as_ref(), &req.sans, req.ttl, req.key, now).await {
-            Ok(w) => w,
+        // The key and CSR of a retried request are reused (see `Pending`).
+        let reuse = lock(&self.pending)
+            .remove(&key)
+            .filter(|p| p.fingerprint == fp);
+        let (wkey, csr_der) = match reuse {
+            Some(p) => (p.key, p.csr_der),
+            None => {
+                let k = req.key.generate()?;
+                let csr = crate::issue::local::csr_for(&k, &req.sans, &issuer.meta().trust_domain)?;
+                (k, csr)
+            }
+        };
+        let opts = CsrOptions {
+            override_sans: Some(req.sans.clone()),
+            ttl: req.ttl,
+            ..CsrOptions::default()
+        };
+        let cert = match issue_csr(issuer.as_ref(), &csr_der, &opts, now).await {
+            Ok(c) => c,
             Err(e) if !super::retryable(&e) => return self.refuse(s, fp, &e.to_string()).await,
             Err(e) => {
+                lock(&self.pending).insert(
+                    key.clone(),
+                    Pending {
+                        fingerprint: fp,
+                        key: wkey,
+                        csr_der,
+                    },
+                );
                 if let Err(e2) = self.report(s, &e.to_string(), true).await {
                     tracing::warn!(secret = %key, error = %e2, "could not record the failure");
                 }
                 return Err(e);
             }
         };
+        let w = crate::issue::Workload { key: wkey, cert };
         let (ns, name) = (
             s.metadata.namespace.as_deref().unwrap_or_default(),
             s.metadata.name.as_deref().unwrap_or_default(),
@@ -552,6 +593,7 @@ impl Managed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::issue::issue_workload;
     use crate::kube::signer::tests::local;
     use crate::kube::testutil::{json as resp, mock_client, next, status};
     use crate::policy::Policy;
@@ -971,5 +1013,90 @@ mod tests {
             "{last:?}"
         );
         assert_eq!(m.metrics.managed_failed.get(), 1);
+    }
+
+    /// Fails its first call with a retryable error, then signs with a local CA; records the
+    /// CSR of every call (ACM PCA derives its idempotency token from the CSR).
+    #[derive(Debug)]
+    struct FlakyOnce {
+        inner: Arc<crate::issue::LocalIssuer>,
+        csrs: Mutex<Vec<Vec<u8>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl crate::issue::Issuer for FlakyOnce {
+        fn meta(&self) -> &crate::ca::CaMeta {
+            crate::issue::Issuer::meta(self.inner.as_ref())
+        }
+        async fn sign(
+            &self,
+            req: &crate::issue::SignRequest,
+            now: OffsetDateTime,
+        ) -> Result<crate::issue::IssuedCert> {
+            let n = {
+                let mut c = self.csrs.lock().unwrap();
+                c.push(req.csr_der.clone().expect("a CSR"));
+                c.len()
+            };
+            if n == 1 {
+                return Err(Error::Backend {
+                    backend: "acm-pca",
+                    message: "GetCertificate timed out".into(),
+                    retryable: true,
+                });
+            }
+            crate::issue::Issuer::sign(self.inner.as_ref(), req, now).await
+        }
+        fn ca_certificate(&self) -> Option<&rustls_pki_types::CertificateDer<'static>> {
+            crate::issue::Issuer::ca_certificate(self.inner.as_ref())
+        }
+    }
+
+    /// The defect: each retry made a fresh key, so a new CSR, a new ACM PCA idempotency token
+    /// and a second billed certificate. A retry of the same request reuses key and CSR.
+    #[tokio::test]
+    async fn a_retry_of_the_same_secret_presents_the_same_key_and_csr() {
+        let (client, mut h) = mock_client();
+        let flaky = Arc::new(FlakyOnce {
+            inner: local("mesh", Policy::default()),
+            csrs: Mutex::new(Vec::new()),
+        });
+        let m = managed(client, flaky.clone());
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "w", "namespace": "app", "resourceVersion": "3",
+                         "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
+        }))
+        .unwrap();
+        let server = tokio::spawn(async move {
+            // The failure's annotation, then the apply of the retry.
+            let (_, body, send) = next(&mut h).await;
+            assert!(body.get("data").is_none());
+            send.send_response(resp(200, &body));
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(
+                req.headers()["content-type"],
+                "application/apply-patch+yaml"
+            );
+            send.send_response(resp(200, &body));
+            body
+        });
+        assert!(
+            m.reconcile(&s).await.is_err(),
+            "first attempt fails, retryably"
+        );
+        m.reconcile(&s).await.unwrap();
+        let body = server.await.unwrap();
+        let csrs = flaky.csrs.lock().unwrap().clone();
+        assert_eq!(csrs.len(), 2, "two backend calls");
+        assert_eq!(csrs[0], csrs[1], "the retry presents the same CSR");
+        // The key applied is the CSR's key.
+        let key_pem = base64::engine::general_purpose::STANDARD
+            .decode(body["data"]["tls.key"].as_str().unwrap())
+            .unwrap();
+        let key =
+            crate::key::PrivateKey::from_pem(std::str::from_utf8(&key_pem).unwrap(), "k").unwrap();
+        let csr = crate::x509::CsrInfo::from_der(&csrs[0]).unwrap();
+        assert_eq!(key.public_key_der(), csr.spki_der);
+        assert!(lock(&m.pending).is_empty(), "forgotten after success");
     }
 }
