@@ -979,4 +979,73 @@ mod pca {
         assert_eq!(ok + shed, 12);
         assert_eq!(relay.issue_calls(), ok, "shed requests cost no AWS call");
     }
+
+    /// A retry of the same managed Secret through ACM PCA presents the same CSR, so the same
+    /// idempotency token (AWS returns the first certificate instead of billing a second).
+    /// The relay throttles the first IssueCertificate with no client-side retry, so the
+    /// managed-Secret controller itself retries.
+    #[cfg(feature = "kube")]
+    #[tokio::test]
+    async fn managed_secret_retry_reuses_the_idempotency_token() {
+        use meshca::kube::issuers::IssuerSet;
+        use meshca::kube::managed::Managed;
+        let Some(ep) = moto() else { return };
+        let now = OffsetDateTime::now_utc();
+        let ca = new_root(&ep, "managed", now).await;
+        let relay = Relay::start(&ep, 1).await;
+        let o = PcaOptions {
+            throttle_retries: 0,
+            throttle_backoff: Duration::from_millis(20),
+            ..opts(&relay.addr)
+        };
+        let name = ca.meta.name.clone();
+        let issuer: Arc<dyn Issuer> = Arc::new(AcmPcaIssuer::connect(copy(&ca), &o).await.unwrap());
+        // A Kubernetes API that accepts every write (the Secret's annotation and apply).
+        let svc = tower::service_fn(|req: http::Request<kube::client::Body>| async move {
+            let body = http_body_util::BodyExt::collect(req.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            Ok::<_, std::convert::Infallible>(
+                http::Response::builder()
+                    .status(200)
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(if body.is_empty() {
+                        b"{}".to_vec()
+                    } else {
+                        body.to_vec()
+                    }))
+                    .unwrap(),
+            )
+        });
+        let m = Managed::new(
+            kube::Client::new(svc, "default"),
+            IssuerSet::watch_fixed([(name.clone(), issuer)].into_iter().collect()),
+            Arc::new(meshca::kube::metrics::Metrics::new()),
+            Arc::new(meshca::kube::ratelimit::RateLimiter::new(0.0, 1)),
+            meshca::kube::leader::always_leader(),
+            Arc::new(meshca::clock::SystemClock),
+        );
+        let s: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "w", "namespace": "app", "resourceVersion": "1", "annotations": {
+                "meshca.io/ca": name, "meshca.io/dns-names": "w.app.svc", "meshca.io/ttl": "8760h"}},
+        }))
+        .unwrap();
+        let e = m.reconcile(&s).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::Backend {
+                    retryable: true,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        m.reconcile(&s).await.unwrap();
+        assert_eq!(relay.issue_calls(), 2, "one throttled call and its retry");
+        let t = relay.tokens();
+        assert_eq!(t.len(), 2, "{t:?}");
+        assert_eq!(t[0], t[1], "the retry sends the same idempotency token");
+    }
 }
