@@ -108,7 +108,10 @@ pub async fn sync_once(
     }
 }
 
-/// Syncs every `interval` while leading, until `shutdown` flips to `true`.
+/// Syncs every `interval` while leading, and at once when the served CAs change
+/// (`ca_changes`: a CA created, replaced or removed reaches the ConfigMaps together with the
+/// signer), until `shutdown` flips to `true`.
+#[allow(clippy::too_many_arguments)]
 pub async fn sync_loop(
     store: Arc<dyn Store>,
     client: kube::Client,
@@ -117,6 +120,7 @@ pub async fn sync_loop(
     leader: watch::Receiver<bool>,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
+    mut ca_changes: Option<super::issuers::IssuerWatch>,
 ) {
     loop {
         if *leader.borrow() {
@@ -127,9 +131,20 @@ pub async fn sync_loop(
                 }
             }
         }
+        let changed = async {
+            let ok = match ca_changes.as_mut() {
+                Some(rx) => rx.changed().await.is_ok(),
+                None => false,
+            };
+            if !ok {
+                // No reloads (or the reloader stopped): only the interval.
+                std::future::pending::<()>().await
+            }
+        };
         tokio::select! {
             _ = shutdown.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(interval) => {}
+            _ = changed => tracing::info!("CAs changed: syncing trust bundles now"),
         }
     }
 }

@@ -189,6 +189,7 @@ pub async fn run(
             leader_rx.clone(),
             interval,
             stop_rx.clone(),
+            Some(issuers_rx.clone()),
         ));
     }
 
