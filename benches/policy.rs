@@ -5,16 +5,17 @@
 //! cargo bench --bench policy
 //! ```
 //!
-//! - `policy/templated`: a service account asking for its own SPIFFE ID and two DNS names
-//!   under `spiffe://{td}/ns/{ns}/sa/{sa}` and `{sa}.{ns}.svc[.cluster.local]`.
-//! - `policy/glob`: an operator request under `spiffe://{td}/ns/mesh/sa/*` and `**.example.com`.
+//! - `policy/templated`: a service account asking the CSR signer for its own SPIFFE ID and two
+//!   DNS names under `spiffe://{td}/ns/{ns}/sa/{sa}` and `{sa}.{ns}.svc[.cluster.local]`.
+//! - `policy/glob`: a local-operator request under `spiffe://{td}/ns/mesh/sa/*` and
+//!   `**.example.com`.
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use meshca::identity::{DnsName, Sans, SpiffeId, TrustDomain};
 use meshca::key::PublicKeyKind;
-use meshca::policy::{Policy, PolicyRequest, Requester};
+use meshca::policy::{FrontEnd, Policy, PolicyRequest, Requester, Usages};
 
 fn sans(id: &str, dns: &[&str]) -> Sans {
     Sans {
@@ -35,13 +36,15 @@ fn bench_policy(c: &mut Criterion) {
         "spiffe://cluster.local/ns/app/sa/blue",
         &["blue.app.svc", "blue.app.svc.cluster.local"],
     );
-    let sa = Requester::from_username("system:serviceaccount:app:blue").unwrap();
+    let sa = Requester::kube("system:serviceaccount:app:blue");
+    let op = Requester::LocalOperator;
+    let usages = Usages::default();
     let glob = Policy {
         allowed_spiffe_ids: vec!["spiffe://{td}/ns/mesh/sa/*".into()],
         allowed_dns: vec!["**.example.com".into()],
         ..Policy::default()
     };
-    let op = sans(
+    let op_sans = sans(
         "spiffe://cluster.local/ns/mesh/sa/api",
         &["api.eu.example.com", "api.us.example.com"],
     );
@@ -51,25 +54,29 @@ fn bench_policy(c: &mut Criterion) {
     g.bench_function("templated", |b| {
         b.iter(|| {
             let req = PolicyRequest {
+                via: FrontEnd::CsrSigner,
+                requester: &sa,
                 sans: black_box(&own),
                 ttl: None,
                 key: PublicKeyKind::Ecdsa { bits: 256 },
                 wants_ca: false,
-                requester: Some(&sa),
+                usages: &usages,
             };
-            templated.check("mesh", &td, &req).unwrap()
+            templated.decide("mesh", &td, &req).unwrap()
         })
     });
     g.bench_function("glob", |b| {
         b.iter(|| {
             let req = PolicyRequest {
-                sans: black_box(&op),
+                via: FrontEnd::Local,
+                requester: &op,
+                sans: black_box(&op_sans),
                 ttl: None,
                 key: PublicKeyKind::Ecdsa { bits: 256 },
                 wants_ca: false,
-                requester: None,
+                usages: &usages,
             };
-            glob.check("mesh", &td, &req).unwrap()
+            glob.decide("mesh", &td, &req).unwrap()
         })
     });
     g.finish();

@@ -116,7 +116,7 @@ pub async fn run(ctx: &Ctx, a: IssueArgs) -> anyhow::Result<()> {
             let opts = CsrOptions {
                 override_sans: (!given.is_empty()).then_some(given),
                 ttl: a.ttl,
-                requester: None,
+                ..CsrOptions::default()
             };
             (
                 issue_csr(issuer.as_ref(), &info_der, &opts, now).await?,

@@ -178,6 +178,7 @@ impl LocalIssuer {
             &req.sans,
             &self.ca.meta.trust_domain,
             req.key,
+            req.ekus,
             now,
             not_after,
         )?;

@@ -28,8 +28,9 @@ use super::ratelimit::RateLimiter;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::identity::{DnsName, Sans, SpiffeId};
-use crate::issue::{issue_workload, Issuer};
+use crate::issue::{issue_workload_as, workload_request, Issuer};
 use crate::key::KeyAlgorithm;
+use crate::policy::{FrontEnd, Requester};
 use crate::x509::CertInfo;
 
 /// Annotation naming the CA.
@@ -276,7 +277,17 @@ impl Managed {
                 .min(MAX_RECHECK);
             return Ok(Action::requeue(wait));
         }
-        let w = match issue_workload(issuer.as_ref(), &req.sans, req.ttl, req.key, now).await {
+        // The requester is the Secret's namespace, never the identity it asks for.
+        let requester =
+            Requester::SecretNamespace(s.metadata.namespace.clone().unwrap_or_default());
+        let preq = workload_request(
+            FrontEnd::ManagedSecret,
+            &requester,
+            &req.sans,
+            req.ttl,
+            req.key,
+        );
+        let w = match issue_workload_as(issuer.as_ref(), &preq, req.key, now).await {
             Ok(w) => w,
             Err(e) if e.is_user_error() => return self.record_error(s, &e.to_string()).await,
             Err(e) => return Err(e),
@@ -351,9 +362,19 @@ impl Managed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::issue::issue_workload;
     use crate::kube::signer::tests::local;
     use crate::kube::testutil::{json as resp, mock_client, next};
     use crate::policy::Policy;
+
+    /// A CA serving managed Secrets in namespace `app`, any service name there.
+    fn serves_app() -> Policy {
+        Policy {
+            managed_namespaces: vec!["app".into()],
+            allowed_dns: vec!["*.{ns}.svc".into()],
+            ..Policy::default()
+        }
+    }
 
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
@@ -464,7 +485,7 @@ mod tests {
     #[tokio::test]
     async fn reconcile_applies_tls_keys_with_the_meshca_field_manager() {
         let (client, mut h) = mock_client();
-        let iss = local("mesh", Policy::default());
+        let iss = local("mesh", serves_app());
         let root = iss.ca().root().clone();
         let m = Managed::new(
             client,
@@ -531,7 +552,7 @@ mod tests {
             client,
             [(
                 "mesh".to_string(),
-                local("mesh", Policy::default()) as Arc<dyn Issuer>,
+                local("mesh", serves_app()) as Arc<dyn Issuer>,
             )]
             .into_iter()
             .collect(),
