@@ -136,9 +136,9 @@ impl LedgerEntry {
     }
 }
 
-/// The one policy decision for `issuer`'s CA: [`Policy::decide`](crate::policy::Policy::decide).
-pub fn decide(issuer: &dyn Issuer, req: &PolicyRequest<'_>) -> std::result::Result<Grant, Denial> {
-    let meta = issuer.meta();
+/// The one policy decision for the CA `meta` describes:
+/// [`Policy::decide`](crate::policy::Policy::decide).
+pub fn decide(meta: &CaMeta, req: &PolicyRequest<'_>) -> std::result::Result<Grant, Denial> {
     meta.policy.decide(&meta.name, &meta.trust_domain, req)
 }
 
@@ -205,7 +205,7 @@ pub async fn issue_workload_as(
             "the key kind does not match the key algorithm",
         ));
     }
-    let grant = decide(issuer, req).map_err(|d| d.into_error(&issuer.meta().name))?;
+    let grant = decide(issuer.meta(), req).map_err(|d| d.into_error(&issuer.meta().name))?;
     let key = alg.generate()?;
     let sans = req.sans;
     let csr_der = if issuer.meta().backend != crate::ca::Backend::Local {
@@ -301,11 +301,11 @@ pub fn parse_csr_checked(ca: &str, csr_der: &[u8]) -> Result<CsrInfo> {
 /// decision. `Err`: the CSR is unreadable or its proof of possession fails; `Ok(Err)`: policy
 /// denies it; `Ok(Ok)`: the request ready to sign. Pure: no I/O.
 pub fn decide_csr(
-    issuer: &dyn Issuer,
+    meta: &CaMeta,
     csr_der: &[u8],
     opts: &CsrOptions,
 ) -> Result<std::result::Result<SignRequest, Denial>> {
-    let info = parse_csr_checked(&issuer.meta().name, csr_der)?;
+    let info = parse_csr_checked(&meta.name, csr_der)?;
     let sans = match &opts.override_sans {
         Some(s) => s.clone(),
         None => info.sans.to_sans()?,
@@ -323,7 +323,7 @@ pub fn decide_csr(
         wants_ca: info.wants_ca,
         usages: &usages,
     };
-    Ok(decide(issuer, &req).map(|grant| SignRequest {
+    Ok(decide(meta, &req).map(|grant| SignRequest {
         public_key_der: info.spki_der,
         key: info.key,
         sans,
@@ -335,7 +335,7 @@ pub fn decide_csr(
 
 /// [`decide_csr`] with a denial as [`Error::PolicyDenied`].
 pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
-    decide_csr(issuer, csr_der, opts)?.map_err(|d| d.into_error(&issuer.meta().name))
+    decide_csr(issuer.meta(), csr_der, opts)?.map_err(|d| d.into_error(&issuer.meta().name))
 }
 
 /// Signs an external CSR after [`check_csr`].

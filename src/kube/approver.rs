@@ -65,7 +65,7 @@ pub fn evaluate(csr: &CertificateSigningRequest, issuer: &dyn Issuer, mode: TtlM
         ttl,
         csr.spec.usages.clone(),
     );
-    match decide_csr(issuer, &der, &opts) {
+    match decide_csr(meta, &der, &opts) {
         Ok(Ok(req)) => Verdict::Approve(format!(
             "approved by meshca policy: {username} may receive {}",
             req.sans.display_list().join(", ")
