@@ -183,6 +183,9 @@ impl MeshConfig {
         let mut names = std::collections::HashSet::new();
         for ca in &self.cas {
             crate::ca::validate_ca_name(&ca.name)?;
+            ca.policy
+                .validate()
+                .map_err(|e| Error::invalid("config", format!("CA {:?}: {e}", ca.name)))?;
             if !names.insert(ca.name.as_str()) {
                 return Err(Error::invalid(
                     "config",

@@ -11,6 +11,7 @@ use time::OffsetDateTime;
 use crate::error::{Error, Result};
 use crate::identity::{Sans, TrustDomain};
 use crate::key::PublicKeyKind;
+use crate::policy::Ekus;
 
 /// How far notBefore is set back to absorb clock skew between hosts.
 pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
@@ -27,12 +28,14 @@ pub fn random_serial() -> Result<SerialNumber> {
 
 /// The parameters of a workload (X509-SVID compatible) certificate.
 ///
-/// `CA:FALSE`, digitalSignature (+ keyEncipherment for RSA keys), EKU serverAuth and
-/// clientAuth, SKI and AKI, a random serial, notBefore backdated by [`BACKDATE`].
+/// `CA:FALSE`, digitalSignature (+ keyEncipherment for RSA keys), the granted EKUs (by
+/// default serverAuth and clientAuth), SKI and AKI, a random serial, notBefore backdated by
+/// [`BACKDATE`].
 pub fn workload_params(
     sans: &Sans,
     trust_domain: &TrustDomain,
     key: PublicKeyKind,
+    ekus: Ekus,
     now: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<CertificateParams> {
@@ -45,10 +48,20 @@ pub fn workload_params(
     if matches!(key, PublicKeyKind::Rsa { .. }) {
         p.key_usages.push(KeyUsagePurpose::KeyEncipherment);
     }
-    p.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    p.extended_key_usages = Vec::new();
+    if ekus.server_auth {
+        p.extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if ekus.client_auth {
+        p.extended_key_usages
+            .push(ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    if p.extended_key_usages.is_empty() {
+        return Err(Error::Build(
+            "a workload certificate needs an extended key usage".into(),
+        ));
+    }
     p.use_authority_key_identifier_extension = true;
     p.distinguished_name = workload_subject(sans, trust_domain);
     p.subject_alt_names = san_list(sans)?;

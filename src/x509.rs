@@ -374,6 +374,49 @@ pub struct CsrInfo {
     /// DER SubjectPublicKeyInfo.
     #[serde(skip, default)]
     pub spki_der: Vec<u8>,
+    /// The key usages and extended key usages the request asks for, as Kubernetes usage
+    /// names (`digital signature`, `client auth`, `code signing`, ...); `None` when it carries
+    /// neither extension. Unknown EKUs appear as `extended key usage <oid>`.
+    #[serde(skip, default)]
+    pub requested_usages: Option<Vec<String>>,
+}
+
+/// Kubernetes usage names of a KeyUsage extension.
+fn key_usage_names(k: &x509_parser::extensions::KeyUsage) -> Vec<String> {
+    [
+        (k.digital_signature(), "digital signature"),
+        (k.non_repudiation(), "content commitment"),
+        (k.key_encipherment(), "key encipherment"),
+        (k.data_encipherment(), "data encipherment"),
+        (k.key_agreement(), "key agreement"),
+        (k.key_cert_sign(), "cert sign"),
+        (k.crl_sign(), "crl sign"),
+        (k.encipher_only(), "encipher only"),
+        (k.decipher_only(), "decipher only"),
+    ]
+    .iter()
+    .filter(|(b, _)| *b)
+    .map(|(_, n)| n.to_string())
+    .collect()
+}
+
+/// Kubernetes usage names of an ExtendedKeyUsage extension.
+fn eku_names(e: &x509_parser::extensions::ExtendedKeyUsage<'_>) -> Vec<String> {
+    let mut v: Vec<String> = [
+        (e.any, "any"),
+        (e.server_auth, "server auth"),
+        (e.client_auth, "client auth"),
+        (e.code_signing, "code signing"),
+        (e.email_protection, "email protection"),
+        (e.time_stamping, "timestamping"),
+        (e.ocsp_signing, "ocsp signing"),
+    ]
+    .iter()
+    .filter(|(b, _)| *b)
+    .map(|(_, n)| n.to_string())
+    .collect();
+    v.extend(e.other.iter().map(|o| format!("extended key usage {o}")));
+    v
 }
 
 impl CsrInfo {
@@ -386,6 +429,7 @@ impl CsrInfo {
         }
         let mut sans = RawSans::default();
         let mut wants_ca = false;
+        let mut usages: Option<Vec<String>> = None;
         if let Some(exts) = csr.requested_extensions() {
             for ext in exts {
                 match ext {
@@ -393,6 +437,12 @@ impl CsrInfo {
                         s.general_names.iter().for_each(|g| sans.push(g))
                     }
                     ParsedExtension::BasicConstraints(bc) => wants_ca |= bc.ca,
+                    ParsedExtension::KeyUsage(k) => usages
+                        .get_or_insert_with(Vec::new)
+                        .extend(key_usage_names(k)),
+                    ParsedExtension::ExtendedKeyUsage(e) => {
+                        usages.get_or_insert_with(Vec::new).extend(eku_names(e))
+                    }
                     _ => {}
                 }
             }
@@ -405,6 +455,7 @@ impl CsrInfo {
             key: PublicKeyKind::of(&info.subject_pki),
             signature_valid: csr.verify_signature().is_ok(),
             spki_der: info.subject_pki.raw.to_vec(),
+            requested_usages: usages,
         })
     }
 
@@ -467,6 +518,7 @@ mod tests {
             },
             ttl: std::time::Duration::from_secs(3600),
             csr_der: None,
+            ekus: crate::policy::Ekus::default(),
         };
         let ok = issuer.sign_now(&req("api.team.example"), now).unwrap();
         verify_chain(

@@ -670,6 +670,7 @@ mod pca {
             sans: want.clone(),
             ttl: MOTO_VALIDITY,
             csr_der: Some(csr.clone()),
+            ekus: meshca::policy::Ekus::default(),
         };
         let a = issuer.sign(&req, now).await.unwrap();
         let later = now + Duration::from_secs(7);

@@ -115,6 +115,19 @@ pub fn read_input(path: &Path) -> anyhow::Result<(Vec<u8>, String)> {
     }
 }
 
+/// The DER of the first `CERTIFICATE REQUEST` PEM block in a file (or stdin for `-`).
+pub fn read_csr_der(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let (bytes, src) = read_input(path)?;
+    Ok(meshca::pemutil::parse_blocks(&bytes, &src)?
+        .into_iter()
+        .find(|b| b.tag() == "CERTIFICATE REQUEST" || b.tag() == "NEW CERTIFICATE REQUEST")
+        .ok_or_else(|| meshca::Error::Pem {
+            source_name: src.clone(),
+            reason: "no CERTIFICATE REQUEST block".into(),
+        })?
+        .into_contents())
+}
+
 pub fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))

@@ -73,6 +73,20 @@ pub struct InitArgs {
     /// Policy: every certificate must carry a SPIFFE ID.
     #[arg(long)]
     require_spiffe_id: bool,
+    /// Policy: a Kubernetes username that requests certificates for other workloads (istiod
+    /// in RA mode), e.g. 'system:serviceaccount:istio-system:istiod' (repeatable).
+    #[arg(long = "registration-authority", value_name = "USER")]
+    registration_authorities: Vec<String>,
+    /// Policy: a namespace whose managed Secrets this CA serves (repeatable; default none).
+    #[arg(long = "managed-namespace", value_name = "NS")]
+    managed_namespaces: Vec<String>,
+    /// Policy: let `signer run --auto-approve` approve CSRs for this CA (default off).
+    #[arg(long)]
+    auto_approve: bool,
+    /// Policy: let the auto-approver approve DNS names matched only by a rule without
+    /// {ns}/{sa} (e.g. '**.example.com').
+    #[arg(long)]
+    auto_approve_static_dns: bool,
     /// Replace existing CAs (and re-issue workloads with --config).
     #[arg(long)]
     force: bool,
@@ -118,6 +132,11 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
         policy.allow_wildcard_dns = a.allow_wildcard_dns;
         policy.allow_ip_sans = !a.deny_ip_sans;
         policy.require_spiffe_id = a.require_spiffe_id;
+        policy.registration_authorities = a.registration_authorities.clone();
+        policy.managed_namespaces = a.managed_namespaces.clone();
+        policy.auto_approve = a.auto_approve;
+        policy.auto_approve_static_dns = a.auto_approve_static_dns;
+        policy.validate()?;
         let parent = match &a.parent {
             Some(p) => Some(store.load_ca(p).await?),
             None => None,

@@ -11,7 +11,7 @@ use meshca::output::{self, ObjectRef};
 use meshca::report::IssueReport;
 use meshca::store::{self, Store};
 
-use crate::common::{read_input, rfc3339, time_left, usage, Ctx, IdentityArgs};
+use crate::common::{rfc3339, time_left, usage, Ctx, IdentityArgs};
 
 #[derive(Args, Debug)]
 pub struct IssueArgs {
@@ -104,19 +104,11 @@ pub async fn run(ctx: &Ctx, a: IssueArgs) -> anyhow::Result<()> {
 
     let (cert, key) = match &a.csr {
         Some(path) => {
-            let (bytes, src) = read_input(path)?;
-            let info_der = meshca::pemutil::parse_blocks(&bytes, &src)?
-                .into_iter()
-                .find(|b| b.tag() == "CERTIFICATE REQUEST" || b.tag() == "NEW CERTIFICATE REQUEST")
-                .ok_or_else(|| meshca::Error::Pem {
-                    source_name: src.clone(),
-                    reason: "no CERTIFICATE REQUEST block".into(),
-                })?
-                .into_contents();
+            let info_der = crate::common::read_csr_der(path)?;
             let opts = CsrOptions {
                 override_sans: (!given.is_empty()).then_some(given),
                 ttl: a.ttl,
-                requester: None,
+                ..CsrOptions::default()
             };
             (
                 issue_csr(issuer.as_ref(), &info_der, &opts, now).await?,

@@ -9,6 +9,7 @@ mod init;
 mod inspect;
 mod issue;
 mod kube_store;
+mod policy;
 mod sds;
 mod signer;
 
@@ -73,6 +74,9 @@ enum Command {
     /// The in-cluster CSR signer controller.
     #[command(subcommand)]
     Signer(signer::SignerCmd),
+    /// Explain issuance policy decisions offline.
+    #[command(subcommand)]
+    Policy(policy::PolicyCmd),
 }
 
 fn main() -> ExitCode {
@@ -133,5 +137,6 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Check => ca::run_check(&ctx).await,
         Command::Sds(c) => sds::run(&ctx, c).await,
         Command::Signer(c) => signer::run_cmd(&ctx, c).await,
+        Command::Policy(c) => policy::run(&ctx, c).await,
     }
 }

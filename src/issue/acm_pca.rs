@@ -321,6 +321,14 @@ impl Issuer for AcmPcaIssuer {
                 self.ca.meta.name
             ))
         })?;
+        if req.ekus != crate::policy::Ekus::default() {
+            // The PCA's end-entity template sets serverAuth and clientAuth.
+            return Err(Error::Unsupported(format!(
+                "CA {} (ACM PCA) issues serverAuth and clientAuth together; a request for only {} cannot be honoured",
+                self.ca.meta.name,
+                req.ekus.names().join(", ")
+            )));
+        }
         if now >= self.ca_not_after {
             return Err(Error::Build(format!(
                 "CA {} expired at {}",
@@ -375,6 +383,7 @@ mod tests {
             sans: sans.clone(),
             ttl,
             csr_der: None,
+            ekus: crate::policy::Ekus::default(),
         }
     }
 

@@ -127,7 +127,7 @@ fn spki(der: &[u8]) -> Result<SubjectKey> {
 }
 
 /// A CSR for `key` carrying `sans` (for backends that sign CSRs).
-pub(crate) fn csr_for(key: &PrivateKey, sans: &Sans, td: &TrustDomain) -> Result<Vec<u8>> {
+pub fn csr_for(key: &PrivateKey, sans: &Sans, td: &TrustDomain) -> Result<Vec<u8>> {
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = profile::workload_subject(sans, td);
     p.subject_alt_names = profile::san_list(sans)?;
@@ -178,6 +178,7 @@ impl LocalIssuer {
             &req.sans,
             &self.ca.meta.trust_domain,
             req.key,
+            req.ekus,
             now,
             not_after,
         )?;

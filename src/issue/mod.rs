@@ -1,8 +1,12 @@
 //! Issuance: the [`Issuer`] seam and the policy-checked entry points every front end uses.
 //!
-//! [`issue_workload`] (fresh key) and [`issue_csr`] (external key, proof of possession
-//! checked) both run [`Policy::check`](crate::policy::Policy::check) *before* the issuer is
-//! called, so a denied request never reaches a remote backend.
+//! Every entry point asks the one decision, [`Policy::decide`](crate::policy::Policy::decide),
+//! with the requester and front end, *before* the issuer is called, so a denied request never
+//! reaches a remote backend:
+//! - [`issue_workload`] (fresh key, the local operator) and [`issue_workload_as`] (fresh key,
+//!   any requester: the managed-Secret controller);
+//! - [`decide_csr`] / [`check_csr`] / [`issue_csr`] (external key, proof of possession
+//!   checked): `meshca issue --csr`, the CSR signer, the auto-approver, `meshca policy check`.
 
 #[cfg(feature = "aws-pca")]
 pub mod acm_pca;
@@ -20,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::identity::Sans;
 use crate::key::{KeyAlgorithm, PrivateKey, PublicKeyKind};
 use crate::pemutil;
-use crate::policy::{PolicyRequest, Requester};
+use crate::policy::{Denial, Ekus, FrontEnd, Grant, PolicyRequest, Requester, Usages};
 use crate::x509::{CertInfo, CsrInfo};
 
 pub use local::LocalIssuer;
@@ -38,6 +42,8 @@ pub struct SignRequest {
     pub ttl: Duration,
     /// The CSR itself, for backends that sign CSRs (ACM PCA).
     pub csr_der: Option<Vec<u8>>,
+    /// Extended key usages granted by policy.
+    pub ekus: Ekus,
 }
 
 /// A signed certificate and what a workload needs to present it.
@@ -130,29 +136,49 @@ impl LedgerEntry {
     }
 }
 
-fn check(
-    issuer: &dyn Issuer,
-    sans: &Sans,
-    ttl: Option<Duration>,
-    key: PublicKeyKind,
-    wants_ca: bool,
-    requester: Option<&Requester>,
-) -> Result<Duration> {
-    let meta = issuer.meta();
-    meta.policy.check(
-        &meta.name,
-        &meta.trust_domain,
-        &PolicyRequest {
-            sans,
-            ttl,
-            key,
-            wants_ca,
-            requester,
-        },
-    )
+/// The one policy decision for the CA `meta` describes:
+/// [`Policy::decide`](crate::policy::Policy::decide).
+pub fn decide(meta: &CaMeta, req: &PolicyRequest<'_>) -> std::result::Result<Grant, Denial> {
+    meta.policy.decide(&meta.name, &meta.trust_domain, req)
 }
 
-/// Generates a key of `alg` and issues a certificate for it, after policy.
+/// The key kind a freshly generated key of `alg` has.
+pub fn key_kind(alg: KeyAlgorithm) -> PublicKeyKind {
+    match alg {
+        KeyAlgorithm::EcdsaP256 => PublicKeyKind::Ecdsa { bits: 256 },
+        KeyAlgorithm::EcdsaP384 => PublicKeyKind::Ecdsa { bits: 384 },
+        KeyAlgorithm::Ed25519 => PublicKeyKind::Ed25519,
+        KeyAlgorithm::Rsa2048 => PublicKeyKind::Rsa { bits: 2048 },
+        KeyAlgorithm::Rsa3072 => PublicKeyKind::Rsa { bits: 3072 },
+        KeyAlgorithm::Rsa4096 => PublicKeyKind::Rsa { bits: 4096 },
+    }
+}
+
+/// The policy request for a fresh key of `alg` (no usages asked: the profile default).
+pub fn workload_request<'a>(
+    via: FrontEnd,
+    requester: &'a Requester,
+    sans: &'a Sans,
+    ttl: Option<Duration>,
+    alg: KeyAlgorithm,
+) -> PolicyRequest<'a> {
+    const NO_USAGES: &Usages = &Usages {
+        csr: None,
+        kube: None,
+    };
+    PolicyRequest {
+        via,
+        requester,
+        sans,
+        ttl,
+        key: key_kind(alg),
+        wants_ca: false,
+        usages: NO_USAGES,
+    }
+}
+
+/// Generates a key of `alg` and issues a certificate for it, after policy, for the local
+/// operator (`meshca issue`, `meshca init`, SDS renewals).
 pub async fn issue_workload(
     issuer: &dyn Issuer,
     sans: &Sans,
@@ -160,16 +186,28 @@ pub async fn issue_workload(
     alg: KeyAlgorithm,
     now: OffsetDateTime,
 ) -> Result<Workload> {
-    let kind = match alg {
-        KeyAlgorithm::EcdsaP256 => PublicKeyKind::Ecdsa { bits: 256 },
-        KeyAlgorithm::EcdsaP384 => PublicKeyKind::Ecdsa { bits: 384 },
-        KeyAlgorithm::Ed25519 => PublicKeyKind::Ed25519,
-        KeyAlgorithm::Rsa2048 => PublicKeyKind::Rsa { bits: 2048 },
-        KeyAlgorithm::Rsa3072 => PublicKeyKind::Rsa { bits: 3072 },
-        KeyAlgorithm::Rsa4096 => PublicKeyKind::Rsa { bits: 4096 },
-    };
-    let ttl = check(issuer, sans, ttl, kind, false, None)?;
+    let req = workload_request(FrontEnd::Local, &Requester::LocalOperator, sans, ttl, alg);
+    issue_workload_as(issuer, &req, alg, now).await
+}
+
+/// Generates a key of `alg` and issues a certificate for it after the decision on `req`
+/// (whose `key` must be [`key_kind`]`(alg)`; see [`workload_request`]).
+pub async fn issue_workload_as(
+    issuer: &dyn Issuer,
+    req: &PolicyRequest<'_>,
+    alg: KeyAlgorithm,
+    now: OffsetDateTime,
+) -> Result<Workload> {
+    let kind = key_kind(alg);
+    if req.key != kind {
+        return Err(Error::invalid(
+            "policy request",
+            "the key kind does not match the key algorithm",
+        ));
+    }
+    let grant = decide(issuer.meta(), req).map_err(|d| d.into_error(&issuer.meta().name))?;
     let key = alg.generate()?;
+    let sans = req.sans;
     let csr_der = if issuer.meta().backend != crate::ca::Backend::Local {
         Some(local::csr_for(&key, sans, &issuer.meta().trust_domain)?)
     } else {
@@ -179,22 +217,58 @@ pub async fn issue_workload(
         public_key_der: key.public_key_der(),
         key: kind,
         sans: sans.clone(),
-        ttl,
+        ttl: grant.ttl,
         csr_der,
+        ekus: grant.ekus,
     };
     let cert = issuer.sign(&req, now).await?;
     Ok(Workload { key, cert })
 }
 
-/// What to do with an external CSR's requested SANs.
-#[derive(Clone, Debug, Default)]
+/// Who asks for an external CSR, through which front end, and what to do with it.
+#[derive(Clone, Debug)]
 pub struct CsrOptions {
+    /// The front end asking.
+    pub via: FrontEnd,
+    /// Who asks (a CSR's `spec.username` in the cluster).
+    pub requester: Requester,
     /// When set, these SANs replace the ones the CSR asks for.
     pub override_sans: Option<Sans>,
     /// Requested TTL.
     pub ttl: Option<Duration>,
-    /// The Kubernetes requester, for auto-approval decisions.
-    pub requester: Option<Requester>,
+    /// A Kubernetes CSR's `spec.usages` (the CSR's own extensions are always read).
+    pub kube_usages: Option<Vec<String>>,
+}
+
+impl Default for CsrOptions {
+    /// The local operator (`meshca issue --csr`).
+    fn default() -> Self {
+        CsrOptions {
+            via: FrontEnd::Local,
+            requester: Requester::LocalOperator,
+            override_sans: None,
+            ttl: None,
+            kube_usages: None,
+        }
+    }
+}
+
+impl CsrOptions {
+    /// Options for a Kubernetes CSR from `username` seen through `via`.
+    pub fn kube(
+        via: FrontEnd,
+        username: &str,
+        ttl: Option<Duration>,
+        usages: Option<Vec<String>>,
+    ) -> Self {
+        CsrOptions {
+            via,
+            requester: Requester::kube(username),
+            override_sans: None,
+            ttl,
+            kube_usages: usages,
+        }
+    }
 }
 
 /// Parses a CSR for CA `ca` and checks what does not depend on policy: no key under the RSA
@@ -223,29 +297,45 @@ pub fn parse_csr_checked(ca: &str, csr_der: &[u8]) -> Result<CsrInfo> {
     Ok(info)
 }
 
-/// Checks an external CSR (signature, CA flag, SANs, key) against policy and returns the
-/// request ready to sign. Pure: no I/O, so the signer and approver can share it.
-pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
-    let info = parse_csr_checked(&issuer.meta().name, csr_der)?;
+/// Parses and checks an external CSR (signature, CA flag, SANs, key, usages) and asks the one
+/// decision. `Err`: the CSR is unreadable or its proof of possession fails; `Ok(Err)`: policy
+/// denies it; `Ok(Ok)`: the request ready to sign. Pure: no I/O.
+pub fn decide_csr(
+    meta: &CaMeta,
+    csr_der: &[u8],
+    opts: &CsrOptions,
+) -> Result<std::result::Result<SignRequest, Denial>> {
+    let info = parse_csr_checked(&meta.name, csr_der)?;
     let sans = match &opts.override_sans {
         Some(s) => s.clone(),
         None => info.sans.to_sans()?,
     };
-    let ttl = check(
-        issuer,
-        &sans,
-        opts.ttl,
-        info.key,
-        info.wants_ca,
-        opts.requester.as_ref(),
-    )?;
-    Ok(SignRequest {
+    let usages = Usages {
+        csr: info.requested_usages.clone(),
+        kube: opts.kube_usages.clone(),
+    };
+    let req = PolicyRequest {
+        via: opts.via,
+        requester: &opts.requester,
+        sans: &sans,
+        ttl: opts.ttl,
+        key: info.key,
+        wants_ca: info.wants_ca,
+        usages: &usages,
+    };
+    Ok(decide(meta, &req).map(|grant| SignRequest {
         public_key_der: info.spki_der,
         key: info.key,
         sans,
-        ttl,
+        ttl: grant.ttl,
         csr_der: Some(csr_der.to_vec()),
-    })
+        ekus: grant.ekus,
+    }))
+}
+
+/// [`decide_csr`] with a denial as [`Error::PolicyDenied`].
+pub fn check_csr(issuer: &dyn Issuer, csr_der: &[u8], opts: &CsrOptions) -> Result<SignRequest> {
+    decide_csr(issuer.meta(), csr_der, opts)?.map_err(|d| d.into_error(&issuer.meta().name))
 }
 
 /// Signs an external CSR after [`check_csr`].

@@ -1,15 +1,18 @@
 //! The optional policy auto-approver (`--auto-approve`, off by default).
 //!
-//! A pending CSR for a served signer from `system:serviceaccount:<ns>:<sa>` is approved when
-//! the CA's policy, evaluated *with that requester*, allows every SAN in it:
-//! - the SPIFFE ID, if any, must be exactly `spiffe://<td>/ns/<ns>/sa/<sa>`;
-//! - DNS names must match the policy's `allowed_dns` patterns with `{ns}`/`{sa}` bound to the
-//!   requester; when the policy lists none, the approver allows only `<sa>.<ns>.svc` and
-//!   `<sa>.<ns>.svc.cluster.local` (an empty list means "any name" for an operator using the
-//!   CLI, which is far too much to hand to any service account);
+//! Only CAs whose policy says `auto_approve = true` are decided; CSRs for any other CA are left
+//! pending for a person. A pending CSR is decided by the one policy decision
+//! ([`crate::policy::Policy::decide`], front end `auto-approver`) with the requester taken from
+//! `spec.username`, never from the request:
+//! - a service account `system:serviceaccount:<ns>:<sa>` binds `{ns}`/`{sa}` and may only get
+//!   its own SPIFFE ID `spiffe://<td>/ns/<ns>/sa/<sa>`; a registration authority listed in the
+//!   policy binds them to the SPIFFE ID it asks for, inside the CA's trust domain;
+//! - DNS names must match `allowed_dns` (default `{sa}.{ns}.svc[.cluster.local]`); a name matched
+//!   only by a rule without `{ns}`/`{sa}` is left for a person unless the policy says
+//!   `auto_approve_static_dns = true`;
 //! - IP SANs are never auto-approved (a service account cannot prove it owns an address);
-//! - no `CA:TRUE`, no `cert sign`/`crl sign` usage, no TTL over the policy (in the default
-//!   [`TtlMode::Fail`]), no weak key.
+//! - no `CA:TRUE`, only the usages meshca issues, no TTL over the policy (in the default
+//!   [`TtlMode::Fail`]) or under 600 s, no weak key.
 //!
 //! Anything else is **denied** with a reason naming the offending value. CSRs from users
 //! that are not service accounts (people, nodes) are left pending for a human to decide.
@@ -24,9 +27,9 @@ use super::signer::{
     classify_write, conditions_plus, request_ttl_and_der, Signer, TtlMode, WriteOutcome,
 };
 use super::FIELD_MANAGER;
-use crate::error::{Error, Result};
-use crate::issue::Issuer;
-use crate::policy::{PolicyRequest, Requester};
+use crate::error::Result;
+use crate::issue::{decide_csr, CsrOptions, Issuer};
+use crate::policy::FrontEnd;
 
 /// Condition reason of an approval.
 pub const REASON_APPROVED: &str = "MeshcaPolicyApproved";
@@ -44,60 +47,33 @@ pub enum Verdict {
     Leave(String),
 }
 
-/// Decides a pending CSR. Pure.
+/// Decides a pending CSR through the one policy decision ([`crate::issue::decide_csr`], front
+/// end [`FrontEnd::AutoApprover`], requester `spec.username`). Pure.
 pub fn evaluate(csr: &CertificateSigningRequest, issuer: &dyn Issuer, mode: TtlMode) -> Verdict {
+    let meta = issuer.meta();
+    if let Some(d) = meta.policy.auto_approval_gate(&meta.name) {
+        return Verdict::Leave(d.reason);
+    }
     let username = csr.spec.username.as_deref().unwrap_or("");
-    let Some(requester) = Requester::from_username(username) else {
-        return Verdict::Leave(format!(
-            "requester {username:?} is not a service account; leaving it for manual approval"
-        ));
-    };
     let (der, ttl) = match request_ttl_and_der(csr, issuer, mode) {
         Ok(v) => v,
         Err(rej) => return Verdict::Deny(rej.message),
     };
-    match check(&requester, issuer, &der, ttl) {
-        Ok(sans) => Verdict::Approve(format!(
-            "approved by meshca policy: system:serviceaccount:{}:{} may receive {}",
-            requester.namespace,
-            requester.service_account,
-            sans.join(", ")
+    let opts = CsrOptions::kube(
+        FrontEnd::AutoApprover,
+        username,
+        ttl,
+        csr.spec.usages.clone(),
+    );
+    match decide_csr(meta, &der, &opts) {
+        Ok(Ok(req)) => Verdict::Approve(format!(
+            "approved by meshca policy: {username} may receive {}",
+            req.sans.display_list().join(", ")
         )),
+        Ok(Err(d)) if d.manual => Verdict::Leave(d.reason),
+        Ok(Err(d)) => Verdict::Deny(d.into_error(&meta.name).to_string()),
         Err(e) => Verdict::Deny(e.to_string()),
     }
-}
-
-fn check(
-    r: &Requester,
-    issuer: &dyn Issuer,
-    der: &[u8],
-    ttl: Option<std::time::Duration>,
-) -> Result<Vec<String>> {
-    let meta = issuer.meta();
-    let info = crate::issue::parse_csr_checked(&meta.name, der)?;
-    let sans = info.sans.to_sans()?;
-    if let Some(ip) = sans.ips.first() {
-        return Err(Error::PolicyDenied {
-            ca: meta.name.clone(),
-            reason: format!("IP SAN {ip} is never auto-approved"),
-        });
-    }
-    let mut policy = meta.policy.clone();
-    if policy.allowed_dns.is_empty() {
-        policy.allowed_dns = vec!["{sa}.{ns}.svc".into(), "{sa}.{ns}.svc.cluster.local".into()];
-    }
-    policy.check(
-        &meta.name,
-        &meta.trust_domain,
-        &PolicyRequest {
-            sans: &sans,
-            ttl,
-            key: info.key,
-            wants_ca: info.wants_ca,
-            requester: Some(r),
-        },
-    )?;
-    Ok(sans.display_list())
 }
 
 /// Writes a verdict through `/approval`.
@@ -156,8 +132,15 @@ mod tests {
     use crate::kube::testutil::{json as resp, mock_client, next};
     use crate::policy::Policy;
 
+    /// Decides with `policy` opted in to auto-approval.
     fn eval(sans: &[&str], username: &str, policy: Policy, exp: Option<i32>) -> Verdict {
-        let iss = issuer("mesh", policy);
+        let iss = issuer(
+            "mesh",
+            Policy {
+                auto_approve: true,
+                ..policy
+            },
+        );
         let mut csr = csr_obj(
             "c",
             "meshca.io/mesh",
@@ -264,7 +247,11 @@ mod tests {
             auto_approve: true,
             ..SignerConfig::default()
         };
-        let s = signer_with(client, &[("mesh", issuer("mesh", Policy::default()))], cfg);
+        let on = Policy {
+            auto_approve: true,
+            ..Policy::default()
+        };
+        let s = signer_with(client, &[("mesh", issuer("mesh", on))], cfg);
         let csr = csr_obj(
             "c1",
             "meshca.io/mesh",

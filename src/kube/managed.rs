@@ -48,6 +48,7 @@ use crate::identity::{DnsName, Sans, SpiffeId};
 use crate::issue::{issue_csr, CsrOptions, LedgerEntry};
 use crate::key::KeyAlgorithm;
 use crate::key::PrivateKey;
+use crate::policy::{FrontEnd, Requester};
 use crate::x509::CertInfo;
 
 /// Annotation naming the CA.
@@ -456,10 +457,13 @@ impl Managed {
                 (k, csr)
             }
         };
+        // The requester is the Secret's namespace, never the identity it asks for.
         let opts = CsrOptions {
+            via: FrontEnd::ManagedSecret,
+            requester: Requester::SecretNamespace(s.metadata.namespace.clone().unwrap_or_default()),
             override_sans: Some(req.sans.clone()),
             ttl: req.ttl,
-            ..CsrOptions::default()
+            kube_usages: None,
         };
         let cert = match issue_csr(issuer.as_ref(), &csr_der, &opts, now).await {
             Ok(c) => c,
@@ -598,6 +602,15 @@ mod tests {
     use crate::kube::testutil::{json as resp, mock_client, next, status};
     use crate::policy::Policy;
 
+    /// A CA serving managed Secrets in namespace `app`, any service name there.
+    fn serves_app() -> Policy {
+        Policy {
+            managed_namespaces: vec!["app".into()],
+            allowed_dns: vec!["*.{ns}.svc".into(), "*.app.svc".into()],
+            ..Policy::default()
+        }
+    }
+
     fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs
             .iter()
@@ -652,7 +665,7 @@ mod tests {
 
     #[tokio::test]
     async fn fills_then_renews_at_two_thirds() {
-        let iss = local("mesh", Policy::default());
+        let iss = local("mesh", serves_app());
         let ca_ski = ski(&iss);
         let req = parse_annotations(&ann(&[
             (ANN_CA, "mesh"),
@@ -718,8 +731,8 @@ mod tests {
     async fn a_ca_recreated_with_the_same_name_triggers_renewal() {
         // Same name, so the same DN; a new key, so a new SKI. The old leaf's issuer DN still
         // matches the new CA's subject: only the key identifiers tell them apart.
-        let old = local("mesh", Policy::default());
-        let new = local("mesh", Policy::default());
+        let old = local("mesh", serves_app());
+        let new = local("mesh", serves_app());
         assert_eq!(
             old.ca().info().unwrap().subject,
             new.ca().info().unwrap().subject
@@ -744,7 +757,7 @@ mod tests {
     #[tokio::test]
     async fn reconcile_applies_tls_keys_with_its_own_field_manager_and_a_precondition() {
         let (client, mut h) = mock_client();
-        let iss = local("mesh", Policy::default());
+        let iss = local("mesh", serves_app());
         let root = iss.ca().root().clone();
         let m = managed(client, iss);
         let s: Secret = serde_json::from_value(json!({
@@ -809,7 +822,7 @@ mod tests {
     #[tokio::test]
     async fn a_conflict_means_a_newer_secret_and_is_not_overwritten() {
         let (client, mut h) = mock_client();
-        let m = managed(client, local("mesh", Policy::default()));
+        let m = managed(client, local("mesh", serves_app()));
         let s: Secret = serde_json::from_value(json!({
             "metadata": {"name": "w", "namespace": "app", "resourceVersion": "7",
                          "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
@@ -842,7 +855,7 @@ mod tests {
     #[tokio::test]
     async fn a_refused_renewal_keeps_the_data_byte_for_byte() {
         let (client, mut h) = mock_client();
-        let iss = local("mesh", Policy::default());
+        let iss = local("mesh", serves_app());
         // A Secret meshca filled earlier for web.app.svc ...
         let now = OffsetDateTime::now_utc();
         let sans = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "web.app.svc")]))
@@ -924,7 +937,7 @@ mod tests {
     #[tokio::test]
     async fn a_terminal_refusal_is_recorded_once() {
         let (client, mut h) = mock_client();
-        let m = managed(client, local("mesh", Policy::default()));
+        let m = managed(client, local("mesh", serves_app()));
         let mut s: Secret = serde_json::from_value(json!({
             "metadata": {"name": "w", "namespace": "app", "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "*.app.svc"}},
         }))
@@ -978,7 +991,7 @@ mod tests {
     #[tokio::test]
     async fn a_retryable_failure_backs_off_per_secret_with_jitter() {
         let (client, mut h) = mock_client();
-        let meta = local("mesh", Policy::default()).ca().meta.clone();
+        let meta = local("mesh", serves_app()).ca().meta.clone();
         let m = managed(client, Arc::new(Unavailable(meta)));
         let s: Secret = serde_json::from_value(json!({
             "metadata": {"name": "w", "namespace": "app", "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
@@ -1058,7 +1071,7 @@ mod tests {
     async fn a_retry_of_the_same_secret_presents_the_same_key_and_csr() {
         let (client, mut h) = mock_client();
         let flaky = Arc::new(FlakyOnce {
-            inner: local("mesh", Policy::default()),
+            inner: local("mesh", serves_app()),
             csrs: Mutex::new(Vec::new()),
         });
         let m = managed(client, flaky.clone());

@@ -338,7 +338,7 @@ mod tests {
         let task = tokio::spawn(run(client, cfg, async move {
             let _ = stopped.await;
         }));
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let csr = serde_json::to_value(csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None))
             .unwrap();
         let mut parked = Vec::new();

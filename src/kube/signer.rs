@@ -53,9 +53,10 @@ use super::{ca_from_signer_name, kube_err, FIELD_MANAGER};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::issue::{check_csr, CsrOptions, Issuer, LedgerEntry, SignRequest};
+use crate::policy::FrontEnd;
 
-/// The API's minimum `spec.expirationSeconds`.
-pub const MIN_EXPIRATION_SECONDS: i32 = 600;
+/// The API's minimum `spec.expirationSeconds` (checked by the policy decision).
+pub const MIN_EXPIRATION_SECONDS: i32 = crate::policy::MIN_EXPIRATION_SECONDS as i32;
 /// Condition reason for requests that cannot be parsed or verified.
 pub const REASON_BAD_REQUEST: &str = "MeshcaBadRequest";
 /// Condition reason for requests the CA's policy refuses.
@@ -274,9 +275,10 @@ pub fn requested_ttl(
     let Some(s) = csr.spec.expiration_seconds else {
         return Ok(None);
     };
-    if s < MIN_EXPIRATION_SECONDS {
+    // Under 600 s the policy decision refuses it; a negative value is malformed.
+    if s < 0 {
         return Err(Rejection::bad(format!(
-            "spec.expirationSeconds {s} is below the minimum of {MIN_EXPIRATION_SECONDS}"
+            "spec.expirationSeconds {s} is negative"
         )));
     }
     let ttl = Duration::from_secs(s as u64);
@@ -286,30 +288,13 @@ pub fn requested_ttl(
     }))
 }
 
-/// Usages meshca refuses: it issues end-entity certificates only.
-const CA_USAGES: [&str; 2] = ["cert sign", "crl sign"];
-
-/// The request DER and requested TTL after the checks that need no CA policy: usages, PEM,
-/// the API minimum of `expirationSeconds`.
+/// The request DER and requested TTL (usages, the API minimum of `expirationSeconds` and
+/// everything else are the policy decision's).
 pub fn request_ttl_and_der(
     csr: &CertificateSigningRequest,
     issuer: &dyn Issuer,
     mode: TtlMode,
 ) -> std::result::Result<(Vec<u8>, Option<Duration>), Rejection> {
-    if let Some(u) = csr
-        .spec
-        .usages
-        .iter()
-        .flatten()
-        .find(|u| CA_USAGES.contains(&u.as_str()))
-    {
-        return Err(Rejection {
-            reason: REASON_POLICY,
-            message: format!(
-                "usage {u:?} is not allowed: meshca issues only end-entity certificates"
-            ),
-        });
-    }
     let der = request_der(csr)?;
     let ttl = requested_ttl(csr, issuer, mode)?;
     Ok((der, ttl))
@@ -323,10 +308,12 @@ pub fn prepare(
     mode: TtlMode,
 ) -> std::result::Result<SignRequest, std::result::Result<Rejection, Error>> {
     let (der, ttl) = request_ttl_and_der(csr, issuer, mode).map_err(Ok)?;
-    let opts = CsrOptions {
+    let opts = CsrOptions::kube(
+        FrontEnd::CsrSigner,
+        csr.spec.username.as_deref().unwrap_or(""),
         ttl,
-        ..CsrOptions::default()
-    };
+        csr.spec.usages.clone(),
+    );
     check_csr(issuer, &der, &opts).map_err(reject_or_retry)
 }
 
@@ -782,7 +769,7 @@ pub(crate) mod tests {
 
     #[test]
     fn classification() {
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let serves = |c: &str| c == "mesh";
         assert_eq!(
             classify(
@@ -848,7 +835,7 @@ pub(crate) mod tests {
             Err(Ok(r)) => r,
             other => panic!("expected a rejection, got {other:?}"),
         };
-        let good = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let good = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         // Garbage request.
         let r = check(
             &csr_obj("x", "meshca.io/mesh", "garbage", &["Approved"], None),
@@ -1037,7 +1024,7 @@ pub(crate) mod tests {
             &[("mesh", issuer("mesh", Policy::default()))],
             SignerConfig::default(),
         ));
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let approved =
             serde_json::to_value(csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None))
                 .unwrap();
@@ -1094,7 +1081,7 @@ pub(crate) mod tests {
             &[("mesh", issuer("mesh", Policy::default()))],
             SignerConfig::default(),
         );
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
         let server = tokio::spawn(async move {
             let (_, _, send) = next(&mut h).await;
@@ -1125,7 +1112,7 @@ pub(crate) mod tests {
             &[("mesh", issuer("mesh", Policy::default()))],
             SignerConfig::default(),
         );
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
         let api_message = "CertificateSigningRequest.certificates.k8s.io \"c1\" is invalid: status.certificate: Invalid value: \"<certificate data>\": must contain at least one CERTIFICATE PEM block";
         let server = tokio::spawn(async move {
@@ -1197,7 +1184,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn terminal_backend_errors_fail_once_and_retryable_ones_back_off() {
         let meta = local("mesh", Policy::default()).ca().meta.clone();
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
         // Retryable: returned for backoff, nothing written.
         let (client, mut h) = mock_client();
@@ -1282,7 +1269,7 @@ pub(crate) mod tests {
             Arc::new(SystemClock),
         )
         .with_ledger(sink);
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let server = tokio::spawn(async move {
             let mut certs = Vec::new();
             for _ in 0..2 {
@@ -1385,7 +1372,7 @@ pub(crate) mod tests {
             &[("mesh", issuer("mesh", Policy::default()))],
             SignerConfig::default(),
         );
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
         let server = tokio::spawn(async move {
             let (_, _, send) = next(&mut h).await;
@@ -1457,7 +1444,7 @@ pub(crate) mod tests {
     async fn pending_denied_unknown_and_follower_make_no_requests() {
         let (client, mut h) = mock_client();
         let iss = issuer("mesh", Policy::default());
-        let pem = csr_pem(&["a.example.com"], KeyAlgorithm::EcdsaP256);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
         let s = signer_with(
             client.clone(),
             &[("mesh", iss.clone())],

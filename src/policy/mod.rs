@@ -1,0 +1,987 @@
+//! Issuance policy: the one decision every front end asks. May *this requester* get *this
+//! identity* from *this CA*, asked through *this front end*?
+//!
+//! [`Policy::decide`] is pure. `meshca issue` and SDS renewals (the local operator), the CSR
+//! signer, the auto-approver and the managed-Secret controller all call it (through
+//! [`crate::issue`]), and `meshca policy check` shows its answer offline.
+//!
+//! **Requesters.** The requester is what the platform authenticated, never what the request
+//! claims ([`Requester`]):
+//! - a Kubernetes service account (`system:serviceaccount:<ns>:<sa>`, from a CSR's
+//!   `spec.username`) binds `{ns}`/`{sa}` to itself and may only get its own SPIFFE ID;
+//! - a registration authority (a username listed in `registration_authorities`, e.g. istiod in
+//!   RA mode) binds `{ns}`/`{sa}` to the requested SPIFFE ID, inside the CA's trust domain;
+//! - any other Kubernetes user (a person, a node) binds nothing, so no templated rule matches;
+//! - a managed Secret in namespace X binds `{ns}` to X and `{sa}` to the service account of the
+//!   SPIFFE ID it asks for, which must be in X; the CA must list X in `managed_namespaces`;
+//! - the local operator (who holds the CA key) binds `{ns}`/`{sa}` from the requested ID.
+//!
+//! **In-cluster defaults.** For the three Kubernetes front ends an empty `allowed_spiffe_ids`
+//! means `spiffe://{td}/ns/{ns}/sa/{sa}` and an empty `allowed_dns` means `{sa}.{ns}.svc` and
+//! `{sa}.{ns}.svc.cluster.local` (for the local operator, empty lists allow anything in the
+//! trust domain). The auto-approver additionally requires `auto_approve = true`, never
+//! approves IP SANs, and approves a DNS name matched only by a rule without `{ns}`/`{sa}`
+//! only with `auto_approve_static_dns = true`.
+//!
+//! Patterns: see [`pattern`]. Usages: see [`usage`].
+
+pub mod pattern;
+pub mod usage;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::identity::{Sans, TrustDomain};
+use crate::key::{KeyAlgorithm, PublicKeyKind, MIN_RSA_BITS};
+
+pub use pattern::Bindings;
+pub use usage::{Ekus, Usages, ALLOWED_USAGES};
+
+/// Default TTL of a workload certificate when none is asked for.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Default maximum TTL of a workload certificate.
+pub const DEFAULT_MAX_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The Kubernetes API's minimum `spec.expirationSeconds`.
+pub const MIN_EXPIRATION_SECONDS: u64 = 600;
+
+/// SPIFFE rule the in-cluster front ends use when a policy lists none.
+pub const IN_CLUSTER_SPIFFE: [&str; 1] = ["spiffe://{td}/ns/{ns}/sa/{sa}"];
+/// DNS rules the in-cluster front ends use when a policy lists none.
+pub const IN_CLUSTER_DNS: [&str; 2] = ["{sa}.{ns}.svc", "{sa}.{ns}.svc.cluster.local"];
+
+/// What a CA may sign.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// SPIFFE ID patterns. Empty: any ID in the CA's trust domain for the local operator,
+    /// [`IN_CLUSTER_SPIFFE`] in the cluster.
+    pub allowed_spiffe_ids: Vec<String>,
+    /// DNS name patterns. Empty: any DNS name for the local operator, [`IN_CLUSTER_DNS`] in
+    /// the cluster.
+    pub allowed_dns: Vec<String>,
+    /// Whether wildcard DNS SANs (`*.example.com`) may be issued at all.
+    pub allow_wildcard_dns: bool,
+    /// Whether IP SANs may be issued (never by auto-approval).
+    pub allow_ip_sans: bool,
+    /// Whether every certificate must carry a SPIFFE ID.
+    pub require_spiffe_id: bool,
+    /// Longest TTL a certificate may have.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// TTL used when the request names none.
+    #[serde(with = "humantime_serde")]
+    pub default_ttl: Duration,
+    /// Key algorithms accepted for workload keys. Empty: any supported one.
+    pub allowed_key_algorithms: Vec<KeyAlgorithm>,
+    /// Kubernetes usernames that request certificates for other workloads (istiod in RA
+    /// mode): the requested SPIFFE ID's own ns/sa bind the templates. Default none.
+    pub registration_authorities: Vec<String>,
+    /// Namespaces whose managed Secrets this CA serves. Default none.
+    pub managed_namespaces: Vec<String>,
+    /// Whether `signer run --auto-approve` may approve CSRs for this CA. Default off.
+    pub auto_approve: bool,
+    /// Whether the auto-approver may approve DNS names matched only by a rule without
+    /// `{ns}`/`{sa}` (e.g. `**.example.com`). Default off.
+    pub auto_approve_static_dns: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allowed_spiffe_ids: Vec::new(),
+            allowed_dns: Vec::new(),
+            allow_wildcard_dns: false,
+            allow_ip_sans: true,
+            require_spiffe_id: false,
+            max_ttl: DEFAULT_MAX_TTL,
+            default_ttl: DEFAULT_TTL,
+            allowed_key_algorithms: Vec::new(),
+            registration_authorities: Vec::new(),
+            managed_namespaces: Vec::new(),
+            auto_approve: false,
+            auto_approve_static_dns: false,
+        }
+    }
+}
+
+/// The front end a request arrives through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FrontEnd {
+    /// `meshca issue`, `meshca init`, SDS renewals: the local operator.
+    Local,
+    /// The CSR signer signing an approved Kubernetes CSR.
+    CsrSigner,
+    /// The auto-approver deciding a pending Kubernetes CSR.
+    AutoApprover,
+    /// The managed-Secret controller.
+    ManagedSecret,
+}
+
+impl FrontEnd {
+    /// The name used by `meshca policy check --as`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            FrontEnd::Local => "local",
+            FrontEnd::CsrSigner => "csr-signer",
+            FrontEnd::AutoApprover => "auto-approver",
+            FrontEnd::ManagedSecret => "managed-secret",
+        }
+    }
+
+    fn in_cluster(&self) -> bool {
+        !matches!(self, FrontEnd::Local)
+    }
+}
+
+impl std::str::FromStr for FrontEnd {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "local" => FrontEnd::Local,
+            "csr-signer" => FrontEnd::CsrSigner,
+            "auto-approver" => FrontEnd::AutoApprover,
+            "managed-secret" => FrontEnd::ManagedSecret,
+            _ => {
+                return Err(Error::invalid(
+                    "front end",
+                    format!("{s:?}; expected local, csr-signer, auto-approver or managed-secret"),
+                ))
+            }
+        })
+    }
+}
+
+/// Who asks, as the platform authenticated it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Requester {
+    /// The local operator (CLI, SDS): holds the CA key.
+    LocalOperator,
+    /// A Kubernetes user, as the API server authenticated it (a CSR's `spec.username`).
+    Kube(String),
+    /// A managed Secret in this namespace.
+    SecretNamespace(String),
+}
+
+impl Requester {
+    /// The requester of a Kubernetes CSR from its `spec.username`.
+    pub fn kube(username: impl Into<String>) -> Requester {
+        Requester::Kube(username.into())
+    }
+
+    /// `(namespace, name)` when this is `system:serviceaccount:<ns>:<sa>`.
+    pub fn service_account(&self) -> Option<(&str, &str)> {
+        let Requester::Kube(u) = self else {
+            return None;
+        };
+        let (ns, sa) = u.strip_prefix("system:serviceaccount:")?.split_once(':')?;
+        (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then_some((ns, sa))
+    }
+}
+
+impl std::fmt::Display for Requester {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Requester::LocalOperator => f.write_str("the local operator"),
+            Requester::Kube(u) => write!(f, "{u:?}"),
+            Requester::SecretNamespace(ns) => write!(f, "a managed Secret in namespace {ns:?}"),
+        }
+    }
+}
+
+/// Everything a policy decision looks at.
+#[derive(Clone, Debug)]
+pub struct PolicyRequest<'a> {
+    /// The front end asking.
+    pub via: FrontEnd,
+    /// Who asks.
+    pub requester: &'a Requester,
+    /// The SANs to be issued.
+    pub sans: &'a Sans,
+    /// The requested lifetime (`None`: the policy default).
+    pub ttl: Option<Duration>,
+    /// The subject public key's kind.
+    pub key: PublicKeyKind,
+    /// Whether the request asked for `CA:TRUE`.
+    pub wants_ca: bool,
+    /// The usages asked for.
+    pub usages: &'a Usages,
+}
+
+/// What an allowed request is issued with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The lifetime.
+    pub ttl: Duration,
+    /// The extended key usages.
+    pub ekus: Ekus,
+}
+
+/// Why a request is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// The first rule that failed, naming the offending value.
+    pub reason: String,
+    /// The request is not for this front end to decide (the auto-approver leaves it pending
+    /// for a person): the CA did not opt in, or the requester is not a workload.
+    pub manual: bool,
+}
+
+impl Denial {
+    fn new(reason: impl Into<String>) -> Self {
+        Denial {
+            reason: reason.into(),
+            manual: false,
+        }
+    }
+
+    fn manual(reason: impl Into<String>) -> Self {
+        Denial {
+            reason: reason.into(),
+            manual: true,
+        }
+    }
+
+    /// As the library error of CA `ca`.
+    pub fn into_error(self, ca: &str) -> Error {
+        Error::PolicyDenied {
+            ca: ca.to_string(),
+            reason: self.reason,
+        }
+    }
+}
+
+/// How the requester binds `{ns}`/`{sa}`.
+enum Binding<'a> {
+    /// A service account: it may only get its own ID.
+    Account(&'a str, &'a str),
+    /// From the requested ID (registration authority, local operator).
+    FromRequest,
+    /// A managed Secret's namespace; `{sa}` from the requested ID.
+    Namespace(&'a str),
+    /// Nothing binds (a person, a node).
+    Unbound,
+}
+
+impl Policy {
+    /// The one decision: may `req.requester` get `req.sans` from CA `ca` (trust domain
+    /// `trust_domain`) through `req.via`? Pure.
+    pub fn decide(
+        &self,
+        ca: &str,
+        trust_domain: &TrustDomain,
+        req: &PolicyRequest<'_>,
+    ) -> std::result::Result<Grant, Denial> {
+        let via = req.via;
+        let requester = req.requester;
+        // The requester must be one this front end authenticates.
+        let consistent = matches!(
+            (via, requester),
+            (FrontEnd::Local, Requester::LocalOperator)
+                | (
+                    FrontEnd::CsrSigner | FrontEnd::AutoApprover,
+                    Requester::Kube(_)
+                )
+                | (FrontEnd::ManagedSecret, Requester::SecretNamespace(_))
+        );
+        if !consistent {
+            return Err(Denial::new(format!(
+                "{} cannot ask through the {} front end",
+                requester,
+                via.name()
+            )));
+        }
+        let is_ra =
+            matches!(requester, Requester::Kube(u) if self.registration_authorities.contains(u));
+        let binding = match requester {
+            Requester::LocalOperator => Binding::FromRequest,
+            Requester::Kube(_) if is_ra => Binding::FromRequest,
+            Requester::Kube(u) => match requester.service_account() {
+                Some((ns, sa)) => Binding::Account(ns, sa),
+                None if via == FrontEnd::AutoApprover => {
+                    return Err(Denial::manual(format!(
+                        "requester {u:?} is not a service account; left for manual approval"
+                    )))
+                }
+                None => Binding::Unbound,
+            },
+            Requester::SecretNamespace(ns) => {
+                if !self.managed_namespaces.iter().any(|m| m == ns) {
+                    return Err(Denial::new(format!(
+                        "namespace {ns:?} is not served by CA {ca}: it is not in the policy's managed_namespaces"
+                    )));
+                }
+                Binding::Namespace(ns)
+            }
+        };
+        if via == FrontEnd::AutoApprover {
+            if let Some(d) = self.auto_approval_gate(ca) {
+                return Err(d);
+            }
+        }
+
+        if req.wants_ca {
+            return Err(Denial::new(
+                "the request asks for CA:TRUE; meshca issues only end-entity certificates",
+            ));
+        }
+        match req.key {
+            PublicKeyKind::Rsa { bits } if bits < MIN_RSA_BITS => {
+                return Err(Denial::new(format!(
+                    "RSA key of {bits} bits is under the {MIN_RSA_BITS}-bit minimum"
+                )))
+            }
+            PublicKeyKind::Other => return Err(Denial::new("unsupported public key type")),
+            _ => {}
+        }
+        if !self.allowed_key_algorithms.is_empty() {
+            let ok = req
+                .key
+                .algorithm()
+                .is_some_and(|a| self.allowed_key_algorithms.contains(&a));
+            if !ok {
+                return Err(Denial::new(format!(
+                    "key type {} is not one of the allowed {}",
+                    req.key,
+                    self.allowed_key_algorithms
+                        .iter()
+                        .map(|a| a.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+        }
+        let ekus = usage::grant(req.usages).map_err(Denial::new)?;
+
+        let ttl = req.ttl.unwrap_or(self.default_ttl.min(self.max_ttl));
+        if ttl.is_zero() {
+            return Err(Denial::new("TTL must be positive"));
+        }
+        if matches!(via, FrontEnd::CsrSigner | FrontEnd::AutoApprover)
+            && ttl.as_secs() < MIN_EXPIRATION_SECONDS
+        {
+            return Err(Denial::new(format!(
+                "spec.expirationSeconds {} is below the minimum of {MIN_EXPIRATION_SECONDS}",
+                ttl.as_secs()
+            )));
+        }
+        if ttl > self.max_ttl {
+            return Err(Denial::new(format!(
+                "TTL {} is over the maximum {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(self.max_ttl)
+            )));
+        }
+        if req.sans.is_empty() {
+            return Err(Denial::new(
+                "the request has no SAN (give a SPIFFE ID, DNS name or IP)",
+            ));
+        }
+        if self.require_spiffe_id && req.sans.spiffe_id.is_none() {
+            return Err(Denial::new("this CA requires a SPIFFE ID"));
+        }
+
+        let own = req.sans.spiffe_id.as_ref().and_then(|id| id.k8s_workload());
+        let (ns, sa) = match binding {
+            Binding::Account(ns, sa) => (Some(ns), Some(sa)),
+            Binding::FromRequest => (own.map(|o| o.0), own.map(|o| o.1)),
+            Binding::Namespace(ns) => (Some(ns), own.filter(|o| o.0 == ns).map(|o| o.1)),
+            Binding::Unbound => (None, None),
+        };
+        let vars = Bindings {
+            ns,
+            sa,
+            td: trust_domain.as_str(),
+        };
+        let unbound_hint = || {
+            match binding {
+            Binding::Unbound => format!(
+                " (requester {requester} is not a service account, so {{ns}}/{{sa}} bind to nothing)"
+            ),
+            _ => String::new(),
+        }
+        };
+
+        if let Some(id) = &req.sans.spiffe_id {
+            if id.trust_domain() != trust_domain {
+                return Err(Denial::new(format!(
+                    "SPIFFE ID {id} is outside the CA's trust domain {trust_domain}"
+                )));
+            }
+            match binding {
+                Binding::Account(ns, sa) if own != Some((ns, sa)) => {
+                    return Err(Denial::new(format!(
+                        "SPIFFE ID {id} does not belong to requester {requester} (expected spiffe://{trust_domain}/ns/{ns}/sa/{sa})"
+                    )))
+                }
+                Binding::Namespace(x) if own.map(|o| o.0) != Some(x) => {
+                    return Err(Denial::new(format!(
+                        "SPIFFE ID {id} is not an identity of namespace {x:?} (expected spiffe://{trust_domain}/ns/{x}/sa/<sa>)"
+                    )))
+                }
+                _ => {}
+            }
+            let id_s = id.to_string();
+            let rules: &[String] = &self.allowed_spiffe_ids;
+            let matched = if rules.is_empty() {
+                if via.in_cluster() {
+                    any_match(&IN_CLUSTER_SPIFFE, |p| {
+                        pattern::spiffe_matches(p, &id_s, &vars)
+                    })?
+                } else {
+                    true
+                }
+            } else {
+                any_match(rules, |p| pattern::spiffe_matches(p, &id_s, &vars))?
+            };
+            if !matched {
+                return Err(Denial::new(format!(
+                    "SPIFFE ID {id} matches no allowed pattern{}",
+                    unbound_hint()
+                )));
+            }
+        }
+        for d in &req.sans.dns {
+            if d.is_wildcard() && !self.allow_wildcard_dns {
+                return Err(Denial::new(format!("wildcard DNS name {d} is not allowed")));
+            }
+            let name = d.as_str();
+            let m = |p: &str| pattern::dns_matches(p, name, &vars);
+            let rules: Vec<&str> = if self.allowed_dns.is_empty() {
+                if !via.in_cluster() {
+                    continue;
+                }
+                IN_CLUSTER_DNS.to_vec()
+            } else {
+                self.allowed_dns.iter().map(String::as_str).collect()
+            };
+            if via == FrontEnd::AutoApprover && !self.auto_approve_static_dns {
+                if !any_match(&rules, |p| Ok(pattern::binds_requester(p) && m(p)?))? {
+                    if any_match(&rules, m)? {
+                        return Err(Denial::manual(format!(
+                            "DNS name {d} matches only a rule without {{ns}}/{{sa}}, which is not auto-approved (the policy has no auto_approve_static_dns = true); left for manual approval"
+                        )));
+                    }
+                    return Err(Denial::new(format!(
+                        "DNS name {d} matches no allowed pattern{}",
+                        unbound_hint()
+                    )));
+                }
+            } else if !any_match(&rules, m)? {
+                return Err(Denial::new(format!(
+                    "DNS name {d} matches no allowed pattern{}",
+                    unbound_hint()
+                )));
+            }
+        }
+        if let Some(ip) = req.sans.ips.first() {
+            if via == FrontEnd::AutoApprover {
+                return Err(Denial::new(format!("IP SAN {ip} is never auto-approved")));
+            }
+            if !self.allow_ip_sans {
+                return Err(Denial::new(format!("IP SAN {ip} is not allowed")));
+            }
+        }
+        Ok(Grant { ttl, ekus })
+    }
+
+    /// `Some` when CA `ca` does not opt in to auto-approval: the auto-approver leaves its CSRs
+    /// pending for a person.
+    pub fn auto_approval_gate(&self, ca: &str) -> Option<Denial> {
+        (!self.auto_approve).then(|| {
+            Denial::manual(format!(
+                "CA {ca} does not auto-approve (its policy has no auto_approve = true); left for manual approval"
+            ))
+        })
+    }
+
+    /// Checks that the policy itself is sensible (patterns parse, TTLs ordered, names valid).
+    pub fn validate(&self) -> Result<()> {
+        if self.max_ttl.is_zero() {
+            return Err(Error::invalid("policy", "max_ttl must be positive"));
+        }
+        for p in &self.allowed_spiffe_ids {
+            pattern::check_spiffe(p).map_err(|e| Error::invalid("policy", e))?;
+        }
+        for p in &self.allowed_dns {
+            pattern::check_dns(p).map_err(|e| Error::invalid("policy", e))?;
+        }
+        for u in &self.registration_authorities {
+            if u.is_empty() || u.contains(char::is_whitespace) {
+                return Err(Error::invalid(
+                    "policy",
+                    format!("registration authority {u:?} is not a Kubernetes username"),
+                ));
+            }
+        }
+        for ns in &self.managed_namespaces {
+            let ok = !ns.is_empty()
+                && ns.len() <= 63
+                && ns
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                return Err(Error::invalid(
+                    "policy",
+                    format!("managed namespace {ns:?} is not a Kubernetes namespace name"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether any rule matches; a malformed rule is a denial naming it.
+fn any_match<S: AsRef<str>>(
+    rules: &[S],
+    mut f: impl FnMut(&str) -> std::result::Result<bool, String>,
+) -> std::result::Result<bool, Denial> {
+    for r in rules {
+        if f(r.as_ref()).map_err(|e| Denial::new(format!("the policy is invalid: {e}")))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{DnsName, SpiffeId};
+
+    fn sans(id: Option<&str>, dns: &[&str]) -> Sans {
+        Sans {
+            spiffe_id: id.map(|s| SpiffeId::parse(s).unwrap()),
+            dns: dns.iter().map(|d| DnsName::parse(d).unwrap()).collect(),
+            ips: vec![],
+        }
+    }
+
+    fn td() -> TrustDomain {
+        TrustDomain::default()
+    }
+
+    const NO_USAGES: &Usages = &Usages {
+        csr: None,
+        kube: None,
+    };
+
+    fn ask(
+        p: &Policy,
+        via: FrontEnd,
+        who: &Requester,
+        s: &Sans,
+        ttl: Option<Duration>,
+    ) -> std::result::Result<Grant, Denial> {
+        p.decide(
+            "c",
+            &td(),
+            &PolicyRequest {
+                via,
+                requester: who,
+                sans: s,
+                ttl,
+                key: PublicKeyKind::Ecdsa { bits: 256 },
+                wants_ca: false,
+                usages: NO_USAGES,
+            },
+        )
+    }
+
+    fn local(p: &Policy, s: &Sans, ttl: Option<Duration>) -> std::result::Result<Grant, Denial> {
+        ask(p, FrontEnd::Local, &Requester::LocalOperator, s, ttl)
+    }
+
+    fn denied(r: std::result::Result<Grant, Denial>, needle: &str) -> Denial {
+        match r {
+            Err(d) => {
+                assert!(
+                    d.reason.contains(needle),
+                    "{needle:?} not in {:?}",
+                    d.reason
+                );
+                d
+            }
+            Ok(g) => panic!("expected a denial naming {needle:?}, got {g:?}"),
+        }
+    }
+
+    #[test]
+    fn default_policy_allows_own_trust_domain_and_caps_ttl() {
+        let p = Policy::default();
+        let s = sans(Some("spiffe://cluster.local/ns/a/sa/b"), &["b.a.svc"]);
+        assert_eq!(local(&p, &s, None).unwrap().ttl, DEFAULT_TTL);
+        denied(local(&p, &s, Some(DEFAULT_MAX_TTL * 2)), "over the maximum");
+        let other = sans(Some("spiffe://evil.org/ns/a/sa/b"), &[]);
+        denied(local(&p, &other, None), "outside the CA's trust domain");
+        denied(local(&p, &Sans::default(), None), "no SAN");
+    }
+
+    #[test]
+    fn ca_requests_weak_keys_and_wildcards_are_denied() {
+        let p = Policy::default();
+        let s = sans(None, &["a.example.com"]);
+        let mut r = PolicyRequest {
+            via: FrontEnd::Local,
+            requester: &Requester::LocalOperator,
+            sans: &s,
+            ttl: None,
+            key: PublicKeyKind::Ecdsa { bits: 256 },
+            wants_ca: true,
+            usages: NO_USAGES,
+        };
+        denied(p.decide("c", &td(), &r), "CA:TRUE");
+        r.wants_ca = false;
+        r.key = PublicKeyKind::Rsa { bits: 1024 };
+        denied(p.decide("c", &td(), &r), "1024 bits");
+        let w = sans(None, &["*.example.com"]);
+        denied(local(&p, &w, None), "wildcard DNS name *.example.com");
+        let p2 = Policy {
+            allow_wildcard_dns: true,
+            ..Policy::default()
+        };
+        assert!(local(&p2, &w, None).is_ok());
+    }
+
+    #[test]
+    fn local_operator_binds_templates_from_the_requested_id() {
+        let p = Policy {
+            allowed_spiffe_ids: vec!["spiffe://{td}/ns/{ns}/sa/{sa}".into()],
+            allowed_dns: vec!["{sa}.{ns}.svc".into(), "**.mesh.example".into()],
+            ..Policy::default()
+        };
+        let ok = sans(
+            Some("spiffe://cluster.local/ns/app/sa/blue"),
+            &["blue.app.svc", "x.y.mesh.example"],
+        );
+        assert!(local(&p, &ok, None).is_ok());
+        let bad = sans(
+            Some("spiffe://cluster.local/ns/app/sa/blue"),
+            &["green.app.svc"],
+        );
+        denied(local(&p, &bad, None), "green.app.svc");
+        denied(
+            local(&p, &sans(None, &["mesh.example"]), None),
+            "mesh.example",
+        );
+        denied(
+            local(&p, &sans(None, &["blue.app.svc"]), None),
+            "DNS name blue.app.svc matches no allowed pattern",
+        );
+    }
+
+    /// The defect of issue 8: `{ns}`/`{sa}` were bound from the request's own SPIFFE ID, so a
+    /// templated rule admitted any Kubernetes-shaped ID for any requester.
+    #[test]
+    fn kube_requesters_bind_templates_never_the_request() {
+        let p = Policy {
+            allowed_spiffe_ids: vec!["spiffe://{td}/ns/{ns}/sa/{sa}".into()],
+            ..Policy::default()
+        };
+        let blue = Requester::kube("system:serviceaccount:app:blue");
+        let own = sans(Some("spiffe://cluster.local/ns/app/sa/blue"), &[]);
+        assert!(ask(&p, FrontEnd::CsrSigner, &blue, &own, None).is_ok());
+        for other in [
+            "spiffe://cluster.local/ns/app/sa/green",
+            "spiffe://cluster.local/ns/prod/sa/blue",
+            "spiffe://cluster.local/ns/app/sa/Blue",
+        ] {
+            denied(
+                ask(
+                    &p,
+                    FrontEnd::CsrSigner,
+                    &blue,
+                    &sans(Some(other), &[]),
+                    None,
+                ),
+                other,
+            );
+        }
+        // A person binds nothing: the templated rule does not match.
+        let alice = Requester::kube("alice@example.com");
+        let d = denied(
+            ask(&p, FrontEnd::CsrSigner, &alice, &own, None),
+            "spiffe://cluster.local/ns/app/sa/blue",
+        );
+        assert!(d.reason.contains("not a service account"), "{}", d.reason);
+        // ... and the auto-approver leaves it for a person.
+        let aa = Policy {
+            auto_approve: true,
+            ..p.clone()
+        };
+        assert!(
+            ask(&aa, FrontEnd::AutoApprover, &alice, &own, None)
+                .unwrap_err()
+                .manual
+        );
+    }
+
+    #[test]
+    fn registration_authorities_bind_the_requested_id_in_the_trust_domain() {
+        let istiod = "system:serviceaccount:istio-system:istiod";
+        let p = Policy {
+            registration_authorities: vec![istiod.into()],
+            ..Policy::default()
+        };
+        let ra = Requester::kube(istiod);
+        let blue = sans(
+            Some("spiffe://cluster.local/ns/app/sa/blue"),
+            &["blue.app.svc"],
+        );
+        assert!(ask(&p, FrontEnd::CsrSigner, &ra, &blue, None).is_ok());
+        denied(
+            ask(
+                &p,
+                FrontEnd::CsrSigner,
+                &ra,
+                &sans(Some("spiffe://evil.org/ns/app/sa/blue"), &[]),
+                None,
+            ),
+            "spiffe://evil.org/ns/app/sa/blue",
+        );
+        denied(
+            ask(
+                &p,
+                FrontEnd::CsrSigner,
+                &ra,
+                &sans(
+                    Some("spiffe://cluster.local/ns/app/sa/blue"),
+                    &["green.app.svc"],
+                ),
+                None,
+            ),
+            "green.app.svc",
+        );
+        // The same account, not listed, is an ordinary service account.
+        denied(
+            ask(&Policy::default(), FrontEnd::CsrSigner, &ra, &blue, None),
+            "does not belong to requester",
+        );
+    }
+
+    #[test]
+    fn managed_secrets_get_only_identities_of_their_namespace() {
+        let p = Policy {
+            managed_namespaces: vec!["app".into()],
+            ..Policy::default()
+        };
+        let app = Requester::SecretNamespace("app".into());
+        let ok = sans(
+            Some("spiffe://cluster.local/ns/app/sa/web"),
+            &["web.app.svc"],
+        );
+        assert!(ask(&p, FrontEnd::ManagedSecret, &app, &ok, None).is_ok());
+        denied(
+            ask(
+                &p,
+                FrontEnd::ManagedSecret,
+                &app,
+                &sans(Some("spiffe://cluster.local/ns/prod/sa/web"), &[]),
+                None,
+            ),
+            "spiffe://cluster.local/ns/prod/sa/web",
+        );
+        denied(
+            ask(
+                &p,
+                FrontEnd::ManagedSecret,
+                &app,
+                &sans(
+                    Some("spiffe://cluster.local/ns/app/sa/web"),
+                    &["db.app.svc"],
+                ),
+                None,
+            ),
+            "db.app.svc",
+        );
+        let prod = Requester::SecretNamespace("prod".into());
+        let d = denied(
+            ask(
+                &p,
+                FrontEnd::ManagedSecret,
+                &prod,
+                &sans(Some("spiffe://cluster.local/ns/prod/sa/web"), &[]),
+                None,
+            ),
+            "\"prod\"",
+        );
+        assert!(d.reason.contains("managed_namespaces"), "{}", d.reason);
+        // Default: no namespace is served.
+        denied(
+            ask(&Policy::default(), FrontEnd::ManagedSecret, &app, &ok, None),
+            "managed_namespaces",
+        );
+    }
+
+    #[test]
+    fn auto_approval_is_opt_in_and_static_dns_needs_its_own_key() {
+        let gateway = Policy {
+            allowed_dns: vec!["**.example.com".into()],
+            ..Policy::default()
+        };
+        let sa = Requester::kube("system:serviceaccount:app:blue");
+        let t = sans(None, &["tenanta.example.com"]);
+        let d = denied(
+            ask(&gateway, FrontEnd::AutoApprover, &sa, &t, None),
+            "does not auto-approve",
+        );
+        assert!(d.manual);
+        let on = Policy {
+            auto_approve: true,
+            ..gateway.clone()
+        };
+        let d = denied(
+            ask(&on, FrontEnd::AutoApprover, &sa, &t, None),
+            "tenanta.example.com",
+        );
+        assert!(d.reason.contains("auto_approve_static_dns"), "{}", d.reason);
+        let static_ok = Policy {
+            auto_approve_static_dns: true,
+            ..on.clone()
+        };
+        assert!(ask(&static_ok, FrontEnd::AutoApprover, &sa, &t, None).is_ok());
+        // Own service name under the default templated rules: approved; IP SANs never.
+        let mesh = Policy {
+            auto_approve: true,
+            ..Policy::default()
+        };
+        let own = sans(
+            Some("spiffe://cluster.local/ns/app/sa/blue"),
+            &["blue.app.svc"],
+        );
+        assert!(ask(&mesh, FrontEnd::AutoApprover, &sa, &own, None).is_ok());
+        let mut ip = own.clone();
+        ip.ips.push("10.1.2.3".parse().unwrap());
+        denied(
+            ask(&mesh, FrontEnd::AutoApprover, &sa, &ip, None),
+            "IP SAN 10.1.2.3 is never auto-approved",
+        );
+        // TTLs: under the API minimum and over the policy.
+        denied(
+            ask(
+                &mesh,
+                FrontEnd::AutoApprover,
+                &sa,
+                &own,
+                Some(Duration::from_secs(599)),
+            ),
+            "599 is below the minimum of 600",
+        );
+        assert!(ask(
+            &mesh,
+            FrontEnd::AutoApprover,
+            &sa,
+            &own,
+            Some(Duration::from_secs(600))
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn front_end_and_requester_must_agree() {
+        let s = sans(Some("spiffe://cluster.local/ns/app/sa/web"), &[]);
+        denied(
+            ask(
+                &Policy::default(),
+                FrontEnd::ManagedSecret,
+                &Requester::LocalOperator,
+                &s,
+                None,
+            ),
+            "cannot ask through the managed-secret front end",
+        );
+        denied(
+            ask(
+                &Policy::default(),
+                FrontEnd::Local,
+                &Requester::kube("system:serviceaccount:a:b"),
+                &s,
+                None,
+            ),
+            "cannot ask through the local front end",
+        );
+    }
+
+    #[test]
+    fn usages_are_granted_within_the_profile() {
+        let p = Policy::default();
+        let s = sans(None, &["a.example.com"]);
+        let mk = |u: &'static [&'static str]| Usages {
+            csr: None,
+            kube: Some(u.iter().map(|s| s.to_string()).collect()),
+        };
+        let client = mk(&["digital signature", "client auth"]);
+        let r = PolicyRequest {
+            via: FrontEnd::Local,
+            requester: &Requester::LocalOperator,
+            sans: &s,
+            ttl: None,
+            key: PublicKeyKind::Ecdsa { bits: 256 },
+            wants_ca: false,
+            usages: &client,
+        };
+        assert_eq!(
+            p.decide("c", &td(), &r).unwrap().ekus.names(),
+            ["client auth"]
+        );
+        let code = mk(&["code signing"]);
+        denied(
+            p.decide(
+                "c",
+                &td(),
+                &PolicyRequest {
+                    usages: &code,
+                    ..r.clone()
+                },
+            ),
+            "\"code signing\"",
+        );
+    }
+
+    #[test]
+    fn unknown_placeholders_fail_to_load_naming_them() {
+        let p = Policy {
+            allowed_spiffe_ids: vec!["spiffe://{td}/ns/{namespace}/sa/{sa}".into()],
+            ..Policy::default()
+        };
+        let e = p.validate().unwrap_err().to_string();
+        assert!(e.contains("{namespace}"), "{e}");
+        // A stored policy that slipped through is a denial naming it, not a match.
+        denied(
+            local(
+                &p,
+                &sans(Some("spiffe://cluster.local/ns/a/sa/b"), &[]),
+                None,
+            ),
+            "{namespace}",
+        );
+        let p = Policy {
+            allowed_dns: vec!["{service}.svc".into()],
+            ..Policy::default()
+        };
+        assert!(p.validate().unwrap_err().to_string().contains("{service}"));
+    }
+
+    #[test]
+    fn policy_round_trips_through_toml() {
+        let p = Policy {
+            max_ttl: Duration::from_secs(3600),
+            allowed_dns: vec!["*.svc".into()],
+            registration_authorities: vec!["system:serviceaccount:istio-system:istiod".into()],
+            managed_namespaces: vec!["mtls".into()],
+            auto_approve: true,
+            ..Policy::default()
+        };
+        let s = toml::to_string(&p).unwrap();
+        assert!(s.contains("max_ttl = \"1h\""), "{s}");
+        assert!(s.contains("auto_approve = true"), "{s}");
+        let back: Policy = toml::from_str(&s).unwrap();
+        assert_eq!(back, p);
+        assert!(toml::from_str::<Policy>("bogus = 1").is_err());
+        // Stored policies from before these keys load with the safe defaults.
+        let old: Policy = toml::from_str("allowed_dns = [\"*.svc\"]").unwrap();
+        assert!(!old.auto_approve && old.managed_namespaces.is_empty());
+    }
+}
