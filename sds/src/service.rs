@@ -443,7 +443,21 @@ async fn run_stream<F: Flavor>(
                 }
                 Ok(None) => break,
                 Err(s) => {
-                    tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
+                    // tonic reports a message over max_decoding_message_size as OUT_OF_RANGE;
+                    // gRPC's code for it is RESOURCE_EXHAUSTED.
+                    let s = if s.code() == tonic::Code::OutOfRange {
+                        Status::resource_exhausted(s.message().to_string())
+                    } else {
+                        s
+                    };
+                    if s.code() == tonic::Code::ResourceExhausted {
+                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "request too large; closing stream");
+                    } else {
+                        tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
+                    }
+                    // Tell the client why (a decoding limit, say); never wait for a client
+                    // that is gone.
+                    let _ = tx.try_send(Err(s));
                     break;
                 }
             },
