@@ -101,8 +101,10 @@ async fn names_per_request_and_name_length_are_limited() {
     let ok = names(127, "w");
     let mut ok: Vec<&str> = ok.iter().map(String::as_str).collect();
     ok.push("default");
-    let mut server_limit = meshca_sds::Limits::default();
-    server_limit.max_unknown_per_stream = 200;
+    let server_limit = meshca_sds::Limits {
+        max_unknown_per_stream: 200,
+        ..Default::default()
+    };
     drop(client);
     server.shutdown().await.unwrap();
     let (server, sock) = server_with_limits(&home, server_limit).await;
