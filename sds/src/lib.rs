@@ -380,7 +380,7 @@ fn bind_unix_with(
         }
         None => PathBuf::from("."),
     };
-    let file_name = path.file_name().ok_or_else(|| {
+    path.file_name().ok_or_else(|| {
         listen_err(
             &shown,
             std::io::Error::new(
@@ -394,18 +394,15 @@ fn bind_unix_with(
     let mut attempt = 0;
     let private = loop {
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = dir.join(format!(
-            ".{}.{}.{n}.bind",
-            file_name.to_string_lossy(),
-            std::process::id()
-        ));
+        // Short names: a socket path is limited to 107 bytes.
+        let d = dir.join(format!(".sds-{}-{n}", std::process::id()));
         match std::fs::DirBuilder::new().mode(0o700).create(&d) {
             Ok(()) => break d,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
             Err(e) => return Err(listen_err(&shown, e)),
         }
     };
-    let tmp = private.join(file_name);
+    let tmp = private.join("s");
     let bound = std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
         .and_then(|_| std::os::unix::net::UnixListener::bind(&tmp))
         .and_then(|l| {
