@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use meshca::identity::TrustDomain;
+use meshca::identity::{SpiffeId, TrustDomain};
 use meshca::key::KeyAlgorithm;
 use meshca::store::Store;
-use meshca_sds::{Listen, ServeConfig, SourceConfig, DEFAULT_SOCKET_PATH};
+use meshca_sds::{
+    ClientAllowList, Listen, ServeConfig, SourceConfig, TlsConfig, DEFAULT_SOCKET_PATH,
+};
 
 use crate::common::{usage, Ctx, IdentityArgs};
 
@@ -69,6 +71,36 @@ pub struct ServeArgs {
     /// How often the home or the files are checked for changes.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     poll_interval: Duration,
+    /// Mutual TLS on every tcp: listener: this server's certificate chain (PEM, leaf first).
+    /// Required, with --tls-key, --client-ca and an allow-list, for a non-loopback address.
+    #[arg(long, value_name = "PATH", requires_all = ["tls_key", "client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Mutual TLS: this server's private key (PEM).
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Mutual TLS: CA certificates (PEM) that client certificates must chain to.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+    /// Mutual TLS: allow clients whose certificate carries this SPIFFE ID (repeatable).
+    #[arg(long, value_name = "ID", requires = "tls_cert")]
+    allow_client_spiffe_id: Vec<String>,
+    /// Mutual TLS: allow clients whose certificate has this subject DN, e.g. "CN=envoy,O=mesh"
+    /// (repeatable).
+    #[arg(long, value_name = "DN", requires = "tls_cert")]
+    allow_client_subject: Vec<String>,
+    /// Serve tcp: listeners on non-loopback addresses in PLAINTEXT. Anyone who reaches the port
+    /// gets the workload's private key.
+    #[arg(long, conflicts_with = "tls_cert")]
+    danger_plaintext_tcp: bool,
+    /// Concurrent SDS streams allowed on one connection (HTTP/2 max concurrent streams).
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    max_streams_per_connection: u32,
+    /// Largest request message accepted, in bytes (larger: RESOURCE_EXHAUSTED).
+    #[arg(long, default_value_t = 256 * 1024, value_name = "BYTES")]
+    max_request_bytes: usize,
+    /// Most resource names in one request (more: INVALID_ARGUMENT).
+    #[arg(long, default_value_t = 128, value_name = "N")]
+    max_names_per_request: usize,
 }
 
 pub async fn run(ctx: &Ctx, cmd: SdsCmd) -> anyhow::Result<()> {
@@ -158,7 +190,44 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
             ))
         }
     };
+    let tls = match (&a.tls_cert, &a.tls_key, &a.client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            let spiffe_ids = a
+                .allow_client_spiffe_id
+                .iter()
+                .map(|id| {
+                    SpiffeId::parse(id).map_err(|e| usage(format!("--allow-client-spiffe-id: {e}")))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let allow = ClientAllowList {
+                spiffe_ids,
+                subjects: a.allow_client_subject.clone(),
+            };
+            if allow.is_empty() {
+                return Err(usage(
+                    "--tls-cert needs an allow-list: --allow-client-spiffe-id and/or --allow-client-subject",
+                ));
+            }
+            Some(TlsConfig {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+                allow,
+            })
+        }
+        (None, None, None) => None,
+        _ => {
+            return Err(usage(
+                "mutual TLS needs all of --tls-cert, --tls-key and --client-ca",
+            ))
+        }
+    };
     let mut cfg = ServeConfig::new(source, listen);
+    cfg.tls = tls;
+    cfg.danger_plaintext_tcp = a.danger_plaintext_tcp;
+    cfg.max_concurrent_streams = a.max_streams_per_connection;
+    cfg.max_request_bytes = a.max_request_bytes;
+    cfg.limits.max_names_per_request = a.max_names_per_request;
     cfg.socket_mode = socket_mode;
     cfg.metrics = metrics;
     cfg.rotation.renew_at = a.renew_at;

@@ -36,6 +36,7 @@ pub mod rotation;
 pub mod secrets;
 pub mod service;
 pub mod source;
+pub mod transport;
 pub mod xds;
 
 use std::future::Future;
@@ -52,12 +53,14 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::StreamExt;
 
 pub use metrics::Metrics;
 pub use rotation::RotationConfig;
 pub use secrets::{Snapshot, DEFAULT_NAME, ROOTCA_NAME, SECRET_TYPE_URL};
-pub use service::SdsService;
+pub use service::{Limits, SdsService};
 pub use source::{CertSource, FileSource, LocalCaSource, Material, SourceError, WorkloadCert};
+pub use transport::{ClientAllowList, TlsConfig};
 
 /// The default Unix socket path.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/meshca/sds.sock";
@@ -189,8 +192,20 @@ pub struct ServeConfig {
     pub metrics: Option<SocketAddr>,
     /// Rotation settings.
     pub rotation: RotationConfig,
-    /// HTTP/2 streams allowed per connection (default 10 000).
+    /// HTTP/2 streams allowed per connection (default 1024; HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`).
     pub max_concurrent_streams: u32,
+    /// Largest request message accepted, in bytes after decoding (default 256 KiB); a larger
+    /// one ends its stream with `RESOURCE_EXHAUSTED`.
+    pub max_request_bytes: usize,
+    /// Names per request and per stream, name length, unknown names per stream.
+    pub limits: Limits,
+    /// Mutual TLS for every TCP listener. Required for a TCP listener on a non-loopback
+    /// address unless `danger_plaintext_tcp` is set.
+    pub tls: Option<TlsConfig>,
+    /// Serve non-loopback TCP listeners in plaintext without TLS. Anyone who reaches the
+    /// port gets the workload's private key.
+    pub danger_plaintext_tcp: bool,
     /// Whether SIGHUP forces a renewal / re-read of the source (default true in [`serve`]).
     pub reload_on_sighup: bool,
     /// How long shutdown waits for connections to close (default 5 s).
@@ -206,7 +221,11 @@ impl ServeConfig {
             socket_mode: 0o600,
             metrics: None,
             rotation: RotationConfig::default(),
-            max_concurrent_streams: 10_000,
+            max_concurrent_streams: 1024,
+            max_request_bytes: 256 * 1024,
+            limits: Limits::default(),
+            tls: None,
+            danger_plaintext_tcp: false,
             reload_on_sighup: true,
             shutdown_grace: Duration::from_secs(5),
         }
@@ -233,6 +252,19 @@ impl ServeConfig {
         }
         if r.poll_interval.is_zero() {
             return Err(ServeError::Config("poll interval must be positive".into()));
+        }
+        transport::check_exposure(&self.listen, self.tls.as_ref(), self.danger_plaintext_tcp)?;
+        if self.max_concurrent_streams == 0 || self.max_request_bytes == 0 {
+            return Err(ServeError::Config(
+                "max streams per connection and max request size must be positive".into(),
+            ));
+        }
+        let l = &self.limits;
+        if l.max_names_per_request == 0 || l.max_names_per_stream == 0 || l.max_name_len == 0 {
+            return Err(ServeError::Config(
+                "the names-per-request, names-per-stream and name-length limits must be positive"
+                    .into(),
+            ));
         }
         if self.socket_mode & !0o777 != 0 {
             return Err(ServeError::Config(format!(
@@ -302,10 +334,23 @@ fn listen_err(addr: impl std::fmt::Display, source: std::io::Error) -> ServeErro
     }
 }
 
-/// Binds a Unix socket with `mode` without a window where it has looser permissions: bind
-/// at a temporary name, chmod, then rename into place. A stale socket (nobody listening) is
-/// replaced; a live one or a non-socket file is an error.
+/// Binds a Unix socket with `mode` without a window where it is reachable with looser
+/// permissions, whatever the umask: the socket is bound inside a fresh private directory
+/// (mode 0700) next to `path`, chmod-ed to `mode`, then renamed into place. The process
+/// umask is never touched (it is shared by every thread). A stale socket (nobody listening)
+/// is replaced; a live one or a non-socket file is an error.
 fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
+    bind_unix_with(path, mode, |_| {})
+}
+
+/// [`bind_unix`], calling `after_bind` with the socket's temporary path right after bind(2)
+/// (the tests check its reachability there).
+fn bind_unix_with(
+    path: &Path,
+    mode: u32,
+    after_bind: impl FnOnce(&Path),
+) -> Result<UnixListener, ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
     let shown = format!("unix:{}", path.display());
     if let Ok(md) = std::fs::symlink_metadata(path) {
         if !md.file_type().is_socket() {
@@ -328,10 +373,14 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
         }
         std::fs::remove_file(path).map_err(|e| listen_err(&shown, e))?;
     }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| listen_err(&shown, e))?;
-    }
-    let file_name = path.file_name().ok_or_else(|| {
+    let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| listen_err(&shown, e))?;
+            dir.to_path_buf()
+        }
+        None => PathBuf::from("."),
+    };
+    path.file_name().ok_or_else(|| {
         listen_err(
             &shown,
             std::io::Error::new(
@@ -340,20 +389,33 @@ fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServeError> {
             ),
         )
     })?;
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    // mkdir(2) is exclusive, so a directory someone else created is never reused.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut attempt = 0;
+    let private = loop {
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Short names: a socket path is limited to 107 bytes.
+        let d = dir.join(format!(".sds-{}-{n}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => break d,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt < 16 => attempt += 1,
+            Err(e) => return Err(listen_err(&shown, e)),
+        }
+    };
+    let tmp = private.join("s");
+    let bound = std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700))
+        .and_then(|_| std::os::unix::net::UnixListener::bind(&tmp))
+        .and_then(|l| {
+            after_bind(&tmp);
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+            std::fs::rename(&tmp, path)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        });
     let _ = std::fs::remove_file(&tmp);
-    let l = UnixListener::bind(&tmp).map_err(|e| listen_err(&shown, e))?;
-    let finish = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = finish {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(listen_err(&shown, e));
-    }
-    Ok(l)
+    let _ = std::fs::remove_dir(&private);
+    let l = bound.map_err(|e| listen_err(&shown, e))?;
+    UnixListener::from_std(l).map_err(|e| listen_err(&shown, e))
 }
 
 impl Server {
@@ -363,18 +425,30 @@ impl Server {
         cfg.validate()?;
         let source = cfg.build_source()?;
         let metrics = Arc::new(Metrics::default());
+        // The transport's files are checked before the first certificate is issued.
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(|t| t.server_config(metrics.clone()))
+            .transpose()?;
         let (snap_tx, snap_rx) = watch::channel(Arc::new(Snapshot::new()));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let mut rotator =
             rotation::Rotator::new(source, cfg.rotation.clone(), snap_tx, metrics.clone());
         rotator.step(true).await.map_err(ServeError::Source)?;
 
-        let service = SdsService::new(snap_rx.clone(), metrics.clone(), shutdown_rx.clone());
+        let service = SdsService::new(
+            snap_rx.clone(),
+            metrics.clone(),
+            shutdown_rx.clone(),
+            cfg.limits,
+        );
         let mut bound = Vec::new();
         let mut servers = Vec::new();
         let mut sockets = Vec::new();
         for l in &cfg.listen {
-            let svc = SecretDiscoveryServiceServer::new(service.clone());
+            let svc = SecretDiscoveryServiceServer::new(service.clone())
+                .max_decoding_message_size(cfg.max_request_bytes);
             let builder = tonic::transport::Server::builder()
                 .max_concurrent_streams(cfg.max_concurrent_streams)
                 .http2_keepalive_interval(Some(Duration::from_secs(60)))
@@ -401,15 +475,45 @@ impl Server {
                         .map_err(|e| listen_err(l, e))?;
                     let local = listener.local_addr().map_err(|e| listen_err(l, e))?;
                     bound.push(Bound::Tcp(local));
-                    let mut b = builder.tcp_nodelay(true);
-                    tokio::spawn(async move {
-                        b.add_service(svc)
-                            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
-                            .await
-                    })
+                    let mut b = builder;
+                    match &tls {
+                        Some(tls) => {
+                            let incoming = transport::tls_incoming(
+                                listener,
+                                tls.clone(),
+                                metrics.clone(),
+                                shutdown_rx.clone(),
+                            );
+                            tokio::spawn(async move {
+                                b.add_service(svc)
+                                    .serve_with_incoming_shutdown(incoming, signal)
+                                    .await
+                            })
+                        }
+                        None => {
+                            if transport::is_exposed(&local) {
+                                tracing::warn!(listen = %l, "serving SDS in PLAINTEXT on a non-loopback address (--danger-plaintext-tcp): anyone who reaches it gets the private key");
+                            }
+                            let incoming = TcpListenerStream::new(listener).map(|c| {
+                                c.inspect(|s| {
+                                    let _ = s.set_nodelay(true);
+                                })
+                            });
+                            tokio::spawn(async move {
+                                b.add_service(svc)
+                                    .serve_with_incoming_shutdown(incoming, signal)
+                                    .await
+                            })
+                        }
+                    }
                 }
             };
-            tracing::info!(listen = %l, "serving SDS");
+            let security = match l {
+                Listen::Unix(_) => "unix socket",
+                Listen::Tcp(_) if tls.is_some() => "mutual TLS",
+                Listen::Tcp(_) => "plaintext",
+            };
+            tracing::info!(listen = %l, transport = security, "serving SDS");
             servers.push((l.to_string(), handle));
         }
 
@@ -642,8 +746,102 @@ mod tests {
         assert!(c.validate().is_err());
     }
 
+    const UMASK_CHILD: &str = "MESHCA_SDS_TEST_UMASK_CHILD";
+    /// Serializes the socket tests: a child forked by one of them holds copies of the other's
+    /// listening sockets until it execs, which would make a closed socket look live.
+    static SOCKET_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// Under umask 000 the socket is bound with mode 0777: it must not be reachable until it
+    /// has its final mode. Runs itself again in a child process with umask 000 (the umask is
+    /// per process, so it cannot be changed under the other tests).
+    #[test]
+    fn unix_socket_never_looser_than_mode_under_umask_000() {
+        let name = "tests::unix_socket_never_looser_than_mode_under_umask_000";
+        if std::env::var_os(UMASK_CHILD).is_none() {
+            let _serial = SOCKET_TESTS.lock().unwrap_or_else(|e| e.into_inner());
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg("umask 000 && exec \"$0\" \"$@\"")
+                .arg(std::env::current_exe().unwrap())
+                .args(["--exact", name, "--nocapture", "--test-threads=1"])
+                .env(UMASK_CHILD, "1")
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert!(out.status.success(), "child failed:\n{text}");
+            assert!(
+                text.contains("1 passed"),
+                "child did not run the test:\n{text}"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        // The umask really is 000 here.
+        let probe = dir.path().join("probe");
+        std::fs::create_dir(&probe).unwrap();
+        assert_eq!(
+            std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777,
+            0o777,
+            "umask 000 in the child"
+        );
+        // A socket directory others may traverse, like /run/meshca (0755).
+        let sock_dir = dir.path().join("run");
+        std::fs::create_dir(&sock_dir).unwrap();
+        std::fs::set_permissions(&sock_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = sock_dir.join("sds.sock");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _rt = rt.enter();
+        for mode in [0o600, 0o660] {
+            let _ = std::fs::remove_file(&path);
+            let mut checked = false;
+            let l = bind_unix_with(&path, mode, |tmp| {
+                // Right after bind(2): the socket has the umask's mode. Another user can
+                // connect only if the socket grants more than `mode` AND no directory
+                // between it and the socket directory shuts others out.
+                let sock = std::fs::metadata(tmp).unwrap().permissions().mode() & 0o777;
+                let looser = sock & !mode & 0o077;
+                let mut shut_out = false;
+                let mut d = tmp.parent();
+                while let Some(p) = d.filter(|p| *p != sock_dir.as_path()) {
+                    let m = std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+                    shut_out |= m & 0o077 == 0;
+                    d = p.parent();
+                }
+                assert!(
+                    looser == 0 || shut_out,
+                    "socket {} bound with mode {sock:o} (wanted {mode:o}) where others can reach it",
+                    tmp.display()
+                );
+                checked = true;
+            });
+            drop(l.unwrap());
+            assert!(checked);
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+                mode
+            );
+            let left: Vec<_> = std::fs::read_dir(&sock_dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                left,
+                vec![std::ffi::OsString::from("sds.sock")],
+                "no leftovers"
+            );
+        }
+    }
+
     #[test]
     fn unix_socket_mode_and_stale_socket() {
+        let _serial = SOCKET_TESTS.lock().unwrap_or_else(|e| e.into_inner());
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("sub/sds.sock");
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -80,6 +80,10 @@ pub struct Metrics {
     pub source_errors: AtomicU64,
     /// notAfter of the served workload certificate, Unix seconds (0: none).
     pub cert_expiry: AtomicI64,
+    /// TLS clients whose certificate verified but is not on the allow-list.
+    pub clients_refused: AtomicU64,
+    /// TLS handshakes that failed or timed out (refused clients included).
+    pub tls_handshake_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -125,6 +129,16 @@ impl Metrics {
             "meshca_sds_source_errors_total",
             "Certificate source failures (the current secrets stay served).",
             self.source_errors.load(Ordering::Relaxed),
+        );
+        counter(
+            "meshca_sds_tls_clients_refused_total",
+            "TLS clients with a valid certificate that is not on the allow-list.",
+            self.clients_refused.load(Ordering::Relaxed),
+        );
+        counter(
+            "meshca_sds_tls_handshake_failures_total",
+            "TLS handshakes that failed or timed out.",
+            self.tls_handshake_failures.load(Ordering::Relaxed),
         );
         for (name, help, pm) in [
             (

@@ -17,8 +17,97 @@ use crate::metrics::{Metrics, Mode};
 use crate::secrets::{Snapshot, SECRET_TYPE_URL};
 use crate::xds::{DeltaRequest, DeltaStream, Event, Outcome, SotwRequest, SotwStream};
 
-/// Most names one stream may subscribe to.
+/// Most names one stream may subscribe to (the default of [`Limits::max_names_per_stream`]).
 pub const MAX_NAMES_PER_STREAM: usize = 1024;
+
+/// What one client may ask of the server. Every limit ends only the offending stream (or
+/// call), with a gRPC status naming the limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most resource names in one request: SotW `resource_names`, delta
+    /// `resource_names_subscribe`, FetchSecrets (`INVALID_ARGUMENT`).
+    pub max_names_per_request: usize,
+    /// Most names one stream may be subscribed to (`INVALID_ARGUMENT`).
+    pub max_names_per_stream: usize,
+    /// Longest resource name, in bytes (`INVALID_ARGUMENT`).
+    pub max_name_len: usize,
+    /// Most subscribed names that do not exist (yet) that one stream may wait on
+    /// (`NOT_FOUND`). Each waits for its secret to appear; beyond this the stream ends.
+    pub max_unknown_per_stream: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_names_per_request: 128,
+            max_names_per_stream: MAX_NAMES_PER_STREAM,
+            max_name_len: 512,
+            max_unknown_per_stream: 16,
+        }
+    }
+}
+
+/// A name for an error message: escaped, and cut to 64 characters.
+fn shown(name: &str) -> String {
+    let cut: String = name.chars().take(64).collect();
+    if cut.len() < name.len() {
+        format!("{cut:?}...")
+    } else {
+        format!("{cut:?}")
+    }
+}
+
+impl Limits {
+    /// Checks the names of one request, of which `total` will be subscribed afterwards.
+    fn check_request<'a>(
+        &self,
+        names: impl ExactSizeIterator<Item = &'a String>,
+        total: usize,
+    ) -> Result<(), Status> {
+        let n = names.len();
+        if n > self.max_names_per_request {
+            return Err(Status::invalid_argument(format!(
+                "{n} resource names in one request; at most {} are allowed",
+                self.max_names_per_request
+            )));
+        }
+        if total > self.max_names_per_stream {
+            return Err(Status::invalid_argument(format!(
+                "{total} resource names in one stream; at most {} are allowed",
+                self.max_names_per_stream
+            )));
+        }
+        for name in names {
+            if name.len() > self.max_name_len {
+                return Err(Status::invalid_argument(format!(
+                    "resource name {} is {} bytes long; at most {} are allowed",
+                    shown(name),
+                    name.len(),
+                    self.max_name_len
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks how many of the stream's subscriptions do not exist in `snap`.
+    fn check_unknown<'a>(
+        &self,
+        subscribed: impl Iterator<Item = &'a str>,
+        snap: &Snapshot,
+    ) -> Result<(), Status> {
+        let unknown: Vec<&str> = subscribed.filter(|n| snap.get(n).is_none()).collect();
+        if unknown.len() > self.max_unknown_per_stream {
+            return Err(Status::not_found(format!(
+                "{} subscribed secrets do not exist, e.g. {}; at most {} may wait on one stream",
+                unknown.len(),
+                shown(unknown[0]),
+                self.max_unknown_per_stream
+            )));
+        }
+        Ok(())
+    }
+}
 /// Responses buffered per stream before the stream task waits for the client.
 const STREAM_BUFFER: usize = 4;
 
@@ -33,22 +122,25 @@ struct Shared {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    limits: Limits,
     next_id: AtomicU64,
 }
 
 impl SdsService {
-    /// A service serving the snapshots published on `snapshots`; open streams end when
-    /// `shutdown` becomes true.
+    /// A service serving the snapshots published on `snapshots` within `limits`; open
+    /// streams end when `shutdown` becomes true.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         metrics: Arc<Metrics>,
         shutdown: watch::Receiver<bool>,
+        limits: Limits,
     ) -> Self {
         SdsService {
             inner: Arc::new(Shared {
                 snapshots,
                 metrics,
                 shutdown,
+                limits,
                 next_id: AtomicU64::new(1),
             }),
         }
@@ -71,16 +163,6 @@ fn check_type(type_url: &str) -> Result<(), Status> {
         Err(Status::invalid_argument(format!(
             "unsupported type_url {type_url:?}; this server serves {SECRET_TYPE_URL}"
         )))
-    }
-}
-
-fn check_names(n: usize) -> Result<(), Status> {
-    if n > MAX_NAMES_PER_STREAM {
-        Err(Status::invalid_argument(format!(
-            "{n} resource names in one stream; at most {MAX_NAMES_PER_STREAM} are allowed"
-        )))
-    } else {
-        Ok(())
     }
 }
 
@@ -206,7 +288,12 @@ trait Flavor: Send + 'static {
     /// The `node` of a request, for logs.
     fn node(req: &Self::Req) -> String;
     /// Validates a request and feeds it to the state machine; an error status closes the stream.
-    fn on_request(&mut self, req: Self::Req, snap: &Snapshot) -> Result<Outcome, Status>;
+    fn on_request(
+        &mut self,
+        req: Self::Req,
+        snap: &Snapshot,
+        limits: &Limits,
+    ) -> Result<Outcome, Status>;
     /// Feeds a newly published snapshot to the state machine.
     fn on_update(&mut self, snap: &Snapshot) -> Outcome;
     /// The responses for an outcome, each with the number of secrets it pushes.
@@ -228,15 +315,23 @@ impl Flavor for SotwStream {
         node_id(&req.node)
     }
 
-    fn on_request(&mut self, req: DiscoveryRequest, snap: &Snapshot) -> Result<Outcome, Status> {
-        check_type(&req.type_url).and_then(|_| check_names(req.resource_names.len()))?;
+    fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+        snap: &Snapshot,
+        limits: &Limits,
+    ) -> Result<Outcome, Status> {
+        check_type(&req.type_url)?;
+        limits.check_request(req.resource_names.iter(), req.resource_names.len())?;
         let r = SotwRequest {
             version_info: req.version_info,
             response_nonce: req.response_nonce,
             resource_names: req.resource_names,
             error_detail: req.error_detail.map(|e| e.message),
         };
-        Ok(SotwStream::on_request(self, &r, snap))
+        let out = SotwStream::on_request(self, &r, snap);
+        limits.check_unknown(self.subscribed(), snap)?;
+        Ok(out)
     }
 
     fn on_update(&mut self, snap: &Snapshot) -> Outcome {
@@ -271,9 +366,11 @@ impl Flavor for DeltaStream {
         &mut self,
         req: DeltaDiscoveryRequest,
         snap: &Snapshot,
+        limits: &Limits,
     ) -> Result<Outcome, Status> {
+        check_type(&req.type_url)?;
         let n = req.resource_names_subscribe.len() + self.subscribed().count();
-        check_type(&req.type_url).and_then(|_| check_names(n))?;
+        limits.check_request(req.resource_names_subscribe.iter(), n)?;
         let r = DeltaRequest {
             response_nonce: req.response_nonce,
             subscribe: req.resource_names_subscribe,
@@ -284,7 +381,9 @@ impl Flavor for DeltaStream {
                 .collect::<BTreeMap<_, _>>(),
             error_detail: req.error_detail.map(|e| e.message),
         };
-        Ok(DeltaStream::on_request(self, &r, snap))
+        let out = DeltaStream::on_request(self, &r, snap);
+        limits.check_unknown(self.subscribed(), snap)?;
+        Ok(out)
     }
 
     fn on_update(&mut self, snap: &Snapshot) -> Outcome {
@@ -333,7 +432,7 @@ async fn run_stream<F: Flavor>(
                         tracing::info!(stream = %id, node = %node, mode = F::MODE.as_str(), "stream opened");
                     }
                     let snap = snaps.borrow_and_update().clone();
-                    match st.on_request(req, &snap) {
+                    match st.on_request(req, &snap, &shared.limits) {
                         Ok(out) => (out, snap),
                         Err(s) => {
                             tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
@@ -344,7 +443,21 @@ async fn run_stream<F: Flavor>(
                 }
                 Ok(None) => break,
                 Err(s) => {
-                    tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
+                    // tonic reports a message over max_decoding_message_size as OUT_OF_RANGE;
+                    // gRPC's code for it is RESOURCE_EXHAUSTED.
+                    let s = if s.code() == tonic::Code::OutOfRange {
+                        Status::resource_exhausted(s.message().to_string())
+                    } else {
+                        s
+                    };
+                    if s.code() == tonic::Code::ResourceExhausted {
+                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "request too large; closing stream");
+                    } else {
+                        tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
+                    }
+                    // Tell the client why (a decoding limit, say); never wait for a client
+                    // that is gone.
+                    let _ = tx.try_send(Err(s));
                     break;
                 }
             },
@@ -409,7 +522,9 @@ impl SecretDiscoveryService for SdsService {
     ) -> Result<Response<DiscoveryResponse>, Status> {
         let req = request.into_inner();
         check_type(&req.type_url)?;
-        check_names(req.resource_names.len())?;
+        self.inner
+            .limits
+            .check_request(req.resource_names.iter(), req.resource_names.len())?;
         if req.resource_names.is_empty() {
             return Err(Status::invalid_argument(
                 "FetchSecrets needs at least one resource name",

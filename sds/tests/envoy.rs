@@ -576,3 +576,200 @@ async fn envoy_file_source_follows_secret_swaps() {
     drop(envoy);
     server.shutdown().await.unwrap();
 }
+
+/// The bootstrap with its meshca_sds cluster replaced by `deploy/sds/sds-cluster-mtls.yaml`:
+/// SDS over TCP to `sds`, Envoy presenting `client` (cert, key) and checking meshca's
+/// certificate against `server_ca`.
+fn mtls_bootstrap(
+    sds: std::net::SocketAddr,
+    port: u16,
+    client: (&Path, &Path),
+    server_ca: &Path,
+) -> String {
+    let b = bootstrap(false, &Listen::Tcp(sds), port);
+    let at = b
+        .find("  - name: meshca_sds\n")
+        .expect("meshca_sds cluster");
+    let cluster = include_str!("../../deploy/sds/sds-cluster-mtls.yaml")
+        .replace(
+            "/etc/meshca-sds/envoy-client.crt",
+            &client.0.display().to_string(),
+        )
+        .replace(
+            "/etc/meshca-sds/envoy-client.key",
+            &client.1.display().to_string(),
+        )
+        .replace(
+            "/etc/meshca-sds/server-ca.crt",
+            &server_ca.display().to_string(),
+        )
+        .replace(
+            "socket_address: { address: 10.0.0.5, port_value: 8234 }",
+            &format!(
+                "socket_address: {{ address: {}, port_value: {} }}",
+                sds.ip(),
+                sds.port()
+            ),
+        );
+    assert!(cluster.contains(&format!("port_value: {}", sds.port())));
+    format!("{}{cluster}", &b[..at])
+}
+
+/// Envoy reaches meshca over TCP with mutual TLS (a static client certificate): an Envoy
+/// whose SPIFFE ID is on the allow-list gets its secrets and serves mTLS with them; one
+/// with a valid certificate of the same CA but another identity is refused in the
+/// handshake and never gets a secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_gets_secrets_over_mtls_and_a_client_off_the_allow_list_is_refused() {
+    let Some(bin) = envoy_bin() else { return };
+    let home = Home::new().await;
+    let ca1 = home.tmp().join("ca1.pem");
+    std::fs::write(&ca1, home.root_pem("ca1").await).unwrap();
+    let server_sans = meshca::identity::Sans {
+        dns: vec![meshca::identity::DnsName::parse("meshca-sds.local").unwrap()],
+        ..Default::default()
+    };
+    let (srv_cert, srv_key) = home.cert_with("ca1", "sds-server", &server_sans).await;
+    let (envoy_cert, envoy_key) = home.client_cert("ca1", "envoy").await;
+    let (stranger_cert, stranger_key) = home.client_cert("ca1", "stranger").await;
+    let mut cfg = ServeConfig::new(
+        local_source(&home, Some(Duration::from_secs(3600))),
+        vec![Listen::Tcp("127.0.0.1:0".parse().unwrap())],
+    );
+    cfg.tls = Some(meshca_sds::TlsConfig {
+        cert: srv_cert,
+        key: srv_key,
+        client_ca: ca1.clone(),
+        allow: meshca_sds::ClientAllowList {
+            spiffe_ids: vec![meshca::identity::SpiffeId::parse(
+                "spiffe://cluster.local/ns/test/sa/envoy",
+            )
+            .unwrap()],
+            subjects: vec![],
+        },
+    });
+    let server = Server::start(cfg).await.unwrap();
+    let sds = server.tcp_addrs()[0];
+
+    // The allowed Envoy.
+    let dir_a = home.tmp().join("envoy-a");
+    std::fs::create_dir_all(&dir_a).unwrap();
+    let port_a = free_port();
+    let envoy_a = Envoy::start(
+        &bin,
+        &dir_a,
+        &mtls_bootstrap(sds, port_a, (&envoy_cert, &envoy_key), &ca1),
+    );
+    let (c1, k1) = home.client_cert("ca1", "client1").await;
+    let mut last = Err(String::new());
+    for _ in 0..100 {
+        last = curl(port_a, &ca1, &c1, &k1).await;
+        if last.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        last.as_deref(),
+        Ok("hello from envoy\n"),
+        "envoy log:\n{}",
+        envoy_a.log_tail()
+    );
+    assert!(envoy_a
+        .serving_serials()
+        .await
+        .contains(&served_serial(&server)));
+    let ssl = envoy_a.stats("^cluster\\.meshca_sds\\.ssl\\.").await;
+    eprintln!("allowed envoy, SDS cluster TLS stats: {ssl:?}");
+    let handshakes: u64 = ssl
+        .get("cluster.meshca_sds.ssl.handshake")
+        .expect("ssl.handshake stat")
+        .parse()
+        .unwrap();
+    assert!(handshakes >= 1, "{ssl:?}");
+    let sds_stats = envoy_a.stats("^sds\\.").await;
+    assert_eq!(
+        sds_stats
+            .get("sds.default.update_rejected")
+            .map(String::as_str),
+        Some("0"),
+        "{sds_stats:?}"
+    );
+    assert_eq!(
+        server
+            .metrics()
+            .clients_refused
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // An Envoy with a valid certificate from the same CA, but not on the allow-list.
+    let dir_b = home.tmp().join("envoy-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let port_b = free_port();
+    let streams_before = server
+        .metrics()
+        .streams_total
+        .get(meshca_sds::metrics::Mode::Sotw);
+    let envoy_b = Envoy::start(
+        &bin,
+        &dir_b,
+        &mtls_bootstrap(sds, port_b, (&stranger_cert, &stranger_key), &ca1),
+    );
+    let refused = eventually(20, || {
+        server
+            .metrics()
+            .clients_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    assert!(
+        refused,
+        "meshca did not refuse the stranger; envoy log:\n{}",
+        envoy_b.log_tail()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let sds_b = envoy_b.stats("^sds\\.").await;
+    let ssl_b = envoy_b
+        .stats("^cluster\\.meshca_sds\\.(ssl|upstream_cx)")
+        .await;
+    eprintln!("refused envoy: sds stats {sds_b:?}; SDS cluster stats {ssl_b:?}");
+    assert!(
+        sds_b
+            .get("sds.default.update_success")
+            .is_none_or(|v| v == "0"),
+        "the refused Envoy got a secret: {sds_b:?}"
+    );
+    // (/certs lists its own static SDS client certificate, never meshca's workload one.)
+    assert!(
+        !envoy_b
+            .serving_serials()
+            .await
+            .contains(&served_serial(&server)),
+        "the refused Envoy holds the workload certificate"
+    );
+    assert!(
+        ssl_b
+            .get("cluster.meshca_sds.ssl.handshake")
+            .is_some_and(|v| v == "0"),
+        "{ssl_b:?}"
+    );
+    assert!(curl(port_b, &ca1, &c1, &k1).await.is_err());
+    assert_eq!(
+        server
+            .metrics()
+            .streams_total
+            .get(meshca_sds::metrics::Mode::Sotw),
+        streams_before,
+        "no SDS stream from the refused Envoy"
+    );
+    // The allowed Envoy is unaffected.
+    assert_eq!(
+        curl(port_a, &ca1, &c1, &k1).await.as_deref(),
+        Ok("hello from envoy\n")
+    );
+    drop(envoy_b);
+    drop(envoy_a);
+    server.shutdown().await.unwrap();
+}
