@@ -43,7 +43,7 @@ fn seg(s: &str) -> Result<Seg<'_>, String> {
         "{ns}" => Seg::Ns,
         "{sa}" => Seg::Sa,
         "{td}" => Seg::Td,
-        lit if lit.contains(['{', '}']) => {
+        lit if lit.bytes().any(|c| c == b'{' || c == b'}') => {
             let start = lit.find('{');
             let end = lit.find('}');
             return Err(match (start, end) {
@@ -127,19 +127,38 @@ fn walk<'p, 'v>(
 
 /// Whether SPIFFE ID `id` (`spiffe://td/path`) matches `pattern`.
 pub fn spiffe_matches(pattern: &str, id: &str, b: &Bindings<'_>) -> Result<bool, String> {
+    let Some(v) = id.strip_prefix("spiffe://") else {
+        // Still report a malformed pattern.
+        return spiffe_segments_match(pattern, "".split('/'), b).map(|_| false);
+    };
+    spiffe_segments_match(pattern, v.split('/'), b)
+}
+
+/// Whether a parsed SPIFFE ID matches `pattern` (no string is built).
+pub fn spiffe_id_matches(
+    pattern: &str,
+    id: &crate::identity::SpiffeId,
+    b: &Bindings<'_>,
+) -> Result<bool, String> {
+    let path = id.path().strip_prefix('/').unwrap_or(id.path());
+    let segs = std::iter::once(id.trust_domain().as_str()).chain(path.split('/'));
+    spiffe_segments_match(pattern, segs, b)
+}
+
+fn spiffe_segments_match<'v>(
+    pattern: &str,
+    v: impl Iterator<Item = &'v str>,
+    b: &Bindings<'_>,
+) -> Result<bool, String> {
     let p = pattern
         .strip_prefix("spiffe://")
         .ok_or_else(|| format!("SPIFFE pattern {pattern:?} must start with spiffe://"))?;
-    let Some(v) = id.strip_prefix("spiffe://") else {
-        return Ok(false);
-    };
     if p.split('/').next() == Some("**") {
         return Err(format!(
             "SPIFFE pattern {pattern:?}: ** cannot stand for the trust domain"
         ));
     }
-    walk(p.split('/'), v.split('/'), b, true, true)
-        .map_err(|e| format!("SPIFFE pattern {pattern:?}: {e}"))
+    walk(p.split('/'), v, b, true, true).map_err(|e| format!("SPIFFE pattern {pattern:?}: {e}"))
 }
 
 /// Whether DNS name `name` matches `pattern`.
