@@ -34,6 +34,9 @@ pub mod run;
 pub mod signer;
 pub mod store;
 
+#[cfg(test)]
+mod decision_tests;
+
 use std::path::Path;
 
 use crate::error::{Error, Result};

@@ -423,18 +423,12 @@ impl Policy {
                 }
                 _ => {}
             }
-            let id_s = id.to_string();
+            let m = |p: &str| pattern::spiffe_id_matches(p, id, &vars);
             let rules: &[String] = &self.allowed_spiffe_ids;
             let matched = if rules.is_empty() {
-                if via.in_cluster() {
-                    any_match(&IN_CLUSTER_SPIFFE, |p| {
-                        pattern::spiffe_matches(p, &id_s, &vars)
-                    })?
-                } else {
-                    true
-                }
+                !via.in_cluster() || any_match(&IN_CLUSTER_SPIFFE, m)?
             } else {
-                any_match(rules, |p| pattern::spiffe_matches(p, &id_s, &vars))?
+                any_match(rules, m)?
             };
             if !matched {
                 return Err(Denial::new(format!(
@@ -448,32 +442,19 @@ impl Policy {
                 return Err(Denial::new(format!("wildcard DNS name {d} is not allowed")));
             }
             let name = d.as_str();
-            let m = |p: &str| pattern::dns_matches(p, name, &vars);
-            let rules: Vec<&str> = if self.allowed_dns.is_empty() {
+            let ok = if self.allowed_dns.is_empty() {
                 if !via.in_cluster() {
                     continue;
                 }
-                IN_CLUSTER_DNS.to_vec()
+                self.dns_allowed(&IN_CLUSTER_DNS, via, d, name, &vars)
             } else {
-                self.allowed_dns.iter().map(String::as_str).collect()
+                self.dns_allowed(&self.allowed_dns, via, d, name, &vars)
             };
-            if via == FrontEnd::AutoApprover && !self.auto_approve_static_dns {
-                if !any_match(&rules, |p| Ok(pattern::binds_requester(p) && m(p)?))? {
-                    if any_match(&rules, m)? {
-                        return Err(Denial::manual(format!(
-                            "DNS name {d} matches only a rule without {{ns}}/{{sa}}, which is not auto-approved (the policy has no auto_approve_static_dns = true); left for manual approval"
-                        )));
-                    }
-                    return Err(Denial::new(format!(
-                        "DNS name {d} matches no allowed pattern{}",
-                        unbound_hint()
-                    )));
+            if let Err(mut denial) = ok {
+                if !denial.manual {
+                    denial.reason.push_str(&unbound_hint());
                 }
-            } else if !any_match(&rules, m)? {
-                return Err(Denial::new(format!(
-                    "DNS name {d} matches no allowed pattern{}",
-                    unbound_hint()
-                )));
+                return Err(denial);
             }
         }
         if let Some(ip) = req.sans.ips.first() {
@@ -485,6 +466,34 @@ impl Policy {
             }
         }
         Ok(Grant { ttl, ekus })
+    }
+
+    /// Whether DNS name `d` matches one of `rules` (the auto-approver: one that binds the
+    /// requester, unless the policy allows static rules).
+    fn dns_allowed<S: AsRef<str>>(
+        &self,
+        rules: &[S],
+        via: FrontEnd,
+        d: &crate::identity::DnsName,
+        name: &str,
+        vars: &Bindings<'_>,
+    ) -> std::result::Result<(), Denial> {
+        let m = |p: &str| pattern::dns_matches(p, name, vars);
+        if via == FrontEnd::AutoApprover && !self.auto_approve_static_dns {
+            if any_match(rules, |p| Ok(pattern::binds_requester(p) && m(p)?))? {
+                return Ok(());
+            }
+            if any_match(rules, m)? {
+                return Err(Denial::manual(format!(
+                    "DNS name {d} matches only a rule without {{ns}}/{{sa}}, which is not auto-approved (the policy has no auto_approve_static_dns = true); left for manual approval"
+                )));
+            }
+        } else if any_match(rules, m)? {
+            return Ok(());
+        }
+        Err(Denial::new(format!(
+            "DNS name {d} matches no allowed pattern"
+        )))
     }
 
     /// `Some` when CA `ca` does not opt in to auto-approval: the auto-approver leaves its CSRs

@@ -43,7 +43,7 @@ fn seg(s: &str) -> Result<Seg<'_>, String> {
         "{ns}" => Seg::Ns,
         "{sa}" => Seg::Sa,
         "{td}" => Seg::Td,
-        lit if lit.contains(['{', '}']) => {
+        lit if lit.bytes().any(|c| c == b'{' || c == b'}') => {
             let start = lit.find('{');
             let end = lit.find('}');
             return Err(match (start, end) {
@@ -66,15 +66,19 @@ fn seg(s: &str) -> Result<Seg<'_>, String> {
     })
 }
 
-fn bound(b: Option<&str>, v: &str) -> bool {
-    b == Some(v)
+fn bound(b: Option<&str>, v: &str, case_sensitive: bool) -> bool {
+    match b {
+        Some(b) if case_sensitive => b == v,
+        Some(b) => b.eq_ignore_ascii_case(v),
+        None => false,
+    }
 }
 
 fn seg_matches(p: Seg<'_>, v: &str, b: &Bindings<'_>, case_sensitive: bool) -> bool {
     match p {
         Seg::One | Seg::Many => !v.is_empty(),
-        Seg::Ns => bound(b.ns, v),
-        Seg::Sa => bound(b.sa, v),
+        Seg::Ns => bound(b.ns, v, case_sensitive),
+        Seg::Sa => bound(b.sa, v, case_sensitive),
         Seg::Td => b.td.eq_ignore_ascii_case(v),
         Seg::Lit(l) if case_sensitive => l == v,
         Seg::Lit(l) => l.eq_ignore_ascii_case(v),
@@ -123,19 +127,38 @@ fn walk<'p, 'v>(
 
 /// Whether SPIFFE ID `id` (`spiffe://td/path`) matches `pattern`.
 pub fn spiffe_matches(pattern: &str, id: &str, b: &Bindings<'_>) -> Result<bool, String> {
+    let Some(v) = id.strip_prefix("spiffe://") else {
+        // Still report a malformed pattern.
+        return spiffe_segments_match(pattern, "".split('/'), b).map(|_| false);
+    };
+    spiffe_segments_match(pattern, v.split('/'), b)
+}
+
+/// Whether a parsed SPIFFE ID matches `pattern` (no string is built).
+pub fn spiffe_id_matches(
+    pattern: &str,
+    id: &crate::identity::SpiffeId,
+    b: &Bindings<'_>,
+) -> Result<bool, String> {
+    let path = id.path().strip_prefix('/').unwrap_or(id.path());
+    let segs = std::iter::once(id.trust_domain().as_str()).chain(path.split('/'));
+    spiffe_segments_match(pattern, segs, b)
+}
+
+fn spiffe_segments_match<'v>(
+    pattern: &str,
+    v: impl Iterator<Item = &'v str>,
+    b: &Bindings<'_>,
+) -> Result<bool, String> {
     let p = pattern
         .strip_prefix("spiffe://")
         .ok_or_else(|| format!("SPIFFE pattern {pattern:?} must start with spiffe://"))?;
-    let Some(v) = id.strip_prefix("spiffe://") else {
-        return Ok(false);
-    };
     if p.split('/').next() == Some("**") {
         return Err(format!(
             "SPIFFE pattern {pattern:?}: ** cannot stand for the trust domain"
         ));
     }
-    walk(p.split('/'), v.split('/'), b, true, true)
-        .map_err(|e| format!("SPIFFE pattern {pattern:?}: {e}"))
+    walk(p.split('/'), v, b, true, true).map_err(|e| format!("SPIFFE pattern {pattern:?}: {e}"))
 }
 
 /// Whether DNS name `name` matches `pattern`.
@@ -274,5 +297,171 @@ mod tests {
         assert!(binds_requester("spiffe://{td}/ns/{ns}/sa/*"));
         assert!(!binds_requester("spiffe://{td}/ns/x/sa/*"));
         assert!(!binds_requester("**.example.com"));
+    }
+}
+
+/// Property tests (issue 9 item 6): a generated identity always matches the pattern it was
+/// generated from; a mutated one never does.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Piece {
+        Lit(String),
+        One,
+        Ns,
+        Sa,
+    }
+
+    const NS: &str = "team-a";
+    const SA: &str = "web";
+    const TD: &str = "example.org";
+
+    fn label() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?"
+    }
+
+    fn piece() -> impl Strategy<Value = Piece> {
+        prop_oneof![
+            3 => label().prop_map(Piece::Lit),
+            1 => Just(Piece::One),
+            1 => Just(Piece::Ns),
+            1 => Just(Piece::Sa),
+        ]
+    }
+
+    /// Pattern text and one value generated from it.
+    fn render(pieces: &[Piece], fills: &[String], sep: &str) -> (Vec<String>, Vec<String>) {
+        let mut pat = Vec::new();
+        let mut val = Vec::new();
+        for (p, f) in pieces.iter().zip(fills) {
+            let (ps, vs) = match p {
+                Piece::Lit(l) => (l.clone(), l.clone()),
+                Piece::One => ("*".into(), f.clone()),
+                Piece::Ns => ("{ns}".into(), NS.into()),
+                Piece::Sa => ("{sa}".into(), SA.into()),
+            };
+            pat.push(ps);
+            val.push(vs);
+        }
+        let _ = sep;
+        (pat, val)
+    }
+
+    fn bindings() -> Bindings<'static> {
+        Bindings {
+            ns: Some(NS),
+            sa: Some(SA),
+            td: TD,
+        }
+    }
+
+    /// A SPIFFE case: pattern, matching ID, and which path segments are fixed values.
+    fn spiffe_case() -> impl Strategy<Value = (String, Vec<String>, Vec<bool>, bool)> {
+        (
+            prop::collection::vec((piece(), label()), 1..5),
+            any::<bool>(),
+            prop::collection::vec(label(), 1..3),
+        )
+            .prop_map(|(pf, many, tail)| {
+                let (pieces, fills): (Vec<_>, Vec<_>) = pf.into_iter().unzip();
+                let (mut pat, mut val) = render(&pieces, &fills, "/");
+                let fixed: Vec<bool> = pieces.iter().map(|p| !matches!(p, Piece::One)).collect();
+                if many {
+                    pat.push("**".into());
+                    val.extend(tail);
+                }
+                let pattern = format!("spiffe://{TD}/{}", pat.join("/"));
+                (pattern, val, fixed, many)
+            })
+    }
+
+    fn dns_case() -> impl Strategy<Value = (String, Vec<String>, Vec<bool>, bool)> {
+        (
+            prop::collection::vec((piece(), label()), 1..5),
+            any::<bool>(),
+            prop::collection::vec(label(), 1..3),
+        )
+            .prop_map(|(pf, many, head)| {
+                let (pieces, fills): (Vec<_>, Vec<_>) = pf.into_iter().unzip();
+                let (mut pat, mut val) = render(&pieces, &fills, ".");
+                let fixed: Vec<bool> = pieces.iter().map(|p| !matches!(p, Piece::One)).collect();
+                let mut pre = Vec::new();
+                if many {
+                    pat.insert(0, "**".into());
+                    pre = head;
+                }
+                pre.append(&mut val);
+                (pat.join("."), pre, fixed, many)
+            })
+    }
+
+    fn percent(seg: &str) -> String {
+        let c = seg.as_bytes()[0];
+        format!("%{c:02X}{}", &seg[1..])
+    }
+
+    proptest! {
+        #[test]
+        fn spiffe_generated_ids_match_and_mutants_do_not(
+            (pattern, path, fixed, many) in spiffe_case(),
+            pick in any::<prop::sample::Index>(),
+            kind in 0..4usize,
+        ) {
+            check_spiffe(&pattern).unwrap();
+            let b = bindings();
+            let id = |p: &[String]| format!("spiffe://{TD}/{}", p.join("/"));
+            prop_assert!(spiffe_matches(&pattern, &id(&path), &b).unwrap(), "{pattern} vs {}", id(&path));
+            // The trust domain is case-insensitive.
+            let upper_td = format!("spiffe://{}/{}", TD.to_uppercase(), path.join("/"));
+            prop_assert!(spiffe_matches(&pattern, &upper_td, &b).unwrap(), "{}", upper_td);
+            let fixed_at: Vec<usize> = (0..fixed.len()).filter(|&i| fixed[i]).collect();
+            let mut m = path.clone();
+            match kind {
+                // Another value in a fixed segment.
+                0 if !fixed_at.is_empty() => { let i = fixed_at[pick.index(fixed_at.len())]; m[i] = format!("{}x", m[i]); }
+                // Case of a fixed path segment (path literals are case-sensitive).
+                1 if !fixed_at.is_empty() => { let i = fixed_at[pick.index(fixed_at.len())]; m[i] = m[i].to_uppercase(); if m[i] == path[i] { m[i] = format!("{}X", m[i]); } }
+                // Percent-encoding of a fixed segment.
+                2 if !fixed_at.is_empty() => { let i = fixed_at[pick.index(fixed_at.len())]; m[i] = percent(&m[i]); }
+                // An extra segment (without a trailing **), or one fewer.
+                _ if !many => m.push("extra".into()),
+                _ => { m.truncate(fixed.len()); }
+            }
+            prop_assert!(!spiffe_matches(&pattern, &id(&m), &b).unwrap(), "{pattern} matched mutant {}", id(&m));
+            // Another trust domain never matches.
+            let other_td = format!("spiffe://other.org/{}", path.join("/"));
+            prop_assert!(!spiffe_matches(&pattern, &other_td, &b).unwrap(), "{}", other_td);
+        }
+
+        #[test]
+        fn dns_generated_names_match_and_mutants_do_not(
+            (pattern, labels, fixed, many) in dns_case(),
+            pick in any::<prop::sample::Index>(),
+            kind in 0..4usize,
+        ) {
+            check_dns(&pattern).unwrap();
+            let b = bindings();
+            let name = labels.join(".");
+            prop_assert!(dns_matches(&pattern, &name, &b).unwrap(), "{pattern} vs {name}");
+            // DNS names are case-insensitive.
+            let upper = name.to_uppercase();
+            prop_assert!(dns_matches(&pattern, &upper, &b).unwrap(), "{}", upper);
+            let off = labels.len() - fixed.len();
+            let fixed_at: Vec<usize> = (0..fixed.len()).filter(|&i| fixed[i]).map(|i| i + off).collect();
+            let mut m = labels.clone();
+            let mutant = match kind {
+                0 if !fixed_at.is_empty() => { let i = fixed_at[pick.index(fixed_at.len())]; m[i] = format!("{}x", m[i]); m.join(".") }
+                1 if !fixed_at.is_empty() => { let i = fixed_at[pick.index(fixed_at.len())]; m[i] = percent(&m[i]); m.join(".") }
+                // A trailing dot.
+                2 => format!("{name}."),
+                // An extra label (without a leading **), or none where ** needs one.
+                _ if !many => format!("extra.{name}"),
+                _ => m[off..].join("."),
+            };
+            prop_assert!(!dns_matches(&pattern, &mutant, &b).unwrap(), "{pattern} matched mutant {mutant}");
+        }
     }
 }

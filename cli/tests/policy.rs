@@ -1,0 +1,540 @@
+//! `meshca policy check`: the abuse corpus of issue 8, through the binary. Each case is
+//! denied with a reason naming the offending value and has an allowed twin, so a checker
+//! that denies everything fails. Also: the init flags of the new policy keys, and the EKUs a
+//! real issued certificate carries (openssl x509 -text).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+const BLUE: &str = "system:serviceaccount:app:blue";
+const ISTIOD: &str = "system:serviceaccount:istio-system:istiod";
+const OWN: &str = "spiffe://cluster.local/ns/app/sa/blue";
+
+impl Env {
+    /// A home with examples/mesh.toml applied and a CA `mesh` made with the new init flags.
+    fn new() -> Env {
+        let env = Env {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        let cfg = env.path("mesh.toml");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh.toml");
+        std::fs::copy(example, &cfg).unwrap();
+        env.ok(&["init", "--config", cfg.to_str().unwrap()]);
+        env.ok(&[
+            "init",
+            "--ca",
+            "mesh",
+            "--allow-spiffe",
+            "spiffe://{td}/ns/{ns}/sa/{sa}",
+            "--allow-dns",
+            "{sa}.{ns}.svc",
+            "--max-ttl",
+            "24h",
+            "--auto-approve",
+            "--registration-authority",
+            ISTIOD,
+            "--managed-namespace",
+            "app",
+        ]);
+        env
+    }
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_meshca"))
+            .args(args)
+            .env("MESHCA_HOME", self.path("home"))
+            .env_remove("RUST_LOG")
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "meshca {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+    fn check(&self, ca: &str, args: &[&str]) -> (i32, String) {
+        let mut a = vec!["policy", "check", "--ca", ca];
+        a.extend_from_slice(args);
+        let o = self.run(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        (
+            o.status.code().unwrap(),
+            String::from_utf8(o.stdout).unwrap(),
+        )
+    }
+    fn allowed(&self, ca: &str, args: &[&str]) {
+        let (code, out) = self.check(ca, args);
+        assert_eq!((code, out.as_str()), (0, "allowed\n"), "{args:?}");
+    }
+    fn denied(&self, ca: &str, args: &[&str], needle: &str) {
+        let (code, out) = self.check(ca, args);
+        assert_eq!(code, 1, "{args:?}: {out}");
+        assert!(out.starts_with("denied: "), "{args:?}: {out}");
+        assert_eq!(out.lines().count(), 1, "{out}");
+        assert!(out.contains(needle), "{args:?}: {needle:?} not in {out}");
+    }
+}
+
+fn signer(requester: &str, rest: &[&'static str]) -> Vec<String> {
+    let mut v = vec![
+        "--as".into(),
+        "csr-signer".into(),
+        "--requester".into(),
+        requester.into(),
+    ];
+    v.extend(rest.iter().map(|s| s.to_string()));
+    v
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+#[test]
+fn another_accounts_identity_and_names_are_denied() {
+    let env = Env::new();
+    for other in [
+        "spiffe://cluster.local/ns/app/sa/green",
+        "spiffe://cluster.local/ns/prod/sa/blue",
+        "spiffe://cluster.local/ns/app/sa/Blue",
+    ] {
+        let mut a = signer(BLUE, &["--spiffe-id"]);
+        a.push(other.into());
+        env.denied("mesh", &strs(&a), other);
+    }
+    env.allowed("mesh", &strs(&signer(BLUE, &["--spiffe-id", OWN])));
+    for (dns, needle) in [
+        ("green.app.svc", "green.app.svc"),
+        ("*.app.svc", "*.app.svc"),
+    ] {
+        let mut a = signer(BLUE, &["--spiffe-id", OWN, "--dns"]);
+        a.push(dns.into());
+        env.denied("mesh", &strs(&a), needle);
+    }
+    env.allowed(
+        "mesh",
+        &strs(&signer(
+            BLUE,
+            &["--spiffe-id", OWN, "--dns", "blue.app.svc"],
+        )),
+    );
+    // IP SANs are never auto-approved.
+    let aa = [
+        "--as",
+        "auto-approver",
+        "--requester",
+        BLUE,
+        "--spiffe-id",
+        OWN,
+    ];
+    let mut ip = aa.to_vec();
+    ip.extend(["--ip", "10.1.2.3"]);
+    env.denied("mesh", &ip, "IP SAN 10.1.2.3");
+    env.allowed("mesh", &aa);
+}
+
+#[test]
+fn the_gateway_ca_is_not_auto_approved_for_its_names() {
+    let env = Env::new();
+    for sa in [BLUE, "system:serviceaccount:istio-ingress:gateway"] {
+        env.denied(
+            "gateway",
+            &[
+                "--as",
+                "auto-approver",
+                "--requester",
+                sa,
+                "--dns",
+                "tenanta.example.com",
+            ],
+            "auto_approve",
+        );
+        // Nor as a managed Secret in any namespace.
+        env.denied(
+            "gateway",
+            &[
+                "--as",
+                "managed-secret",
+                "--namespace",
+                "istio-ingress",
+                "--dns",
+                "tenanta.example.com",
+            ],
+            "\"istio-ingress\"",
+        );
+    }
+    // Twin: the operator may, and a person who approves the CSR may have it signed.
+    env.allowed(
+        "gateway",
+        &["--as", "local", "--dns", "tenanta.example.com"],
+    );
+    env.allowed(
+        "gateway",
+        &[
+            "--as",
+            "csr-signer",
+            "--requester",
+            BLUE,
+            "--dns",
+            "tenanta.example.com",
+        ],
+    );
+}
+
+#[test]
+fn ca_flags_usages_and_ttls_out_of_bounds_are_denied() {
+    let env = Env::new();
+    for bad in ["cert sign", "crl sign", "code signing"] {
+        let mut a = signer(
+            BLUE,
+            &[
+                "--spiffe-id",
+                OWN,
+                "--usage",
+                "digital signature",
+                "--usage",
+            ],
+        );
+        a.push(bad.into());
+        env.denied("mesh", &strs(&a), &format!("{bad:?}"));
+    }
+    env.allowed(
+        "mesh",
+        &strs(&signer(
+            BLUE,
+            &[
+                "--spiffe-id",
+                OWN,
+                "--usage",
+                "digital signature",
+                "--usage",
+                "client auth",
+            ],
+        )),
+    );
+    env.denied(
+        "mesh",
+        &strs(&signer(
+            BLUE,
+            &["--spiffe-id", OWN, "--expiration-seconds", "599"],
+        )),
+        "599",
+    );
+    env.denied(
+        "mesh",
+        &strs(&signer(
+            BLUE,
+            &["--spiffe-id", OWN, "--expiration-seconds", "86401"],
+        )),
+        "over the maximum",
+    );
+    env.allowed(
+        "mesh",
+        &strs(&signer(
+            BLUE,
+            &["--spiffe-id", OWN, "--expiration-seconds", "600"],
+        )),
+    );
+    // CA:TRUE in the CSR itself.
+    let ca_csr = openssl_csr(
+        &env,
+        "ca",
+        &[
+            "basicConstraints=critical,CA:TRUE",
+            &format!("subjectAltName=URI:{OWN}"),
+        ],
+    );
+    env.denied(
+        "mesh",
+        &[
+            "--as",
+            "csr-signer",
+            "--requester",
+            BLUE,
+            "--csr",
+            ca_csr.to_str().unwrap(),
+        ],
+        "CA:TRUE",
+    );
+    let leaf_csr = openssl_csr(&env, "leaf", &[&format!("subjectAltName=URI:{OWN}")]);
+    env.allowed(
+        "mesh",
+        &[
+            "--as",
+            "csr-signer",
+            "--requester",
+            BLUE,
+            "--csr",
+            leaf_csr.to_str().unwrap(),
+        ],
+    );
+}
+
+#[test]
+fn people_registration_authorities_and_managed_secrets() {
+    let env = Env::new();
+    // A person under a templated rule.
+    env.denied(
+        "mesh",
+        &strs(&signer("alice@example.com", &["--spiffe-id", OWN])),
+        "not a service account",
+    );
+    // The listed RA inside the trust domain; outside it; an unlisted SA acting as one.
+    env.allowed(
+        "mesh",
+        &strs(&signer(
+            ISTIOD,
+            &["--spiffe-id", OWN, "--dns", "blue.app.svc"],
+        )),
+    );
+    env.denied(
+        "mesh",
+        &strs(&signer(
+            ISTIOD,
+            &["--spiffe-id", "spiffe://evil.example/ns/app/sa/blue"],
+        )),
+        "spiffe://evil.example/ns/app/sa/blue",
+    );
+    env.denied(
+        "mesh",
+        &strs(&signer(
+            "system:serviceaccount:istio-system:other",
+            &["--spiffe-id", OWN],
+        )),
+        OWN,
+    );
+    // Managed Secrets: another namespace's identity; a namespace the CA does not serve.
+    let ms = |ns: &'static str, id: &'static str| {
+        [
+            "--as",
+            "managed-secret",
+            "--namespace",
+            ns,
+            "--spiffe-id",
+            id,
+        ]
+    };
+    env.denied(
+        "mesh",
+        &ms("app", "spiffe://cluster.local/ns/prod/sa/web"),
+        "spiffe://cluster.local/ns/prod/sa/web",
+    );
+    env.denied(
+        "mesh",
+        &ms("prod", "spiffe://cluster.local/ns/prod/sa/web"),
+        "\"prod\"",
+    );
+    env.allowed("mesh", &ms("app", "spiffe://cluster.local/ns/app/sa/web"));
+}
+
+#[test]
+fn json_output_and_usage_errors() {
+    let env = Env::new();
+    let (code, out) = env.check(
+        "mesh",
+        &[
+            "-o",
+            "json",
+            "--as",
+            "csr-signer",
+            "--requester",
+            BLUE,
+            "--spiffe-id",
+            OWN,
+            "--expiration-seconds",
+            "3600",
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"decision": "allowed", "reason": null, "ca": "mesh", "sans": [format!("URI:{OWN}")], "ttl_seconds": 3600})
+    );
+    let (code, out) = env.check(
+        "mesh",
+        &[
+            "-o",
+            "json",
+            "--as",
+            "csr-signer",
+            "--requester",
+            BLUE,
+            "--spiffe-id",
+            "spiffe://cluster.local/ns/app/sa/green",
+        ],
+    );
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["decision"], "denied");
+    assert!(
+        v["reason"].as_str().unwrap().contains("ns/app/sa/green"),
+        "{v}"
+    );
+    assert_eq!(
+        v["sans"],
+        serde_json::json!(["URI:spiffe://cluster.local/ns/app/sa/green"])
+    );
+    assert!(v["ttl_seconds"].is_null());
+    // Missing requester: a usage error, exit 1, nothing on stdout.
+    let o = env.run(&[
+        "policy",
+        "check",
+        "--ca",
+        "mesh",
+        "--as",
+        "csr-signer",
+        "--spiffe-id",
+        OWN,
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(o.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--requester"));
+}
+
+#[test]
+fn unknown_placeholders_fail_at_init_naming_them() {
+    let env = Env::new();
+    let o = env.run(&[
+        "init",
+        "--ca",
+        "bad",
+        "--allow-spiffe",
+        "spiffe://{td}/ns/{namespace}/sa/{sa}",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("{namespace}"), "{err}");
+    std::fs::write(
+        env.path("bad.toml"),
+        "[[ca]]\nname = \"bad\"\n[ca.policy]\nallowed_dns = [\"{service}.svc\"]\n",
+    )
+    .unwrap();
+    let o = env.run(&["init", "--config", env.path("bad.toml").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("{service}"));
+}
+
+/// Issue 9's usage defect, on a real certificate: a client-only CSR gets a client-only
+/// certificate; one asking for codeSigning is refused, naming it.
+#[test]
+fn issued_certificates_carry_only_the_granted_ekus() {
+    let env = Env::new();
+    let san = "subjectAltName=URI:spiffe://cluster.local/ns/howto-k8s-mtls-file-based/sa/blue";
+    let client = openssl_csr(&env, "client", &[san, "extendedKeyUsage=clientAuth"]);
+    env.ok(&[
+        "issue",
+        "--ca",
+        "ca1",
+        "--csr",
+        client.to_str().unwrap(),
+        "--name",
+        "client",
+        "--out-dir",
+        "o",
+    ]);
+    let text = openssl(&[
+        "x509",
+        "-noout",
+        "-text",
+        "-in",
+        env.path("o/client_cert.pem").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("TLS Web Client Authentication"), "{text}");
+    assert!(!text.contains("TLS Web Server Authentication"), "{text}");
+    // Twin: no request gets the profile default, both.
+    let plain = openssl_csr(&env, "plain", &[san]);
+    env.ok(&[
+        "issue",
+        "--ca",
+        "ca1",
+        "--csr",
+        plain.to_str().unwrap(),
+        "--name",
+        "plain",
+        "--out-dir",
+        "o",
+    ]);
+    let text = openssl(&[
+        "x509",
+        "-noout",
+        "-text",
+        "-in",
+        env.path("o/plain_cert.pem").to_str().unwrap(),
+    ]);
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    let code = openssl_csr(&env, "code", &[san, "extendedKeyUsage=codeSigning"]);
+    let o = env.run(&[
+        "issue",
+        "--ca",
+        "ca1",
+        "--csr",
+        code.to_str().unwrap(),
+        "--out-dir",
+        "o",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"code signing\""));
+}
+
+fn openssl(args: &[&str]) -> Output {
+    let o = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl must be installed (.ci/run installs it)");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A P-256 CSR made by openssl with the given -addext values.
+fn openssl_csr(env: &Env, name: &str, addext: &[&str]) -> PathBuf {
+    let key = env.path(&format!("{name}.key"));
+    let csr = env.path(&format!("{name}.csr"));
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    let mut args = vec![
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        "/CN=ext",
+        "-out",
+        csr.to_str().unwrap(),
+    ];
+    for a in addext {
+        args.push("-addext");
+        args.push(a);
+    }
+    openssl(&args);
+    csr
+}
