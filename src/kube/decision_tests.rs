@@ -380,9 +380,11 @@ fn managed_with(
     let (client, h) = mock_client();
     let m = Managed::new(
         client,
-        [("mesh".to_string(), local("mesh", policy) as Arc<dyn Issuer>)]
-            .into_iter()
-            .collect(),
+        super::issuers::IssuerSet::watch_fixed(
+            [("mesh".to_string(), local("mesh", policy) as Arc<dyn Issuer>)]
+                .into_iter()
+                .collect(),
+        ),
         Arc::new(Metrics::new()),
         Arc::new(RateLimiter::new(0.0, 1)),
         super::leader::always_leader(),
