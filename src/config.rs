@@ -397,7 +397,7 @@ async fn apply_workload(
 }
 
 /// The serial of an existing workload certificate that may be kept: issued by the CA's
-/// current certificate and with over a third of its lifetime left.
+/// current key (its AKI is the CA's SKI) and with over a third of its lifetime left.
 async fn still_good(
     paths: &WorkloadFiles,
     store: &dyn Store,
@@ -413,7 +413,8 @@ async fn still_good(
     let ca_info = store.load_ca(ca).await.ok()?.info().ok()?;
     let lifetime = info.not_after - info.not_before;
     let left = info.not_after - now;
-    (info.issuer_der == ca_info.subject_der && left * 3 > lifetime).then(|| info.serial_hex())
+    // Compare the issuing key (AKI against SKI): a rotated CA keeps its DN.
+    (crate::rotation::issued_by(&info, &ca_info) && left * 3 > lifetime).then(|| info.serial_hex())
 }
 
 /// Orders CA specs so that every parent comes before its children.
@@ -518,6 +519,39 @@ secret = "ns/w-tls"
         assert_eq!(rt.block_on(store.ledger()).unwrap().len(), 1);
         let team = rt.block_on(store.load_ca("team")).unwrap();
         assert_eq!(team.meta.trust_domain.as_str(), "mesh.example");
+    }
+
+    #[test]
+    fn apply_reissues_what_a_rotated_ca_signed() {
+        use crate::rotation::Request;
+        use crate::store::rotate::{run_phase, RotateOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(d.path().join("home")).unwrap();
+        let cfg = MeshConfig::parse(MESH, "t").unwrap();
+        let opts = ApplyOptions {
+            force: false,
+            base_dir: d.path().to_path_buf(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let r1 = rt.block_on(apply(&store, &cfg, &opts, now)).unwrap();
+        let o = RotateOptions::default();
+        rt.block_on(run_phase(&store, "root", Request::Prepare, &o, now))
+            .unwrap();
+        rt.block_on(run_phase(&store, "root", Request::Activate, &o, now))
+            .unwrap();
+        // Same DNs, new keys: the workload must be re-issued from the new CA.
+        let r2 = rt.block_on(apply(&store, &cfg, &opts, now)).unwrap();
+        let w = r2.iter().find(|a| a.name == "w").unwrap();
+        assert_eq!(w.outcome, Outcome::Created, "{r2:?}");
+        assert_ne!(w.serial, r1[3].serial);
+        let r3 = rt.block_on(apply(&store, &cfg, &opts, now)).unwrap();
+        assert_eq!(
+            r3.iter().find(|a| a.name == "w").unwrap().outcome,
+            Outcome::Exists
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod pemutil;
 pub mod policy;
 pub mod profile;
 pub mod report;
+pub mod rotation;
 pub mod store;
 pub mod x509;
 
