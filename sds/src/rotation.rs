@@ -92,8 +92,16 @@ impl Rotator {
     /// published secrets stay as they are.
     pub async fn step(&mut self, force: bool) -> Result<(), SourceError> {
         let now = OffsetDateTime::now_utc();
-        let due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
-        let material = self.source.load(due, now).await?;
+        let mut due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
+        let mut material = self.source.load(due, now).await?;
+        if !due && self.issued_by_other_key(&material) {
+            tracing::info!(
+                source = %self.source.describe(),
+                "the issuing CA was rotated with --now; renewing from the new CA"
+            );
+            due = true;
+            material = self.source.load(true, now).await?;
+        }
         match self.accept(material, now) {
             Ok(()) => Ok(()),
             // The current certificate no longer verifies (a CA rotation took it out of the
@@ -104,6 +112,19 @@ impl Rotator {
                 self.accept(material, now).map_err(|e| self.refused(e))
             }
             Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    /// Whether the source asks for a certificate from another key than the current one's
+    /// issuer (AKI against SKI; never the DN, which a rotated CA keeps).
+    fn issued_by_other_key(&self, m: &Material) -> bool {
+        match (&m.renew_unless_issued_by, &self.current) {
+            (Some(ski), Some(cur)) => !cur
+                .info
+                .authority_key_id
+                .as_deref()
+                .is_some_and(|aki| aki.eq_ignore_ascii_case(ski)),
+            _ => false,
         }
     }
 
@@ -120,6 +141,7 @@ impl Rotator {
             workload,
             bundle,
             named_bundles,
+            renew_unless_issued_by: _,
         } = m;
         let fresh = workload.is_some();
         let cert = match (&workload, &self.current) {

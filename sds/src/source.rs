@@ -64,6 +64,10 @@ pub struct Material {
     pub bundle: Vec<CertificateDer<'static>>,
     /// Further named trust bundles, served under their names.
     pub named_bundles: BTreeMap<String, Vec<CertificateDer<'static>>>,
+    /// Renew at once unless the current certificate's authority key identifier is this
+    /// subject key identifier: set while the issuing CA's rotation was activated with
+    /// `--now`. Keys, not DNs, tell a rotated CA from its predecessor.
+    pub renew_unless_issued_by: Option<String>,
 }
 
 /// A source failure. Displayed as one line, never with key material.
@@ -262,6 +266,19 @@ impl CertSource for LocalCaSource {
                 }
             }
         }
+        let rotated = meshca::store::rotate::renew_now_for(&self.store, &self.ca)
+            .await
+            .map_err(|e| self.err(e))?;
+        let renew_unless_issued_by = if rotated {
+            let ca = self
+                .store
+                .load_ca(&self.ca)
+                .await
+                .map_err(|e| self.err(e))?;
+            ca.info().map_err(|e| self.err(e))?.subject_key_id
+        } else {
+            None
+        };
         let workload = if renew {
             let issuer = meshca::store::load_issuer(&self.store, &self.ca)
                 .await
@@ -292,6 +309,7 @@ impl CertSource for LocalCaSource {
             workload,
             bundle,
             named_bundles,
+            renew_unless_issued_by,
         })
     }
 
@@ -379,6 +397,7 @@ impl CertSource for FileSource {
             }),
             bundle,
             named_bundles: BTreeMap::new(),
+            renew_unless_issued_by: None,
         })
     }
 

@@ -1,6 +1,8 @@
 //! Shared test setup: a meshca home with two CAs, a server, gRPC clients.
 #![allow(dead_code)]
 
+pub mod envoy;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
