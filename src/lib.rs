@@ -35,6 +35,7 @@ pub mod bundle;
 pub mod ca;
 pub mod clock;
 pub mod config;
+pub mod crl;
 pub mod error;
 pub mod fsutil;
 pub mod identity;

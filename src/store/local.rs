@@ -10,6 +10,7 @@
 //! cas/<name>/meta.json      backend, trust domain, policy
 //! bundles/<name>.json       trust bundle definitions
 //! ledger.jsonl              append-only issuance ledger, one JSON object a line
+//! revocations.jsonl         append-only revocations (serial, CA, reason, time)
 //! rotations/<name>/state.json           a CA rotation in progress (phase, steps done)
 //! rotations/<name>/{next,previous}/<x>/ the rotation's CAs, laid out like cas/<x>/
 //! ```
@@ -27,6 +28,7 @@ use async_trait::async_trait;
 use super::{SaveOutcome, Slot, Store};
 use crate::bundle::BundleSpec;
 use crate::ca::{validate_ca_name, CaMaterial, CaMeta};
+use crate::crl::Revocation;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, KEY_MODE, PUBLIC_MODE};
 use crate::issue::LedgerEntry;
@@ -128,6 +130,52 @@ impl LocalStore {
         self.home.join("ledger.jsonl")
     }
 
+    fn revocations_path(&self) -> PathBuf {
+        self.home.join("revocations.jsonl")
+    }
+
+    fn revocations_sync(&self) -> Result<Vec<Revocation>> {
+        let p = self.revocations_path();
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(&p, e)),
+        };
+        text.lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l)
+                    .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
+            })
+            .collect()
+    }
+
+    fn revoke_sync(&self, r: &Revocation) -> Result<()> {
+        let mut line = serde_json::to_vec(r).map_err(|e| Error::Build(e.to_string()))?;
+        line.push(b'\n');
+        let _lock = self.lock()?;
+        if self
+            .revocations_sync()?
+            .iter()
+            .any(|x| x.serial == r.serial && x.ca == r.ca)
+        {
+            return Err(Error::AlreadyExists(format!(
+                "revocation of serial {} of CA {}",
+                r.serial, r.ca
+            )));
+        }
+        let p = self.revocations_path();
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        f.write_all(&line).map_err(|e| Error::io(&p, e))?;
+        f.sync_data().map_err(|e| Error::io(&p, e))
+    }
+
     /// Takes the home's exclusive lock until the returned file is dropped.
     fn lock(&self) -> Result<File> {
         let p = self.home.join(".lock");
@@ -206,6 +254,7 @@ impl LocalStore {
                 self.load_rotation_cas_sync(&r.ca, slot)?;
             }
         }
+        self.revocations_sync()?;
         Ok((cas.len(), bundles.len(), self.ledger_sync()?.len()))
     }
 
@@ -543,6 +592,12 @@ impl Store for LocalStore {
     }
     async fn list_rotations(&self) -> Result<Vec<RotationState>> {
         self.list_rotations_sync()
+    }
+    async fn revoke(&self, r: &Revocation) -> Result<()> {
+        self.revoke_sync(r)
+    }
+    async fn revocations(&self) -> Result<Vec<Revocation>> {
+        self.revocations_sync()
     }
     async fn save_rotation(&self, state: &RotationState) -> Result<()> {
         self.save_rotation_sync(state)

@@ -105,6 +105,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         let _ = ca;
         Err(self.no_rotation())
     }
+    /// Records a revocation. Fails with [`Error::AlreadyExists`] for a serial already revoked.
+    async fn revoke(&self, r: &crate::crl::Revocation) -> Result<()> {
+        let _ = r;
+        Err(Error::Unsupported(format!(
+            "revocation on {} (use the local store)",
+            self.describe()
+        )))
+    }
+    /// Every recorded revocation, oldest first.
+    async fn revocations(&self) -> Result<Vec<crate::crl::Revocation>> {
+        Ok(Vec::new())
+    }
     /// The error of a store without rotation support.
     fn no_rotation(&self) -> Error {
         Error::Unsupported(format!(
