@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 
 use crate::metrics::Metrics;
-use crate::secrets::{bundle_entry, certificate_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME};
+use crate::secrets::{
+    bundle_entry, certificate_entry, validation_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME,
+};
 use crate::source::{verify_workload, CertSource, Material, SourceError, WorkloadCert};
 
 /// Rotation settings.
@@ -142,6 +144,7 @@ impl Rotator {
             bundle,
             named_bundles,
             renew_unless_issued_by: _,
+            crls,
         } = m;
         let fresh = workload.is_some();
         let cert = match (&workload, &self.current) {
@@ -162,7 +165,10 @@ impl Rotator {
                 cert.info.not_after,
             ),
         );
-        snap.insert(ROOTCA_NAME, bundle_entry(ROOTCA_NAME, &bundle));
+        snap.insert(
+            ROOTCA_NAME,
+            validation_entry(ROOTCA_NAME, &bundle, crls.as_ref()),
+        );
         for (name, anchors) in &named_bundles {
             if name == DEFAULT_NAME || name == ROOTCA_NAME {
                 tracing::warn!(bundle = %name, "trust bundle name is reserved; not served by that name");

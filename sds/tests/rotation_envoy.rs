@@ -258,3 +258,93 @@ async fn rotation_under_traffic_has_zero_failed_requests() {
     assert_eq!(stat(&stats, "sds.ROOTCA.update_rejected"), 0, "{stats:?}");
     server.shutdown().await.unwrap();
 }
+
+/// `sds serve --crl`: Envoy takes ROOTCA with the CA's CRL (every CA of the chain has one, so
+/// Envoy's default full-chain CRL check passes), then refuses a client once its revocation
+/// is pushed, while an unrevoked client of the same CA still gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_refuses_a_revoked_client_once_the_crl_arrives() {
+    let Some(bin) = envoy_bin() else { return };
+    let home = Home::new().await;
+    let sock = home.tmp().join("sds.sock");
+    let mut src = local_source(&home, Some(Duration::from_secs(3600)));
+    if let meshca_sds::SourceConfig::LocalCa { crl, .. } = &mut src {
+        *crl = true;
+    }
+    let mut cfg = ServeConfig::new(src, vec![Listen::Unix(sock.clone())]);
+    cfg.rotation.poll_interval = Duration::from_millis(200);
+    let server = Server::start(cfg).await.unwrap();
+    let port = free_port();
+    let envoy = Envoy::start(
+        &bin,
+        home.tmp(),
+        &bootstrap(false, &Listen::Unix(sock), port),
+    );
+    let ca_file = home.tmp().join("ca1.pem");
+    std::fs::write(&ca_file, home.root_pem("ca1").await).unwrap();
+    let (good_c, good_k) = home.client_cert("ca1", "good").await;
+    let (bad_c, bad_k) = home.client_cert("ca1", "bad").await;
+    let ready = eventually_async(30, || async {
+        curl(port, &ca_file, &good_c, &good_k).await.as_deref() == Ok(OK)
+    })
+    .await;
+    assert!(ready, "envoy never served; log:\n{}", envoy.log_tail());
+    assert_eq!(
+        curl(port, &ca_file, &bad_c, &bad_k).await.as_deref(),
+        Ok(OK),
+        "not revoked yet"
+    );
+    let before = stat(
+        &envoy.stats("^sds\\.ROOTCA\\.").await,
+        "sds.ROOTCA.update_success",
+    );
+
+    let pem = std::fs::read(&bad_c).unwrap();
+    let der = meshca::pemutil::parse_certs(&pem, "bad").unwrap();
+    let serial = meshca::x509::CertInfo::from_der(&der[0])
+        .unwrap()
+        .serial_hex();
+    home.store
+        .revoke(&meshca::crl::Revocation {
+            serial: meshca::crl::normalize_serial(&serial).unwrap(),
+            ca: "ca1".into(),
+            reason: meshca::crl::Reason::KeyCompromise,
+            revoked_at: time::OffsetDateTime::now_utc(),
+        })
+        .await
+        .unwrap();
+    let refused = eventually_async(20, || async {
+        curl(port, &ca_file, &bad_c, &bad_k).await.is_err()
+    })
+    .await;
+    assert!(
+        refused,
+        "revoked client still accepted; log:\n{}",
+        envoy.log_tail()
+    );
+    assert_eq!(
+        curl(port, &ca_file, &good_c, &good_k).await.as_deref(),
+        Ok(OK),
+        "the unrevoked client of the same CA passes"
+    );
+    let stats = envoy.stats("^sds\\.").await;
+    assert!(
+        stat(&stats, "sds.ROOTCA.update_success") > before,
+        "{stats:?}"
+    );
+    assert_eq!(stat(&stats, "sds.ROOTCA.update_rejected"), 0, "{stats:?}");
+    // Unchanged revocations are not pushed again.
+    let settled = stat(
+        &envoy.stats("^sds\\.ROOTCA\\.").await,
+        "sds.ROOTCA.update_success",
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        stat(
+            &envoy.stats("^sds\\.ROOTCA\\.").await,
+            "sds.ROOTCA.update_success"
+        ),
+        settled
+    );
+    server.shutdown().await.unwrap();
+}

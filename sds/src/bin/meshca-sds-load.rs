@@ -113,6 +113,7 @@ fn serve_child(home: &Path, sock: &Path) {
             sans: sans(),
             ttl: Some(Duration::from_secs(3600)),
             key: KeyAlgorithm::EcdsaP256,
+            crl: false,
         },
         vec![Listen::Unix(sock.to_path_buf())],
     );

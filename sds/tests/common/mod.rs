@@ -114,6 +114,7 @@ pub fn local_source(home: &Home, ttl: Option<Duration>) -> SourceConfig {
         sans: workload_sans(),
         ttl,
         key: KeyAlgorithm::EcdsaP256,
+        crl: false,
     }
 }
 
