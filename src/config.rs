@@ -145,6 +145,21 @@ pub struct MeshConfig {
     /// Workloads to issue.
     #[serde(default, rename = "workload")]
     pub workloads: Vec<WorkloadSpec>,
+    /// CA certificates to write as `kubernetes.io/tls` Secret manifests (the gateway root
+    /// users download).
+    #[serde(default, rename = "ca_secret")]
+    pub ca_secrets: Vec<CaSecretSpec>,
+}
+
+/// A CA written as a Secret manifest `<out_dir>/<ca>-ca-secret.yaml`: `tls.crt` and
+/// `ca.crt` hold the CA certificate (ca.crt both roots during a rotation); no key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSecretSpec {
+    /// The CA.
+    pub ca: String,
+    /// NAMESPACE/NAME of the Secret.
+    pub secret: String,
 }
 
 impl MeshConfig {
@@ -220,6 +235,10 @@ impl MeshConfig {
             if let Some(s) = &w.secret {
                 s.parse::<ObjectRef>()?;
             }
+        }
+        for c in &self.ca_secrets {
+            crate::ca::validate_ca_name(&c.ca)?;
+            c.secret.parse::<ObjectRef>()?;
         }
         Ok(())
     }
@@ -324,6 +343,21 @@ pub async fn apply(
     for w in &cfg.workloads {
         report.push(apply_workload(store, cfg, w, &out_dir, opts.force, now).await?);
     }
+    for c in &cfg.ca_secrets {
+        let at: ObjectRef = c.secret.parse()?;
+        let ca = store.load_ca(&c.ca).await?;
+        let tls_crt = crate::pemutil::certs_to_pem(
+            std::iter::once(&ca.cert).chain(ca.leaf_chain_tail().iter().skip(1)),
+        );
+        let anchors = bundle::to_pem(&store::ca_anchors(store, &c.ca).await?);
+        let yaml = output::ca_secret_manifest(&at, &c.ca, &tls_crt, None, &anchors)?;
+        fsutil::create_private_dir(&out_dir)?;
+        let p = out_dir.join(format!("{}-ca-secret.yaml", c.ca));
+        fsutil::write_atomic(&p, yaml.as_bytes(), PUBLIC_MODE)?;
+        let mut a = applied("ca-secret", &c.ca, Outcome::Updated);
+        a.files.push(p);
+        report.push(a);
+    }
     Ok(report)
 }
 
@@ -377,7 +411,8 @@ async fn apply_workload(
                 )
                 .await?,
             ),
-            None => bundle::to_pem(std::slice::from_ref(&workload.cert.root)),
+            // The issuing CA's anchors: both roots while it rotates.
+            None => bundle::to_pem(&store::ca_anchors(store, &w.ca).await?),
         };
         let yaml = output::tls_secret_manifest(&at, &w.ca, &workload, &ca_pem)?;
         let p = out_dir.join(format!("{}-secret.yaml", w.name));

@@ -17,6 +17,22 @@ pub enum CaCmd {
     Show(ShowArgs),
     /// Rotate a CA without downtime: --phase prepare, then activate, then prune.
     Rotate(RotateArgs),
+    /// Print the CA certificate, or with --secret a kubernetes.io/tls Secret holding it.
+    Export(ExportArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// CA name.
+    name: String,
+    /// Print a kubernetes.io/tls Secret manifest NAMESPACE/NAME whose tls.crt and ca.crt are
+    /// the CA certificate (applied to the cluster with --store kube:NS).
+    #[arg(long, value_name = "NS/NAME")]
+    secret: Option<meshca::output::ObjectRef>,
+    /// Put the CA key in tls.key (cert-manager CA-issuer interop). Treat the output as the
+    /// CA key itself.
+    #[arg(long, requires = "secret")]
+    include_key: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -135,7 +151,57 @@ pub async fn run(ctx: &Ctx, cmd: CaCmd) -> anyhow::Result<()> {
             })
         }
         CaCmd::Rotate(a) => run_rotate(ctx, store.as_ref(), a, now).await,
+        CaCmd::Export(a) => run_export(ctx, store.as_ref(), a).await,
     }
+}
+
+async fn run_export(
+    ctx: &Ctx,
+    store: &dyn meshca::store::Store,
+    a: ExportArgs,
+) -> anyhow::Result<()> {
+    let ca = store.load_ca(&a.name).await?;
+    let tls_crt = meshca::pemutil::certs_to_pem(
+        std::iter::once(&ca.cert).chain(ca.leaf_chain_tail().iter().skip(1)),
+    );
+    let Some(at) = a.secret else {
+        print!("{tls_crt}");
+        return Ok(());
+    };
+    let anchors = meshca::bundle::to_pem(&meshca::store::ca_anchors(store, &a.name).await?);
+    let key = match (&ca.key, a.include_key) {
+        (Some(k), true) => Some(k.to_pkcs8_pem()),
+        (None, true) => {
+            return Err(usage(format!(
+                "CA {} keeps its key in {:?}: --include-key cannot export it",
+                a.name, ca.meta.backend
+            )))
+        }
+        (_, false) => None,
+    };
+    if let Some(ns) = crate::kube_store::kube_namespace(ctx) {
+        let ks = crate::kube_store::open(ns, ctx.kubeconfig.as_deref()).await?;
+        ks.apply_tls_secret(
+            &at.namespace,
+            &at.name,
+            &tls_crt,
+            key.as_ref().map(|k| k.as_str()).unwrap_or_default(),
+            &anchors,
+            &a.name,
+        )
+        .await?;
+        eprintln!("meshca: wrote Secret {at} with CA {}", a.name);
+        return Ok(());
+    }
+    let yaml = meshca::output::ca_secret_manifest(
+        &at,
+        &a.name,
+        &tls_crt,
+        key.as_ref().map(|k| k.as_str()),
+        &anchors,
+    )?;
+    print!("{yaml}");
+    Ok(())
 }
 
 /// Logs each recorded rotation step. For the crash tests only, the environment variable
