@@ -230,6 +230,20 @@ pub fn ca_secret_manifest(
 
 /// A ConfigMap carrying a trust bundle under key `ca.crt`.
 pub fn bundle_configmap_manifest(at: &ObjectRef, bundle: &str, ca_crt_pem: &str) -> Result<String> {
+    bundle_configmap_manifest_with_crl(at, bundle, ca_crt_pem, None)
+}
+
+/// [`bundle_configmap_manifest`], plus the bundle CAs' CRLs under key `ca.crl` when given.
+pub fn bundle_configmap_manifest_with_crl(
+    at: &ObjectRef,
+    bundle: &str,
+    ca_crt_pem: &str,
+    ca_crl_pem: Option<&str>,
+) -> Result<String> {
+    let mut data = BTreeMap::from([("ca.crt", ca_crt_pem.to_string())]);
+    if let Some(crl) = ca_crl_pem {
+        data.insert("ca.crl", crl.to_string());
+    }
     to_yaml(&Manifest {
         api_version: "v1",
         kind: "ConfigMap",
@@ -243,7 +257,7 @@ pub fn bundle_configmap_manifest(at: &ObjectRef, bundle: &str, ca_crt_pem: &str)
             annotations: BTreeMap::new(),
         },
         type_: None,
-        data: BTreeMap::from([("ca.crt", ca_crt_pem.to_string())]),
+        data,
     })
 }
 

@@ -103,6 +103,27 @@ fn revoked_certificate_is_in_a_verifiable_crl_and_refused() {
     assert!(text(&o).contains("certificate revoked"), "{}", text(&o));
     let o = verify(&good);
     assert!(o.status.success(), "{}", text(&o));
+    // The bundle ConfigMap can carry the CRLs as `ca.crl`.
+    ok(&["bundle", "create", "b", "--ca", "ca1"]);
+    let cm = ok(&["bundle", "configmap", "b", "--namespace", "apps", "--crl"]);
+    let v: serde_yaml::Value = serde_yaml::from_str(&cm).unwrap();
+    let cm_crl = d.path().join("cm.crl");
+    std::fs::write(&cm_crl, v["data"]["ca.crl"].as_str().unwrap()).unwrap();
+    let o = openssl(&[
+        "crl",
+        "-in",
+        cm_crl.to_str().unwrap(),
+        "-CAfile",
+        root_s,
+        "-noout",
+        "-text",
+    ]);
+    assert!(text(&o).contains("verify OK"), "{}", text(&o));
+    assert!(text(&o)
+        .to_lowercase()
+        .contains(&bad_serial.to_lowercase().trim_start_matches('0')[..8]));
+    let plain = ok(&["bundle", "configmap", "b", "--namespace", "apps"]);
+    assert!(!plain.contains("ca.crl"));
     // stdout form is the same CRL format.
     assert!(ok(&["crl", "ca1"]).starts_with("-----BEGIN X509 CRL-----"));
     ok(&["check"]);

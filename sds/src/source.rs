@@ -248,29 +248,9 @@ impl LocalCaSource {
             }
             None => vec![self.ca.clone()],
         };
-        let mut seen = std::collections::BTreeSet::new();
-        let mut cas = Vec::new();
-        for m in members {
-            let mut next = Some(m);
-            while let Some(name) = next {
-                if !seen.insert(name.clone()) {
-                    break;
-                }
-                let c = self.store.load_ca(&name).await.map_err(|e| self.err(e))?;
-                next = c.meta.parent.clone();
-                cas.push(c);
-            }
-        }
-        for r in self.store.list_rotations().await.map_err(|e| self.err(e))? {
-            for slot in [meshca::store::Slot::Next, meshca::store::Slot::Previous] {
-                let v = self
-                    .store
-                    .load_rotation_cas(&r.ca, slot)
-                    .await
-                    .map_err(|e| self.err(e))?;
-                cas.extend(v.into_iter().filter(|c| seen.contains(&c.meta.name)));
-            }
-        }
+        let cas = meshca::store::chain_cas(&self.store, &members)
+            .await
+            .map_err(|e| self.err(e))?;
         let revoked = self.store.revocations().await.map_err(|e| self.err(e))?;
         let mut pem = String::new();
         let mut leaf_only = false;

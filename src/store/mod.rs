@@ -184,3 +184,28 @@ pub async fn ca_anchors(store: &dyn Store, name: &str) -> Result<Vec<Certificate
     };
     bundle_anchors(store, &spec).await
 }
+
+/// Every CA in the chains of `members` (each member and its parents up to the root), plus
+/// the next and previous versions of those under rotation: the CAs a peer needs CRLs of.
+pub async fn chain_cas(store: &dyn Store, members: &[String]) -> Result<Vec<CaMaterial>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cas = Vec::new();
+    for m in members {
+        let mut next = Some(m.clone());
+        while let Some(name) = next {
+            if !seen.insert(name.clone()) {
+                break;
+            }
+            let c = store.load_ca(&name).await?;
+            next = c.meta.parent.clone();
+            cas.push(c);
+        }
+    }
+    for r in store.list_rotations().await? {
+        for slot in [Slot::Next, Slot::Previous] {
+            let v = store.load_rotation_cas(&r.ca, slot).await?;
+            cas.extend(v.into_iter().filter(|c| seen.contains(&c.meta.name)));
+        }
+    }
+    Ok(cas)
+}
