@@ -135,20 +135,7 @@ impl LocalStore {
     }
 
     fn revocations_sync(&self) -> Result<Vec<Revocation>> {
-        let p = self.revocations_path();
-        let text = match fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(&p, e)),
-        };
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
-            })
-            .collect()
+        read_jsonl(&self.revocations_path())
     }
 
     fn revoke_sync(&self, r: &Revocation) -> Result<()> {
@@ -165,15 +152,7 @@ impl LocalStore {
                 r.serial, r.ca
             )));
         }
-        let p = self.revocations_path();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(|e| Error::io(&p, e))?;
-        f.write_all(&line).map_err(|e| Error::io(&p, e))?;
-        f.sync_data().map_err(|e| Error::io(&p, e))
+        append_line(&self.revocations_path(), &line)
     }
 
     /// Takes the home's exclusive lock until the returned file is dropped.
@@ -311,20 +290,7 @@ impl LocalStore {
     }
 
     fn ledger_sync(&self) -> Result<Vec<LedgerEntry>> {
-        let p = self.ledger_path();
-        let text = match fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(&p, e)),
-        };
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
-            })
-            .collect()
+        read_jsonl(&self.ledger_path())
     }
 
     fn save_ca_sync(&self, ca: &CaMaterial, replace: bool) -> Result<SaveOutcome> {
@@ -390,17 +356,38 @@ impl LocalStore {
         let mut line = serde_json::to_vec(entry).map_err(|e| Error::Build(e.to_string()))?;
         line.push(b'\n');
         let _lock = self.lock()?;
-        let p = self.ledger_path();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(|e| Error::io(&p, e))?;
-        // One write of the whole line under the lock: readers never see half a record.
-        f.write_all(&line).map_err(|e| Error::io(&p, e))?;
-        f.sync_data().map_err(|e| Error::io(&p, e))
+        append_line(&self.ledger_path(), &line)
     }
+}
+
+/// Reads a JSON-lines file (absent: empty); a line that does not parse is corruption.
+fn read_jsonl<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Vec<T>> {
+    let text = match fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(p, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// Appends one whole line (under the caller's lock, in one write, so readers never see half
+/// a record) and syncs it.
+fn append_line(p: &Path, line: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| Error::io(p, e))?;
+    f.write_all(line).map_err(|e| Error::io(p, e))?;
+    f.sync_data().map_err(|e| Error::io(p, e))
 }
 
 /// A unique tag for temporary names: the process id and random bytes.
