@@ -10,10 +10,15 @@
 //! - churn (`--churn K`): K times, a new connection, one stream, the first secret, then the
 //!   client vanishes; twice, with the server's RSS after each batch (a leak shows as growth);
 //! - rotation: sends SIGHUP (forced renewal) and times until every stream has the new
-//!   certificate (p50, p99, all), several rounds.
+//!   certificate (p50, p99, all), several rounds;
+//! - with `--ca-rotation` the streams subscribe to `ROOTCA` instead, the server polls the
+//!   home every 2 s (the `sds serve` default), and each round runs `meshca ca rotate ca1
+//!   --phase prepare` in-process and times until every stream has the new bundle (then
+//!   activate and prune reset the CA for the next round).
 //!
 //! ```text
 //! meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--churn 5000] [--delta]
+//!                 [--ca-rotation]
 //! ```
 #![forbid(unsafe_code)]
 
@@ -29,6 +34,8 @@ use meshca::bundle::BundleSpec;
 use meshca::ca::{create_root, CaSpec};
 use meshca::identity::{Sans, SpiffeId, TrustDomain};
 use meshca::key::KeyAlgorithm;
+use meshca::rotation::Request;
+use meshca::store::rotate::{run_phase, RotateOptions};
 use meshca::store::{LocalStore, Store};
 use meshca_sds::{Listen, ServeConfig, SourceConfig, SECRET_TYPE_URL};
 use tokio::sync::mpsc;
@@ -45,10 +52,11 @@ struct Opts {
     delta: bool,
     cold: usize,
     churn: usize,
+    ca_rotation: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--churn 0] [--delta]");
+    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--churn 0] [--delta] [--ca-rotation]");
     std::process::exit(1)
 }
 
@@ -60,6 +68,7 @@ fn parse_opts() -> Opts {
         delta: false,
         cold: 300,
         churn: 0,
+        ca_rotation: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -76,6 +85,7 @@ fn parse_opts() -> Opts {
             "--cold" => o.cold = val().parse().unwrap_or_else(|_| usage()),
             "--churn" => o.churn = val().parse().unwrap_or_else(|_| usage()),
             "--delta" => o.delta = true,
+            "--ca-rotation" => o.ca_rotation = true,
             _ => usage(),
         }
     }
@@ -117,7 +127,11 @@ fn serve_child(home: &Path, sock: &Path) {
         },
         vec![Listen::Unix(sock.to_path_buf())],
     );
-    cfg.rotation.poll_interval = Duration::from_secs(5);
+    let poll_ms = std::env::var("MESHCA_SDS_LOAD_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    cfg.rotation.poll_interval = Duration::from_millis(poll_ms);
     if let Err(e) = rt.block_on(meshca_sds::serve(cfg, meshca_sds::shutdown_signal())) {
         eprintln!("server: {e}");
         std::process::exit(2);
@@ -187,6 +201,7 @@ fn sotw_req(names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
 /// and recording pushes on the board until the stream ends.
 async fn open_stream(
     mut client: Client,
+    name: &'static str,
     delta: bool,
     slot: usize,
     board: Option<Arc<Board>>,
@@ -197,7 +212,7 @@ async fn open_stream(
         let (tx, rx) = mpsc::channel(4);
         tx.send(DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
-            resource_names_subscribe: vec!["default".into()],
+            resource_names_subscribe: vec![name.into()],
             ..Default::default()
         })
         .await
@@ -228,7 +243,7 @@ async fn open_stream(
         })
     } else {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(sotw_req(&["default"], "", ""))
+        tx.send(sotw_req(&[name], "", ""))
             .await
             .map_err(|e| e.to_string())?;
         let mut rs = client
@@ -246,7 +261,7 @@ async fn open_stream(
                     b.received.fetch_add(1, Ordering::Relaxed);
                 }
                 if tx
-                    .send(sotw_req(&["default"], &r.nonce, &r.version_info))
+                    .send(sotw_req(&[name], &r.nonce, &r.version_info))
                     .await
                     .is_err()
                 {
@@ -278,10 +293,11 @@ impl Drop for ChildGuard {
     }
 }
 
-fn start_child(home: &Path, sock: &Path) -> ChildGuard {
+fn start_child(home: &Path, sock: &Path, poll_ms: u64) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
     let child = ChildGuard(
         Command::new(exe)
+            .env("MESHCA_SDS_LOAD_POLL_MS", poll_ms.to_string())
             .arg("__serve")
             .arg(home)
             .arg(sock)
@@ -332,7 +348,8 @@ async fn run(opts: Opts) {
 
     for &n in &opts.streams {
         let sock = dir.path().join(format!("sds-{n}.sock"));
-        let child = start_child(&home, &sock);
+        let poll_ms = if opts.ca_rotation { 2000 } else { 5000 };
+        let child = start_child(&home, &sock, poll_ms);
         let pid = child.0.id();
         tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -362,7 +379,7 @@ async fn run(opts: Opts) {
         for _ in 0..2 {
             for _ in 0..opts.churn {
                 let c = Client::new(channel(&sock).await);
-                let (_, reader) = open_stream(c, opts.delta, 0, None)
+                let (_, reader) = open_stream(c, "default", opts.delta, 0, None)
                     .await
                     .expect("churn stream");
                 reader.abort();
@@ -391,9 +408,14 @@ async fn run(opts: Opts) {
         for i in 0..n {
             let client = Client::new(channels[i / opts.per_conn].clone());
             let (board, sem, delta) = (board.clone(), sem.clone(), opts.delta);
+            let name = if opts.ca_rotation {
+                "ROOTCA"
+            } else {
+                "default"
+            };
             handles.push(tokio::spawn(async move {
                 let _p = sem.acquire_owned().await.unwrap();
-                open_stream(client, delta, i, Some(board))
+                open_stream(client, name, delta, i, Some(board))
                     .await
                     .map(|(d, _)| d)
             }));
@@ -448,7 +470,11 @@ async fn run(opts: Opts) {
         for round in 1..=opts.rounds {
             let before = board.received.load(Ordering::Relaxed);
             let t0 = board.base.elapsed().as_nanos() as u64;
-            signal(pid, "-HUP");
+            if opts.ca_rotation {
+                ca_phase(&store, Request::Prepare).await;
+            } else {
+                signal(pid, "-HUP");
+            }
             let deadline = Instant::now() + Duration::from_secs(60);
             while board.received.load(Ordering::Relaxed) < before + n && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(2)).await;
@@ -462,13 +488,25 @@ async fn run(opts: Opts) {
                 .map(|t| Duration::from_nanos(t - t0))
                 .collect();
             lat.sort();
+            let what = if opts.ca_rotation {
+                "CA rotation (prepare to new ROOTCA, 2 s poll)"
+            } else {
+                "rotation"
+            };
             println!(
-                "| rotation round {round}: streams updated / p50 / p99 / all | {got}/{n} / {} / {} / {} |",
+                "| {what} round {round}: streams updated / p50 / p99 / all | {got}/{n} / {} / {} / {} |",
                 ms(pct(&lat, 0.5)),
                 ms(pct(&lat, 0.99)),
                 ms(lat.last().copied().unwrap_or_default())
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
+            if opts.ca_rotation {
+                // Back to one root, and let those pushes pass before the next round.
+                ca_phase(&store, Request::Activate).await;
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                ca_phase(&store, Request::Prune).await;
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+            }
         }
         let rss_after = rss_kib(pid);
         println!(
@@ -478,6 +516,18 @@ async fn run(opts: Opts) {
         drop(channels);
         drop(child);
     }
+}
+
+/// Runs one phase of `meshca ca rotate ca1` on the load test's home (prune forced: the
+/// server's own certificate from the old CA is live in the ledger).
+async fn ca_phase(store: &LocalStore, req: Request) {
+    let opts = RotateOptions {
+        force: true,
+        ..Default::default()
+    };
+    run_phase(store, "ca1", req, &opts, time::OffsetDateTime::now_utc())
+        .await
+        .expect("rotation phase");
 }
 
 fn main() {
