@@ -145,6 +145,21 @@ pub struct MeshConfig {
     /// Workloads to issue.
     #[serde(default, rename = "workload")]
     pub workloads: Vec<WorkloadSpec>,
+    /// CA certificates to write as `kubernetes.io/tls` Secret manifests (the gateway root
+    /// users download).
+    #[serde(default, rename = "ca_secret")]
+    pub ca_secrets: Vec<CaSecretSpec>,
+}
+
+/// A CA written as a Secret manifest `<out_dir>/<ca>-ca-secret.yaml`: `tls.crt` and
+/// `ca.crt` hold the CA certificate (ca.crt both roots during a rotation); no key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaSecretSpec {
+    /// The CA.
+    pub ca: String,
+    /// NAMESPACE/NAME of the Secret.
+    pub secret: String,
 }
 
 impl MeshConfig {
@@ -223,6 +238,10 @@ impl MeshConfig {
             if let Some(s) = &w.secret {
                 s.parse::<ObjectRef>()?;
             }
+        }
+        for c in &self.ca_secrets {
+            crate::ca::validate_ca_name(&c.ca)?;
+            c.secret.parse::<ObjectRef>()?;
         }
         Ok(())
     }
@@ -327,6 +346,21 @@ pub async fn apply(
     for w in &cfg.workloads {
         report.push(apply_workload(store, cfg, w, &out_dir, opts.force, now).await?);
     }
+    for c in &cfg.ca_secrets {
+        let at: ObjectRef = c.secret.parse()?;
+        let ca = store.load_ca(&c.ca).await?;
+        let tls_crt = crate::pemutil::certs_to_pem(
+            std::iter::once(&ca.cert).chain(ca.leaf_chain_tail().iter().skip(1)),
+        );
+        let anchors = bundle::to_pem(&store::ca_anchors(store, &c.ca).await?);
+        let yaml = output::ca_secret_manifest(&at, &c.ca, &tls_crt, None, &anchors)?;
+        fsutil::create_private_dir(&out_dir)?;
+        let p = out_dir.join(format!("{}-ca-secret.yaml", c.ca));
+        fsutil::write_atomic(&p, yaml.as_bytes(), PUBLIC_MODE)?;
+        let mut a = applied("ca-secret", &c.ca, Outcome::Updated);
+        a.files.push(p);
+        report.push(a);
+    }
     Ok(report)
 }
 
@@ -380,7 +414,8 @@ async fn apply_workload(
                 )
                 .await?,
             ),
-            None => bundle::to_pem(std::slice::from_ref(&workload.cert.root)),
+            // The issuing CA's anchors: both roots while it rotates.
+            None => bundle::to_pem(&store::ca_anchors(store, &w.ca).await?),
         };
         let yaml = output::tls_secret_manifest(&at, &w.ca, &workload, &ca_pem)?;
         let p = out_dir.join(format!("{}-secret.yaml", w.name));
@@ -400,7 +435,7 @@ async fn apply_workload(
 }
 
 /// The serial of an existing workload certificate that may be kept: issued by the CA's
-/// current certificate and with over a third of its lifetime left.
+/// current key (its AKI is the CA's SKI) and with over a third of its lifetime left.
 async fn still_good(
     paths: &WorkloadFiles,
     store: &dyn Store,
@@ -416,7 +451,8 @@ async fn still_good(
     let ca_info = store.load_ca(ca).await.ok()?.info().ok()?;
     let lifetime = info.not_after - info.not_before;
     let left = info.not_after - now;
-    (info.issuer_der == ca_info.subject_der && left * 3 > lifetime).then(|| info.serial_hex())
+    // Compare the issuing key (AKI against SKI): a rotated CA keeps its DN.
+    (crate::rotation::issued_by(&info, &ca_info) && left * 3 > lifetime).then(|| info.serial_hex())
 }
 
 /// Orders CA specs so that every parent comes before its children.
@@ -521,6 +557,39 @@ secret = "ns/w-tls"
         assert_eq!(rt.block_on(store.ledger()).unwrap().len(), 1);
         let team = rt.block_on(store.load_ca("team")).unwrap();
         assert_eq!(team.meta.trust_domain.as_str(), "mesh.example");
+    }
+
+    #[test]
+    fn apply_reissues_what_a_rotated_ca_signed() {
+        use crate::rotation::Request;
+        use crate::store::rotate::{run_phase, RotateOptions};
+        let d = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(d.path().join("home")).unwrap();
+        let cfg = MeshConfig::parse(MESH, "t").unwrap();
+        let opts = ApplyOptions {
+            force: false,
+            base_dir: d.path().to_path_buf(),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let now = OffsetDateTime::now_utc();
+        let r1 = rt.block_on(apply(&store, &cfg, &opts, now)).unwrap();
+        let o = RotateOptions::default();
+        rt.block_on(run_phase(&store, "root", Request::Prepare, &o, now))
+            .unwrap();
+        rt.block_on(run_phase(&store, "root", Request::Activate, &o, now))
+            .unwrap();
+        // Same DNs, new keys: the workload must be re-issued from the new CA.
+        let r2 = rt.block_on(apply(&store, &cfg, &opts, now)).unwrap();
+        let w = r2.iter().find(|a| a.name == "w").unwrap();
+        assert_eq!(w.outcome, Outcome::Created, "{r2:?}");
+        assert_ne!(w.serial, r1[3].serial);
+        let r3 = rt.block_on(apply(&store, &cfg, &opts, now)).unwrap();
+        assert_eq!(
+            r3.iter().find(|a| a.name == "w").unwrap().outcome,
+            Outcome::Exists
+        );
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub mod bundle;
 pub mod ca;
 pub mod clock;
 pub mod config;
+pub mod crl;
 pub mod error;
 pub mod fsutil;
 pub mod identity;
@@ -48,6 +49,7 @@ pub mod pemutil;
 pub mod policy;
 pub mod profile;
 pub mod report;
+pub mod rotation;
 pub mod store;
 pub mod x509;
 

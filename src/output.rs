@@ -194,8 +194,56 @@ pub fn tls_secret_manifest(
     })
 }
 
+/// A `kubernetes.io/tls` Secret holding a CA: `tls.crt` is the CA certificate (and the
+/// intermediates above it), `ca.crt` the CA's trust anchors (both roots during a rotation).
+/// `tls.key` is the CA key only when `key_pem` is given (cert-manager's CA issuer reads it);
+/// otherwise it is empty, because the type requires the key to be present.
+pub fn ca_secret_manifest(
+    at: &ObjectRef,
+    ca: &str,
+    tls_crt_pem: &str,
+    key_pem: Option<&str>,
+    ca_crt_pem: &str,
+) -> Result<String> {
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let data = BTreeMap::from([
+        ("tls.crt", b64(tls_crt_pem.as_bytes())),
+        ("tls.key", b64(key_pem.unwrap_or_default().as_bytes())),
+        ("ca.crt", b64(ca_crt_pem.as_bytes())),
+    ]);
+    to_yaml(&Manifest {
+        api_version: "v1",
+        kind: "Secret",
+        metadata: Metadata {
+            name: &at.name,
+            namespace: &at.namespace,
+            labels: BTreeMap::from([
+                ("app.kubernetes.io/managed-by", "meshca"),
+                ("meshca.io/ca", ca),
+            ]),
+            annotations: BTreeMap::new(),
+        },
+        type_: Some("kubernetes.io/tls"),
+        data,
+    })
+}
+
 /// A ConfigMap carrying a trust bundle under key `ca.crt`.
 pub fn bundle_configmap_manifest(at: &ObjectRef, bundle: &str, ca_crt_pem: &str) -> Result<String> {
+    bundle_configmap_manifest_with_crl(at, bundle, ca_crt_pem, None)
+}
+
+/// [`bundle_configmap_manifest`], plus the bundle CAs' CRLs under key `ca.crl` when given.
+pub fn bundle_configmap_manifest_with_crl(
+    at: &ObjectRef,
+    bundle: &str,
+    ca_crt_pem: &str,
+    ca_crl_pem: Option<&str>,
+) -> Result<String> {
+    let mut data = BTreeMap::from([("ca.crt", ca_crt_pem.to_string())]);
+    if let Some(crl) = ca_crl_pem {
+        data.insert("ca.crl", crl.to_string());
+    }
     to_yaml(&Manifest {
         api_version: "v1",
         kind: "ConfigMap",
@@ -209,7 +257,7 @@ pub fn bundle_configmap_manifest(at: &ObjectRef, bundle: &str, ca_crt_pem: &str)
             annotations: BTreeMap::new(),
         },
         type_: None,
-        data: BTreeMap::from([("ca.crt", ca_crt_pem.to_string())]),
+        data,
     })
 }
 

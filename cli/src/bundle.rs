@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use meshca::bundle::{self, BundleSpec};
-use meshca::output::{bundle_configmap_manifest, ObjectRef};
+use meshca::output::{bundle_configmap_manifest_with_crl, ObjectRef};
 use meshca::report::{AnchorSummary, BundleReport};
 use meshca::store::{self, SaveOutcome, Store};
 use meshca::x509::CertInfo;
@@ -87,6 +87,9 @@ pub struct ConfigMapArgs {
     /// ConfigMap name [default: <bundle>-trust-bundle].
     #[arg(long)]
     configmap_name: Option<String>,
+    /// Also add `ca.crl`: the CRLs of every CA in the bundle's chains (valid 7 days).
+    #[arg(long)]
+    crl: bool,
 }
 
 async fn report(store: &dyn Store, spec: &BundleSpec) -> anyhow::Result<BundleReport> {
@@ -247,10 +250,33 @@ pub async fn run(ctx: &Ctx, cmd: BundleCmd) -> anyhow::Result<()> {
                 ));
             }
             let name = a.configmap_name.unwrap_or_else(|| spec.configmap_name());
+            let crl = if a.crl {
+                let now = time::OffsetDateTime::now_utc();
+                let revoked = store.revocations().await?;
+                let mut pem = String::new();
+                for ca in store::chain_cas(store, &spec.cas).await? {
+                    let der = meshca::crl::build(
+                        &ca,
+                        &revoked,
+                        now,
+                        meshca::crl::DEFAULT_CRL_VALIDITY,
+                        meshca::crl::crl_number(now),
+                    )?;
+                    pem.push_str(&meshca::crl::to_pem(&der));
+                }
+                Some(pem)
+            } else {
+                None
+            };
             let mut docs = Vec::new();
             for ns in namespaces {
                 let at: ObjectRef = format!("{ns}/{name}").parse()?;
-                docs.push(bundle_configmap_manifest(&at, &spec.name, &r.pem)?);
+                docs.push(bundle_configmap_manifest_with_crl(
+                    &at,
+                    &spec.name,
+                    &r.pem,
+                    crl.as_deref(),
+                )?);
             }
             print!("{}", docs.join("---\n"));
         }

@@ -10,6 +10,7 @@ mod inspect;
 mod issue;
 mod kube_store;
 mod policy;
+mod revoke;
 mod sds;
 mod signer;
 
@@ -68,6 +69,10 @@ enum Command {
     Ledger(ca::LedgerArgs),
     /// Check the store: every CA, bundle and ledger line must load.
     Check,
+    /// Revoke a certificate by serial (recorded in the store, published in CRLs).
+    Revoke(revoke::RevokeArgs),
+    /// Write a CA's X.509 v2 CRL (PEM).
+    Crl(revoke::CrlArgs),
     /// Envoy SDS server.
     #[command(subcommand)]
     Sds(sds::SdsCmd),
@@ -135,6 +140,8 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Ca(c) => ca::run(&ctx, c).await,
         Command::Ledger(a) => ca::run_ledger(&ctx, a).await,
         Command::Check => ca::run_check(&ctx).await,
+        Command::Revoke(a) => revoke::run_revoke(&ctx, a).await,
+        Command::Crl(a) => revoke::run_crl(&ctx, a).await,
         Command::Sds(c) => sds::run(&ctx, c).await,
         Command::Signer(c) => signer::run_cmd(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,

@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// File source: trust bundle (ca.crt), served as ROOTCA.
     #[arg(long, requires = "cert_file")]
     ca_file: Option<PathBuf>,
+    /// Put the CRLs of the ROOTCA bundle's CAs (every CA of their chains) in ROOTCA's
+    /// validation context, and push each new revocation.
+    #[arg(long, conflicts_with = "cert_file")]
+    crl: bool,
     /// How often the home or the files are checked for changes.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     poll_interval: Duration,
@@ -166,6 +170,7 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
                 sans,
                 ttl: a.ttl,
                 key: a.key,
+                crl: a.crl,
             }
         }
         (None, Some(cert)) => {

@@ -165,6 +165,8 @@ pub enum SourceConfig {
         ttl: Option<Duration>,
         /// Key algorithm of the workload key.
         key: KeyAlgorithm,
+        /// Serve the CRLs of the bundle's CAs in `ROOTCA` (`--crl`).
+        crl: bool,
     },
     /// Serve PEM files.
     Files {
@@ -284,9 +286,11 @@ impl ServeConfig {
                 sans,
                 ttl,
                 key,
+                crl,
             } => Box::new(
                 LocalCaSource::new(home, ca, bundle.clone(), sans.clone(), *ttl, *key)
-                    .map_err(|e| ServeError::Config(e.to_string()))?,
+                    .map_err(|e| ServeError::Config(e.to_string()))?
+                    .serve_crls(*crl),
             ),
             SourceConfig::Files {
                 cert,

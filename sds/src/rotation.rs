@@ -10,7 +10,9 @@ use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 
 use crate::metrics::Metrics;
-use crate::secrets::{bundle_entry, certificate_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME};
+use crate::secrets::{
+    bundle_entry, certificate_entry, validation_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME,
+};
 use crate::source::{verify_workload, CertSource, Material, SourceError, WorkloadCert};
 
 /// Rotation settings.
@@ -92,8 +94,16 @@ impl Rotator {
     /// published secrets stay as they are.
     pub async fn step(&mut self, force: bool) -> Result<(), SourceError> {
         let now = OffsetDateTime::now_utc();
-        let due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
-        let material = self.source.load(due, now).await?;
+        let mut due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
+        let mut material = self.source.load(due, now).await?;
+        if !due && self.issued_by_other_key(&material) {
+            tracing::info!(
+                source = %self.source.describe(),
+                "the issuing CA was rotated with --now; renewing from the new CA"
+            );
+            due = true;
+            material = self.source.load(true, now).await?;
+        }
         match self.accept(material, now) {
             Ok(()) => Ok(()),
             // The current certificate no longer verifies (a CA rotation took it out of the
@@ -104,6 +114,19 @@ impl Rotator {
                 self.accept(material, now).map_err(|e| self.refused(e))
             }
             Err(e) => Err(self.refused(e)),
+        }
+    }
+
+    /// Whether the source asks for a certificate from another key than the current one's
+    /// issuer (AKI against SKI; never the DN, which a rotated CA keeps).
+    fn issued_by_other_key(&self, m: &Material) -> bool {
+        match (&m.renew_unless_issued_by, &self.current) {
+            (Some(ski), Some(cur)) => !cur
+                .info
+                .authority_key_id
+                .as_deref()
+                .is_some_and(|aki| aki.eq_ignore_ascii_case(ski)),
+            _ => false,
         }
     }
 
@@ -120,6 +143,8 @@ impl Rotator {
             workload,
             bundle,
             named_bundles,
+            renew_unless_issued_by: _,
+            crls,
         } = m;
         let fresh = workload.is_some();
         let cert = match (&workload, &self.current) {
@@ -140,7 +165,10 @@ impl Rotator {
                 cert.info.not_after,
             ),
         );
-        snap.insert(ROOTCA_NAME, bundle_entry(ROOTCA_NAME, &bundle));
+        snap.insert(
+            ROOTCA_NAME,
+            validation_entry(ROOTCA_NAME, &bundle, crls.as_ref()),
+        );
         for (name, anchors) in &named_bundles {
             if name == DEFAULT_NAME || name == ROOTCA_NAME {
                 tracing::warn!(bundle = %name, "trust bundle name is reserved; not served by that name");

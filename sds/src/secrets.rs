@@ -125,12 +125,34 @@ pub fn certificate_entry(
 
 /// Builds a `validation_context` secret trusting `anchors`.
 pub fn bundle_entry(name: &str, anchors: &[CertificateDer<'static>]) -> Entry {
+    validation_entry(name, anchors, None)
+}
+
+/// CRLs served with a trust bundle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Crls {
+    /// Concatenated PEM CRLs, one per CA.
+    pub pem: String,
+    /// Whether Envoy may check the leaf only (`only_verify_leaf_cert_crl`): set when some CA
+    /// of a chain has no CRL, because by default Envoy refuses a chain unless it has a CRL
+    /// for every CA in it.
+    pub leaf_only: bool,
+}
+
+/// Builds a `validation_context` secret trusting `anchors`, with CRLs in its `crl` field.
+pub fn validation_entry(
+    name: &str,
+    anchors: &[CertificateDer<'static>],
+    crls: Option<&Crls>,
+) -> Entry {
     let pem = meshca::pemutil::certs_to_pem(anchors.iter());
     let secret = Secret {
         name: name.to_string(),
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(pem.into_bytes()),
+                crl: crls.and_then(|c| inline(c.pem.as_bytes().to_vec())),
+                only_verify_leaf_cert_crl: crls.is_some_and(|c| c.leaf_only),
                 ..Default::default()
             },
         )),

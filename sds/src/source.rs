@@ -64,6 +64,12 @@ pub struct Material {
     pub bundle: Vec<CertificateDer<'static>>,
     /// Further named trust bundles, served under their names.
     pub named_bundles: BTreeMap<String, Vec<CertificateDer<'static>>>,
+    /// Renew at once unless the current certificate's authority key identifier is this
+    /// subject key identifier: set while the issuing CA's rotation was activated with
+    /// `--now`. Keys, not DNs, tell a rotated CA from its predecessor.
+    pub renew_unless_issued_by: Option<String>,
+    /// CRLs of the `ROOTCA` bundle's CAs (`sds serve --crl`).
+    pub crls: Option<crate::secrets::Crls>,
 }
 
 /// A source failure. Displayed as one line, never with key material.
@@ -173,7 +179,15 @@ pub struct LocalCaSource {
     ttl: Option<Duration>,
     key: KeyAlgorithm,
     serve_named_bundles: bool,
+    serve_crls: bool,
+    /// Built CRLs by CA fingerprint: (revoked serials, built at, PEM). A CRL is rebuilt only
+    /// when its revocations change or half its validity has passed, so an unchanged CRL is
+    /// never pushed again (ECDSA signatures differ on every signing).
+    crl_cache: std::sync::Mutex<BTreeMap<String, (String, OffsetDateTime, String)>>,
 }
+
+/// nextUpdate of the CRLs the SDS server builds; they are rebuilt after half of it.
+pub const SDS_CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 impl LocalCaSource {
     /// A source issuing `sans` from CA `ca` in `home`; `bundle` names the trust bundle
@@ -207,7 +221,74 @@ impl LocalCaSource {
             ttl,
             key,
             serve_named_bundles: true,
+            serve_crls: false,
+            crl_cache: std::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Whether `ROOTCA` carries the CRLs of its CAs (default off).
+    pub fn serve_crls(mut self, on: bool) -> Self {
+        self.serve_crls = on;
+        self
+    }
+
+    /// The CRLs of every CA in the chains of the `ROOTCA` bundle's members (Envoy wants one
+    /// for each CA of a chain), including both versions of a CA under rotation.
+    async fn crls(&self, now: OffsetDateTime) -> Result<Option<crate::secrets::Crls>, SourceError> {
+        if !self.serve_crls {
+            return Ok(None);
+        }
+        let members = match &self.bundle {
+            Some(b) => {
+                self.store
+                    .load_bundle(b)
+                    .await
+                    .map_err(|e| self.err(e))?
+                    .cas
+            }
+            None => vec![self.ca.clone()],
+        };
+        let cas = meshca::store::chain_cas(&self.store, &members)
+            .await
+            .map_err(|e| self.err(e))?;
+        let revoked = self.store.revocations().await.map_err(|e| self.err(e))?;
+        let mut pem = String::new();
+        let mut leaf_only = false;
+        let mut cache = self.crl_cache.lock().unwrap_or_else(|p| p.into_inner());
+        for c in &cas {
+            if c.key.is_none() {
+                leaf_only = true;
+                continue;
+            }
+            let fp = meshca::pemutil::fingerprint_sha256(&c.cert);
+            let mine: Vec<_> = revoked
+                .iter()
+                .filter(|r| r.ca == c.meta.name)
+                .cloned()
+                .collect();
+            let key: String = mine.iter().map(|r| format!("{},", r.serial)).collect();
+            let fresh = cache
+                .get(&fp)
+                .filter(|(k, at, _)| *k == key && now < *at + SDS_CRL_VALIDITY / 2);
+            let crl = match fresh {
+                Some((_, _, p)) => p.clone(),
+                None => {
+                    let der = meshca::crl::build(
+                        c,
+                        &mine,
+                        now,
+                        SDS_CRL_VALIDITY,
+                        meshca::crl::crl_number(now),
+                    )
+                    .map_err(|e| self.err(e))?;
+                    let p = meshca::crl::to_pem(&der);
+                    cache.insert(fp, (key, now, p.clone()));
+                    p
+                }
+            };
+            pem.push_str(&crl);
+        }
+        Ok(Some(crate::secrets::Crls { pem, leaf_only }))
     }
 
     /// Whether every bundle of the store is also served under its own name (default on).
@@ -262,6 +343,19 @@ impl CertSource for LocalCaSource {
                 }
             }
         }
+        let rotated = meshca::store::rotate::renew_now_for(&self.store, &self.ca)
+            .await
+            .map_err(|e| self.err(e))?;
+        let renew_unless_issued_by = if rotated {
+            let ca = self
+                .store
+                .load_ca(&self.ca)
+                .await
+                .map_err(|e| self.err(e))?;
+            ca.info().map_err(|e| self.err(e))?.subject_key_id
+        } else {
+            None
+        };
         let workload = if renew {
             let issuer = meshca::store::load_issuer(&self.store, &self.ca)
                 .await
@@ -292,6 +386,8 @@ impl CertSource for LocalCaSource {
             workload,
             bundle,
             named_bundles,
+            renew_unless_issued_by,
+            crls: self.crls(now).await?,
         })
     }
 
@@ -379,6 +475,8 @@ impl CertSource for FileSource {
             }),
             bundle,
             named_bundles: BTreeMap::new(),
+            renew_unless_issued_by: None,
+            crls: None,
         })
     }
 

@@ -115,6 +115,10 @@ pub struct LedgerEntry {
     pub issued_at: OffsetDateTime,
     /// SHA-256 fingerprint.
     pub sha256: String,
+    /// Authority key identifier (the issuing CA key's SKI), to tell a rotated CA's
+    /// certificates from its predecessor's. Absent in entries written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aki: Option<String>,
 }
 
 impl LedgerEntry {
@@ -132,6 +136,7 @@ impl LedgerEntry {
             not_after: cert.info.not_after,
             issued_at: now,
             sha256: cert.info.sha256_fingerprint.clone(),
+            aki: cert.info.authority_key_id.clone(),
         }
     }
 }

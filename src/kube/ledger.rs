@@ -168,6 +168,7 @@ mod tests {
                 not_after: t,
                 issued_at: t,
                 sha256: String::new(),
+                aki: None,
             },
             requester: "system:serviceaccount:app:blue".into(),
             object: "csr/c1".into(),

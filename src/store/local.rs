@@ -10,6 +10,9 @@
 //! cas/<name>/meta.json      backend, trust domain, policy
 //! bundles/<name>.json       trust bundle definitions
 //! ledger.jsonl              append-only issuance ledger, one JSON object a line
+//! revocations.jsonl         append-only revocations (serial, CA, reason, time)
+//! rotations/<name>/state.json           a CA rotation in progress (phase, steps done)
+//! rotations/<name>/{next,previous}/<x>/ the rotation's CAs, laid out like cas/<x>/
 //! ```
 //! Every file is written atomically (temp file, fsync, rename, fsync of the directory). A CA is
 //! assembled in a hidden temp directory and renamed into place, so a crash never leaves a
@@ -22,14 +25,16 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 
-use super::{SaveOutcome, Store};
+use super::{SaveOutcome, Slot, Store};
 use crate::bundle::BundleSpec;
 use crate::ca::{validate_ca_name, CaMaterial, CaMeta};
+use crate::crl::Revocation;
 use crate::error::{Error, Result};
 use crate::fsutil::{self, KEY_MODE, PUBLIC_MODE};
 use crate::issue::LedgerEntry;
 use crate::key::PrivateKey;
 use crate::pemutil;
+use crate::rotation::RotationState;
 
 const MARKER: &str = "meshca-home.json";
 const LAYOUT_VERSION: u32 = 1;
@@ -125,6 +130,31 @@ impl LocalStore {
         self.home.join("ledger.jsonl")
     }
 
+    fn revocations_path(&self) -> PathBuf {
+        self.home.join("revocations.jsonl")
+    }
+
+    fn revocations_sync(&self) -> Result<Vec<Revocation>> {
+        read_jsonl(&self.revocations_path())
+    }
+
+    fn revoke_sync(&self, r: &Revocation) -> Result<()> {
+        let mut line = serde_json::to_vec(r).map_err(|e| Error::Build(e.to_string()))?;
+        line.push(b'\n');
+        let _lock = self.lock()?;
+        if self
+            .revocations_sync()?
+            .iter()
+            .any(|x| x.serial == r.serial && x.ca == r.ca)
+        {
+            return Err(Error::AlreadyExists(format!(
+                "revocation of serial {} of CA {}",
+                r.serial, r.ca
+            )));
+        }
+        append_line(&self.revocations_path(), &line)
+    }
+
     /// Takes the home's exclusive lock until the returned file is dropped.
     fn lock(&self) -> Result<File> {
         let p = self.home.join(".lock");
@@ -198,6 +228,12 @@ impl LocalStore {
             self.load_ca_sync(c)?;
         }
         let bundles = self.list_bundles_sync()?;
+        for r in self.list_rotations_sync()? {
+            for slot in [Slot::Next, Slot::Previous] {
+                self.load_rotation_cas_sync(&r.ca, slot)?;
+            }
+        }
+        self.revocations_sync()?;
         Ok((cas.len(), bundles.len(), self.ledger_sync()?.len()))
     }
 
@@ -254,20 +290,7 @@ impl LocalStore {
     }
 
     fn ledger_sync(&self) -> Result<Vec<LedgerEntry>> {
-        let p = self.ledger_path();
-        let text = match fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(&p, e)),
-        };
-        text.lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-            .map(|(i, l)| {
-                serde_json::from_str(l)
-                    .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
-            })
-            .collect()
+        read_jsonl(&self.ledger_path())
     }
 
     fn save_ca_sync(&self, ca: &CaMaterial, replace: bool) -> Result<SaveOutcome> {
@@ -286,32 +309,9 @@ impl LocalStore {
         if exists && !replace {
             return Err(Error::AlreadyExists(format!("CA {name}")));
         }
-        let mut rnd = [0u8; 6];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
-            .map_err(|_| Error::Build("system random number generator failed".into()))?;
-        let tmp = cas.join(format!(
-            ".{name}.{}.{}.new.tmp",
-            std::process::id(),
-            pemutil::hex(&rnd)
-        ));
+        let tmp = cas.join(format!(".{name}.{}.new.tmp", temp_tag()?));
         let result = (|| {
-            fsutil::create_private_dir(&tmp)?;
-            fsutil::write_atomic(
-                &tmp.join("ca.crt"),
-                pemutil::certs_to_pem([&ca.cert]).as_bytes(),
-                PUBLIC_MODE,
-            )?;
-            fsutil::write_atomic(
-                &tmp.join("chain.pem"),
-                ca.chain_pem().as_bytes(),
-                PUBLIC_MODE,
-            )?;
-            if let Some(k) = &ca.key {
-                fsutil::write_atomic(&tmp.join("ca.key"), k.to_pkcs8_pem().as_bytes(), KEY_MODE)?;
-            }
-            let meta =
-                serde_json::to_vec_pretty(&ca.meta).map_err(|e| Error::Build(e.to_string()))?;
-            fsutil::write_atomic(&tmp.join("meta.json"), &meta, PUBLIC_MODE)?;
+            write_ca_files(&tmp, ca)?;
             if exists {
                 if old.exists() {
                     fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
@@ -356,16 +356,192 @@ impl LocalStore {
         let mut line = serde_json::to_vec(entry).map_err(|e| Error::Build(e.to_string()))?;
         line.push(b'\n');
         let _lock = self.lock()?;
-        let p = self.ledger_path();
-        let mut f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(&p)
-            .map_err(|e| Error::io(&p, e))?;
-        // One write of the whole line under the lock: readers never see half a record.
-        f.write_all(&line).map_err(|e| Error::io(&p, e))?;
-        f.sync_data().map_err(|e| Error::io(&p, e))
+        append_line(&self.ledger_path(), &line)
+    }
+}
+
+/// Reads a JSON-lines file (absent: empty); a line that does not parse is corruption.
+fn read_jsonl<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Vec<T>> {
+    let text = match fs::read_to_string(p) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(p, e)),
+    };
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| Error::Corrupt(format!("{} line {}: {e}", p.display(), i + 1)))
+        })
+        .collect()
+}
+
+/// Appends one whole line (under the caller's lock, in one write, so readers never see half
+/// a record) and syncs it.
+fn append_line(p: &Path, line: &[u8]) -> Result<()> {
+    let mut f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(p)
+        .map_err(|e| Error::io(p, e))?;
+    f.write_all(line).map_err(|e| Error::io(p, e))?;
+    f.sync_data().map_err(|e| Error::io(p, e))
+}
+
+/// A unique tag for temporary names: the process id and random bytes.
+fn temp_tag() -> Result<String> {
+    let mut rnd = [0u8; 6];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+        .map_err(|_| Error::Build("system random number generator failed".into()))?;
+    Ok(format!("{}.{}", std::process::id(), pemutil::hex(&rnd)))
+}
+
+/// Writes a CA's files into a new private directory `dir`.
+fn write_ca_files(dir: &Path, ca: &CaMaterial) -> Result<()> {
+    fsutil::create_private_dir(dir)?;
+    fsutil::write_atomic(
+        &dir.join("ca.crt"),
+        pemutil::certs_to_pem([&ca.cert]).as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    fsutil::write_atomic(
+        &dir.join("chain.pem"),
+        ca.chain_pem().as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    if let Some(k) = &ca.key {
+        fsutil::write_atomic(&dir.join("ca.key"), k.to_pkcs8_pem().as_bytes(), KEY_MODE)?;
+    }
+    let meta = serde_json::to_vec_pretty(&ca.meta).map_err(|e| Error::Build(e.to_string()))?;
+    fsutil::write_atomic(&dir.join("meta.json"), &meta, PUBLIC_MODE)
+}
+
+/// Removes a directory tree atomically from readers' view: renamed to a hidden temporary
+/// name first, then deleted. Absent is fine.
+fn remove_tree(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let parent = path.parent().expect("a path inside the home");
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let doomed = parent.join(format!(".{name}.{}.del.tmp", temp_tag()?));
+    fs::rename(path, &doomed).map_err(|e| Error::io(path, e))?;
+    fsutil::sync_dir(parent)?;
+    fs::remove_dir_all(&doomed).map_err(|e| Error::io(&doomed, e))
+}
+
+/// Rotation records: `rotations/<ca>/state.json`, and the slots `rotations/<ca>/next/<x>/`
+/// and `rotations/<ca>/previous/<x>/` laid out like `cas/<x>/`.
+impl LocalStore {
+    fn rotations_dir(&self) -> PathBuf {
+        self.home.join("rotations")
+    }
+
+    fn rotation_dir(&self, ca: &str) -> PathBuf {
+        self.rotations_dir().join(ca)
+    }
+
+    fn list_rotations_sync(&self) -> Result<Vec<RotationState>> {
+        let dir = self.rotations_dir();
+        if !dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let e = e.map_err(|e| Error::io(&dir, e))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with('.') || validate_ca_name(&n).is_err() {
+                continue;
+            }
+            let p = e.path().join("state.json");
+            if !p.is_file() {
+                continue;
+            }
+            let st: RotationState = serde_json::from_slice(&fsutil::read_limited(&p)?)
+                .map_err(|e| Error::Corrupt(format!("{}: {e}", p.display())))?;
+            if st.ca != n {
+                return Err(Error::Corrupt(format!(
+                    "{}: names CA {:?}",
+                    p.display(),
+                    st.ca
+                )));
+            }
+            out.push(st);
+        }
+        out.sort_by(|a, b| a.ca.cmp(&b.ca));
+        Ok(out)
+    }
+
+    fn save_rotation_sync(&self, st: &RotationState) -> Result<()> {
+        validate_ca_name(&st.ca)?;
+        let _lock = self.lock()?;
+        fsutil::create_private_dir(&self.rotations_dir())?;
+        let dir = self.rotation_dir(&st.ca);
+        fsutil::create_private_dir(&dir)?;
+        let json = serde_json::to_vec_pretty(st).map_err(|e| Error::Build(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("state.json"), &json, PUBLIC_MODE)
+    }
+
+    fn load_rotation_cas_sync(&self, ca: &str, slot: Slot) -> Result<Vec<CaMaterial>> {
+        validate_ca_name(ca)?;
+        let dir = self.rotation_dir(ca).join(slot.as_str());
+        if !dir.is_dir() {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(|e| Error::io(&dir, e))? {
+            let e = e.map_err(|e| Error::io(&dir, e))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') && validate_ca_name(&n).is_ok() {
+                out.push(self.read_ca(&n, &e.path())?);
+            }
+        }
+        out.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        Ok(out)
+    }
+
+    fn save_rotation_cas_sync(&self, ca: &str, slot: Slot, cas: &[CaMaterial]) -> Result<()> {
+        validate_ca_name(ca)?;
+        let _lock = self.lock()?;
+        fsutil::create_private_dir(&self.rotations_dir())?;
+        let dir = self.rotation_dir(ca);
+        fsutil::create_private_dir(&dir)?;
+        let target = dir.join(slot.as_str());
+        if target.exists() {
+            return Err(Error::AlreadyExists(format!(
+                "{} CAs of the rotation of {ca}",
+                slot.as_str()
+            )));
+        }
+        let tmp = dir.join(format!(".{}.{}.new.tmp", slot.as_str(), temp_tag()?));
+        let result = (|| {
+            fsutil::create_private_dir(&tmp)?;
+            for c in cas {
+                validate_ca_name(&c.meta.name)?;
+                write_ca_files(&tmp.join(&c.meta.name), c)?;
+            }
+            fsutil::sync_dir(&tmp)?;
+            fs::rename(&tmp, &target).map_err(|e| Error::io(&target, e))?;
+            fsutil::sync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        result
+    }
+
+    fn remove_rotation_cas_sync(&self, ca: &str, slot: Slot) -> Result<()> {
+        validate_ca_name(ca)?;
+        let _lock = self.lock()?;
+        remove_tree(&self.rotation_dir(ca).join(slot.as_str()))
+    }
+
+    fn remove_rotation_sync(&self, ca: &str) -> Result<()> {
+        validate_ca_name(ca)?;
+        let _lock = self.lock()?;
+        remove_tree(&self.rotation_dir(ca))
     }
 }
 
@@ -400,6 +576,30 @@ impl Store for LocalStore {
     }
     async fn ledger(&self) -> Result<Vec<LedgerEntry>> {
         self.ledger_sync()
+    }
+    async fn list_rotations(&self) -> Result<Vec<RotationState>> {
+        self.list_rotations_sync()
+    }
+    async fn revoke(&self, r: &Revocation) -> Result<()> {
+        self.revoke_sync(r)
+    }
+    async fn revocations(&self) -> Result<Vec<Revocation>> {
+        self.revocations_sync()
+    }
+    async fn save_rotation(&self, state: &RotationState) -> Result<()> {
+        self.save_rotation_sync(state)
+    }
+    async fn load_rotation_cas(&self, ca: &str, slot: Slot) -> Result<Vec<CaMaterial>> {
+        self.load_rotation_cas_sync(ca, slot)
+    }
+    async fn save_rotation_cas(&self, ca: &str, slot: Slot, cas: &[CaMaterial]) -> Result<()> {
+        self.save_rotation_cas_sync(ca, slot, cas)
+    }
+    async fn remove_rotation_cas(&self, ca: &str, slot: Slot) -> Result<()> {
+        self.remove_rotation_cas_sync(ca, slot)
+    }
+    async fn remove_rotation(&self, ca: &str) -> Result<()> {
+        self.remove_rotation_sync(ca)
     }
 }
 
@@ -506,6 +706,7 @@ mod tests {
             not_after: OffsetDateTime::UNIX_EPOCH,
             issued_at: OffsetDateTime::UNIX_EPOCH,
             sha256: "AA".into(),
+            aki: None,
         };
         rt().block_on(async {
             s.record(&e).await.unwrap();

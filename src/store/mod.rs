@@ -1,6 +1,7 @@
 //! Where CAs, trust bundles and the issuance ledger live.
 
 pub mod local;
+pub mod rotate;
 
 use async_trait::async_trait;
 use rustls_pki_types::CertificateDer;
@@ -9,6 +10,7 @@ use crate::bundle::{self, BundleSpec};
 use crate::ca::{Backend, CaMaterial};
 use crate::error::{Error, Result};
 use crate::issue::{Issuer, LedgerEntry, LocalIssuer};
+use crate::rotation::RotationState;
 
 pub use local::LocalStore;
 
@@ -20,6 +22,25 @@ pub enum SaveOutcome {
     Created,
     /// Replaced an existing object (`--force`).
     Replaced,
+}
+
+/// Which CA versions of a rotation a slot holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The prepared CAs, not yet issuing.
+    Next,
+    /// The replaced CAs, still trusted until prune.
+    Previous,
+}
+
+impl Slot {
+    /// The slot's name in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Slot::Next => "next",
+            Slot::Previous => "previous",
+        }
+    }
 }
 
 /// Storage for CAs, bundles and the ledger. Implementations: [`LocalStore`] (directory,
@@ -46,6 +67,63 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn record(&self, entry: &LedgerEntry) -> Result<()>;
     /// Reads the whole ledger.
     async fn ledger(&self) -> Result<Vec<LedgerEntry>>;
+
+    /// Every rotation record, sorted by CA name. A store that cannot rotate has none.
+    async fn list_rotations(&self) -> Result<Vec<RotationState>> {
+        Ok(Vec::new())
+    }
+    /// The rotation record of CA `ca`, if a rotation is in progress.
+    async fn load_rotation(&self, ca: &str) -> Result<Option<RotationState>> {
+        Ok(self
+            .list_rotations()
+            .await?
+            .into_iter()
+            .find(|r| r.ca == ca))
+    }
+    /// Writes a rotation record atomically.
+    async fn save_rotation(&self, state: &RotationState) -> Result<()> {
+        let _ = state;
+        Err(self.no_rotation())
+    }
+    /// The CAs held in a slot of `ca`'s rotation (empty when none).
+    async fn load_rotation_cas(&self, ca: &str, slot: Slot) -> Result<Vec<CaMaterial>> {
+        let _ = (ca, slot);
+        Ok(Vec::new())
+    }
+    /// Writes all CAs of a slot at once (atomically); fails if the slot is already written.
+    async fn save_rotation_cas(&self, ca: &str, slot: Slot, cas: &[CaMaterial]) -> Result<()> {
+        let _ = (ca, slot, cas);
+        Err(self.no_rotation())
+    }
+    /// Removes one slot of `ca`'s rotation (no error when absent).
+    async fn remove_rotation_cas(&self, ca: &str, slot: Slot) -> Result<()> {
+        let _ = (ca, slot);
+        Err(self.no_rotation())
+    }
+    /// Removes `ca`'s rotation record and everything under it.
+    async fn remove_rotation(&self, ca: &str) -> Result<()> {
+        let _ = ca;
+        Err(self.no_rotation())
+    }
+    /// Records a revocation. Fails with [`Error::AlreadyExists`] for a serial already revoked.
+    async fn revoke(&self, r: &crate::crl::Revocation) -> Result<()> {
+        let _ = r;
+        Err(Error::Unsupported(format!(
+            "revocation on {} (use the local store)",
+            self.describe()
+        )))
+    }
+    /// Every recorded revocation, oldest first.
+    async fn revocations(&self) -> Result<Vec<crate::crl::Revocation>> {
+        Ok(Vec::new())
+    }
+    /// The error of a store without rotation support.
+    fn no_rotation(&self) -> Error {
+        Error::Unsupported(format!(
+            "CA rotation on {} (use the local store)",
+            self.describe()
+        ))
+    }
 }
 
 /// Loads a CA and wraps it in the [`Issuer`] its backend calls for.
@@ -65,11 +143,13 @@ pub async fn load_issuer(store: &dyn Store, name: &str) -> Result<Box<dyn Issuer
     }
 }
 
-/// The anchors of a stored bundle.
+/// The anchors of a stored bundle. A member CA under rotation contributes the roots of
+/// its next and previous versions too, so the bundle trusts both sides of the overlap.
 pub async fn bundle_anchors(
     store: &dyn Store,
     spec: &BundleSpec,
 ) -> Result<Vec<CertificateDer<'static>>> {
+    let rotations = store.list_rotations().await?;
     let mut cas = Vec::with_capacity(spec.cas.len());
     for name in &spec.cas {
         cas.push(store.load_ca(name).await.map_err(|e| match e {
@@ -78,6 +158,54 @@ pub async fn bundle_anchors(
             }
             other => other,
         })?);
+        for r in rotations.iter().filter(|r| r.covers(name)) {
+            for slot in [Slot::Next, Slot::Previous] {
+                cas.extend(
+                    store
+                        .load_rotation_cas(&r.ca, slot)
+                        .await?
+                        .into_iter()
+                        .filter(|c| &c.meta.name == name),
+                );
+            }
+        }
     }
     Ok(bundle::assemble(cas.iter()))
+}
+
+/// The anchors of CA `name` alone (its root, plus the other side of a rotation in progress):
+/// what `ca.crt` holds when no bundle is named.
+pub async fn ca_anchors(store: &dyn Store, name: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let spec = BundleSpec {
+        name: name.to_string(),
+        cas: vec![name.to_string()],
+        file: None,
+        namespaces: Vec::new(),
+    };
+    bundle_anchors(store, &spec).await
+}
+
+/// Every CA in the chains of `members` (each member and its parents up to the root), plus
+/// the next and previous versions of those under rotation: the CAs a peer needs CRLs of.
+pub async fn chain_cas(store: &dyn Store, members: &[String]) -> Result<Vec<CaMaterial>> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut cas = Vec::new();
+    for m in members {
+        let mut next = Some(m.clone());
+        while let Some(name) = next {
+            if !seen.insert(name.clone()) {
+                break;
+            }
+            let c = store.load_ca(&name).await?;
+            next = c.meta.parent.clone();
+            cas.push(c);
+        }
+    }
+    for r in store.list_rotations().await? {
+        for slot in [Slot::Next, Slot::Previous] {
+            let v = store.load_rotation_cas(&r.ca, slot).await?;
+            cas.extend(v.into_iter().filter(|c| seen.contains(&c.meta.name)));
+        }
+    }
+    Ok(cas)
 }

@@ -13,11 +13,15 @@
 //! - churn (`--churn K`): K times, a new connection, one stream, the first secret, then the
 //!   client vanishes; twice, with the server's RSS after each batch (a leak shows as growth);
 //! - rotation: sends SIGHUP (forced renewal) and times until every stream has the new
-//!   certificate (p50, p99, all), several rounds.
+//!   certificate (p50, p99, all), several rounds;
+//! - with `--ca-rotation` the streams subscribe to `ROOTCA` instead, the server polls the
+//!   home every 2 s (the `sds serve` default), and each round runs `meshca ca rotate ca1
+//!   --phase prepare` in-process and times until every stream has the new bundle (then
+//!   activate and prune reset the CA for the next round).
 //!
 //! ```text
 //! meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--churn 5000] [--delta]
-//!                 [--cold 300] [--cold-conn 100] [--transport unix,tcp,tls]
+//!                 [--cold 300] [--cold-conn 100] [--transport unix,tcp,tls] [--ca-rotation]
 //! ```
 #![forbid(unsafe_code)]
 
@@ -33,6 +37,8 @@ use meshca::bundle::BundleSpec;
 use meshca::ca::{create_root, CaSpec};
 use meshca::identity::{Sans, SpiffeId, TrustDomain};
 use meshca::key::KeyAlgorithm;
+use meshca::rotation::Request;
+use meshca::store::rotate::{run_phase, RotateOptions};
 use meshca::store::{LocalStore, Store};
 use meshca_sds::{Listen, ServeConfig, SourceConfig, SECRET_TYPE_URL};
 use tokio::sync::mpsc;
@@ -51,6 +57,7 @@ struct Opts {
     cold_conn: usize,
     churn: usize,
     transports: Vec<Transport>,
+    ca_rotation: bool,
 }
 
 /// How the load generator reaches the server.
@@ -83,7 +90,7 @@ impl Transport {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--cold-conn 100] [--churn 0] [--delta] [--transport unix,tcp,tls]");
+    eprintln!("usage: meshca-sds-load [--streams 1000,10000] [--per-conn 100] [--rounds 3] [--cold 300] [--cold-conn 100] [--churn 0] [--delta] [--transport unix,tcp,tls] [--ca-rotation]");
     std::process::exit(1)
 }
 
@@ -97,6 +104,7 @@ fn parse_opts() -> Opts {
         cold_conn: 100,
         churn: 0,
         transports: vec![Transport::Unix],
+        ca_rotation: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -120,6 +128,7 @@ fn parse_opts() -> Opts {
                     .collect()
             }
             "--delta" => o.delta = true,
+            "--ca-rotation" => o.ca_rotation = true,
             _ => usage(),
         }
     }
@@ -161,10 +170,15 @@ fn serve_child(home: &Path, listen: &str, tls_dir: Option<&Path>) {
             sans: sans(),
             ttl: Some(Duration::from_secs(3600)),
             key: KeyAlgorithm::EcdsaP256,
+            crl: false,
         },
         vec![Listen::parse(listen).expect("listen address")],
     );
-    cfg.rotation.poll_interval = Duration::from_secs(5);
+    let poll_ms = std::env::var("MESHCA_SDS_LOAD_POLL_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5000);
+    cfg.rotation.poll_interval = Duration::from_millis(poll_ms);
     cfg.tls = tls_dir.map(|d| meshca_sds::TlsConfig {
         cert: d.join("server.crt"),
         key: d.join("server.key"),
@@ -346,6 +360,7 @@ fn sotw_req(names: &[&str], nonce: &str, version: &str) -> DiscoveryRequest {
 /// and recording pushes on the board until the stream ends.
 async fn open_stream(
     mut client: Client,
+    name: &'static str,
     delta: bool,
     slot: usize,
     board: Option<Arc<Board>>,
@@ -356,7 +371,7 @@ async fn open_stream(
         let (tx, rx) = mpsc::channel(4);
         tx.send(DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
-            resource_names_subscribe: vec!["default".into()],
+            resource_names_subscribe: vec![name.into()],
             ..Default::default()
         })
         .await
@@ -387,7 +402,7 @@ async fn open_stream(
         })
     } else {
         let (tx, rx) = mpsc::channel(4);
-        tx.send(sotw_req(&["default"], "", ""))
+        tx.send(sotw_req(&[name], "", ""))
             .await
             .map_err(|e| e.to_string())?;
         let mut rs = client
@@ -405,7 +420,7 @@ async fn open_stream(
                     b.received.fetch_add(1, Ordering::Relaxed);
                 }
                 if tx
-                    .send(sotw_req(&["default"], &r.nonce, &r.version_info))
+                    .send(sotw_req(&[name], &r.nonce, &r.version_info))
                     .await
                     .is_err()
                 {
@@ -437,10 +452,11 @@ impl Drop for ChildGuard {
     }
 }
 
-fn start_child(home: &Path, target: &Target, tls_dir: &Path) -> ChildGuard {
+fn start_child(home: &Path, target: &Target, tls_dir: &Path, poll_ms: u64) -> ChildGuard {
     let exe = std::env::current_exe().expect("current exe");
     let child = ChildGuard(
         Command::new(exe)
+            .env("MESHCA_SDS_LOAD_POLL_MS", poll_ms.to_string())
             .arg("__serve")
             .arg(home)
             .arg(target.listen())
@@ -513,7 +529,8 @@ async fn run(opts: Opts) {
                 addr: port,
                 tls: client_tls.clone(),
             };
-            let child = start_child(&home, &target, &tls_dir);
+            let poll_ms = if opts.ca_rotation { 2000 } else { 5000 };
+            let child = start_child(&home, &target, &tls_dir, poll_ms);
             let pid = child.0.id();
             tokio::time::sleep(Duration::from_millis(300)).await;
 
@@ -522,7 +539,7 @@ async fn run(opts: Opts) {
             for _ in 0..opts.cold_conn {
                 let t = Instant::now();
                 let c = Client::new(target.channel().await);
-                let (_, reader) = open_stream(c, opts.delta, 0, None)
+                let (_, reader) = open_stream(c, "default", opts.delta, 0, None)
                     .await
                     .expect("fresh-connection stream");
                 cold_conn.push(t.elapsed());
@@ -556,7 +573,7 @@ async fn run(opts: Opts) {
             for _ in 0..2 {
                 for _ in 0..opts.churn {
                     let c = Client::new(target.channel().await);
-                    let (_, reader) = open_stream(c, opts.delta, 0, None)
+                    let (_, reader) = open_stream(c, "default", opts.delta, 0, None)
                         .await
                         .expect("churn stream");
                     reader.abort();
@@ -585,9 +602,14 @@ async fn run(opts: Opts) {
             for i in 0..n {
                 let client = Client::new(channels[i / opts.per_conn].clone());
                 let (board, sem, delta) = (board.clone(), sem.clone(), opts.delta);
+                let name = if opts.ca_rotation {
+                    "ROOTCA"
+                } else {
+                    "default"
+                };
                 handles.push(tokio::spawn(async move {
                     let _p = sem.acquire_owned().await.unwrap();
-                    open_stream(client, delta, i, Some(board))
+                    open_stream(client, name, delta, i, Some(board))
                         .await
                         .map(|(d, _)| d)
                 }));
@@ -648,7 +670,11 @@ async fn run(opts: Opts) {
             for round in 1..=opts.rounds {
                 let before = board.received.load(Ordering::Relaxed);
                 let t0 = board.base.elapsed().as_nanos() as u64;
-                signal(pid, "-HUP");
+                if opts.ca_rotation {
+                    ca_phase(&store, Request::Prepare).await;
+                } else {
+                    signal(pid, "-HUP");
+                }
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while board.received.load(Ordering::Relaxed) < before + n
                     && Instant::now() < deadline
@@ -664,13 +690,25 @@ async fn run(opts: Opts) {
                     .map(|t| Duration::from_nanos(t - t0))
                     .collect();
                 lat.sort();
+                let what = if opts.ca_rotation {
+                    "CA rotation (prepare to new ROOTCA, 2 s poll)"
+                } else {
+                    "rotation"
+                };
                 println!(
-                "| rotation round {round}: streams updated / p50 / p99 / all | {got}/{n} / {} / {} / {} |",
+                "| {what} round {round}: streams updated / p50 / p99 / all | {got}/{n} / {} / {} / {} |",
                 ms(pct(&lat, 0.5)),
                 ms(pct(&lat, 0.99)),
                 ms(lat.last().copied().unwrap_or_default())
             );
                 tokio::time::sleep(Duration::from_millis(500)).await;
+                if opts.ca_rotation {
+                    // Back to one root, and let those pushes pass before the next round.
+                    ca_phase(&store, Request::Activate).await;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                    ca_phase(&store, Request::Prune).await;
+                    tokio::time::sleep(Duration::from_millis(2500)).await;
+                }
             }
             let rss_after = rss_kib(pid);
             println!(
@@ -681,6 +719,18 @@ async fn run(opts: Opts) {
             drop(child);
         }
     }
+}
+
+/// Runs one phase of `meshca ca rotate ca1` on the load test's home (prune forced: the
+/// server's own certificate from the old CA is live in the ledger).
+async fn ca_phase(store: &LocalStore, req: Request) {
+    let opts = RotateOptions {
+        force: true,
+        ..Default::default()
+    };
+    run_phase(store, "ca1", req, &opts, time::OffsetDateTime::now_utc())
+        .await
+        .expect("rotation phase");
 }
 
 fn main() {

@@ -1,6 +1,8 @@
 //! Shared test setup: a meshca home with two CAs, a server, gRPC clients.
 #![allow(dead_code)]
 
+pub mod envoy;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -112,6 +114,7 @@ pub fn local_source(home: &Home, ttl: Option<Duration>) -> SourceConfig {
         sans: workload_sans(),
         ttl,
         key: KeyAlgorithm::EcdsaP256,
+        crl: false,
     }
 }
 
