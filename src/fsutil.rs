@@ -71,7 +71,7 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         .ok_or_else(|| Error::invalid("path", format!("{} has no file name", path.display())))?
         .to_string_lossy();
     let mut rnd = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut rnd)
         .map_err(|_| Error::Build("system random number generator failed".into()))?;
     let tmp: PathBuf = dir.join(format!(
         ".{file_name}.{}.{}.tmp",

@@ -150,7 +150,7 @@ struct Metadata<'a> {
 }
 
 fn to_yaml(m: &Manifest<'_>) -> Result<String> {
-    serde_yaml::to_string(m).map_err(|e| Error::Build(format!("YAML encoding: {e}")))
+    yaml_serde::to_string(m).map_err(|e| Error::Build(format!("YAML encoding: {e}")))
 }
 
 /// A `kubernetes.io/tls` Secret with `tls.crt` (leaf + intermediates), `tls.key` and

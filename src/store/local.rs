@@ -287,7 +287,7 @@ impl LocalStore {
             return Err(Error::AlreadyExists(format!("CA {name}")));
         }
         let mut rnd = [0u8; 6];
-        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut rnd)
             .map_err(|_| Error::Build("system random number generator failed".into()))?;
         let tmp = cas.join(format!(
             ".{name}.{}.{}.new.tmp",
