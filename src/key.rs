@@ -416,8 +416,7 @@ mod tests {
     #[test]
     fn aws_lc_seeds_from_the_os() {
         let mut b = [0u8; 16];
-        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
-            .unwrap();
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b).unwrap();
         assert!(
             aws_lc_rs::try_fips_cpu_jitter_entropy().is_err(),
             "aws-lc was built with CPU-jitter entropy: build with AWS_LC_SYS_NO_JITTER_ENTROPY=1"

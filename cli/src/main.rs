@@ -5,10 +5,12 @@ mod aws;
 mod bundle;
 mod ca;
 mod common;
+mod completions;
 mod init;
 mod inspect;
 mod issue;
 mod kube_store;
+mod progress;
 mod sds;
 mod signer;
 
@@ -73,6 +75,10 @@ enum Command {
     /// The in-cluster CSR signer controller.
     #[command(subcommand)]
     Signer(signer::SignerCmd),
+    /// Print a shell completion script on stdout (bash, zsh, fish, powershell, elvish).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page (roff) on stdout; --out-dir writes one page per subcommand.
+    Man(completions::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -133,5 +139,7 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Check => ca::run_check(&ctx).await,
         Command::Sds(c) => sds::run(&ctx, c).await,
         Command::Signer(c) => signer::run_cmd(&ctx, c).await,
+        Command::Completions(a) => completions::run_completions(a),
+        Command::Man(a) => completions::run_man(a),
     }
 }
