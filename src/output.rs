@@ -150,7 +150,11 @@ struct Metadata<'a> {
 }
 
 fn to_yaml(m: &Manifest<'_>) -> Result<String> {
-    serde_saphyr::to_string(m).map_err(|e| Error::Build(format!("YAML encoding: {e}")))
+    // Long single-line values (base64 Secret data) stay plain scalars on one line, as
+    // kubectl prints them; multi-line values (PEM) are literal blocks.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: 1 << 20 };
+    serde_saphyr::to_string_with_options(m, options)
+        .map_err(|e| Error::Build(format!("YAML encoding: {e}")))
 }
 
 /// A `kubernetes.io/tls` Secret with `tls.crt` (leaf + intermediates), `tls.key` and
@@ -262,9 +266,13 @@ mod tests {
                 ]),
             },
             type_: Some("kubernetes.io/tls"),
-            data: BTreeMap::new(),
+            data: BTreeMap::from([("tls.crt", "QUJD".repeat(100))]),
         };
         let yaml = to_yaml(&m).unwrap();
+        assert!(
+            yaml.contains(&format!("  tls.crt: {}\n", "QUJD".repeat(100))),
+            "{yaml}"
+        );
         assert!(
             yaml.contains("meshca.io/not-after: \"2026-12-02T07:00:00Z\"\n"),
             "{yaml}"
