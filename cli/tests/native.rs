@@ -345,6 +345,14 @@ fn printed_manifests_pass_kubernetes_validate_and_parse_back() {
         .map(String::as_str)
         .collect();
     assert_eq!(keys, ["ca.crt", "tls.crt", "tls.key"]);
+    // Each base64 value on one line, as serde_yaml (and kubectl) printed it.
+    for k in keys {
+        let line = format!("\n  {k}: {}\n", v["data"][k].as_str().unwrap());
+        assert!(
+            secret.contains(&line),
+            "{k} is not one plain line:\n{secret}"
+        );
+    }
     assert_eq!(
         b64(&v["data"]["ca.crt"]),
         env.ok(&["ca", "show", "gateway", "--pem"])
