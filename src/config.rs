@@ -289,6 +289,18 @@ pub struct ApplyOptions {
     pub base_dir: PathBuf,
 }
 
+/// Told about each step of [`apply_with_progress`] (the CLI draws a progress bar).
+pub trait ApplyProgress {
+    /// Called before each CA, bundle and workload: `done` of `total` steps are finished and
+    /// the next is the `kind` ("ca", "bundle", "workload") called `name`.
+    fn step(&self, done: usize, total: usize, kind: &str, name: &str);
+}
+
+/// No progress reporting.
+impl ApplyProgress for () {
+    fn step(&self, _: usize, _: usize, _: &str, _: &str) {}
+}
+
 /// Creates what the mesh file declares and leaves alone what exists.
 ///
 /// CAs are created parents-first; bundles are stored and their PEM written to `out_dir`;
@@ -300,8 +312,21 @@ pub async fn apply(
     opts: &ApplyOptions,
     now: OffsetDateTime,
 ) -> Result<Vec<Applied>> {
+    apply_with_progress(store, cfg, opts, now, &()).await
+}
+
+/// [`apply`], telling `progress` before each CA, bundle and workload.
+pub async fn apply_with_progress(
+    store: &dyn Store,
+    cfg: &MeshConfig,
+    opts: &ApplyOptions,
+    now: OffsetDateTime,
+    progress: &dyn ApplyProgress,
+) -> Result<Vec<Applied>> {
+    let total = cfg.cas.len() + cfg.bundles.len() + cfg.workloads.len();
     let mut report = Vec::new();
     for spec in order_cas(store, &cfg.cas).await? {
+        progress.step(report.len(), total, "ca", &spec.name);
         let exists = store.ca_exists(&spec.name).await?;
         if exists && !opts.force {
             report.push(applied("ca", &spec.name, Outcome::Exists));
@@ -325,6 +350,7 @@ pub async fn apply(
         .base_dir
         .join(cfg.out_dir.clone().unwrap_or_else(|| PathBuf::from("out")));
     for b in &cfg.bundles {
+        progress.step(report.len(), total, "bundle", &b.name);
         let outcome = match store.load_bundle(&b.name).await {
             Ok(old) if old == *b => Outcome::Unchanged,
             Ok(_) => Outcome::Updated,
@@ -344,6 +370,7 @@ pub async fn apply(
     }
 
     for w in &cfg.workloads {
+        progress.step(report.len(), total, "workload", &w.name);
         report.push(apply_workload(store, cfg, w, &out_dir, opts.force, now).await?);
     }
     for c in &cfg.ca_secrets {

@@ -62,18 +62,33 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 /// fsynced, then renamed over `path`, then the directory is fsynced. Readers see the old
 /// file or the new one, never a partial one; a crash leaves at most a stray `.tmp` file.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
-    let dir = path
-        .parent()
+    let tmp = stage(path, contents, mode)?;
+    let result = fs::rename(&tmp, path)
+        .map_err(|e| Error::io(path, e))
+        .and_then(|()| sync_dir(dir_of(path)));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+fn dir_of(path: &Path) -> &Path {
+    path.parent()
         .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+        .unwrap_or(Path::new("."))
+}
+
+/// Writes `contents` to a fresh, fsynced temp file next to `path` (a name
+/// [`is_temp_name`] recognises) and returns the temp file's path.
+fn stage(path: &Path, contents: &[u8], mode: u32) -> Result<PathBuf> {
     let file_name = path
         .file_name()
         .ok_or_else(|| Error::invalid("path", format!("{} has no file name", path.display())))?
         .to_string_lossy();
     let mut rnd = [0u8; 8];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut rnd)
         .map_err(|_| Error::Build("system random number generator failed".into()))?;
-    let tmp: PathBuf = dir.join(format!(
+    let tmp: PathBuf = dir_of(path).join(format!(
         ".{file_name}.{}.{}.tmp",
         std::process::id(),
         u64::from_le_bytes(rnd)
@@ -89,19 +104,20 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()> {
         f.set_permissions(fs::Permissions::from_mode(mode))
             .map_err(|e| Error::io(&tmp, e))?;
         f.write_all(contents).map_err(|e| Error::io(&tmp, e))?;
-        f.sync_all().map_err(|e| Error::io(&tmp, e))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-        sync_dir(dir)
+        f.sync_all().map_err(|e| Error::io(&tmp, e))
     })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    match result {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
     }
-    result
 }
 
 /// Writes several files as one step: every file is staged as a fsynced temp file first and
 /// only then renamed into place, so a failure while writing leaves none of them changed.
+/// The directories are fsynced once, after the last rename.
 pub fn write_set_atomic(files: &[(PathBuf, Vec<u8>, u32)]) -> Result<()> {
     let mut staged: Vec<(PathBuf, &Path)> = Vec::with_capacity(files.len());
     let cleanup = |staged: &[(PathBuf, &Path)]| {
@@ -110,29 +126,24 @@ pub fn write_set_atomic(files: &[(PathBuf, Vec<u8>, u32)]) -> Result<()> {
         }
     };
     for (path, contents, mode) in files {
-        let staged_path = path.with_file_name(format!(
-            ".{}.staged.tmp",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-        if let Err(e) = write_atomic(&staged_path, contents, *mode) {
-            cleanup(&staged);
-            return Err(e);
+        match stage(path, contents, *mode) {
+            Ok(tmp) => staged.push((tmp, path.as_path())),
+            Err(e) => {
+                cleanup(&staged);
+                return Err(e);
+            }
         }
-        staged.push((staged_path, path.as_path()));
     }
-    for (t, p) in &staged {
-        fs::rename(t, p).map_err(|e| Error::io(*p, e))?;
+    for (i, (t, p)) in staged.iter().enumerate() {
+        if let Err(e) = fs::rename(t, p) {
+            cleanup(&staged[i..]);
+            return Err(Error::io(*p, e));
+        }
     }
-    let mut dirs: Vec<&Path> = files.iter().filter_map(|(p, _, _)| p.parent()).collect();
+    let mut dirs: Vec<&Path> = files.iter().map(|(p, _, _)| dir_of(p)).collect();
     dirs.dedup();
     for d in dirs {
-        sync_dir(if d.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            d
-        })?;
+        sync_dir(d)?;
     }
     Ok(())
 }

@@ -99,41 +99,27 @@ impl KeyAlgorithm {
     }
 
     /// ECDSA key generation without rcgen's PKCS#8 round trip (which re-derives and checks
-    /// the public key, a second scalar multiplication). `None` for other algorithms, or
-    /// when the generated document does not have the expected layout (then rcgen is used).
+    /// the public key, a second scalar multiplication): aws-lc generates the key once and
+    /// hands out the PKCS#8 document, the public point and the SubjectPublicKeyInfo. `None`
+    /// for other algorithms, or when aws-lc fails (then rcgen is used).
     fn generate_ecdsa(self) -> Option<PrivateKey> {
-        use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P384_SHA384_ASN1_SIGNING};
-        // DER SubjectPublicKeyInfo up to the BIT STRING contents (id-ecPublicKey + curve).
-        const P256_SPKI: &[u8] = &[
-            0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
-            0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
-        ];
-        const P384_SPKI: &[u8] = &[
-            0x30, 0x76, 0x30, 0x10, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06,
-            0x05, 0x2b, 0x81, 0x04, 0x00, 0x22, 0x03, 0x62, 0x00,
-        ];
-        let (alg, spki_prefix, point_len) = match self {
-            KeyAlgorithm::EcdsaP256 => (&ECDSA_P256_SHA256_ASN1_SIGNING, P256_SPKI, 65),
-            KeyAlgorithm::EcdsaP384 => (&ECDSA_P384_SHA384_ASN1_SIGNING, P384_SPKI, 97),
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::signature::{
+            EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
+            ECDSA_P384_SHA384_ASN1_SIGNING,
+        };
+        let alg = match self {
+            KeyAlgorithm::EcdsaP256 => &ECDSA_P256_SHA256_ASN1_SIGNING,
+            KeyAlgorithm::EcdsaP384 => &ECDSA_P384_SHA384_ASN1_SIGNING,
             _ => return None,
         };
-        let rng = ring::rand::SystemRandom::new();
-        let doc = ring::signature::EcdsaKeyPair::generate_pkcs8(alg, &rng).ok()?;
-        let pkcs8 = zeroize::Zeroizing::new(doc.as_ref().to_vec());
-        // ring writes a PKCS#8 v1 document whose ECPrivateKey ends with the public key:
-        // `[1] { BIT STRING { 00 04 X Y } }`. Take the point from there.
-        let split = pkcs8.len().checked_sub(point_len + 3)?;
-        let (head, tail) = pkcs8.split_at(split);
-        let expected_header = [0x03, (point_len + 1) as u8, 0x00, 0x04];
-        if !head.ends_with(&[0xa1, (point_len + 3) as u8]) || tail[..4] != expected_header {
-            return None;
-        }
-        let mut spki = Vec::with_capacity(spki_prefix.len() + point_len);
-        spki.extend_from_slice(spki_prefix);
-        spki.extend_from_slice(&tail[3..]);
+        let kp = EcdsaKeyPair::generate(alg).ok()?;
+        let pkcs8 = zeroize::Zeroizing::new(kp.to_pkcs8v1().ok()?.as_ref().to_vec());
+        let public = kp.public_key();
+        let spki = public.as_der().ok()?.as_ref().to_vec();
         Some(PrivateKey {
             pair: std::sync::OnceLock::new(),
-            public_raw: tail[3..].to_vec(),
+            public_raw: public.as_ref().to_vec(),
             pkcs8,
             spki,
             algorithm: self,
@@ -422,6 +408,19 @@ mod tests {
             )
             .unwrap();
         }
+    }
+
+    /// aws-lc's CPU-jitter entropy source costs ~30 ms of CPU at the first random number of
+    /// every process; meshca builds aws-lc to seed from the OS instead
+    /// (`AWS_LC_SYS_NO_JITTER_ENTROPY=1` in .cargo/config.toml, docs/performance.md).
+    #[test]
+    fn aws_lc_seeds_from_the_os() {
+        let mut b = [0u8; 16];
+        aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b).unwrap();
+        assert!(
+            aws_lc_rs::try_fips_cpu_jitter_entropy().is_err(),
+            "aws-lc was built with CPU-jitter entropy: build with AWS_LC_SYS_NO_JITTER_ENTROPY=1"
+        );
     }
 
     #[test]

@@ -150,7 +150,11 @@ struct Metadata<'a> {
 }
 
 fn to_yaml(m: &Manifest<'_>) -> Result<String> {
-    serde_yaml::to_string(m).map_err(|e| Error::Build(format!("YAML encoding: {e}")))
+    // Long single-line values (base64 Secret data) stay plain scalars on one line, as
+    // kubectl prints them; multi-line values (PEM) are literal blocks.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: 1 << 20 };
+    serde_saphyr::to_string_with_options(m, options)
+        .map_err(|e| Error::Build(format!("YAML encoding: {e}")))
 }
 
 /// A `kubernetes.io/tls` Secret with `tls.crt` (leaf + intermediates), `tls.key` and
@@ -272,6 +276,58 @@ mod tests {
         for bad in ["noslash", "/x", "x/", "Upper/x", "a/b/c", "a/-b"] {
             assert!(bad.parse::<ObjectRef>().is_err(), "{bad}");
         }
+    }
+
+    /// The ConfigMap is byte for byte what serde_yaml 0.9 printed before (compared when
+    /// serde_yaml was replaced), so diffs and GitOps repositories see no change.
+    #[test]
+    fn configmap_manifest_is_unchanged() {
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIQ\n-----END CERTIFICATE-----\n\
+                   -----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let at: ObjectRef = "istio-system/mesh-ca".parse().unwrap();
+        let yaml = bundle_configmap_manifest(&at, "frontend", pem).unwrap();
+        assert_eq!(
+            yaml,
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: mesh-ca\n  namespace: istio-system\n  \
+             labels:\n    app.kubernetes.io/managed-by: meshca\n    meshca.io/bundle: frontend\n\
+             data:\n  ca.crt: |\n    -----BEGIN CERTIFICATE-----\n    MIIBszCCAVmgAwIBAgIQ\n    \
+             -----END CERTIFICATE-----\n    -----BEGIN CERTIFICATE-----\n    MIIB\n    \
+             -----END CERTIFICATE-----\n"
+        );
+    }
+
+    /// YAML 1.1 readers (PyYAML, so kubernetes-validate and Ansible) take a plain RFC 3339
+    /// time for a timestamp and `12:34:56` for a base-60 number; annotation values must
+    /// stay strings. serde_yaml printed both plain.
+    #[test]
+    fn yaml_1_1_lookalikes_are_quoted() {
+        let m = Manifest {
+            api_version: "v1",
+            kind: "Secret",
+            metadata: Metadata {
+                name: "n",
+                namespace: "ns",
+                labels: BTreeMap::from([("a", "yes")]),
+                annotations: BTreeMap::from([
+                    ("meshca.io/not-after", "2026-12-02T07:00:00Z".to_string()),
+                    ("meshca.io/serial", "12:34:56".to_string()),
+                ]),
+            },
+            type_: Some("kubernetes.io/tls"),
+            data: BTreeMap::from([("tls.crt", "QUJD".repeat(100))]),
+        };
+        let yaml = to_yaml(&m).unwrap();
+        assert!(
+            yaml.contains(&format!("  tls.crt: {}\n", "QUJD".repeat(100))),
+            "{yaml}"
+        );
+        assert!(
+            yaml.contains("meshca.io/not-after: \"2026-12-02T07:00:00Z\"\n"),
+            "{yaml}"
+        );
+        assert!(yaml.contains("meshca.io/serial: \"12:34:56\"\n"), "{yaml}");
+        assert!(yaml.contains("a: \"yes\"\n"), "{yaml}");
+        assert!(yaml.contains("type: kubernetes.io/tls\n"), "{yaml}");
     }
 
     #[test]

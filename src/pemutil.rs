@@ -96,7 +96,7 @@ pub(crate) fn encode_block(tag: &str, der: &[u8], out: &mut String) {
 
 /// SHA-256 of DER bytes as lower-case hex with `:` separators (the openssl style).
 pub fn fingerprint_sha256(der: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
     hex_colon(d.as_ref())
 }
 

@@ -19,7 +19,7 @@ pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 /// A fresh 128-bit positive random serial number.
 pub fn random_serial() -> Result<SerialNumber> {
     let mut b = [0u8; 16];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b)
         .map_err(|_| Error::Build("system random number generator failed".into()))?;
     b[0] &= 0x7f; // positive
     b[0] |= 0x40; // keep all 16 bytes significant

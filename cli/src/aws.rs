@@ -7,7 +7,8 @@ use meshca::acm::{create_root_pca, create_subordinate_pca, register_pca, PcaCaSp
 use meshca::ca::{CaMaterial, CaSpec};
 use time::OffsetDateTime;
 
-use crate::common::usage;
+use crate::common::{usage, Ctx};
+use crate::progress::Progress;
 
 /// Where a new CA's key lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -77,6 +78,7 @@ impl AwsInitArgs {
 
 /// Registers or creates the PCA-backed CA described by `spec` (under `parent` if given).
 pub async fn init_pca(
+    ctx: &Ctx,
     a: &AwsInitArgs,
     spec: &CaSpec,
     parent: Option<&CaMaterial>,
@@ -104,11 +106,23 @@ pub async fn init_pca(
     let started = std::time::Instant::now();
     let ca = match parent {
         None => {
-            tracing::info!(ca = %spec.name, "creating root ACM PCA (this can take a minute)");
+            let _p = Progress::notice(
+                ctx,
+                format!(
+                    "creating root ACM PCA for CA {} and waiting until it is active (this can take a minute)",
+                    spec.name
+                ),
+            );
             create_root_pca(spec, &opts, now).await?
         }
         Some(p) => {
-            tracing::info!(ca = %spec.name, parent = %p.meta.name, "creating subordinate ACM PCA");
+            let _p = Progress::notice(
+                ctx,
+                format!(
+                    "creating subordinate ACM PCA for CA {} under {} and waiting until it is active (this can take a minute)",
+                    spec.name, p.meta.name
+                ),
+            );
             create_subordinate_pca(spec, p, &opts, now).await?
         }
     };

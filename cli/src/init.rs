@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use meshca::ca::{create_intermediate, create_root, CaSpec};
-use meshca::config::{apply, Applied, ApplyOptions, MeshConfig, Outcome};
+use meshca::config::{apply_with_progress, Applied, ApplyOptions, MeshConfig, Outcome};
 use meshca::identity::TrustDomain;
 use meshca::key::KeyAlgorithm;
 use meshca::policy::Policy;
@@ -13,6 +13,7 @@ use meshca::profile::CaSubject;
 use meshca::store::SaveOutcome;
 
 use crate::common::{usage, Ctx};
+use crate::progress::Progress;
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
@@ -100,7 +101,14 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
     let report: Vec<Applied> = if let Some(path) = &a.config {
         let cfg = MeshConfig::load(path)?;
         let base_dir = path.parent().map(|p| p.to_path_buf()).unwrap_or_default();
-        apply(
+        let steps = cfg.cas.len() + cfg.bundles.len() + cfg.workloads.len();
+        let progress = Progress::bar(ctx, steps as u64, "");
+        progress.set_prefix(format!(
+            "{} CAs, {} workloads ",
+            cfg.cas.len(),
+            cfg.workloads.len()
+        ));
+        apply_with_progress(
             store.as_ref(),
             &cfg,
             &ApplyOptions {
@@ -108,6 +116,7 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
                 base_dir,
             },
             now,
+            &progress,
         )
         .await?
     } else {
@@ -170,10 +179,21 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
                 continue;
             }
             tracing::info!(ca = %name, key = %a.key, "generating CA key");
+            let keygen = || {
+                a.key.is_rsa().then(|| {
+                    Progress::spinner(ctx, format!("generating a {} key for CA {name}", a.key))
+                })
+            };
             let ca = match &parent {
-                _ if pca => crate::aws::init_pca(&a.aws, &spec, parent.as_ref(), now).await?,
-                None => create_root(&spec, now)?,
-                Some(p) => create_intermediate(&spec, p, now)?,
+                _ if pca => crate::aws::init_pca(ctx, &a.aws, &spec, parent.as_ref(), now).await?,
+                None => {
+                    let _p = keygen();
+                    create_root(&spec, now)?
+                }
+                Some(p) => {
+                    let _p = keygen();
+                    create_intermediate(&spec, p, now)?
+                }
             };
             let outcome = match store.save_ca(&ca, a.force).await {
                 Ok(SaveOutcome::Created) => Outcome::Created,

@@ -116,6 +116,9 @@ pub async fn run(ctx: &Ctx, a: IssueArgs) -> anyhow::Result<()> {
             )
         }
         None => {
+            let _p = a.key.is_rsa().then(|| {
+                crate::progress::Progress::spinner(ctx, format!("generating a {} key", a.key))
+            });
             let w = issue_workload(issuer.as_ref(), &given, a.ttl, a.key, now).await?;
             (w.cert.clone(), Some(w))
         }

@@ -5,12 +5,14 @@ mod aws;
 mod bundle;
 mod ca;
 mod common;
+mod completions;
 mod init;
 mod inspect;
 mod issue;
 mod kube_store;
 mod policy;
 mod revoke;
+mod progress;
 mod sds;
 mod signer;
 
@@ -82,6 +84,10 @@ enum Command {
     /// Explain issuance policy decisions offline.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
+    /// Print a shell completion script on stdout (bash, zsh, fish, powershell, elvish).
+    Completions(completions::CompletionsArgs),
+    /// Print the man page (roff) on stdout; --out-dir writes one page per subcommand.
+    Man(completions::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -145,5 +151,7 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Sds(c) => sds::run(&ctx, c).await,
         Command::Signer(c) => signer::run_cmd(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
+        Command::Completions(a) => completions::run_completions(a),
+        Command::Man(a) => completions::run_man(a),
     }
 }

@@ -74,7 +74,13 @@ fn init_create_register_and_issue() {
         "400d",
     ];
     args.extend(base);
-    let out = ok(&home, &args);
+    let o = meshca(&home, &args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // Not a terminal, so no progress is drawn, but the wait is announced at the default
+    // log level (warn).
+    assert!(err.contains("this can take a minute"), "{err}");
+    let out = String::from_utf8(o.stdout).unwrap();
     assert!(out.contains("pca-root") && out.contains("created"), "{out}");
     let show = ok(&home, &["ca", "show", "pca-root", "--output", "json"]);
     assert!(

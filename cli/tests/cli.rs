@@ -259,7 +259,7 @@ fn issue_files_json_and_secret() {
         "--secret",
         "istio-ingress/gateway-ca-tls",
     ]);
-    let v: serde_yaml::Value = serde_yaml::from_str(&yaml).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(&yaml).unwrap();
     assert_eq!(v["type"], "kubernetes.io/tls");
     assert_eq!(v["metadata"]["namespace"], "istio-ingress");
     assert_eq!(v["metadata"]["name"], "gateway-ca-tls");
@@ -561,8 +561,8 @@ fn bundle_commands() {
     assert_eq!(r.anchors.len(), 2);
     let pem = env.ok(&["bundle", "export", "frontend"]);
     assert_eq!(pem, r.pem);
-    let cm: serde_yaml::Value =
-        serde_yaml::from_str(&env.ok(&["bundle", "configmap", "frontend"])).unwrap();
+    let cm: serde_json::Value =
+        serde_saphyr::from_str(&env.ok(&["bundle", "configmap", "frontend"])).unwrap();
     assert_eq!(cm["kind"], "ConfigMap");
     assert_eq!(cm["metadata"]["namespace"], "mesh");
     assert_eq!(cm["data"]["ca.crt"].as_str().unwrap(), r.pem);

@@ -83,7 +83,7 @@ fn inline(bytes: Vec<u8>) -> Option<DataSource> {
 }
 
 fn version_of(name: &str, encoded: &[u8]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(name.as_bytes());
     ctx.update(&[0]);
     ctx.update(encoded);

@@ -301,8 +301,8 @@ fn method1_key_id(csr_der: &[u8]) -> Result<Vec<u8>> {
     let spki_der = CsrInfo::from_der(csr_der)?.spki_der;
     let (_, spki) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki_der)
         .map_err(|_| Error::Csr("CA CSR public key does not parse".into()))?;
-    Ok(ring::digest::digest(
-        &ring::digest::SHA1_FOR_LEGACY_USE_ONLY,
+    Ok(aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA1_FOR_LEGACY_USE_ONLY,
         &spki.subject_public_key.data,
     )
     .as_ref()

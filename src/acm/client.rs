@@ -70,7 +70,7 @@ pub struct PcaClient {
 /// A uniformly random duration in `[0, max]` (full jitter).
 pub(crate) fn jitter(max: Duration) -> Duration {
     let mut b = [0u8; 4];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+    if aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b).is_err() {
         return max / 2;
     }
     max.mul_f64(f64::from(u32::from_le_bytes(b)) / f64::from(u32::MAX))

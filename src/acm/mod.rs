@@ -123,7 +123,7 @@ pub fn pca_key_algorithm(alg: KeyAlgorithm) -> Result<aws_sdk_acmpca::types::Key
 /// request always gives a different token. Independent of the clock on purpose. The token is
 /// 32 lower-case hex characters (AWS allows at most 36 characters).
 pub fn idempotency_token(parts: &[&[u8]]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(b"meshca-pca-token-v1");
     for p in parts {
         ctx.update(&(p.len() as u64).to_be_bytes());

@@ -393,7 +393,7 @@ fn append_line(p: &Path, line: &[u8]) -> Result<()> {
 /// A unique tag for temporary names: the process id and random bytes.
 fn temp_tag() -> Result<String> {
     let mut rnd = [0u8; 6];
-    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut rnd)
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut rnd)
         .map_err(|_| Error::Build("system random number generator failed".into()))?;
     Ok(format!("{}.{}", std::process::id(), pemutil::hex(&rnd)))
 }
