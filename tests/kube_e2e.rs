@@ -69,6 +69,8 @@ struct Env {
     client: kube::Client,
     ns: String,
     ca: String,
+    /// The CA's policy, kept to replace the CA under the same policy.
+    policy: Policy,
     store: Arc<KubeStore>,
     stops: Vec<tokio::sync::oneshot::Sender<()>>,
     tasks: Vec<tokio::task::JoinHandle<meshca::Result<()>>>,
@@ -76,7 +78,9 @@ struct Env {
 }
 
 impl Env {
-    async fn new(path: &std::path::Path, policy: Policy) -> Env {
+    /// `policy` gets the test namespace (for `managed_namespaces` and registration
+    /// authorities, which name it).
+    async fn new(path: &std::path::Path, policy: impl FnOnce(&str) -> Policy) -> Env {
         let client = meshca::kube::client(Some(path)).await.expect("kubeconfig");
         let id = unique();
         let ns = format!("meshca-e2e-{id}");
@@ -93,14 +97,16 @@ impl Env {
             .expect("create namespace");
         let store = Arc::new(KubeStore::new(client.clone(), ns.clone()));
         let ca = format!("e2e-{id}");
+        let policy = policy(&ns);
         let mut spec = CaSpec::root(&ca);
-        spec.policy = policy;
+        spec.policy = policy.clone();
         let material = create_root(&spec, time::OffsetDateTime::now_utc()).unwrap();
         store.save_ca(&material, false).await.expect("save CA");
         Env {
             client,
             ns,
             ca,
+            policy,
             store,
             stops: Vec::new(),
             tasks: Vec::new(),
@@ -155,15 +161,70 @@ impl Env {
         kube::Client::try_from(config).unwrap()
     }
 
-    /// Starts a controller replica; returns its index.
+    /// Starts a controller replica (as the kubeconfig's user); returns its index.
     fn start(&mut self, cfg: RunConfig) -> usize {
+        self.start_as(self.client.clone(), cfg)
+    }
+
+    /// Starts a controller replica that talks to the API server through `client`.
+    fn start_as(&mut self, client: kube::Client, cfg: RunConfig) -> usize {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let client = self.client.clone();
         self.tasks.push(tokio::spawn(run(client, cfg, async move {
             let _ = rx.await;
         })));
         self.stops.push(tx);
         self.tasks.len() - 1
+    }
+
+    /// Starts the controller as deploy/ runs it: under a token of ServiceAccount
+    /// `meshca-signer`, bound only by deploy/'s own RBAC (not admin), rendered into the test
+    /// namespace.
+    async fn start_deployed(&mut self, kc: &std::path::Path) {
+        // The ServiceAccount of deploy/, bound by deploy/'s own RBAC (not admin).
+        let sa = self.sa_client(kc, "meshca-signer").await;
+        let cluster_name = format!("{}-signer", self.ns);
+        for obj in deploy_rbac(&self.ns, &cluster_name) {
+            let kind = obj["kind"].as_str().unwrap();
+            let dyn_api = |plural: &str, namespaced: bool| {
+                let ar = kube::api::ApiResource {
+                    group: "rbac.authorization.k8s.io".into(),
+                    version: "v1".into(),
+                    api_version: "rbac.authorization.k8s.io/v1".into(),
+                    kind: kind.to_string(),
+                    plural: plural.into(),
+                };
+                if namespaced {
+                    Api::<kube::api::DynamicObject>::namespaced_with(
+                        self.client.clone(),
+                        &self.ns,
+                        &ar,
+                    )
+                } else {
+                    Api::<kube::api::DynamicObject>::all_with(self.client.clone(), &ar)
+                }
+            };
+            let api = match kind {
+                "ClusterRole" => dyn_api("clusterroles", false),
+                "ClusterRoleBinding" => dyn_api("clusterrolebindings", false),
+                "Role" => dyn_api("roles", true),
+                _ => dyn_api("rolebindings", true),
+            };
+            let o: kube::api::DynamicObject = serde_json::from_value(obj.clone()).unwrap();
+            api.create(&PostParams::default(), &o).await.unwrap();
+            if kind.starts_with("Cluster") {
+                self.cluster_objects
+                    .push((kind.to_string(), cluster_name.clone()));
+            }
+        }
+        // The controller as the Deployment runs it: store = its namespace, leader election on the
+        // Lease deploy/ grants, the namespace managed.
+        let mut cfg = self.config();
+        let sa_store = Arc::new(KubeStore::new(sa.clone(), self.ns.clone()));
+        cfg.store = sa_store.clone();
+        cfg.ledger = Some(sa_store);
+        cfg.managed_namespaces = vec![self.ns.clone()];
+        cfg.leader = Some(LeaderConfig::new(self.ns.clone(), "e2e-0".to_string()));
+        self.start_as(sa, cfg);
     }
 
     fn csrs(&self) -> Api<CertificateSigningRequest> {
@@ -206,14 +267,70 @@ impl Env {
             .expect("create CSR")
     }
 
+    /// Approves or denies CSR `name` as the kubeconfig's user.
     async fn decide(&self, name: &str, ty: &str) {
+        self.decide_as(&self.client, name, ty)
+            .await
+            .expect("approval");
+    }
+
+    /// Approves or denies CSR `name` through `client` (a PATCH of `/approval`).
+    async fn decide_as(
+        &self,
+        client: &kube::Client,
+        name: &str,
+        ty: &str,
+    ) -> Result<CertificateSigningRequest, kube::Error> {
         let patch = json!({"status": {"conditions": [{
             "type": ty, "status": "True", "reason": "E2ETest", "message": "decided by the e2e test",
         }]}});
-        self.csrs()
+        Api::<CertificateSigningRequest>::all(client.clone())
             .patch_approval(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
-            .expect("approval");
+    }
+
+    /// A ClusterRole with `rules` bound to ServiceAccount `sa` of the test namespace (deleted
+    /// by [`Env::cleanup`]).
+    async fn grant(&mut self, sa: &str, rules: serde_json::Value) {
+        let name = format!("{}-{sa}", self.ns);
+        Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(self.client.clone())
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}, "rules": rules}))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        self.cluster_objects
+            .push(("ClusterRole".into(), name.clone()));
+        Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(self.client.clone())
+            .create(&PostParams::default(), &serde_json::from_value(json!({
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": sa, "namespace": self.ns}]
+            })).unwrap())
+            .await
+            .unwrap();
+        self.cluster_objects
+            .push(("ClusterRoleBinding".into(), name));
+    }
+
+    /// Runs `op` until it stops answering 403 (a new RBAC binding may take a moment to apply),
+    /// for at most 30 s.
+    async fn once_authorized<T, F: std::future::Future<Output = Result<T, kube::Error>>>(
+        what: &str,
+        op: impl Fn() -> F,
+    ) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match op().await {
+                Ok(v) => return v,
+                Err(e) if meshca::kube::api_code(&e) == Some(403) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => panic!("{what}: {e}"),
+            }
+        }
     }
 
     async fn wait_csr(
@@ -303,6 +420,46 @@ fn condition<'a>(
         .find(|x| x.type_ == ty)
 }
 
+/// The trust domain of the test CAs (`CaSpec::root`'s default).
+const TD: &str = "cluster.local";
+
+/// The SPIFFE ID of ServiceAccount `sa` in namespace `ns`.
+fn workload_id(ns: &str, sa: &str) -> String {
+    format!("spiffe://{TD}/ns/{ns}/sa/{sa}")
+}
+
+/// What a workload needs to ask for certificates: create CSRs and read them back.
+fn csr_creator_rules() -> serde_json::Value {
+    json!([{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]}])
+}
+
+/// What a registration authority (istiod in RA mode) needs for CA `signer`: create CSRs,
+/// approve them (the `/approval` subresource, PATCHed here, PUT by client-go) and `approve`
+/// on the signer name, which the API server's CSR approval admission checks.
+fn registration_authority_rules(signer: &str) -> serde_json::Value {
+    json!([
+        {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]},
+        {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests/approval"], "verbs": ["update", "patch"]},
+        {"apiGroups": ["certificates.k8s.io"], "resources": ["signers"], "resourceNames": [signer], "verbs": ["approve"]},
+    ])
+}
+
+/// The policy of the tests whose CSRs the kubeconfig's user (a person) creates: a person binds
+/// no `{ns}`/`{sa}`, so only rules without them match its CSRs; and managed Secrets of the
+/// test namespace, which binds `{ns}`.
+fn admin_policy(ns: &str) -> Policy {
+    Policy {
+        allowed_spiffe_ids: vec!["spiffe://cluster.local/ns/app/sa/web".into()],
+        allowed_dns: vec![
+            "web.app.svc".into(),
+            "a.example.com".into(),
+            "*.{ns}.svc".into(),
+        ],
+        managed_namespaces: vec![ns.to_string()],
+        ..Policy::default()
+    }
+}
+
 fn csr_pem(sans: &[&str]) -> String {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = rcgen::CertificateParams::default();
@@ -354,7 +511,7 @@ async fn ca_crt_from_secret(env: &Env) -> Vec<u8> {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn approved_csr_is_signed_and_verifies_with_openssl() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut env = Env::new(&kc, admin_policy).await;
     env.start(env.config());
     let name = format!("{}-ok", env.ns);
     env.create_csr(
@@ -384,7 +541,7 @@ async fn approved_csr_is_signed_and_verifies_with_openssl() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn pending_denied_and_unknown_ca_csrs_are_left_alone() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut env = Env::new(&kc, admin_policy).await;
     env.start(env.config());
     let pem = csr_pem(&["web.app.svc"]);
     let (pending, denied, unknown, control) = (
@@ -430,14 +587,11 @@ async fn pending_denied_and_unknown_ca_csrs_are_left_alone() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn bad_input_fails_or_is_rejected_with_reasons() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(
-        &kc,
-        Policy {
-            max_ttl: Duration::from_secs(3600),
-            allow_ip_sans: false,
-            ..Policy::default()
-        },
-    )
+    let mut env = Env::new(&kc, |ns| Policy {
+        max_ttl: Duration::from_secs(3600),
+        allow_ip_sans: false,
+        ..admin_policy(ns)
+    })
     .await;
     env.start(env.config());
     // The API server itself refuses a garbage request and expirationSeconds under 600.
@@ -555,68 +709,17 @@ async fn bad_input_fails_or_is_rejected_with_reasons() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn auto_approve_denies_another_accounts_spiffe_id_and_approves_its_own() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    // The CA opts in to auto-approval; its rules are the in-cluster defaults (bound to the
+    // requester).
+    let mut env = Env::new(&kc, |_| Policy {
+        auto_approve: true,
+        ..Policy::default()
+    })
+    .await;
     let mut cfg = env.config();
     cfg.signer.auto_approve = true;
     env.start(cfg);
-    // A service account allowed to create CSRs, and a client that authenticates as it.
-    let sa_client = env.sa_client(&kc, "blue").await;
-    let role = format!("{}-csr-creator", env.ns);
-    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(json!({
-            "metadata": {"name": role},
-            "rules": [{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]}]
-        })).unwrap())
-        .await
-        .unwrap();
-    env.cluster_objects
-        .push(("ClusterRole".into(), role.clone()));
-    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.client.clone())
-        .create(&PostParams::default(), &serde_json::from_value(json!({
-            "metadata": {"name": role},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
-            "subjects": [{"kind": "ServiceAccount", "name": "blue", "namespace": env.ns}]
-        })).unwrap())
-        .await
-        .unwrap();
-    env.cluster_objects
-        .push(("ClusterRoleBinding".into(), role.clone()));
-
-    let td = "cluster.local";
-    let other = format!("{}-other", env.ns);
-    let own = format!("{}-own", env.ns);
-    // RBAC may take a moment to apply.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match env
-            .create_csr_as(
-                &sa_client,
-                &other,
-                &csr_pem(&[&format!("spiffe://{td}/ns/{}/sa/green", env.ns)]),
-                &env.signer(),
-                None,
-            )
-            .await
-        {
-            Ok(_) => break,
-            Err(e) if meshca::kube::api_code(&e) == Some(403) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(500)).await
-            }
-            Err(e) => panic!("create CSR as the service account: {e}"),
-        }
-    }
-    env.create_csr_as(
-        &sa_client,
-        &own,
-        &csr_pem(&[
-            &format!("spiffe://{td}/ns/{}/sa/blue", env.ns),
-            &format!("blue.{}.svc", env.ns),
-        ]),
-        &env.signer(),
-        None,
-    )
-    .await
-    .unwrap();
+    let (other, own) = blue_asks_for_green_and_itself(&mut env, &kc).await;
     let denied = env
         .wait_csr(&other, "Denied", Duration::from_secs(60), |c| {
             condition(c, "Denied").is_some()
@@ -645,14 +748,20 @@ async fn auto_approve_denies_another_accounts_spiffe_id_and_approves_its_own() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn managed_secret_is_filled_and_renewed() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    // The CA serves the test namespace; its rules are the in-cluster defaults, bound to the
+    // Secret's namespace and the service account of the SPIFFE ID it asks for.
+    let mut env = Env::new(&kc, |ns| Policy {
+        managed_namespaces: vec![ns.to_string()],
+        ..Policy::default()
+    })
+    .await;
     let mut cfg = env.config();
     cfg.managed_namespaces = vec![env.ns.clone()];
     env.start(cfg);
     let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     api.create(&PostParams::default(), &serde_json::from_value(json!({
         "metadata": {"name": "web-tls", "labels": {"meshca.io/managed": "true"}, "annotations": {
-            "meshca.io/ca": env.ca, "meshca.io/dns-names": "web.app.svc", "meshca.io/ttl": "30s",
+            "meshca.io/ca": env.ca, "meshca.io/dns-names": format!("web.{}.svc", env.ns), "meshca.io/ttl": "30s",
             "meshca.io/spiffe-id": format!("spiffe://cluster.local/ns/{}/sa/web", env.ns),
         }},
         "type": "kubernetes.io/tls",
@@ -712,7 +821,7 @@ async fn managed_secret_is_filled_and_renewed() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn bundle_configmap_is_published_and_follows_membership() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut env = Env::new(&kc, |_| Policy::default()).await;
     let second = format!("{}-b", env.ca);
     let ca2 = create_root(&CaSpec::root(&second), time::OffsetDateTime::now_utc()).unwrap();
     env.store.save_ca(&ca2, false).await.unwrap();
@@ -776,7 +885,7 @@ async fn bundle_configmap_is_published_and_follows_membership() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn two_replicas_one_leader_and_no_double_signing_after_the_leader_dies() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut env = Env::new(&kc, admin_policy).await;
     let lease = format!("{}-lease", env.ca);
     let metrics = [Arc::new(Metrics::new()), Arc::new(Metrics::new())];
     for (i, m) in metrics.iter().enumerate() {
@@ -903,13 +1012,13 @@ fn filled(s: &Secret) -> bool {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn a_refused_renewal_keeps_the_credential_and_says_why() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut env = Env::new(&kc, admin_policy).await;
     let mut cfg = env.config();
     cfg.managed_namespaces = vec![env.ns.clone()];
     env.start(cfg);
-    create_managed(&env, "web-tls", "web.app.svc").await;
+    create_managed(&env, "web-tls", &format!("web.{}.svc", env.ns)).await;
     let before = wait_secret(&env, "web-tls", "a certificate", filled).await;
-    // Now ask for something the default policy refuses (a wildcard).
+    // Now ask for something the policy refuses (a wildcard).
     let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     api.patch(
         "web-tls",
@@ -970,7 +1079,7 @@ async fn a_refused_renewal_keeps_the_credential_and_says_why() {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn a_replaced_ca_is_used_without_a_restart() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
+    let mut env = Env::new(&kc, admin_policy).await;
     let mut cfg = env.config();
     cfg.managed_namespaces = vec![env.ns.clone()];
     env.start(cfg);
@@ -981,12 +1090,14 @@ async fn a_replaced_ca_is_used_without_a_restart() {
         .await;
     env.decide(&first, "Approved").await;
     assert_eq!(aki(&env.wait_signed(&first).await), old_ski);
-    create_managed(&env, "web-tls", "web.app.svc").await;
+    create_managed(&env, "web-tls", &format!("web.{}.svc", env.ns)).await;
     let s1 = wait_secret(&env, "web-tls", "a certificate", filled).await;
     assert_eq!(aki(&s1.data.unwrap()["tls.crt"].0), old_ski);
 
-    // Replace the CA under the same name (same DN, new key), as `init --force` does.
-    let new = create_root(&CaSpec::root(&env.ca), time::OffsetDateTime::now_utc()).unwrap();
+    // Replace the CA under the same name (same DN and policy, new key), as `init --force` does.
+    let mut spec = CaSpec::root(&env.ca);
+    spec.policy = env.policy.clone();
+    let new = create_root(&spec, time::OffsetDateTime::now_utc()).unwrap();
     let new_ski = new.info().unwrap().subject_key_id;
     assert_ne!(new_ski, old_ski);
     env.store.save_ca(&new, true).await.unwrap();
@@ -1063,59 +1174,14 @@ fn deploy_rbac(ns: &str, unique_name: &str) -> Vec<serde_json::Value> {
 #[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
 async fn the_controller_runs_under_its_own_service_account_with_the_deploy_rbac() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, Policy::default()).await;
-    // The ServiceAccount of deploy/, bound by deploy/'s own RBAC (not admin).
-    let sa = env.sa_client(&kc, "meshca-signer").await;
-    let cluster_name = format!("{}-signer", env.ns);
-    for obj in deploy_rbac(&env.ns, &cluster_name) {
-        let kind = obj["kind"].as_str().unwrap();
-        let dyn_api = |plural: &str, namespaced: bool| {
-            let ar = kube::api::ApiResource {
-                group: "rbac.authorization.k8s.io".into(),
-                version: "v1".into(),
-                api_version: "rbac.authorization.k8s.io/v1".into(),
-                kind: kind.to_string(),
-                plural: plural.into(),
-            };
-            if namespaced {
-                Api::<kube::api::DynamicObject>::namespaced_with(env.client.clone(), &env.ns, &ar)
-            } else {
-                Api::<kube::api::DynamicObject>::all_with(env.client.clone(), &ar)
-            }
-        };
-        let api = match kind {
-            "ClusterRole" => dyn_api("clusterroles", false),
-            "ClusterRoleBinding" => dyn_api("clusterrolebindings", false),
-            "Role" => dyn_api("roles", true),
-            _ => dyn_api("rolebindings", true),
-        };
-        let o: kube::api::DynamicObject = serde_json::from_value(obj.clone()).unwrap();
-        api.create(&PostParams::default(), &o).await.unwrap();
-        if kind.starts_with("Cluster") {
-            env.cluster_objects
-                .push((kind.to_string(), cluster_name.clone()));
-        }
-    }
-    // The controller as the Deployment runs it: store = its namespace, leader election on the
-    // Lease deploy/ grants, the namespace managed.
-    let mut cfg = env.config();
-    let sa_store = Arc::new(KubeStore::new(sa.clone(), env.ns.clone()));
-    cfg.store = sa_store.clone();
-    cfg.ledger = Some(sa_store);
-    cfg.managed_namespaces = vec![env.ns.clone()];
-    cfg.leader = Some(LeaderConfig::new(env.ns.clone(), "e2e-0".to_string()));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    env.tasks
-        .push(tokio::spawn(run(sa.clone(), cfg, async move {
-            let _ = rx.await;
-        })));
-    env.stops.push(tx);
+    let mut env = Env::new(&kc, admin_policy).await;
+    env.start_deployed(&kc).await;
     let name = format!("{}-sa", env.ns);
     env.create_csr(&name, &csr_pem(&["a.example.com"]), &env.signer(), None)
         .await;
     env.decide(&name, "Approved").await;
     let chain = env.wait_signed(&name).await;
-    create_managed(&env, "web-tls", "web.app.svc").await;
+    create_managed(&env, "web-tls", &format!("web.{}.svc", env.ns)).await;
     wait_secret(&env, "web-tls", "a certificate", filled).await;
     // The ledger (ConfigMaps in the store namespace) was written under the same account.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1138,4 +1204,164 @@ async fn the_controller_runs_under_its_own_service_account_with_the_deploy_rbac(
         lease.spec.unwrap().holder_identity.as_deref(),
         Some("e2e-0")
     );
+}
+
+/// ServiceAccount `blue` of the test namespace, allowed to create CSRs, creates one for
+/// ServiceAccount `green`'s SPIFFE ID and one for its own (with `blue.<ns>.svc`) under its own
+/// token. Returns the two CSR names `(other, own)`.
+async fn blue_asks_for_green_and_itself(env: &mut Env, kc: &std::path::Path) -> (String, String) {
+    let blue = env.sa_client(kc, "blue").await;
+    env.grant("blue", csr_creator_rules()).await;
+    let other = format!("{}-other", env.ns);
+    let own = format!("{}-own", env.ns);
+    let other_pem = csr_pem(&[&workload_id(&env.ns, "green")]);
+    let own_pem = csr_pem(&[
+        &workload_id(&env.ns, "blue"),
+        &format!("blue.{}.svc", env.ns),
+    ]);
+    let signer = env.signer();
+    let env = &*env;
+    Env::once_authorized("create CSR as blue", || {
+        env.create_csr_as(&blue, &other, &other_pem, &signer, None)
+    })
+    .await;
+    env.create_csr_as(&blue, &own, &own_pem, &signer, None)
+        .await
+        .expect("create CSR as blue");
+    (other, own)
+}
+
+/// `spec.username` of CSR `c`, as the API server set it.
+fn username(c: &CertificateSigningRequest) -> String {
+    c.spec.username.clone().unwrap_or_default()
+}
+
+/// The URI SANs of the leaf of `chain_pem`.
+fn leaf_uris(chain_pem: &[u8]) -> Vec<String> {
+    let certs = meshca::pemutil::parse_certs(chain_pem, "status.certificate").unwrap();
+    meshca::x509::CertInfo::from_der(&certs[0])
+        .unwrap()
+        .sans
+        .uri
+}
+
+/// CSR `name`, once it has a Failed condition.
+async fn wait_failed(env: &Env, name: &str) -> CertificateSigningRequest {
+    env.wait_csr(name, "a Failed condition", Duration::from_secs(60), |c| {
+        condition(c, "Failed").is_some()
+    })
+    .await
+}
+
+/// `c` failed as the policy denied it, with a message naming each of `needles`, and has no
+/// certificate.
+fn assert_policy_denied(c: &CertificateSigningRequest, needles: &[&str]) {
+    let f = condition(c, "Failed").expect("a Failed condition");
+    let message = f.message.as_deref().unwrap_or_default();
+    assert_eq!(f.reason.as_deref(), Some("MeshcaPolicyDenied"), "{message}");
+    for n in needles {
+        assert!(message.contains(n), "{message:?} does not name {n:?}");
+    }
+    assert!(certificate(c).is_none(), "signed anyway: {message}");
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn the_signer_binds_a_service_accounts_csr_to_its_own_id_even_when_a_person_approved_it() {
+    let Some(kc) = kubeconfig() else { return };
+    // The in-cluster default rules (bound to the requester), no auto-approval: a person
+    // approves, the signer still decides for `spec.username`.
+    let mut env = Env::new(&kc, |_| Policy::default()).await;
+    env.start_deployed(&kc).await;
+    let (other, own) = blue_asks_for_green_and_itself(&mut env, &kc).await;
+    let by_admin = format!("{}-admin", env.ns);
+    let green_id = workload_id(&env.ns, "green");
+    let blue_id = workload_id(&env.ns, "blue");
+    // The kubeconfig's user (a person) asking for blue's ID binds no {ns}/{sa}.
+    env.create_csr(&by_admin, &csr_pem(&[&blue_id]), &env.signer(), None)
+        .await;
+    for n in [&other, &own, &by_admin] {
+        env.decide(n, "Approved").await;
+    }
+    let denied = wait_failed(&env, &other).await;
+    let chain = env.wait_signed(&own).await;
+    let signed = env.csrs().get(&own).await.unwrap();
+    let admin_csr = wait_failed(&env, &by_admin).await;
+    let ca = ca_crt_from_secret(&env).await;
+    let blue_user = format!("system:serviceaccount:{}:blue", env.ns);
+    env.cleanup().await;
+    // The API server, not the client, set the requester.
+    assert_eq!(username(&denied), blue_user);
+    assert_eq!(username(&signed), blue_user);
+    assert_ne!(username(&admin_csr), blue_user);
+    // The denial names the ID and the requester.
+    assert_policy_denied(&denied, &[&green_id, &blue_user]);
+    assert_eq!(leaf_uris(&chain), vec![blue_id.clone()]);
+    assert!(openssl_verify(&ca, &chain).contains("chain.pem: OK"));
+    assert_policy_denied(&admin_csr, &[&blue_id]);
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn a_registration_authority_gets_workload_ids_of_its_trust_domain_and_an_unlisted_account_does_not(
+) {
+    let Some(kc) = kubeconfig() else { return };
+    // istiod in RA mode: it creates and approves CSRs for the workloads it serves.
+    let mut env = Env::new(&kc, |ns| Policy {
+        registration_authorities: vec![format!("system:serviceaccount:{ns}:istiod")],
+        ..Policy::default()
+    })
+    .await;
+    env.start_deployed(&kc).await;
+    let istiod = env.sa_client(&kc, "istiod").await;
+    let rogue = env.sa_client(&kc, "rogue").await;
+    let rules = registration_authority_rules(&env.signer());
+    env.grant("istiod", rules.clone()).await;
+    env.grant("rogue", rules).await;
+    let web_id = workload_id(&env.ns, "web");
+    let foreign_id = format!("spiffe://other.example/ns/{}/sa/web", env.ns);
+    let cases = [
+        (
+            format!("{}-ra", env.ns),
+            &istiod,
+            csr_pem(&[&web_id, &format!("web.{}.svc", env.ns)]),
+        ),
+        (
+            format!("{}-ra-foreign", env.ns),
+            &istiod,
+            csr_pem(&[&foreign_id]),
+        ),
+        (format!("{}-rogue", env.ns), &rogue, csr_pem(&[&web_id])),
+    ];
+    let signer = env.signer();
+    for (name, client, pem) in &cases {
+        Env::once_authorized("create CSR as the RA", || {
+            env.create_csr_as(client, name, pem, &signer, None)
+        })
+        .await;
+        // Each approves its own CSR: the API server lets it (it has `approve` on the signer);
+        // whether it gets a certificate is the signer's decision.
+        Env::once_authorized("approve as the RA", || {
+            env.decide_as(client, name, "Approved")
+        })
+        .await;
+    }
+    let chain = env.wait_signed(&cases[0].0).await;
+    let signed = env.csrs().get(&cases[0].0).await.unwrap();
+    let foreign = wait_failed(&env, &cases[1].0).await;
+    let rogue_csr = wait_failed(&env, &cases[2].0).await;
+    let ca = ca_crt_from_secret(&env).await;
+    let (istiod_user, rogue_user) = (
+        format!("system:serviceaccount:{}:istiod", env.ns),
+        format!("system:serviceaccount:{}:rogue", env.ns),
+    );
+    env.cleanup().await;
+    assert_eq!(username(&signed), istiod_user);
+    assert!(condition(&signed, "Approved").is_some());
+    assert_eq!(leaf_uris(&chain), vec![web_id.clone()]);
+    assert!(openssl_verify(&ca, &chain).contains("chain.pem: OK"));
+    assert_eq!(username(&foreign), istiod_user);
+    assert_policy_denied(&foreign, &[&foreign_id, "outside the CA's trust domain"]);
+    assert_eq!(username(&rogue_csr), rogue_user);
+    assert_policy_denied(&rogue_csr, &[&web_id, &rogue_user]);
 }
