@@ -10,13 +10,14 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use serde_yaml::Value;
+use serde_json::Value;
 
 fn docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|d| serde::Deserialize::deserialize(d).unwrap())
-        .filter(|v: &Value| !v.is_null())
+    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .filter(|v| !v.is_null())
         .collect()
 }
 
@@ -49,7 +50,7 @@ fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 }
 
 fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(|v| v.as_sequence())
+    v.and_then(|v| v.as_array())
         .map(|s| {
             s.iter()
                 .filter_map(|x| x.as_str().map(str::to_string))
@@ -79,15 +80,11 @@ fn grants(objs: &[Value], namespace: Option<&str>) -> BTreeSet<(String, String, 
         if namespace.is_some() && s(b, &["metadata", "namespace"]) != namespace {
             continue;
         }
-        let bound = b["subjects"]
-            .as_sequence()
-            .into_iter()
-            .flatten()
-            .any(|sub| {
-                s(sub, &["kind"]) == Some("ServiceAccount")
-                    && s(sub, &["name"]) == Some("meshca-signer")
-                    && s(sub, &["namespace"]) == Some("meshca")
-            });
+        let bound = b["subjects"].as_array().into_iter().flatten().any(|sub| {
+            s(sub, &["kind"]) == Some("ServiceAccount")
+                && s(sub, &["name"]) == Some("meshca-signer")
+                && s(sub, &["namespace"]) == Some("meshca")
+        });
         if !bound || s(b, &["roleRef", "kind"]) != Some(role_kind) {
             continue;
         }
@@ -97,7 +94,7 @@ fn grants(objs: &[Value], namespace: Option<&str>) -> BTreeSet<(String, String, 
                 && s(o, &["metadata", "name"]) == Some(role_name)
                 && (namespace.is_none() || s(o, &["metadata", "namespace"]) == namespace)
         }) {
-            for rule in r["rules"].as_sequence().into_iter().flatten() {
+            for rule in r["rules"].as_array().into_iter().flatten() {
                 for g in strings(rule.get("apiGroups")) {
                     for res in strings(rule.get("resources")) {
                         for v in strings(rule.get("verbs")) {
@@ -226,8 +223,8 @@ fn the_examples_add_a_managed_namespace_together_with_its_role() {
     assert!(strings(k.get("resources")).contains(&"../base".to_string()));
     // The JSON patches of the example overlay that add Deployment args.
     let mut args = deployment_args(&objs);
-    for p in k["patches"].as_sequence().into_iter().flatten() {
-        let ops: Vec<Value> = serde_yaml::from_str(s(p, &["patch"]).unwrap()).unwrap();
+    for p in k["patches"].as_array().into_iter().flatten() {
+        let ops: Vec<Value> = serde_saphyr::from_str(s(p, &["patch"]).unwrap()).unwrap();
         for op in ops {
             if s(&op, &["path"]) == Some("/spec/template/spec/containers/0/args/-") {
                 args.push(s(&op, &["value"]).unwrap().to_string());

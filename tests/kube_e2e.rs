@@ -1136,9 +1136,8 @@ fn deploy_rbac(ns: &str, unique_name: &str) -> Vec<serde_json::Value> {
         "deploy/examples/demo-rbac.yaml",
     ] {
         let text = std::fs::read_to_string(root.join(f)).unwrap();
-        for d in serde_yaml::Deserializer::from_str(&text) {
-            let v: serde_yaml::Value = serde::Deserialize::deserialize(d).unwrap();
-            let mut j: serde_json::Value = serde_json::to_value(v).unwrap();
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+        for mut j in docs {
             if j.is_null() {
                 continue;
             }

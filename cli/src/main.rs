@@ -11,8 +11,8 @@ mod inspect;
 mod issue;
 mod kube_store;
 mod policy;
-mod revoke;
 mod progress;
+mod revoke;
 mod sds;
 mod signer;
 

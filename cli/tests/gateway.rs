@@ -29,7 +29,7 @@ fn meshca(home: &Path, dir: &Path, args: &[&str]) -> String {
 }
 
 fn secret_data(yaml: &str, key: &str) -> String {
-    let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
     let b = base64::engine::general_purpose::STANDARD
         .decode(v["data"][key].as_str().unwrap())
         .unwrap();
@@ -69,7 +69,7 @@ fn gateway_ca_secret_is_the_root_and_curl_reaches_the_gateway() {
     );
     let out = d.path().join("out");
     let ca_yaml = std::fs::read_to_string(out.join("gateway-ca-secret.yaml")).unwrap();
-    let v: serde_yaml::Value = serde_yaml::from_str(&ca_yaml).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(&ca_yaml).unwrap();
     assert_eq!(v["type"], "kubernetes.io/tls");
     assert_eq!(v["metadata"]["namespace"], "istio-ingress");
     assert_eq!(v["metadata"]["name"], "gateway-ca-tls");
@@ -108,7 +108,7 @@ fn gateway_ca_secret_is_the_root_and_curl_reaches_the_gateway() {
 
     // The serving credential is a separate Secret.
     let gw_yaml = std::fs::read_to_string(out.join("gateway-secret.yaml")).unwrap();
-    let g: serde_yaml::Value = serde_yaml::from_str(&gw_yaml).unwrap();
+    let g: serde_json::Value = serde_saphyr::from_str(&gw_yaml).unwrap();
     assert_eq!(g["metadata"]["name"], "gateway-tls");
     assert!(secret_data(&gw_yaml, "tls.key").contains("PRIVATE KEY"));
 

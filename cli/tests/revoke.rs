@@ -106,7 +106,7 @@ fn revoked_certificate_is_in_a_verifiable_crl_and_refused() {
     // The bundle ConfigMap can carry the CRLs as `ca.crl`.
     ok(&["bundle", "create", "b", "--ca", "ca1"]);
     let cm = ok(&["bundle", "configmap", "b", "--namespace", "apps", "--crl"]);
-    let v: serde_yaml::Value = serde_yaml::from_str(&cm).unwrap();
+    let v: serde_json::Value = serde_saphyr::from_str(&cm).unwrap();
     let cm_crl = d.path().join("cm.crl");
     std::fs::write(&cm_crl, v["data"]["ca.crl"].as_str().unwrap()).unwrap();
     let o = openssl(&[

@@ -29,7 +29,7 @@ pub fn jitter(d: Duration, unit: f64) -> Duration {
 
 fn random_unit() -> f64 {
     let mut b = [0u8; 4];
-    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b).is_err() {
+    if aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b).is_err() {
         return 1.0;
     }
     f64::from(u32::from_be_bytes(b)) / f64::from(u32::MAX)

@@ -47,7 +47,9 @@ impl IssuerSet {
                 let fp = i
                     .ca_certificate()
                     .map(|c| {
-                        crate::pemutil::hex(ring::digest::digest(&ring::digest::SHA256, c).as_ref())
+                        crate::pemutil::hex(
+                            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, c).as_ref(),
+                        )
                     })
                     .unwrap_or_default();
                 (n.clone(), fp)
@@ -98,7 +100,7 @@ impl IssuerSet {
 
 /// SHA-256 over a CA's certificate and its stored facts (policy included), hex.
 pub fn ca_fingerprint(ca: &CaMaterial) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     ctx.update(ca.cert.as_ref());
     for p in &ca.parents {
         ctx.update(p.as_ref());

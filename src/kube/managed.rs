@@ -209,7 +209,7 @@ pub fn apply_body(
 /// A digest of what a Secret asks for (its meshca annotations, the error annotation aside)
 /// and of the CA that would serve it: a terminal refusal is recorded once per value.
 fn request_fingerprint(ann: &BTreeMap<String, String>, ca_fingerprint: Option<&str>) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     for (k, v) in ann
         .iter()
         .filter(|(k, _)| k.starts_with("meshca.io/") && k.as_str() != ANN_ERROR)
