@@ -36,6 +36,7 @@ pub mod ca;
 pub mod clock;
 pub mod config;
 pub mod error;
+pub mod escape;
 pub mod fsutil;
 pub mod identity;
 pub mod inspect;
