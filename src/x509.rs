@@ -159,27 +159,23 @@ fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>> {
     Ok(c)
 }
 
-/// One attribute of a distinguished name: its type (`CN`, `O`, or the dotted OID of any
-/// other type) and its value (`None` when it is not a string).
+/// One attribute of a distinguished name: its type (the short name, e.g. `CN`, `O`, `OU`, or
+/// else the dotted OID) and its value (`None` when it is not a string).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DnAttribute {
-    /// `CN`, `O` or a dotted OID.
+    /// The short name (`CN`, `O`, `OU`, ...) or else the dotted OID.
     pub kind: String,
     /// The value as text.
     pub value: Option<String>,
 }
 
 fn dn_attributes(name: &x509_parser::x509::X509Name<'_>) -> Vec<DnAttribute> {
-    use x509_parser::oid_registry as r;
+    use x509_parser::objects::{oid2abbrev, oid_registry};
     name.iter_attributes()
         .map(|a| DnAttribute {
-            kind: if a.attr_type() == &r::OID_X509_COMMON_NAME {
-                "CN".to_string()
-            } else if a.attr_type() == &r::OID_X509_ORGANIZATION_NAME {
-                "O".to_string()
-            } else {
-                a.attr_type().to_id_string()
-            },
+            kind: oid2abbrev(a.attr_type(), oid_registry())
+                .map(str::to_string)
+                .unwrap_or_else(|_| a.attr_type().to_id_string()),
             value: a.as_str().ok().map(str::to_string),
         })
         .collect()
