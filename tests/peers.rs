@@ -1089,7 +1089,7 @@ fn name_constraints_of_every_ca_on_the_chain_hold_at_issuance() {
     verify_chain(
         &good.cert.leaf,
         &good.cert.intermediates,
-        &[root.cert.clone()],
+        std::slice::from_ref(&root.cert),
         now,
         Usage::Server,
     )
