@@ -209,6 +209,155 @@ impl CaMaterial {
     }
 }
 
+/// Whether DNS name `name` lies in the subtree `base` (RFC 5280: `base` itself or any name
+/// made by adding labels on the left). Both lower-case, without leading dots.
+pub fn dns_within(name: &str, base: &str) -> bool {
+    name == base
+        || (name.len() > base.len()
+            && name.ends_with(base)
+            && name.as_bytes()[name.len() - base.len() - 1] == b'.')
+}
+
+/// The name constraints of every CA certificate on a chain, as one check: a name passes only
+/// when every CA on the chain permits it (RFC 5280 validation applies each CA's constraints
+/// to everything below it, so checking the issuing CA alone would sign certificates its own
+/// chain makes invalid).
+#[derive(Clone, Debug, Default)]
+pub struct ChainConstraints {
+    /// (label of the CA, its constraints), issuing CA first; CAs without constraints left out.
+    cas: Vec<(String, crate::x509::NameConstraintSet)>,
+}
+
+impl ChainConstraints {
+    /// Reads the constraints of `chain` (CA certificate first, then its parents up to the
+    /// root). `name` labels the first certificate in messages; the others are named by
+    /// their subject.
+    pub fn of_chain(name: &str, chain: &[CertificateDer<'_>]) -> Result<Self> {
+        let mut cas = Vec::new();
+        for (i, der) in chain.iter().enumerate() {
+            let set = crate::x509::name_constraints(der)?;
+            if set.is_empty() {
+                continue;
+            }
+            let label = if i == 0 {
+                format!("CA {name}")
+            } else {
+                format!("CA {}", CertInfo::from_der(der)?.subject)
+            };
+            cas.push((label, set));
+        }
+        Ok(ChainConstraints { cas })
+    }
+
+    /// Whether no CA on the chain carries name constraints.
+    pub fn is_empty(&self) -> bool {
+        self.cas.is_empty()
+    }
+
+    /// Checks the SANs of a certificate about to be issued; the error names the value and
+    /// the CA whose constraint it breaks.
+    pub fn check_sans(&self, sans: &crate::identity::Sans) -> std::result::Result<(), String> {
+        for (ca, c) in &self.cas {
+            for d in &sans.dns {
+                let d = d.as_str().to_ascii_lowercase();
+                if !c.permitted_dns.is_empty() && !c.permitted_dns.iter().any(|b| dns_within(&d, b))
+                {
+                    return Err(format!(
+                        "DNS name {d} is outside the permitted subtrees [{}] of {ca}'s name constraints",
+                        c.permitted_dns.join(", ")
+                    ));
+                }
+                if let Some(b) = c.excluded_dns.iter().find(|b| dns_within(&d, b)) {
+                    return Err(format!(
+                        "DNS name {d} is in the excluded subtree {b} of {ca}'s name constraints"
+                    ));
+                }
+            }
+            for ip in &sans.ips {
+                let same_family = |r: &&crate::x509::IpSubtree| {
+                    r.network.len() == if ip.is_ipv4() { 4 } else { 16 }
+                };
+                let permits: Vec<_> = c.permitted_ip.iter().filter(same_family).collect();
+                if !permits.is_empty() && !permits.iter().any(|r| r.contains(ip)) {
+                    return Err(format!(
+                        "IP address {ip} is outside the permitted ranges of {ca}'s name constraints"
+                    ));
+                }
+                if let Some(r) = c.excluded_ip.iter().find(|r| r.contains(ip)) {
+                    return Err(format!(
+                        "IP address {ip} is in the excluded range {r} of {ca}'s name constraints"
+                    ));
+                }
+            }
+            // Forms meshca does not evaluate: refuse what they could apply to, rather than
+            // sign something the chain may make invalid.
+            for form in &c.other_forms {
+                let applies = match *form {
+                    "uniformResourceIdentifier" => sans.spiffe_id.is_some(),
+                    "rfc822Name" | "otherName" | "x400Address" | "ediPartyName"
+                    | "registeredID" => false,
+                    _ => true, // directoryName (every certificate has a subject), unparseable
+                };
+                if applies {
+                    return Err(format!(
+                        "{ca} carries {form} name constraints, which meshca does not evaluate"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The permitted DNS subtrees every CA on the chain allows (their intersection); `None`
+    /// when no CA on the chain restricts DNS names.
+    pub fn permitted_dns(&self) -> Option<Vec<String>> {
+        let mut acc: Option<Vec<String>> = None;
+        for (_, c) in &self.cas {
+            if c.permitted_dns.is_empty() {
+                continue;
+            }
+            acc = Some(match acc {
+                None => c.permitted_dns.clone(),
+                Some(prev) => {
+                    let mut v: Vec<String> = prev
+                        .iter()
+                        .filter(|a| c.permitted_dns.iter().any(|b| dns_within(a, b)))
+                        .chain(
+                            c.permitted_dns
+                                .iter()
+                                .filter(|b| prev.iter().any(|a| dns_within(b, a))),
+                        )
+                        .cloned()
+                        .collect();
+                    v.sort();
+                    v.dedup();
+                    v
+                }
+            });
+        }
+        acc
+    }
+
+    /// Checks the DNS subtree `base` that a new CA below this chain wants to permit: it must
+    /// lie within every CA's permitted subtrees and in none of their excluded ones.
+    pub fn check_permitted_subtree(&self, base: &str) -> std::result::Result<(), String> {
+        for (ca, c) in &self.cas {
+            if !c.permitted_dns.is_empty() && !c.permitted_dns.iter().any(|b| dns_within(base, b)) {
+                return Err(format!(
+                    "permitted DNS subtree {base} is wider than or outside the permitted subtrees [{}] of {ca}",
+                    c.permitted_dns.join(", ")
+                ));
+            }
+            if let Some(b) = c.excluded_dns.iter().find(|b| dns_within(base, b)) {
+                return Err(format!(
+                    "permitted DNS subtree {base} lies in the excluded subtree {b} of {ca}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Creates a self-signed root CA with a fresh key.
 pub fn create_root(spec: &CaSpec, now: OffsetDateTime) -> Result<CaMaterial> {
     validate_ca_name(&spec.name)?;
@@ -262,6 +411,7 @@ pub fn create_intermediate(
             ),
         ));
     }
+    let spec = &within_parent_constraints(spec, parent)?;
     let validity = spec.validity.unwrap_or(DEFAULT_INTERMEDIATE_VALIDITY);
     let not_after = (now + validity).min(pinfo.not_after);
     let path_len = spec.path_len.unwrap_or(0);
@@ -293,6 +443,32 @@ pub fn create_intermediate(
     })
 }
 
+/// `spec` checked against the name constraints of `parent`'s whole chain: each permitted
+/// DNS subtree must lie within what every CA above allows, and outside what they exclude. A
+/// spec that permits nothing in particular inherits the chain's permitted subtrees, so the
+/// intermediate states its own limits.
+pub fn within_parent_constraints(spec: &CaSpec, parent: &CaMaterial) -> Result<CaSpec> {
+    let chain = ChainConstraints::of_chain(&parent.meta.name, &parent.chain())?;
+    let name = spec.name.clone();
+    let deny = |reason: String| Error::invalid("CA spec", format!("intermediate {name}: {reason}"));
+    let mut spec = spec.clone();
+    for p in &spec.permitted_dns {
+        let base = p.trim_start_matches('.').to_ascii_lowercase();
+        chain.check_permitted_subtree(&base).map_err(deny)?;
+    }
+    if spec.permitted_dns.is_empty() {
+        if let Some(inherited) = chain.permitted_dns() {
+            if inherited.is_empty() {
+                return Err(deny(
+                    "the CAs above permit no DNS name in common, so nothing could be issued".into(),
+                ));
+            }
+            spec.permitted_dns = inherited;
+        }
+    }
+    Ok(spec)
+}
+
 fn meta_for(spec: &CaSpec, now: OffsetDateTime) -> CaMeta {
     CaMeta {
         name: spec.name.clone(),
@@ -305,7 +481,7 @@ fn meta_for(spec: &CaSpec, now: OffsetDateTime) -> CaMeta {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -338,6 +514,120 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("pathLen 0"));
+    }
+
+    /// A one-hour request for a P-256 `key` with the single DNS SAN `name`.
+    pub(crate) fn dns_request(key: &PrivateKey, name: &str) -> crate::issue::SignRequest {
+        crate::issue::SignRequest {
+            public_key_der: key.public_key_der(),
+            key: crate::key::PublicKeyKind::Ecdsa { bits: 256 },
+            sans: crate::identity::Sans {
+                dns: vec![crate::identity::DnsName::parse(name).unwrap()],
+                ..Default::default()
+            },
+            ttl: Duration::from_secs(3600),
+            csr_der: None,
+            ekus: crate::policy::Ekus::default(),
+        }
+    }
+
+    fn constrained_root(permit: &[&str], exclude: &[&str], now: OffsetDateTime) -> CaMaterial {
+        let mut spec = CaSpec::root("corp");
+        spec.permitted_dns = permit.iter().map(|s| s.to_string()).collect();
+        spec.excluded_dns = exclude.iter().map(|s| s.to_string()).collect();
+        create_root(&spec, now).unwrap()
+    }
+
+    fn child(name: &str, permit: &[&str]) -> CaSpec {
+        let mut spec = CaSpec::root(name);
+        spec.parent = Some("corp".into());
+        spec.permitted_dns = permit.iter().map(|s| s.to_string()).collect();
+        spec
+    }
+
+    #[test]
+    fn intermediates_stay_within_the_chain_constraints() {
+        let now = OffsetDateTime::now_utc();
+        let root = constrained_root(&["example.com"], &["secret.example.com"], now);
+        for (permit, why) in [
+            (
+                "other.org",
+                "outside the permitted subtrees [example.com] of CA corp",
+            ),
+            ("com", "wider than or outside"),
+            ("notexample.com", "outside the permitted subtrees"),
+            (
+                "x.secret.example.com",
+                "excluded subtree secret.example.com of CA corp",
+            ),
+        ] {
+            let e = create_intermediate(&child("team", &[permit]), &root, now)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(permit) && e.contains(why), "{permit}: {e}");
+            assert!(e.contains("intermediate team"), "{e}");
+        }
+        for ok in ["example.com", ".team.example.com", "API.example.com"] {
+            create_intermediate(&child("team", &[ok]), &root, now).unwrap();
+        }
+        // No permit of its own: it inherits the chain's, and states them in its certificate.
+        let two = constrained_root(&["example.com", "example.net"], &[], now);
+        let int = create_intermediate(&child("team", &[]), &two, now).unwrap();
+        let nc = crate::x509::name_constraints(&int.cert).unwrap();
+        assert_eq!(nc.permitted_dns, vec!["example.com", "example.net"]);
+        // Two levels: the grandchild is held to the limits of every CA above it.
+        let mut root_spec = CaSpec::root("corp");
+        root_spec.permitted_dns = vec!["example.com".into()];
+        root_spec.path_len = Some(2);
+        let root2 = create_root(&root_spec, now).unwrap();
+        let mut mid_spec = child("mid", &["team.example.com"]);
+        mid_spec.path_len = Some(1);
+        let mid = create_intermediate(&mid_spec, &root2, now).unwrap();
+        let e = create_intermediate(&child("leafca", &["example.com"]), &mid, now)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("[team.example.com] of CA mid"), "{e}");
+    }
+
+    /// Issuance checks every CA on the chain: the intermediate permits example.com, the root
+    /// above it excludes secret.example.com, so api.secret.example.com must be refused (a
+    /// verifier would reject it for the root's constraint).
+    #[test]
+    fn issuance_checks_the_constraints_of_every_ca_on_the_chain() {
+        use crate::issue::LocalIssuer;
+        let now = OffsetDateTime::now_utc();
+        let root = constrained_root(&["example.com"], &["secret.example.com"], now);
+        let anchor = root.cert.clone();
+        let int = create_intermediate(&child("team", &["example.com"]), &root, now).unwrap();
+        let issuer = LocalIssuer::new(int).unwrap();
+        let key = KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let req = |name: &str| dns_request(&key, name);
+        let ok = issuer.sign_now(&req("api.example.com"), now).unwrap();
+        crate::x509::verify_chain(
+            &ok.leaf,
+            &ok.intermediates,
+            std::slice::from_ref(&anchor),
+            now,
+            crate::x509::Usage::Server,
+        )
+        .unwrap();
+        let e = issuer
+            .sign_now(&req("api.secret.example.com"), now)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("api.secret.example.com")
+                && e.contains("excluded subtree secret.example.com of CA CN=meshca corp CA"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn dns_subtrees_match_whole_labels() {
+        assert!(dns_within("example.com", "example.com"));
+        assert!(dns_within("a.b.example.com", "example.com"));
+        assert!(!dns_within("notexample.com", "example.com"));
+        assert!(!dns_within("com", "example.com"));
     }
 
     #[test]

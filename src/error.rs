@@ -1,11 +1,15 @@
 //! The library's one error type.
 //!
 //! Variants are named after what failed. Messages are single lines and never contain key
-//! material. Front ends convert an [`Error`] exactly once: into an exit code (CLI), a gRPC
-//! status (SDS) or a `Failed` CSR condition (signer). [`Error::is_user_error`] tells them
-//! whether the caller's input or policy was at fault.
+//! material. Text taken from input (reasons, names, paths) is shown through
+//! [`crate::escape::Escaped`], so no control character from a file reaches a terminal, a log,
+//! a gRPC status or a CSR condition. Front ends convert an [`Error`] exactly once: into an
+//! exit code (CLI), a gRPC status (SDS) or a `Failed` CSR condition (signer).
+//! [`Error::is_user_error`] tells them whether the caller's input or policy was at fault.
 
 use std::path::PathBuf;
+
+use crate::escape::Escaped;
 
 /// Shorthand for results in this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -15,7 +19,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[non_exhaustive]
 pub enum Error {
     /// A value supplied by the user did not parse or is out of range.
-    #[error("invalid {what}: {reason}")]
+    #[error("invalid {what}: {}", Escaped(.reason))]
     Invalid {
         /// What was being parsed (e.g. "SPIFFE ID").
         what: &'static str,
@@ -23,7 +27,7 @@ pub enum Error {
         reason: String,
     },
     /// Input was not valid PEM or held no object of the expected kind.
-    #[error("{source_name}: {reason}")]
+    #[error("{}: {}", Escaped(.source_name), Escaped(.reason))]
     Pem {
         /// The file or field the input came from.
         source_name: String,
@@ -31,10 +35,10 @@ pub enum Error {
         reason: String,
     },
     /// A CSR failed to parse or its signature did not verify.
-    #[error("CSR rejected: {0}")]
+    #[error("CSR rejected: {}", Escaped(.0))]
     Csr(String),
     /// The issuing CA's policy refuses the request.
-    #[error("policy of CA {ca:?} denies the request: {reason}")]
+    #[error("policy of CA {ca:?} denies the request: {}", Escaped(.reason))]
     PolicyDenied {
         /// The CA whose policy refused.
         ca: String,
@@ -48,7 +52,7 @@ pub enum Error {
     #[error("unknown trust bundle {0:?}")]
     UnknownBundle(String),
     /// Input exceeded a size limit.
-    #[error("{what} is {size} bytes, over the {limit}-byte limit")]
+    #[error("{} is {size} bytes, over the {limit}-byte limit", Escaped(.what))]
     TooLarge {
         /// What was too large.
         what: String,
@@ -58,7 +62,7 @@ pub enum Error {
         limit: u64,
     },
     /// A file-system operation failed.
-    #[error("{}: {source}", path.display())]
+    #[error("{}: {source}", Escaped(&.path.to_string_lossy()))]
     Io {
         /// The path involved.
         path: PathBuf,
@@ -67,22 +71,22 @@ pub enum Error {
         source: std::io::Error,
     },
     /// The store holds data that does not parse (a damaged or foreign home directory).
-    #[error("store is inconsistent: {0}")]
+    #[error("store is inconsistent: {}", Escaped(.0))]
     Corrupt(String),
     /// The store was not usable (missing, unwritable, unreachable).
-    #[error("store: {0}")]
+    #[error("store: {}", Escaped(.0))]
     Store(String),
     /// Building or signing a certificate failed.
-    #[error("certificate building failed: {0}")]
+    #[error("certificate building failed: {}", Escaped(.0))]
     Build(String),
     /// A chain did not validate.
-    #[error("chain verification failed: {0}")]
+    #[error("chain verification failed: {}", Escaped(.0))]
     Verify(String),
     /// An object already exists and overwriting was not requested.
-    #[error("{0} already exists (use --force to replace it)")]
+    #[error("{} already exists (use --force to replace it)", Escaped(.0))]
     AlreadyExists(String),
     /// A remote backend (Kubernetes, ACM PCA) failed.
-    #[error("{backend}: {message}")]
+    #[error("{backend}: {}", Escaped(.message))]
     Backend {
         /// Which backend.
         backend: &'static str,
@@ -92,7 +96,7 @@ pub enum Error {
         retryable: bool,
     },
     /// The requested feature is not available in this build or on this backend.
-    #[error("not supported: {0}")]
+    #[error("not supported: {}", Escaped(.0))]
     Unsupported(String),
 }
 

@@ -37,6 +37,7 @@ pub mod clock;
 pub mod config;
 pub mod crl;
 pub mod error;
+pub mod escape;
 pub mod fsutil;
 pub mod identity;
 pub mod inspect;

@@ -228,7 +228,8 @@ pub fn respec(ca: &CaMaterial) -> Result<CaSpec> {
     };
     let span = info.not_after - (info.not_before + BACKDATE);
     let validity = std::time::Duration::try_from(span).ok();
-    let (permitted_dns, excluded_dns) = crate::x509::dns_name_constraints(&ca.cert)?;
+    let nc = crate::x509::name_constraints(&ca.cert)?;
+    let (permitted_dns, excluded_dns) = (nc.permitted_dns, nc.excluded_dns);
     Ok(CaSpec {
         name: ca.meta.name.clone(),
         parent: ca.meta.parent.clone(),

@@ -27,6 +27,11 @@ pub struct RawSans {
     /// E-mail SANs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub email: Vec<String>,
+    /// SANs of the forms meshca neither issues nor checks (otherName, directoryName,
+    /// registeredID, x400Address, ediPartyName, unparseable entries), shown as
+    /// `form:value`. Their presence makes [`RawSans::to_sans`] fail.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other: Vec<String>,
 }
 
 impl RawSans {
@@ -40,7 +45,10 @@ impl RawSans {
                 16 => std::net::IpAddr::from(<[u8; 16]>::try_from(*b).expect("len 16")).to_string(),
                 _ => format!("<{} bytes>", b.len()),
             }),
-            _ => {}
+            GeneralName::OtherName(oid, _) => self.other.push(format!("otherName:{oid}")),
+            GeneralName::DirectoryName(dn) => self.other.push(format!("directoryName:{dn}")),
+            GeneralName::RegisteredID(oid) => self.other.push(format!("registeredID:{oid}")),
+            other => self.other.push(general_name_form(other).to_string()),
         }
     }
 
@@ -50,6 +58,12 @@ impl RawSans {
             return Err(Error::invalid(
                 "SANs",
                 "more than one URI SAN (an X509-SVID has exactly one)",
+            ));
+        }
+        if let Some(o) = self.other.first() {
+            return Err(Error::invalid(
+                "SANs",
+                format!("SAN {o} is of a form meshca does not issue or check"),
             ));
         }
         if let Some(e) = self.email.first() {
@@ -125,6 +139,9 @@ pub struct CertInfo {
     /// DER subject (not serialized), for chain linking.
     #[serde(skip, default)]
     pub subject_der: Vec<u8>,
+    /// Subject attributes in order (not serialized), see [`DnAttribute`].
+    #[serde(skip, default)]
+    pub subject_attributes: Vec<DnAttribute>,
     /// DER issuer (not serialized), for chain linking.
     #[serde(skip, default)]
     pub issuer_der: Vec<u8>,
@@ -140,6 +157,28 @@ fn parse_cert<'a>(der: &'a [u8]) -> Result<X509Certificate<'a>> {
         ));
     }
     Ok(c)
+}
+
+/// One attribute of a distinguished name: its type (the short name, e.g. `CN`, `O`, `OU`, or
+/// else the dotted OID) and its value (`None` when it is not a string).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DnAttribute {
+    /// The short name (`CN`, `O`, `OU`, ...) or else the dotted OID.
+    pub kind: String,
+    /// The value as text.
+    pub value: Option<String>,
+}
+
+fn dn_attributes(name: &x509_parser::x509::X509Name<'_>) -> Vec<DnAttribute> {
+    use x509_parser::objects::{oid2abbrev, oid_registry};
+    name.iter_attributes()
+        .map(|a| DnAttribute {
+            kind: oid2abbrev(a.attr_type(), oid_registry())
+                .map(str::to_string)
+                .unwrap_or_else(|_| a.attr_type().to_id_string()),
+            value: a.as_str().ok().map(str::to_string),
+        })
+        .collect()
 }
 
 fn asn1_to_odt(t: x509_parser::time::ASN1Time) -> OffsetDateTime {
@@ -224,6 +263,7 @@ impl CertInfo {
             self_signed,
             spki_der: c.public_key().raw.to_vec(),
             subject_der: c.subject().as_raw().to_vec(),
+            subject_attributes: dn_attributes(c.subject()),
             issuer_der: c.issuer().as_raw().to_vec(),
         })
     }
@@ -279,27 +319,126 @@ pub fn check_chain_order(chain: &[CertificateDer<'_>]) -> Result<()> {
     Ok(())
 }
 
-/// The DNS name constraints of a CA certificate: (permitted, excluded) subtrees, lower-cased,
-/// without leading dots.
-pub fn dns_name_constraints(der: &[u8]) -> Result<(Vec<String>, Vec<String>)> {
+/// An IP address range of a name constraint: network and mask of one address family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IpSubtree {
+    /// Network address bytes (4 or 16).
+    pub network: Vec<u8>,
+    /// Mask bytes, as long as `network`.
+    pub mask: Vec<u8>,
+}
+
+impl IpSubtree {
+    /// Whether `ip` lies in the range (an address of the other family never does).
+    pub fn contains(&self, ip: &std::net::IpAddr) -> bool {
+        let octets = match ip {
+            std::net::IpAddr::V4(v) => v.octets().to_vec(),
+            std::net::IpAddr::V6(v) => v.octets().to_vec(),
+        };
+        octets.len() == self.network.len()
+            && octets
+                .iter()
+                .zip(&self.network)
+                .zip(&self.mask)
+                .all(|((a, n), m)| a & m == n & m)
+    }
+}
+
+impl std::fmt::Display for IpSubtree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let addr = |b: &[u8]| match b.len() {
+            4 => std::net::IpAddr::from(<[u8; 4]>::try_from(b).expect("len 4")).to_string(),
+            16 => std::net::IpAddr::from(<[u8; 16]>::try_from(b).expect("len 16")).to_string(),
+            _ => pemutil::hex(b),
+        };
+        write!(f, "{}/{}", addr(&self.network), addr(&self.mask))
+    }
+}
+
+/// The name constraints of a CA certificate, in the form meshca evaluates them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NameConstraintSet {
+    /// Permitted DNS subtrees, lower-cased, without leading dots.
+    pub permitted_dns: Vec<String>,
+    /// Excluded DNS subtrees, lower-cased, without leading dots.
+    pub excluded_dns: Vec<String>,
+    /// Permitted IP ranges.
+    pub permitted_ip: Vec<IpSubtree>,
+    /// Excluded IP ranges.
+    pub excluded_ip: Vec<IpSubtree>,
+    /// Constrained name forms meshca does not evaluate (`URI`, `directoryName`, ...).
+    pub other_forms: Vec<&'static str>,
+}
+
+impl NameConstraintSet {
+    /// Whether the certificate carries no name constraint at all.
+    pub fn is_empty(&self) -> bool {
+        *self == NameConstraintSet::default()
+    }
+}
+
+fn general_name_form(gn: &GeneralName<'_>) -> &'static str {
+    match gn {
+        GeneralName::OtherName(..) => "otherName",
+        GeneralName::RFC822Name(_) => "rfc822Name",
+        GeneralName::DNSName(_) => "dNSName",
+        GeneralName::X400Address(_) => "x400Address",
+        GeneralName::DirectoryName(_) => "directoryName",
+        GeneralName::EDIPartyName(_) => "ediPartyName",
+        GeneralName::URI(_) => "uniformResourceIdentifier",
+        GeneralName::IPAddress(_) => "iPAddress",
+        GeneralName::RegisteredID(_) => "registeredID",
+        GeneralName::Invalid(..) => "invalid general name",
+    }
+}
+
+/// The name constraints of a CA certificate (empty when it has none).
+pub fn name_constraints(der: &[u8]) -> Result<NameConstraintSet> {
     let c = parse_cert(der)?;
-    let mut permitted = Vec::new();
-    let mut excluded = Vec::new();
+    let mut set = NameConstraintSet::default();
     for ext in c.extensions() {
         if let ParsedExtension::NameConstraints(nc) = ext.parsed_extension() {
-            let collect = |subtrees: &Option<Vec<x509_parser::extensions::GeneralSubtree<'_>>>,
-                           out: &mut Vec<String>| {
+            for (subtrees, permitted) in [
+                (&nc.permitted_subtrees, true),
+                (&nc.excluded_subtrees, false),
+            ] {
                 for st in subtrees.iter().flatten() {
-                    if let GeneralName::DNSName(d) = st.base {
-                        out.push(d.trim_start_matches('.').to_ascii_lowercase());
+                    match &st.base {
+                        GeneralName::DNSName(d) => {
+                            let d = d.trim_start_matches('.').to_ascii_lowercase();
+                            if permitted {
+                                set.permitted_dns.push(d)
+                            } else {
+                                set.excluded_dns.push(d)
+                            }
+                        }
+                        GeneralName::IPAddress(b) if b.len() == 8 || b.len() == 32 => {
+                            let (network, mask) = b.split_at(b.len() / 2);
+                            let r = IpSubtree {
+                                network: network.to_vec(),
+                                mask: mask.to_vec(),
+                            };
+                            if permitted {
+                                set.permitted_ip.push(r)
+                            } else {
+                                set.excluded_ip.push(r)
+                            }
+                        }
+                        other => {
+                            let form = general_name_form(other);
+                            if !set.other_forms.contains(&form) {
+                                set.other_forms.push(form);
+                            }
+                        }
                     }
                 }
-            };
-            collect(&nc.permitted_subtrees, &mut permitted);
-            collect(&nc.excluded_subtrees, &mut excluded);
+            }
+        } else if ext.oid == x509_parser::oid_registry::OID_X509_EXT_NAME_CONSTRAINTS {
+            // Present but not parseable: nothing issued under it could be checked.
+            set.other_forms.push("unparseable name constraints");
         }
     }
-    Ok((permitted, excluded))
+    Ok(set)
 }
 
 /// Which extended key usage a verification asks for.
@@ -379,6 +518,9 @@ pub struct CsrInfo {
     /// neither extension. Unknown EKUs appear as `extended key usage <oid>`.
     #[serde(skip, default)]
     pub requested_usages: Option<Vec<String>>,
+    /// Subject attributes in order (not serialized), see [`DnAttribute`].
+    #[serde(skip, default)]
+    pub subject_attributes: Vec<DnAttribute>,
 }
 
 /// Kubernetes usage names of a KeyUsage extension.
@@ -456,6 +598,7 @@ impl CsrInfo {
             signature_valid: csr.verify_signature().is_ok(),
             spki_der: info.subject_pki.raw.to_vec(),
             requested_usages: usages,
+            subject_attributes: dn_attributes(&info.subject),
         })
     }
 
@@ -492,34 +635,19 @@ mod tests {
 
     #[test]
     fn name_constraints_are_enforced_at_issuance_and_by_webpki() {
-        use crate::identity::{DnsName, Sans};
-        use crate::issue::{LocalIssuer, SignRequest};
+        use crate::issue::LocalIssuer;
         let now = OffsetDateTime::now_utc();
         let mut spec = CaSpec::root("team");
         spec.permitted_dns = vec!["team.example".into()];
         spec.excluded_dns = vec!["secret.team.example".into()];
         let ca = create_root(&spec, now).unwrap();
-        assert_eq!(
-            dns_name_constraints(&ca.cert).unwrap(),
-            (
-                vec!["team.example".to_string()],
-                vec!["secret.team.example".to_string()]
-            )
-        );
+        let nc = name_constraints(&ca.cert).unwrap();
+        assert_eq!(nc.permitted_dns, vec!["team.example".to_string()]);
+        assert_eq!(nc.excluded_dns, vec!["secret.team.example".to_string()]);
         let root = ca.cert.clone();
         let issuer = LocalIssuer::new(ca).unwrap();
         let key = crate::key::KeyAlgorithm::EcdsaP256.generate().unwrap();
-        let req = |name: &str| SignRequest {
-            public_key_der: key.public_key_der(),
-            key: crate::key::PublicKeyKind::Ecdsa { bits: 256 },
-            sans: Sans {
-                dns: vec![DnsName::parse(name).unwrap()],
-                ..Sans::default()
-            },
-            ttl: std::time::Duration::from_secs(3600),
-            csr_der: None,
-            ekus: crate::policy::Ekus::default(),
-        };
+        let req = |name: &str| crate::ca::tests::dns_request(&key, name);
         let ok = issuer.sign_now(&req("api.team.example"), now).unwrap();
         verify_chain(
             &ok.leaf,

@@ -205,6 +205,10 @@ mod pca {
         // An external CSR through issue_csr keeps the CSR (the PCA signs the CSR itself).
         let key = rcgen::KeyPair::generate().unwrap();
         let mut p = rcgen::CertificateParams::new(vec!["green.mesh.svc".to_string()]).unwrap();
+        // The subject AWS copies: only what meshca checks (rcgen's default CN is refused).
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "green.mesh.svc");
         p.subject_alt_names.push(rcgen::SanType::URI(
             "spiffe://cluster.local/ns/mesh/sa/green"
                 .try_into()
@@ -662,6 +666,7 @@ mod pca {
         let key = rcgen::KeyPair::generate().unwrap();
         let want = sans("mesh", "retry");
         let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = meshca::profile::workload_subject(&want, &TrustDomain::default());
         p.subject_alt_names = meshca::profile::san_list(&want).unwrap();
         let csr = p.serialize_request(&key).unwrap().der().to_vec();
         let req = SignRequest {
@@ -1048,5 +1053,159 @@ mod pca {
         let t = relay.tokens();
         assert_eq!(t.len(), 2, "{t:?}");
         assert_eq!(t[0], t[1], "the retry sends the same idempotency token");
+    }
+
+    /// A CSR made by openssl (P-256 key) with `subj` and `-addext` values, as DER.
+    fn openssl_csr_der(dir: &std::path::Path, name: &str, subj: &str, addext: &[&str]) -> Vec<u8> {
+        let key = dir.join(format!("{name}.key"));
+        let csr = dir.join(format!("{name}.der"));
+        let cnf = dir.join("req.cnf");
+        std::fs::write(
+            &cnf,
+            "[req]\ndistinguished_name=dn\n[dn]\n[dir_sect]\nCN=someone else\n",
+        )
+        .unwrap();
+        let run = |args: &[&std::ffi::OsStr]| {
+            let o = std::process::Command::new("openssl")
+                .args(args)
+                .output()
+                .expect("openssl must be installed (.ci/run installs it)");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(&[
+            "genpkey".as_ref(),
+            "-algorithm".as_ref(),
+            "EC".as_ref(),
+            "-pkeyopt".as_ref(),
+            "ec_paramgen_curve:P-256".as_ref(),
+            "-out".as_ref(),
+            key.as_os_str(),
+        ]);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "req".as_ref(),
+            "-new".as_ref(),
+            "-config".as_ref(),
+            cnf.as_os_str(),
+            "-key".as_ref(),
+            key.as_os_str(),
+            "-subj".as_ref(),
+            subj.as_ref(),
+            "-outform".as_ref(),
+            "DER".as_ref(),
+            "-out".as_ref(),
+            csr.as_os_str(),
+        ];
+        for a in addext {
+            args.push("-addext".as_ref());
+            args.push(a.as_ref());
+        }
+        run(&args);
+        std::fs::read(csr).unwrap()
+    }
+
+    /// Issue 9: AWS copies a CSR's SAN extension and subject, so a CSR carrying SAN forms or
+    /// subject attributes meshca cannot check is refused before any AWS call, also when the
+    /// SANs are given separately (API passthrough); a CSR holding only checkable values is
+    /// issued, and the certificate carries exactly the checked SANs.
+    #[tokio::test]
+    async fn passthrough_refuses_what_meshca_cannot_check() {
+        let Some(ep) = moto() else { return };
+        let now = OffsetDateTime::now_utc();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_root(&ep, "passthrough", now).await;
+        let relay = Relay::start(&ep, 0).await;
+        let issuer = AcmPcaIssuer::connect(ca, &opts(&relay.addr)).await.unwrap();
+        let checked = Sans {
+            dns: vec![DnsName::parse("api.ns.svc").unwrap()],
+            ..Sans::default()
+        };
+        let with_ttl = |override_sans: Option<Sans>| CsrOptions {
+            override_sans,
+            ttl: Some(MOTO_VALIDITY),
+            ..CsrOptions::default()
+        };
+        let cases: &[(&str, &str, &[&str], bool, &str)] = &[
+            (
+                "othername",
+                "/CN=api.ns.svc",
+                &["subjectAltName=DNS:api.ns.svc,otherName:1.3.6.1.4.1.311.20.2.3;UTF8:admin@corp"],
+                false,
+                "otherName",
+            ),
+            (
+                "dirname",
+                "/CN=api.ns.svc",
+                &["subjectAltName=DNS:api.ns.svc,dirName:dir_sect"],
+                false,
+                "directoryName",
+            ),
+            (
+                "rid",
+                "/CN=api.ns.svc",
+                &["subjectAltName=DNS:api.ns.svc,RID:1.2.3.4"],
+                false,
+                "registeredID",
+            ),
+            (
+                "email",
+                "/CN=api.ns.svc",
+                &["subjectAltName=DNS:api.ns.svc,email:a@b.example"],
+                false,
+                "e-mail",
+            ),
+            (
+                "ou",
+                "/CN=api.ns.svc/OU=admins",
+                &["subjectAltName=DNS:api.ns.svc"],
+                false,
+                "OU=admins",
+            ),
+            (
+                "cn",
+                "/CN=root.corp.example",
+                &["subjectAltName=DNS:api.ns.svc"],
+                false,
+                "CN=root.corp.example",
+            ),
+            // Passthrough: the SANs come from the request, the CSR still goes to AWS.
+            (
+                "override-othername",
+                "/CN=api.ns.svc",
+                &["subjectAltName=DNS:other.ns.svc,otherName:1.3.6.1.4.1.311.20.2.3;UTF8:x@corp"],
+                true,
+                "otherName",
+            ),
+            (
+                "override-subject",
+                "/O=evil/CN=api.ns.svc",
+                &["subjectAltName=DNS:other.ns.svc"],
+                true,
+                "O=evil",
+            ),
+        ];
+        for (name, subj, ext, over, why) in cases {
+            let der = openssl_csr_der(dir.path(), name, subj, ext);
+            let e = issue_csr(&issuer, &der, &with_ttl(over.then(|| checked.clone())), now)
+                .await
+                .map(|c| c.info.sans)
+                .expect_err(&format!("{name}: a CSR carrying what meshca cannot check"));
+            assert!(e.to_string().contains(why), "{name}: {e}");
+            assert!(e.is_user_error(), "{name}: {e}");
+        }
+        assert_eq!(relay.issue_calls(), 0, "refused CSRs cost no AWS call");
+
+        // Only checkable values: CN = a checked SAN, O = the trust domain.
+        let der = openssl_csr_der(
+            dir.path(),
+            "good",
+            "/O=cluster.local/CN=api.ns.svc",
+            &["subjectAltName=DNS:api.ns.svc"],
+        );
+        let cert = issue_csr(&issuer, &der, &with_ttl(None), now)
+            .await
+            .unwrap();
+        assert_eq!(cert.info.sans.dns, vec!["api.ns.svc".to_string()]);
+        assert!(cert.info.sans.other.is_empty() && cert.info.sans.email.is_empty());
+        assert_eq!(relay.issue_calls(), 1);
     }
 }

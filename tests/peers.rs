@@ -1010,3 +1010,102 @@ fn curl_with_a_client_certificate_to_openssl_s_server_www() {
         "{body}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Name constraints down the chain (issue 9)
+
+/// A root permitting example.com but excluding secret.example.com, an intermediate permitting
+/// example.com: what meshca issues under the intermediate passes `openssl verify
+/// -x509_strict` and webpki, and what the root's constraints forbid is refused at issuance
+/// (before the fix it was issued, and openssl rejected it with "excluded subtree violation").
+/// An intermediate wider than its parent is refused when it is created.
+#[test]
+fn name_constraints_of_every_ca_on_the_chain_hold_at_issuance() {
+    if !have_openssl("name_constraints_of_every_ca_on_the_chain_hold_at_issuance") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let now = OffsetDateTime::now_utc();
+    let mut root_spec = CaSpec::root("corp");
+    root_spec.permitted_dns = vec!["example.com".into()];
+    root_spec.excluded_dns = vec!["secret.example.com".into()];
+    let root = create_root(&root_spec, now).unwrap();
+    let root_pem = dir.path().join("root.pem");
+    std::fs::write(&root_pem, root.chain_pem()).unwrap();
+
+    let mut wide = CaSpec::root("team");
+    wide.parent = Some("corp".into());
+    wide.permitted_dns = vec!["other.org".into()];
+    let e = create_intermediate(&wide, &root, now)
+        .map(|_| ())
+        .expect_err("an intermediate permitting other.org under a root limited to example.com");
+    assert!(e.to_string().contains("other.org"), "{e}");
+
+    let mut spec = CaSpec::root("team");
+    spec.parent = Some("corp".into());
+    spec.permitted_dns = vec!["example.com".into()];
+    let int = create_intermediate(&spec, &root, now).unwrap();
+    let int_pem = dir.path().join("int.pem");
+    std::fs::write(&int_pem, meshca::pemutil::certs_to_pem([&int.cert])).unwrap();
+    let issuer = LocalIssuer::new(int).unwrap();
+    let issue = |dns: &str| {
+        let sans = Sans {
+            dns: vec![DnsName::parse(dns).unwrap()],
+            ..Sans::default()
+        };
+        block_on(issue_workload(
+            &issuer,
+            &sans,
+            None,
+            KeyAlgorithm::EcdsaP256,
+            now,
+        ))
+    };
+    let verify = |w: &Workload, file: &str| {
+        let leaf = dir.path().join(file);
+        std::fs::write(&leaf, w.cert.leaf_pem()).unwrap();
+        let out = openssl(&[
+            "verify",
+            "-x509_strict",
+            "-purpose",
+            "sslserver",
+            "-CAfile",
+            p(&root_pem),
+            "-untrusted",
+            p(&int_pem),
+            p(&leaf),
+        ]);
+        (
+            out.status.success(),
+            format!("{}{}", text(&out.stdout), text(&out.stderr)),
+        )
+    };
+    let good = issue("api.example.com").unwrap();
+    let (ok, out) = verify(&good, "good.pem");
+    assert!(
+        ok,
+        "openssl rejects a certificate within every constraint: {out}"
+    );
+    verify_chain(
+        &good.cert.leaf,
+        &good.cert.intermediates,
+        std::slice::from_ref(&root.cert),
+        now,
+        Usage::Server,
+    )
+    .unwrap();
+    match issue("api.secret.example.com") {
+        Ok(w) => {
+            let (ok, out) = verify(&w, "bad.pem");
+            panic!(
+                "issued api.secret.example.com under a root that excludes secret.example.com \
+                 (openssl verify ok={ok}: {out})"
+            );
+        }
+        Err(e) => assert!(
+            e.to_string().contains("api.secret.example.com")
+                && e.to_string().contains("secret.example.com"),
+            "{e}"
+        ),
+    }
+}

@@ -157,7 +157,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
 
 /// The error chain on one line.
 pub fn one_line(e: &anyhow::Error) -> String {
-    format!("{e:#}").replace('\n', " ")
+    let line = format!("{e:#}").replace('\n', " ");
+    meshca::escape::escape_controls(&line).into_owned()
 }
 
 /// "3d 4h" style remaining time.
@@ -191,7 +192,8 @@ pub fn clap_one_line(e: &clap::Error) -> String {
         .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
         .filter(|l| !l.is_empty())
         .collect();
-    parts.join(" ").trim_start_matches("error: ").to_string()
+    let line = parts.join(" ");
+    meshca::escape::escape_controls(line.trim_start_matches("error: ")).into_owned()
 }
 
 /// The workload identity flags shared by `issue` and `sds serve`.

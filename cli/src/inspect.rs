@@ -67,7 +67,8 @@ pub async fn run_inspect(ctx: &Ctx, a: InspectArgs) -> anyhow::Result<()> {
         let anchors = load_anchors(ctx, b).await?;
         ins.verification = Some(inspect::verify(&certs_of(&bytes, &src)?, &anchors, b, now));
     }
-    ctx.emit(&ins, || text(&ins))
+    // Subjects, labels and SANs come from the input: no control character reaches the terminal.
+    ctx.emit(&ins, || meshca::escape::escape_lines(&text(&ins)))
 }
 
 fn text(ins: &Inspection) -> String {
@@ -97,6 +98,8 @@ fn text(ins: &Inspection) -> String {
                     info.sans.uri.iter().map(|u| format!("URI:{u}")).collect();
                 sans.extend(info.sans.dns.iter().map(|d| format!("DNS:{d}")));
                 sans.extend(info.sans.ip.iter().map(|d| format!("IP:{d}")));
+                sans.extend(info.sans.email.iter().map(|e| format!("email:{e}")));
+                sans.extend(info.sans.other.iter().cloned());
                 if !sans.is_empty() {
                     s.push_str(&format!("  SANs         {}\n", sans.join(", ")));
                 }
@@ -130,6 +133,8 @@ fn text(ins: &Inspection) -> String {
                 let mut sans: Vec<String> = c.sans.uri.iter().map(|u| format!("URI:{u}")).collect();
                 sans.extend(c.sans.dns.iter().map(|d| format!("DNS:{d}")));
                 sans.extend(c.sans.ip.iter().map(|d| format!("IP:{d}")));
+                sans.extend(c.sans.email.iter().map(|e| format!("email:{e}")));
+                sans.extend(c.sans.other.iter().cloned());
                 s.push_str(&format!(
                     "  SANs         {}\n",
                     if sans.is_empty() {
@@ -188,7 +193,7 @@ pub async fn run_verify(ctx: &Ctx, a: VerifyArgs) -> anyhow::Result<()> {
         UsageArg::Client => v.valid_for_client,
         UsageArg::Any => v.valid_for_server || v.valid_for_client,
     };
-    ctx.emit(&v, || verification_text(&v))?;
+    ctx.emit(&v, || meshca::escape::escape_lines(&verification_text(&v)))?;
     if ok {
         Ok(())
     } else {

@@ -400,6 +400,8 @@ pub async fn create_subordinate_pca(
 ) -> Result<CaMaterial> {
     validate_ca_name(&spec.name)?;
     spec.policy.validate()?;
+    // Within the name constraints of every CA above, checked before any AWS call.
+    let spec = &crate::ca::within_parent_constraints(spec, parent)?;
     let pinfo = parent.info()?;
     if pinfo.path_len == Some(0) {
         return Err(Error::invalid(

@@ -1,9 +1,16 @@
 //! The ACM Private CA issuer: the workload key stays local, only a CSR goes to AWS, and the
 //! CA key never leaves AWS.
 //!
+//! AWS copies a CSR's subject and SAN extension into the certificate, so before any call a
+//! CSR is refused when its SANs hold a form meshca does not check (otherName, directoryName,
+//! registeredID, x400Address, ediPartyName, e-mail) or its subject holds anything but a `CN`
+//! equal to a checked SAN and an `O` equal to the trust domain ([`check_subject`]); the
+//! names must also pass the name constraints of every CA on the chain.
+//!
 //! Every certificate AWS returns is checked before it is handed out: it must carry the
-//! requested public key and exactly the requested SANs, must not be a CA, must not outlive
-//! the requested validity, and must chain to the PCA certificate meshca has registered.
+//! requested public key and exactly the requested SANs (no other form, no duplicate) and a
+//! subject that passes the same check, must not be a CA, must not outlive the requested
+//! validity, and must chain to the PCA certificate meshca has registered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +26,7 @@ use crate::acm::limiter::{limiter_for, RateLimiter};
 use crate::acm::{
     idempotency_token, signing_algorithm_for, Arn, TEMPLATE_END_ENTITY, TEMPLATE_END_ENTITY_API,
 };
-use crate::ca::{Backend, CaMaterial, CaMeta};
+use crate::ca::{Backend, CaMaterial, CaMeta, ChainConstraints};
 use crate::error::{Error, Result};
 use crate::identity::Sans;
 use crate::pemutil;
@@ -38,6 +45,7 @@ pub struct AcmPcaIssuer {
     signing: SigningAlgorithm,
     client: Arc<PcaClient>,
     limiter: Arc<RateLimiter>,
+    constraints: ChainConstraints,
 }
 
 impl std::fmt::Debug for AcmPcaIssuer {
@@ -111,7 +119,9 @@ impl AcmPcaIssuer {
         let info = ca.info()?;
         let signing = signing_algorithm_for(info.key)?;
         let limiter = limiter_for(&arn.arn, &client.options().limiter)?;
+        let constraints = ChainConstraints::of_chain(&ca.meta.name, &ca.chain())?;
         Ok(AcmPcaIssuer {
+            constraints,
             ca_not_after: info.not_after,
             ca,
             arn,
@@ -149,11 +159,25 @@ impl AcmPcaIssuer {
                 "the CSR's key is not the key being certified".into(),
             ));
         }
-        let csr_sans = csr.sans.to_sans().ok();
-        let same = csr_sans
-            .as_ref()
-            .map(|s| sans_key(s) == sans_key(&req.sans))
-            .unwrap_or(false);
+        // AWS copies the CSR's subject and SAN extension into the certificate: everything in
+        // them must be something meshca has checked.
+        let deny = |reason: String| Error::PolicyDenied {
+            ca: self.ca.meta.name.clone(),
+            reason,
+        };
+        let csr_sans = csr.sans.to_sans().map_err(|e| {
+            deny(format!(
+                "the CSR's SAN extension, which ACM PCA would copy, is refused: {e}"
+            ))
+        })?;
+        check_subject(
+            &csr.subject_attributes,
+            &req.sans,
+            &self.ca.meta.trust_domain,
+        )
+        .map_err(|e| deny(format!("CSR subject, which ACM PCA would copy: {e}")))?;
+        self.constraints.check_sans(&req.sans).map_err(deny)?;
+        let same = sans_key(&csr_sans) == sans_key(&req.sans);
         let (template, passthrough_sans) = if same {
             (TEMPLATE_END_ENTITY, None)
         } else {
@@ -188,6 +212,53 @@ impl AcmPcaIssuer {
     ) -> Result<IssuedCert> {
         verify_issued(&self.ca, req, leaf, requested_not_after, now)
     }
+}
+
+/// Checks the subject a certificate will carry (or carries). Only what meshca can check
+/// against the request may appear: `CN` equal to one of the checked SANs (a DNS name, the
+/// SPIFFE ID or an IP address) and `O` equal to the CA's trust domain, each at most once.
+/// Any other attribute (OU, C, serialNumber, emailAddress, DC, UID, ...) is refused.
+pub fn check_subject(
+    attrs: &[crate::x509::DnAttribute],
+    sans: &Sans,
+    trust_domain: &crate::identity::TrustDomain,
+) -> Result<(), String> {
+    let san_values: Vec<String> = sans
+        .spiffe_id
+        .iter()
+        .map(|i| i.to_string())
+        .chain(sans.dns.iter().map(|d| d.to_string()))
+        .chain(sans.ips.iter().map(|i| i.to_string()))
+        .collect();
+    let mut seen = Vec::new();
+    for a in attrs {
+        let value = a
+            .value
+            .as_deref()
+            .ok_or_else(|| format!("attribute {} does not hold a string", a.kind))?;
+        let ok = match a.kind.as_str() {
+            "CN" => san_values.iter().any(|v| v == value),
+            "O" => value == trust_domain.as_str(),
+            other => {
+                return Err(format!(
+                    "attribute {other}={} cannot be checked (only CN and O can)",
+                    crate::escape::Escaped(value)
+                ))
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "{}={} is neither one of the checked SANs (CN) nor the trust domain {trust_domain} (O)",
+                a.kind,
+                crate::escape::Escaped(value)
+            ));
+        }
+        if seen.contains(&a.kind) {
+            return Err(format!("attribute {} appears more than once", a.kind));
+        }
+        seen.push(a.kind.clone());
+    }
+    Ok(())
 }
 
 /// Canonical, order-independent form of SANs for comparison.
@@ -251,20 +322,28 @@ pub fn verify_issued(
     if info.is_ca {
         return Err(mismatch(ca, "it is a CA certificate".into()));
     }
+    // Exactly the checked SANs: no other form, no duplicate, nothing missing.
     let got = info
         .sans
         .to_sans()
         .map_err(|e| mismatch(ca, format!("its SANs are not valid: {e}")))?;
-    if sans_key(&got) != sans_key(&req.sans) {
+    let raw_count = info.sans.uri.len() + info.sans.dns.len() + info.sans.ip.len();
+    if sans_key(&got) != sans_key(&req.sans) || raw_count != sans_key(&got).len() {
+        let mut raw: Vec<String> = info.sans.uri.iter().map(|u| format!("URI:{u}")).collect();
+        raw.extend(info.sans.dns.iter().map(|d| format!("DNS:{d}")));
+        raw.extend(info.sans.ip.iter().map(|i| format!("IP:{i}")));
+        raw.sort();
         return Err(mismatch(
             ca,
             format!(
                 "SANs [{}] differ from the requested [{}]",
-                sans_key(&got).join(", "),
+                raw.join(", "),
                 sans_key(&req.sans).join(", ")
             ),
         ));
     }
+    check_subject(&info.subject_attributes, &req.sans, &ca.meta.trust_domain)
+        .map_err(|e| mismatch(ca, format!("its subject is not what was checked: {e}")))?;
     if info.not_after > requested_not_after + NOT_AFTER_TOLERANCE {
         return Err(mismatch(
             ca,

@@ -5,7 +5,7 @@ use rcgen::{PublicKeyData, SignatureAlgorithm, SigningKey};
 use time::OffsetDateTime;
 
 use super::{IssuedCert, Issuer, SignRequest};
-use crate::ca::{CaMaterial, CaMeta};
+use crate::ca::{CaMaterial, CaMeta, ChainConstraints};
 use crate::error::{Error, Result};
 use crate::identity::{Sans, TrustDomain};
 use crate::key::PrivateKey;
@@ -16,8 +16,8 @@ use crate::x509::CertInfo;
 pub struct LocalIssuer {
     ca: CaMaterial,
     not_after: OffsetDateTime,
-    /// DNS name constraints of the CA certificate: (permitted, excluded).
-    dns_constraints: (Vec<String>, Vec<String>),
+    /// Name constraints of every CA on the chain, from this CA up to the root.
+    constraints: ChainConstraints,
     issuer: rcgen::Issuer<'static, KeyRef>,
 }
 
@@ -64,10 +64,10 @@ impl LocalIssuer {
         // Parse the signing key now, so a bad key fails here rather than at the first sign.
         key.key_pair()?;
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca.cert, KeyRef(std::sync::Arc::new(key)))?;
-        let dns_constraints = crate::x509::dns_name_constraints(&ca.cert)?;
+        let constraints = ChainConstraints::of_chain(&ca.meta.name, &ca.chain())?;
         Ok(LocalIssuer {
             not_after: info.not_after,
-            dns_constraints,
+            constraints,
             ca,
             issuer,
         })
@@ -158,20 +158,14 @@ impl LocalIssuer {
                 self.ca.meta.name, self.not_after
             )));
         }
-        // Never issue a certificate that its own CA's name constraints make invalid.
-        let (permitted, excluded) = &self.dns_constraints;
-        for d in &req.sans.dns {
-            let within =
-                |base: &String| d.as_str() == base || d.as_str().ends_with(&format!(".{base}"));
-            if (!permitted.is_empty() && !permitted.iter().any(within))
-                || excluded.iter().any(within)
-            {
-                return Err(Error::PolicyDenied {
-                    ca: self.ca.meta.name.clone(),
-                    reason: format!("DNS name {d} is outside the CA's name constraints"),
-                });
-            }
-        }
+        // Never issue a certificate that the name constraints of any CA on its chain make
+        // invalid.
+        self.constraints
+            .check_sans(&req.sans)
+            .map_err(|reason| Error::PolicyDenied {
+                ca: self.ca.meta.name.clone(),
+                reason,
+            })?;
         // A leaf never outlives its CA.
         let not_after = (now + req.ttl).min(self.not_after);
         let params = profile::workload_params(
