@@ -1,6 +1,7 @@
-//! Policy pattern compile + match: `Policy::validate` on arbitrary patterns, then
-//! `Policy::check` of a small arbitrary request (SANs parsed at the boundary as the front ends
-//! do). Must never panic.
+//! Policy pattern compile + match: `Policy::validate` on arbitrary patterns, then the one
+//! decision (`Policy::decide`) of a small arbitrary request through an arbitrary front end and
+//! requester (SANs parsed at the boundary as the front ends do). Must never panic, and an
+//! allowed request keeps the invariants every front end relies on.
 #![no_main]
 
 use std::time::Duration;
@@ -9,7 +10,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use meshca::identity::{DnsName, Sans, SpiffeId, TrustDomain};
 use meshca::key::PublicKeyKind;
-use meshca::policy::{Policy, PolicyRequest, Requester};
+use meshca::policy::{FrontEnd, Policy, PolicyRequest, Requester, Usages};
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -22,7 +23,14 @@ struct Input {
     spiffe_id: Option<String>,
     dns: Vec<String>,
     ips: Vec<[u8; 4]>,
-    username: Option<String>,
+    registration_authorities: Vec<String>,
+    managed_namespaces: Vec<String>,
+    auto_approve: bool,
+    auto_approve_static_dns: bool,
+    front_end: u8,
+    requester: String,
+    csr_usages: Option<Vec<String>>,
+    kube_usages: Option<Vec<String>>,
     ttl_secs: Option<u32>,
     wants_ca: bool,
 }
@@ -34,6 +42,10 @@ fuzz_target!(|inp: Input| {
         allow_wildcard_dns: inp.allow_wildcard_dns,
         allow_ip_sans: inp.allow_ip_sans,
         require_spiffe_id: inp.require_spiffe_id,
+        registration_authorities: inp.registration_authorities,
+        managed_namespaces: inp.managed_namespaces,
+        auto_approve: inp.auto_approve,
+        auto_approve_static_dns: inp.auto_approve_static_dns,
         ..Policy::default()
     };
     if policy.validate().is_err() {
@@ -63,16 +75,60 @@ fuzz_target!(|inp: Input| {
         ips: inp.ips.iter().map(|b| std::net::IpAddr::from(*b)).collect(),
     };
     sans.dedup();
-    let requester = inp.username.as_deref().and_then(Requester::from_username);
+    let (via, requester) = match inp.front_end % 4 {
+        0 => (FrontEnd::Local, Requester::LocalOperator),
+        1 => (FrontEnd::CsrSigner, Requester::kube(inp.requester)),
+        2 => (FrontEnd::AutoApprover, Requester::kube(inp.requester)),
+        _ => (
+            FrontEnd::ManagedSecret,
+            Requester::SecretNamespace(inp.requester),
+        ),
+    };
+    let usages = Usages {
+        csr: inp.csr_usages,
+        kube: inp.kube_usages,
+    };
     let req = PolicyRequest {
+        via,
+        requester: &requester,
         sans: &sans,
         ttl: inp.ttl_secs.map(|s| Duration::from_secs(s.into())),
         key: PublicKeyKind::Ecdsa { bits: 256 },
         wants_ca: inp.wants_ca,
-        requester: requester.as_ref(),
+        usages: &usages,
     };
-    if let Ok(ttl) = policy.check("fuzz", &td, &req) {
+    if let Ok(grant) = policy.decide("fuzz", &td, &req) {
         assert!(!inp.wants_ca, "CA:TRUE is never allowed");
-        assert!(ttl <= policy.max_ttl, "the TTL is capped by the policy");
+        assert!(grant.ttl <= policy.max_ttl, "the TTL is capped by the policy");
+        if via == FrontEnd::AutoApprover {
+            assert!(policy.auto_approve, "auto-approval needs the CA's opt-in");
+            assert!(sans.ips.is_empty(), "the auto-approver never approves IP SANs");
+        }
+        if let Requester::SecretNamespace(ns) = &requester {
+            assert!(
+                policy.managed_namespaces.contains(ns),
+                "a managed Secret is served only in the CA's namespaces"
+            );
+        }
+        if let (Some((ns, sa)), Some(id)) = (requester.service_account(), &sans.spiffe_id) {
+            if !policy
+                .registration_authorities
+                .iter()
+                .any(|r| Some(r.as_str()) == requester_name(&requester))
+            {
+                assert_eq!(
+                    id.k8s_workload(),
+                    Some((ns, sa)),
+                    "a service account only gets its own SPIFFE ID"
+                );
+            }
+        }
     }
 });
+
+fn requester_name(r: &Requester) -> Option<&str> {
+    match r {
+        Requester::Kube(u) => Some(u),
+        _ => None,
+    }
+}
