@@ -1005,7 +1005,11 @@ mod pca {
             ..opts(&relay.addr)
         };
         let name = ca.meta.name.clone();
-        let issuer: Arc<dyn Issuer> = Arc::new(AcmPcaIssuer::connect(copy(&ca), &o).await.unwrap());
+        // The CA serves managed Secrets in namespace `app`, any service name there.
+        let mut served = copy(&ca);
+        served.meta.policy.managed_namespaces = vec!["app".into()];
+        served.meta.policy.allowed_dns = vec!["*.{ns}.svc".into()];
+        let issuer: Arc<dyn Issuer> = Arc::new(AcmPcaIssuer::connect(served, &o).await.unwrap());
         // A Kubernetes API that accepts every write (the Secret's annotation and apply).
         let svc = tower::service_fn(|req: http::Request<kube::client::Body>| async move {
             let body = http_body_util::BodyExt::collect(req.into_body())
