@@ -4,46 +4,14 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use meshca::report::IssueReport;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca"));
-        c.args(args)
-            .env("MESHCA_HOME", self.home())
-            .env_remove("RUST_LOG")
-            .current_dir(self.dir.path());
-        c
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "meshca {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
     /// Runs a command that must fail with exit 1 and one clear stderr line; returns that line.
     fn fails(&self, args: &[&str]) -> String {
         self.fails_with(1, args)

@@ -3,43 +3,13 @@
 //! never elsewhere, and every printed Kubernetes manifest accepted by kubernetes-validate
 //! (PyPI, installed by .ci/run) and parsed back to the same keys and values.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca"));
-        c.args(args)
-            .env("MESHCA_HOME", self.path("home"))
-            .env_remove("RUST_LOG")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null());
-        c
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "meshca {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
     /// Runs meshca under `script`, so that its stdin, stdout and stderr are a pseudo-terminal;
     /// returns everything the terminal received.
     fn on_pty(&self, args: &[&str]) -> String {

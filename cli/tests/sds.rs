@@ -4,34 +4,14 @@
 
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
 impl Env {
-    fn new() -> Env {
-        Env {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca"));
-        c.args(args)
-            .env("MESHCA_HOME", self.path("home"))
-            .env_remove("RUST_LOG")
-            .current_dir(self.dir.path());
-        c
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().unwrap()
-    }
     fn fails(&self, args: &[&str]) -> String {
         let o = self.run(args);
         let err = String::from_utf8_lossy(&o.stderr).to_string();
