@@ -16,6 +16,8 @@
 //!   [`LocalIssuer`].
 //! - `sign_csr`: sign-only from an already checked CSR ([`LocalIssuer::sign_now`]) + PEM.
 //! - `issue_csr`: a CSR end to end: parse, proof-of-possession check, policy, sign, PEM.
+//! - `parse_leaf`, `keygen` (only when named): the x509-parser read-back of an issued leaf
+//!   into [`meshca::x509::CertInfo`], and ECDSA P-256 key generation alone.
 //!
 //! `bench/compare.sh` runs it next to `openssl speed` and Python `cryptography`.
 
@@ -127,5 +129,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .expect("issue csr");
         c.chain_pem().len()
     });
+    // Parts of the above, for profiling (only run when named).
+    if std::env::args().skip(2).count() > 0 {
+        let leaf = issuer.sign_now(&req, now)?.leaf;
+        measure("parse_leaf", budget, || {
+            meshca::x509::CertInfo::from_der(&leaf)
+                .expect("parse")
+                .serial
+                .len()
+        });
+        measure("keygen", budget, || {
+            KeyAlgorithm::EcdsaP256
+                .generate()
+                .expect("keygen")
+                .public_key_der()
+                .len()
+        });
+    }
     Ok(())
 }

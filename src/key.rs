@@ -100,10 +100,11 @@ impl KeyAlgorithm {
 
     /// ECDSA key generation without rcgen's PKCS#8 round trip (which re-derives and checks
     /// the public key, a second scalar multiplication): aws-lc generates the key once and
-    /// hands out the PKCS#8 document, the public point and the SubjectPublicKeyInfo. `None`
-    /// for other algorithms, or when aws-lc fails (then rcgen is used).
+    /// hands out the PKCS#8 document and the public point. The SubjectPublicKeyInfo is
+    /// encoded by rcgen from that point (aws-lc's own encoder converts the point to affine
+    /// coordinates again, a field inversion per call). `None` for other algorithms, or when
+    /// aws-lc fails (then rcgen is used).
     fn generate_ecdsa(self) -> Option<PrivateKey> {
-        use aws_lc_rs::encoding::AsDer;
         use aws_lc_rs::signature::{
             EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_ASN1_SIGNING,
             ECDSA_P384_SHA384_ASN1_SIGNING,
@@ -115,15 +116,33 @@ impl KeyAlgorithm {
         };
         let kp = EcdsaKeyPair::generate(alg).ok()?;
         let pkcs8 = zeroize::Zeroizing::new(kp.to_pkcs8v1().ok()?.as_ref().to_vec());
-        let public = kp.public_key();
-        let spki = public.as_der().ok()?.as_ref().to_vec();
+        let public = KnownPublicKey {
+            alg: self.signature_algorithm(),
+            raw: kp.public_key().as_ref().to_vec(),
+        };
         Some(PrivateKey {
             pair: std::sync::OnceLock::new(),
-            public_raw: public.as_ref().to_vec(),
+            spki: public.subject_public_key_info(),
+            public_raw: public.raw,
             pkcs8,
-            spki,
             algorithm: self,
         })
+    }
+}
+
+/// A public key of a kind meshca knows: its signature algorithm and the bytes of the
+/// SubjectPublicKeyInfo BIT STRING. rcgen encodes the SubjectPublicKeyInfo from it.
+pub(crate) struct KnownPublicKey {
+    pub(crate) alg: &'static SignatureAlgorithm,
+    pub(crate) raw: Vec<u8>,
+}
+
+impl PublicKeyData for KnownPublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.raw
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.alg
     }
 }
 

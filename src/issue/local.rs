@@ -82,10 +82,7 @@ impl LocalIssuer {
 /// A subject public key for rcgen, from DER SubjectPublicKeyInfo.
 enum SubjectKey {
     /// Parsed once with x509-parser; re-encodes to exactly the input bytes.
-    Known {
-        alg: &'static SignatureAlgorithm,
-        raw: Vec<u8>,
-    },
+    Known(crate::key::KnownPublicKey),
     /// Anything else, as rcgen parses it.
     Rcgen(rcgen::SubjectPublicKeyInfo),
 }
@@ -93,13 +90,13 @@ enum SubjectKey {
 impl PublicKeyData for SubjectKey {
     fn der_bytes(&self) -> &[u8] {
         match self {
-            SubjectKey::Known { raw, .. } => raw,
+            SubjectKey::Known(k) => k.der_bytes(),
             SubjectKey::Rcgen(k) => k.der_bytes(),
         }
     }
     fn algorithm(&self) -> &'static SignatureAlgorithm {
         match self {
-            SubjectKey::Known { alg, .. } => alg,
+            SubjectKey::Known(k) => k.algorithm(),
             SubjectKey::Rcgen(k) => k.algorithm(),
         }
     }
@@ -112,10 +109,10 @@ fn spki(der: &[u8]) -> Result<SubjectKey> {
     use x509_parser::prelude::FromDer;
     if let Ok(([], parsed)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(der) {
         if let Some(alg) = crate::key::PublicKeyKind::of(&parsed).algorithm() {
-            let key = SubjectKey::Known {
+            let key = SubjectKey::Known(crate::key::KnownPublicKey {
                 alg: alg.signature_algorithm(),
                 raw: parsed.subject_public_key.data.to_vec(),
-            };
+            });
             if key.subject_public_key_info() == der {
                 return Ok(key);
             }
@@ -203,7 +200,7 @@ mod tests {
         ] {
             let der = a.generate().unwrap().public_key_der();
             let k = spki(&der).unwrap();
-            assert!(matches!(k, SubjectKey::Known { .. }), "{a}");
+            assert!(matches!(k, SubjectKey::Known(_)), "{a}");
             let r = rcgen::SubjectPublicKeyInfo::from_der(&der).unwrap();
             assert_eq!(k.der_bytes(), r.der_bytes(), "{a}");
             assert_eq!(
