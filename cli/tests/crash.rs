@@ -9,47 +9,21 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 const ROUNDS: u64 = 100;
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
-impl Env {
-    fn home(&self) -> PathBuf {
-        self.dir.path().join("home")
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_meshca"));
-        c.args(args)
-            .env("MESHCA_HOME", self.home())
-            .env_remove("RUST_LOG")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null());
-        c
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.cmd(args).output().unwrap();
-        assert!(
-            o.status.success(),
-            "meshca {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-    fn spawn(&self, args: &[&str]) -> Child {
-        self.cmd(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    }
+fn spawn(env: &Env, args: &[&str]) -> Child {
+    env.cmd(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// xorshift64*: deterministic delays from a printed seed.
@@ -89,9 +63,7 @@ fn hundred_rounds_of_kill_9_across_init_issue_and_bundle_update() {
         });
     eprintln!("crash test seed {seed} (MESHCA_CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed);
-    let env = Env {
-        dir: tempfile::tempdir().unwrap(),
-    };
+    let env = Env::new();
     env.ok(&["init", "--ca", "ca1", "--ca", "ca2", "--max-ttl", "30d"]);
     env.ok(&["bundle", "create", "mesh", "--ca", "ca1"]);
     // Calibrate the kill window to how long a command takes here: kills land anywhere from
@@ -125,26 +97,29 @@ fn hundred_rounds_of_kill_9_across_init_issue_and_bundle_update() {
             ["bundle", "update", "mesh", "--remove-ca"]
         };
         let mut children = vec![
-            (Kind::Init, ca.clone(), env.spawn(&["init", "--ca", &ca])),
+            (Kind::Init, ca.clone(), spawn(&env, &["init", "--ca", &ca])),
             (
                 Kind::Issue,
                 name.clone(),
-                env.spawn(&[
-                    "issue",
-                    "--ca",
-                    "ca1",
-                    "--dns",
-                    &dns,
-                    "--name",
-                    &name,
-                    "--out-dir",
-                    &out_dir,
-                ]),
+                spawn(
+                    &env,
+                    &[
+                        "issue",
+                        "--ca",
+                        "ca1",
+                        "--dns",
+                        &dns,
+                        "--name",
+                        &name,
+                        "--out-dir",
+                        &out_dir,
+                    ],
+                ),
             ),
             (Kind::BundleUpdate, round.to_string(), {
                 let mut a = bundle_args.to_vec();
                 a.push("ca2");
-                env.spawn(&a)
+                spawn(&env, &a)
             }),
         ];
         // Kill some of them at a random moment of their run.
@@ -247,11 +222,13 @@ fn hundred_rounds_of_kill_9_across_init_issue_and_bundle_update() {
     // Two processes creating the same CA at once: exactly one creates it.
     let a = env
         .cmd(&["init", "--ca", "race"])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let b = env
         .cmd(&["init", "--ca", "race"])
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();

@@ -4,77 +4,44 @@
 //! real issued certificate carries (openssl x509 -text).
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
-struct Env {
-    dir: tempfile::TempDir,
-}
+mod common;
+use common::Env;
 
 const BLUE: &str = "system:serviceaccount:app:blue";
 const ISTIOD: &str = "system:serviceaccount:istio-system:istiod";
 const OWN: &str = "spiffe://cluster.local/ns/app/sa/blue";
 
-impl Env {
-    /// A home with examples/mesh.toml applied and a CA `mesh` made with the new init flags.
-    fn new() -> Env {
-        let env = Env {
-            dir: tempfile::tempdir().unwrap(),
-        };
-        let cfg = env.path("mesh.toml");
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh.toml");
-        std::fs::copy(example, &cfg).unwrap();
-        env.ok(&["init", "--config", cfg.to_str().unwrap()]);
-        env.ok(&[
-            "init",
-            "--ca",
-            "mesh",
-            "--allow-spiffe",
-            "spiffe://{td}/ns/{ns}/sa/{sa}",
-            "--allow-dns",
-            "{sa}.{ns}.svc",
-            "--max-ttl",
-            "24h",
-            "--auto-approve",
-            "--registration-authority",
-            ISTIOD,
-            "--managed-namespace",
-            "app",
-        ]);
-        env
-    }
-    fn path(&self, p: &str) -> PathBuf {
-        self.dir.path().join(p)
-    }
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_meshca"))
-            .args(args)
-            .env("MESHCA_HOME", self.path("home"))
-            .env_remove("RUST_LOG")
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "meshca {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-    fn check(&self, ca: &str, args: &[&str]) -> (i32, String) {
-        let mut a = vec!["policy", "check", "--ca", ca];
-        a.extend_from_slice(args);
-        let o = self.run(&a);
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!err.contains("panicked"), "{err}");
-        (
-            o.status.code().unwrap(),
-            String::from_utf8(o.stdout).unwrap(),
-        )
-    }
+/// A home with examples/mesh.toml applied and a CA `mesh` made with the new init flags.
+fn mesh_env() -> Env {
+    let env = Env::new();
+    let cfg = env.path("mesh.toml");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/mesh.toml");
+    std::fs::copy(example, &cfg).unwrap();
+    env.ok(&["init", "--config", cfg.to_str().unwrap()]);
+    env.ok(&[
+        "init",
+        "--ca",
+        "mesh",
+        "--allow-spiffe",
+        "spiffe://{td}/ns/{ns}/sa/{sa}",
+        "--allow-dns",
+        "{sa}.{ns}.svc",
+        "--max-ttl",
+        "24h",
+        "--auto-approve",
+        "--registration-authority",
+        ISTIOD,
+        "--managed-namespace",
+        "app",
+    ]);
+    env
+}
+
+/// `meshca policy check` on an [`Env`].
+trait PolicyCheck {
+    fn check(&self, ca: &str, args: &[&str]) -> (i32, String);
     fn allowed(&self, ca: &str, args: &[&str]) {
         let (code, out) = self.check(ca, args);
         assert_eq!((code, out.as_str()), (0, "allowed\n"), "{args:?}");
@@ -85,6 +52,20 @@ impl Env {
         assert!(out.starts_with("denied: "), "{args:?}: {out}");
         assert_eq!(out.lines().count(), 1, "{out}");
         assert!(out.contains(needle), "{args:?}: {needle:?} not in {out}");
+    }
+}
+
+impl PolicyCheck for Env {
+    fn check(&self, ca: &str, args: &[&str]) -> (i32, String) {
+        let mut a = vec!["policy", "check", "--ca", ca];
+        a.extend_from_slice(args);
+        let o = self.run(&a);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!err.contains("panicked"), "{err}");
+        (
+            o.status.code().unwrap(),
+            String::from_utf8(o.stdout).unwrap(),
+        )
     }
 }
 
@@ -105,7 +86,7 @@ fn strs(v: &[String]) -> Vec<&str> {
 
 #[test]
 fn another_accounts_identity_and_names_are_denied() {
-    let env = Env::new();
+    let env = mesh_env();
     for other in [
         "spiffe://cluster.local/ns/app/sa/green",
         "spiffe://cluster.local/ns/prod/sa/blue",
@@ -148,7 +129,7 @@ fn another_accounts_identity_and_names_are_denied() {
 
 #[test]
 fn the_gateway_ca_is_not_auto_approved_for_its_names() {
-    let env = Env::new();
+    let env = mesh_env();
     for sa in [BLUE, "system:serviceaccount:istio-ingress:gateway"] {
         env.denied(
             "gateway",
@@ -196,7 +177,7 @@ fn the_gateway_ca_is_not_auto_approved_for_its_names() {
 
 #[test]
 fn ca_flags_usages_and_ttls_out_of_bounds_are_denied() {
-    let env = Env::new();
+    let env = mesh_env();
     for bad in ["cert sign", "crl sign", "code signing"] {
         let mut a = signer(
             BLUE,
@@ -285,7 +266,7 @@ fn ca_flags_usages_and_ttls_out_of_bounds_are_denied() {
 
 #[test]
 fn people_registration_authorities_and_managed_secrets() {
-    let env = Env::new();
+    let env = mesh_env();
     // A person under a templated rule.
     env.denied(
         "mesh",
@@ -342,7 +323,7 @@ fn people_registration_authorities_and_managed_secrets() {
 
 #[test]
 fn json_output_and_usage_errors() {
-    let env = Env::new();
+    let env = mesh_env();
     let (code, out) = env.check(
         "mesh",
         &[
@@ -407,7 +388,7 @@ fn json_output_and_usage_errors() {
 
 #[test]
 fn unknown_placeholders_fail_at_init_naming_them() {
-    let env = Env::new();
+    let env = mesh_env();
     let o = env.run(&[
         "init",
         "--ca",
@@ -432,7 +413,7 @@ fn unknown_placeholders_fail_at_init_naming_them() {
 /// certificate; one asking for codeSigning is refused, naming it.
 #[test]
 fn issued_certificates_carry_only_the_granted_ekus() {
-    let env = Env::new();
+    let env = mesh_env();
     let san = "subjectAltName=URI:spiffe://cluster.local/ns/howto-k8s-mtls-file-based/sa/blue";
     let client = openssl_csr(&env, "client", &[san, "extendedKeyUsage=clientAuth"]);
     env.ok(&[
