@@ -433,6 +433,7 @@ mod tests {
     /// every process; meshca builds aws-lc to seed from the OS instead
     /// (`AWS_LC_SYS_NO_JITTER_ENTROPY=1` in .cargo/config.toml, docs/performance.md).
     #[test]
+    #[cfg(not(feature = "fips"))]
     fn aws_lc_seeds_from_the_os() {
         let mut b = [0u8; 16];
         aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b).unwrap();
@@ -440,6 +441,16 @@ mod tests {
             aws_lc_rs::try_fips_cpu_jitter_entropy().is_err(),
             "aws-lc was built with CPU-jitter entropy: build with AWS_LC_SYS_NO_JITTER_ENTROPY=1"
         );
+    }
+
+    /// The `fips` feature links aws-lc's FIPS module: it runs in FIPS mode, with its
+    /// validated entropy source.
+    #[test]
+    #[cfg(feature = "fips")]
+    fn fips_builds_run_the_fips_module() {
+        aws_lc_rs::try_fips_mode().expect("aws-lc in FIPS mode");
+        let k = KeyAlgorithm::EcdsaP256.generate().unwrap();
+        assert!(!k.public_key_der().is_empty());
     }
 
     #[test]
