@@ -447,3 +447,44 @@ fn kube_store_errors_are_one_line_and_exit_codes_hold() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a namespace"));
 }
+
+#[test]
+fn bundle_publish_cluster_trust_bundle_says_when_the_cluster_lacks_the_api() {
+    // The fake serves no certificates.k8s.io group: discovery answers 404 for both versions.
+    let fake = Fake::start();
+    let cli = Cli::new(fake.port);
+    cli.ok(&["init", "--ca", "mesh"]);
+    cli.ok(&["bundle", "create", "mesh-trust", "--ca", "mesh"]);
+    let o = cli.run(&["bundle", "publish", "mesh-trust", "--cluster-trust-bundle"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("serves neither certificates.k8s.io/v1beta1 nor v1alpha1"),
+        "{err}"
+    );
+    let log = fake.log();
+    let apis: Vec<&String> = log.iter().filter(|l| l.contains(" /apis/")).collect();
+    assert_eq!(apis.len(), 2, "{apis:?}");
+    assert!(
+        apis[0].starts_with("GET /apis/certificates.k8s.io/v1beta1 "),
+        "{apis:?}"
+    );
+    assert!(
+        apis[1].starts_with("GET /apis/certificates.k8s.io/v1alpha1 "),
+        "{apis:?}"
+    );
+    // A suffix the API server would refuse is refused before any request.
+    let before = fake.log().len();
+    let o = cli.run(&[
+        "bundle",
+        "publish",
+        "mesh-trust",
+        "--cluster-trust-bundle",
+        "--suffix",
+        "Roots",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ClusterTrustBundle suffix"));
+    assert_eq!(fake.log().len(), before, "no request for a bad suffix");
+}
