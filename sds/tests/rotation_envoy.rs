@@ -71,25 +71,6 @@ impl Traffic {
     }
 }
 
-async fn eventually_async<F, Fut>(secs: u64, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < end {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
-fn stat(stats: &std::collections::BTreeMap<String, String>, k: &str) -> u64 {
-    stats.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_traffic_has_zero_failed_requests() {
     let Some(bin) = envoy_bin() else { return };

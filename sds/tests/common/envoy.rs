@@ -206,3 +206,24 @@ pub fn bootstrap(delta: bool, sds_addr: &Listen, port: u16) -> String {
         ),
     }
 }
+
+/// Polls the async check `f` every 100 ms for up to `secs` seconds.
+pub async fn eventually_async<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A counter of an Envoy stats map (0 when absent).
+pub fn stat(stats: &std::collections::BTreeMap<String, String>, k: &str) -> u64 {
+    stats.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
