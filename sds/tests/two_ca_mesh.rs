@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use common::envoy::*;
 use common::*;
-use meshca_sds::{Listen, ServeConfig, Server};
 
 const OK: &str = "hello from envoy\n";
 
@@ -25,20 +24,14 @@ const OK: &str = "hello from envoy\n";
 async fn green_from_ca2_is_accepted_once_the_bundle_adds_ca2_without_a_restart() {
     let Some(bin) = envoy_bin() else { return };
     let home = Home::new().await; // ca1, ca2; bundle mesh = [ca1]
-    let sock = home.tmp().join("sds.sock");
-    // A long TTL: nothing but the bundle change makes the server push.
-    let mut cfg = ServeConfig::new(
-        local_source(&home, Some(Duration::from_secs(3600))),
-        vec![Listen::Unix(sock.clone())],
-    );
-    cfg.rotation.poll_interval = Duration::from_millis(200);
-    let server = Server::start(cfg).await.unwrap();
-    let port = free_port();
-    let mut envoy = Envoy::start(
+                                  // A long TTL: nothing but the bundle change makes the server push.
+    let (server, mut envoy, port) = server_and_envoy(
         &bin,
-        home.tmp(),
-        &bootstrap(false, &Listen::Unix(sock), port),
-    );
+        &home,
+        local_source(&home, Some(Duration::from_secs(3600))),
+        false,
+    )
+    .await;
     let pid = envoy.child.id();
 
     // The clients trust the frontend's CA; the frontend's trust is the question.
