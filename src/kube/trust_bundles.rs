@@ -890,4 +890,61 @@ mod tests {
             .expect("stops")
             .unwrap();
     }
+
+    /// `run()` (what `meshca signer run` calls) publishes the served CA's bundle when
+    /// `cluster_trust_bundles` is set, beside the CSR controller.
+    #[tokio::test]
+    async fn the_signer_run_loop_publishes_the_served_cas_bundle() {
+        let (_d, store) = store_with(&["ca1"]).await;
+        let ca = store.load_ca("ca1").await.unwrap();
+        let (client, mut h) = mock_client();
+        let mut cfg = crate::kube::run::RunConfig::new(Arc::new(store));
+        cfg.cluster_trust_bundles = Some("roots".into());
+        cfg.ledger = None;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(crate::kube::run::run(client, cfg, async move {
+            let _ = stopped.await;
+        }));
+        let mut parked = Vec::new();
+        let body = loop {
+            let (req, body, send) = next(&mut h).await;
+            let (path, q) = (
+                req.uri().path().to_string(),
+                req.uri().query().unwrap_or("").to_string(),
+            );
+            match (req.method().as_str(), path.as_str()) {
+                ("GET", "/apis/certificates.k8s.io/v1/certificatesigningrequests") if q.contains("watch=true") => parked.push(send),
+                ("GET", "/apis/certificates.k8s.io/v1/certificatesigningrequests") => send.send_response(resp(
+                    200,
+                    &json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                            "metadata": {"resourceVersion": "1"}, "items": []}),
+                )),
+                ("GET", "/apis/certificates.k8s.io/v1beta1") => {
+                    send.send_response(discovery(BETA, &["clustertrustbundles"]))
+                }
+                ("GET", LIST_PATH) => {
+                    assert_eq!(q, LIST_QUERY);
+                    send.send_response(list(vec![]))
+                }
+                ("PATCH", p) if p == format!("{LIST_PATH}/meshca.io:ca1:roots") => {
+                    assert_eq!(q, "&force=true&fieldManager=meshca");
+                    send.send_response(resp(200, &body));
+                    break body;
+                }
+                (m, p) => panic!("unexpected {m} {p}?{q}"),
+            }
+        };
+        assert_eq!(body["spec"]["signerName"], "meshca.io/ca1");
+        assert_eq!(
+            certs(body["spec"]["trustBundle"].as_str().unwrap()),
+            vec![root(&ca)]
+        );
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stops")
+            .unwrap()
+            .unwrap();
+        drop(parked);
+    }
 }
