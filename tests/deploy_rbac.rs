@@ -2,7 +2,8 @@
 //! writes what its Role does not grant. Reads the manifests themselves (no cluster needed).
 //!
 //! What the controller needs, by default (`src/kube/run.rs`):
-//! - cluster-wide: watch CSRs, write `/status`, `sign` for `meshca.io/*`;
+//! - cluster-wide: watch CSRs, write `/status`, `sign` for `meshca.io/*`; list, apply and
+//!   delete ClusterTrustBundles, `attest` for `meshca.io/*`;
 //! - in the store namespace `meshca`: watch the CA Secrets (reload), read bundle definitions,
 //!   create/update ledger shards, the leader Lease;
 //! - in every `--managed-namespace`: watch and patch Secrets, create Events.
@@ -158,6 +159,21 @@ fn check_install(objs: &[Value], managed: &[String]) {
         "certificates.k8s.io",
         "signers",
         &["sign"],
+        "cluster",
+    );
+    // ClusterTrustBundles (on by default in `signer run`): list, apply, prune, attest.
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "clustertrustbundles",
+        &["list", "patch", "delete"],
+        "cluster",
+    );
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "signers",
+        &["attest"],
         "cluster",
     );
     let store = grants(objs, Some("meshca"));

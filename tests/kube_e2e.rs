@@ -7,7 +7,7 @@
 //! The kubeconfig's user must be allowed to create namespaces, CSRs, approvals, ClusterRoles
 //! and bindings (a kind or k3d admin is fine). Each test works in its own namespace
 //! `meshca-e2e-<id>` with its own CA `e2e-<id>` (so its signer name `meshca.io/e2e-<id>` is
-//! unique cluster-wide) and deletes what it created, CSRs included. The controller runs
+//! unique cluster-wide) and deletes what it created, CSRs (and ClusterTrustBundles) included. The controller runs
 //! in-process, exactly as `meshca signer run` runs it.
 
 use std::collections::BTreeMap;
@@ -180,7 +180,21 @@ impl Env {
     /// `meshca-signer`, bound only by deploy/'s own RBAC (not admin), rendered into the test
     /// namespace.
     async fn start_deployed(&mut self, kc: &std::path::Path) {
-        // The ServiceAccount of deploy/, bound by deploy/'s own RBAC (not admin).
+        let sa = self.deployed_client(kc).await;
+        // The controller as the Deployment runs it: store = its namespace, leader election on the
+        // Lease deploy/ grants, the namespace managed.
+        let mut cfg = self.config();
+        let sa_store = Arc::new(KubeStore::new(sa.clone(), self.ns.clone()));
+        cfg.store = sa_store.clone();
+        cfg.ledger = Some(sa_store);
+        cfg.managed_namespaces = vec![self.ns.clone()];
+        cfg.leader = Some(LeaderConfig::new(self.ns.clone(), "e2e-0".to_string()));
+        self.start_as(sa, cfg);
+    }
+
+    /// A client of ServiceAccount `meshca-signer`, bound only by deploy/'s own RBAC (not
+    /// admin), rendered into the test namespace.
+    async fn deployed_client(&mut self, kc: &std::path::Path) -> kube::Client {
         let sa = self.sa_client(kc, "meshca-signer").await;
         let cluster_name = format!("{}-signer", self.ns);
         for obj in deploy_rbac(&self.ns, &cluster_name) {
@@ -216,15 +230,7 @@ impl Env {
                     .push((kind.to_string(), cluster_name.clone()));
             }
         }
-        // The controller as the Deployment runs it: store = its namespace, leader election on the
-        // Lease deploy/ grants, the namespace managed.
-        let mut cfg = self.config();
-        let sa_store = Arc::new(KubeStore::new(sa.clone(), self.ns.clone()));
-        cfg.store = sa_store.clone();
-        cfg.ledger = Some(sa_store);
-        cfg.managed_namespaces = vec![self.ns.clone()];
-        cfg.leader = Some(LeaderConfig::new(self.ns.clone(), "e2e-0".to_string()));
-        self.start_as(sa, cfg);
+        sa
     }
 
     fn csrs(&self) -> Api<CertificateSigningRequest> {
@@ -1363,4 +1369,191 @@ async fn a_registration_authority_gets_workload_ids_of_its_trust_domain_and_an_u
     assert_policy_denied(&foreign, &[&foreign_id, "outside the CA's trust domain"]);
     assert_eq!(username(&rogue_csr), rogue_user);
     assert_policy_denied(&rogue_csr, &[&web_id, &rogue_user]);
+}
+
+/// The ClusterTrustBundle API of the cluster, or `None` (printed: the feature gate
+/// `ClusterTrustBundle` and the runtime config for `certificates.k8s.io/v1beta1` are off).
+async fn ctb_api(client: &kube::Client) -> Option<kube::api::ApiResource> {
+    let ar = meshca::kube::trust_bundles::detect(client)
+        .await
+        .expect("discovery");
+    if ar.is_none() {
+        eprintln!("skipping: the cluster serves no ClusterTrustBundle API (enable the ClusterTrustBundle feature gate and certificates.k8s.io/v1beta1)");
+    }
+    ar
+}
+
+/// The roots (DER) in ClusterTrustBundle `name`, if it exists.
+async fn ctb_roots(
+    client: &kube::Client,
+    ar: &kube::api::ApiResource,
+    name: &str,
+) -> Option<(String, Vec<Vec<u8>>)> {
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), ar);
+    let o = api.get_opt(name).await.expect("get ClusterTrustBundle")?;
+    let signer = o.data["spec"]["signerName"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let pem = o.data["spec"]["trustBundle"].as_str().unwrap_or("");
+    let roots = meshca::pemutil::parse_certs(pem.as_bytes(), name)
+        .unwrap()
+        .iter()
+        .map(|c| c.as_ref().to_vec())
+        .collect();
+    Some((signer, roots))
+}
+
+async fn delete_ctbs(client: &kube::Client, ar: &kube::api::ApiResource, ca: &str) {
+    let api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), ar);
+    let _ = api
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels(&format!("meshca.io/ca={ca}")),
+        )
+        .await;
+}
+
+/// Under the controller's ServiceAccount with deploy/'s RBAC: `bundle publish
+/// --cluster-trust-bundle` (the library call it makes) creates `meshca.io:<ca>:cli` with the
+/// CA's root; the signer's sync (suffix `roots`) creates `meshca.io:<ca>:roots` and prunes the
+/// `cli` one; after `ca rotate --phase prepare` (local store) the bundle holds both roots.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn cluster_trust_bundle_is_published_and_holds_both_roots_during_a_rotation() {
+    use meshca::kube::trust_bundles as ctb;
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, admin_policy).await;
+    let Some(ar) = ctb_api(&env.client).await else {
+        env.cleanup().await;
+        return;
+    };
+    let sa = env.deployed_client(&kc).await;
+    // The CAs in a local home (rotation runs there); the cluster only sees the bundles.
+    let home = tempfile::tempdir().unwrap();
+    let local = Arc::new(meshca::store::LocalStore::create(home.path().join("h")).unwrap());
+    let root = create_root(&CaSpec::root(&env.ca), time::OffsetDateTime::now_utc()).unwrap();
+    local.save_ca(&root, false).await.unwrap();
+
+    // Publish as `meshca bundle publish --cluster-trust-bundle --suffix cli` does.
+    let cli_name = ctb::bundle_name(&env.ca, "cli");
+    let want = ctb::desired(
+        &env.ca,
+        &meshca::store::ca_anchors(local.as_ref(), &env.ca)
+            .await
+            .unwrap(),
+        "cli",
+    )
+    .unwrap();
+    // A new binding may take a moment to apply: retry 403s for up to 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let r = loop {
+        match ctb::sync(&sa, &ar, std::slice::from_ref(&want), None).await {
+            Ok(r) => break r,
+            Err(e) if e.to_string().contains("(403") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("publish as meshca-signer: {e}"),
+        }
+    };
+    assert_eq!(r.applied, vec![cli_name.clone()]);
+    let (signer, roots) = ctb_roots(&env.client, &ar, &cli_name).await.unwrap();
+    assert_eq!(signer, env.signer());
+    assert_eq!(roots, vec![root.cert.as_ref().to_vec()]);
+
+    // The signer under the same account: its own suffix, and the old one pruned.
+    let mut cfg = RunConfig::new(local.clone() as Arc<dyn Store>);
+    cfg.cas = Some(vec![env.ca.clone()]);
+    cfg.bundle_resync = Some(Duration::from_secs(1));
+    cfg.ca_reload = CaReload::Poll(Duration::from_secs(1));
+    cfg.cluster_trust_bundles = Some("roots".into());
+    cfg.ledger = None;
+    env.start_as(sa.clone(), cfg);
+    let name = ctb::bundle_name(&env.ca, "roots");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = ctb_roots(&env.client, &ar, &name).await;
+        let old = ctb_roots(&env.client, &ar, &cli_name).await;
+        if let (Some((_, roots)), None) = (&have, &old) {
+            assert_eq!(roots, &vec![root.cert.as_ref().to_vec()]);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {name} or {cli_name} not pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Rotation prepare: the next root joins, the active one stays.
+    meshca::store::rotate::run_phase(
+        local.as_ref(),
+        &env.ca,
+        meshca::rotation::Request::Prepare,
+        &Default::default(),
+        time::OffsetDateTime::now_utc(),
+    )
+    .await
+    .unwrap();
+    let next = local
+        .load_rotation_cas(&env.ca, meshca::store::Slot::Next)
+        .await
+        .unwrap();
+    let want = vec![root.cert.as_ref().to_vec(), next[0].cert.as_ref().to_vec()];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, roots) = ctb_roots(&env.client, &ar, &name).await.unwrap();
+        if roots == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} holds {} roots",
+            roots.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ca = env.ca.clone();
+    env.cleanup().await;
+    delete_ctbs(&meshca::kube::client(Some(&kc)).await.unwrap(), &ar, &ca).await;
+}
+
+/// The ClusterTrustBundleAttest admission plugin: an account with every right on
+/// `clustertrustbundles` but no `attest` on `signers` cannot write `meshca.io:<ca>:<suffix>`
+/// (403 naming the signer), which is why deploy/ grants `attest` on `meshca.io/*`.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn writing_a_cluster_trust_bundle_needs_attest_on_the_signer() {
+    use meshca::kube::trust_bundles as ctb;
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, admin_policy).await;
+    let Some(ar) = ctb_api(&env.client).await else {
+        env.cleanup().await;
+        return;
+    };
+    let rogue = env.sa_client(&kc, "no-attest").await;
+    env.grant(
+        "no-attest",
+        json!([{"apiGroups": ["certificates.k8s.io"], "resources": ["clustertrustbundles"],
+                "verbs": ["get", "list", "create", "update", "patch", "delete"]}]),
+    )
+    .await;
+    let root = create_root(&CaSpec::root(&env.ca), time::OffsetDateTime::now_utc()).unwrap();
+    let want = ctb::desired(&env.ca, std::slice::from_ref(&root.cert), "roots").unwrap();
+    // Wait for the binding to apply (the list is allowed by it), then the write is refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let e = loop {
+        match ctb::sync(&rogue, &ar, std::slice::from_ref(&want), None).await {
+            Err(e) if e.to_string().contains("listing") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => break e.to_string(),
+            Ok(r) => panic!("written without attest: {r:?}"),
+        }
+    };
+    assert!(e.contains("403"), "{e}");
+    assert!(e.contains(&env.signer()), "{e}");
+    let ca = env.ca.clone();
+    env.cleanup().await;
+    delete_ctbs(&meshca::kube::client(Some(&kc)).await.unwrap(), &ar, &ca).await;
 }

@@ -25,7 +25,8 @@ pub enum BundleCmd {
     Export(ExportArgs),
     /// Print a ConfigMap manifest (key ca.crt) for `kubectl apply -f -`.
     Configmap(ConfigMapArgs),
-    /// Write the bundle's ConfigMaps (key ca.crt) to the cluster by server-side apply.
+    /// Write the bundle's ConfigMaps (key ca.crt) to the cluster by server-side apply; with
+    /// --cluster-trust-bundle, one ClusterTrustBundle per member CA instead.
     Publish(crate::kube_store::PublishArgs),
 }
 
@@ -282,4 +283,84 @@ pub async fn run(ctx: &Ctx, cmd: BundleCmd) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[derive(serde::Serialize)]
+struct CtbReport {
+    bundle: String,
+    api_version: String,
+    cluster_trust_bundles: Vec<CtbItem>,
+    applied: Vec<String>,
+    deleted: Vec<String>,
+    unchanged: usize,
+}
+
+#[derive(serde::Serialize)]
+struct CtbItem {
+    name: String,
+    signer_name: String,
+    anchors: usize,
+}
+
+/// `meshca bundle publish NAME --cluster-trust-bundle`: one ClusterTrustBundle
+/// `meshca.io:<ca>:<suffix>` per member CA of bundle `name`, holding that CA's roots (both
+/// during a rotation); stale ones of those CAs (another suffix) are deleted.
+pub async fn publish_cluster_trust_bundles(
+    ctx: &Ctx,
+    store: &dyn Store,
+    name: &str,
+    suffix: &str,
+) -> anyhow::Result<()> {
+    use meshca::kube::trust_bundles as ctb;
+    ctb::validate_suffix(suffix)?;
+    let spec = store.load_bundle(name).await?;
+    let mut want = Vec::new();
+    for ca in &spec.cas {
+        want.push(ctb::desired(
+            ca,
+            &store::ca_anchors(store, ca).await?,
+            suffix,
+        )?);
+    }
+    let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
+    let Some(ar) = ctb::detect(&client).await? else {
+        return Err(meshca::Error::Unsupported(
+            "ClusterTrustBundles: the cluster serves neither certificates.k8s.io/v1beta1 nor v1alpha1 clustertrustbundles (feature gate ClusterTrustBundle and --runtime-config certificates.k8s.io/v1beta1/clustertrustbundles=true, Kubernetes 1.33+)".into(),
+        )
+        .into());
+    };
+    let r = ctb::sync(&client, &ar, &want, None).await?;
+    let report = CtbReport {
+        bundle: spec.name.clone(),
+        api_version: ar.api_version.clone(),
+        cluster_trust_bundles: want
+            .iter()
+            .map(|d| CtbItem {
+                name: d.name.clone(),
+                signer_name: d.signer.clone(),
+                anchors: d.anchors,
+            })
+            .collect(),
+        applied: r.applied,
+        deleted: r.deleted,
+        unchanged: r.unchanged,
+    };
+    ctx.emit(&report, || {
+        let mut s = String::new();
+        for i in &report.cluster_trust_bundles {
+            let what = if report.applied.contains(&i.name) {
+                "applied"
+            } else {
+                "unchanged"
+            };
+            s.push_str(&format!(
+                "{what} ClusterTrustBundle {} (signer {}, {} anchors, {})\n",
+                i.name, i.signer_name, i.anchors, report.api_version
+            ));
+        }
+        for d in &report.deleted {
+            s.push_str(&format!("deleted stale ClusterTrustBundle {d}\n"));
+        }
+        s
+    })
 }

@@ -30,8 +30,19 @@ pub struct PublishArgs {
     /// Bundle name.
     name: String,
     /// Target namespace (repeatable) [default: the bundle's own namespaces].
-    #[arg(long = "namespace", value_name = "NS")]
+    #[arg(
+        long = "namespace",
+        value_name = "NS",
+        conflicts_with = "cluster_trust_bundle"
+    )]
     namespaces: Vec<String>,
+    /// Publish one ClusterTrustBundle meshca.io:<ca>:<suffix> per member CA (its roots, both
+    /// during a rotation) instead of ConfigMaps.
+    #[arg(long)]
+    pub cluster_trust_bundle: bool,
+    /// The last part of the ClusterTrustBundle names.
+    #[arg(long, default_value = meshca::kube::trust_bundles::DEFAULT_SUFFIX, requires = "cluster_trust_bundle")]
+    pub suffix: String,
 }
 
 #[derive(serde::Serialize)]
@@ -44,6 +55,9 @@ struct PublishReport {
 
 /// Publishes a bundle as ConfigMaps `<name>-trust-bundle` (key `ca.crt`) in each namespace.
 pub async fn publish(ctx: &Ctx, store: &dyn Store, a: PublishArgs) -> anyhow::Result<()> {
+    if a.cluster_trust_bundle {
+        return crate::bundle::publish_cluster_trust_bundles(ctx, store, &a.name, &a.suffix).await;
+    }
     let spec = store.load_bundle(&a.name).await?;
     let namespaces = if a.namespaces.is_empty() {
         spec.namespaces.clone()

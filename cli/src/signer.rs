@@ -72,9 +72,17 @@ pub struct RunArgs {
     /// is watched instead.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     ca_reload: Duration,
-    /// How often trust-bundle ConfigMaps are re-applied ("0s" disables).
+    /// How often trust-bundle ConfigMaps (and ClusterTrustBundles) are re-applied ("0s"
+    /// disables).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     bundle_resync: Duration,
+    /// Keep one ClusterTrustBundle meshca.io:<ca>:<suffix> per served CA (skipped with one
+    /// log line when the cluster does not serve the API).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    cluster_trust_bundles: bool,
+    /// The last part of the ClusterTrustBundle names.
+    #[arg(long, default_value = meshca::kube::trust_bundles::DEFAULT_SUFFIX)]
+    cluster_trust_bundle_suffix: String,
 }
 
 fn hostname() -> Option<String> {
@@ -94,6 +102,9 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
         ),
     };
     let ttl_mode: TtlMode = a.ttl_over_policy.parse()?;
+    if a.cluster_trust_bundles {
+        meshca::kube::trust_bundles::validate_suffix(&a.cluster_trust_bundle_suffix)?;
+    }
     let store: Arc<dyn meshca::store::Store> = Arc::from(ctx.store(false).await?);
     let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
     // The kube store writes whole ledger lines (requester and object included) in batches.
@@ -150,6 +161,9 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
         managed_selector: (!a.managed_selector.is_empty()).then(|| a.managed_selector.clone()),
         bundle_resync: (!a.bundle_resync.is_zero()).then_some(a.bundle_resync),
         metrics: None,
+        cluster_trust_bundles: a
+            .cluster_trust_bundles
+            .then(|| a.cluster_trust_bundle_suffix.clone()),
         ca_reload,
         ledger: Some(ledger),
         instance: a.identity.clone().or_else(hostname),

@@ -3,7 +3,8 @@
 //! the Kubernetes REST API on 127.0.0.1. (No real API server exists here; the e2e tests in
 //! tests/kube_e2e.rs cover one.) The fake implements just enough of core/v1 Secrets and
 //! ConfigMaps: get, list with label selectors, create (409 on duplicates) and server-side
-//! apply, and records every request so the tests can check methods, paths and parameters.
+//! apply (and, when asked, certificates.k8s.io/v1beta1 discovery and ClusterTrustBundles), and
+//! records every request so the tests can check methods, paths and parameters.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -20,6 +21,9 @@ struct State {
     objects: BTreeMap<(String, String, String), Value>,
     /// "METHOD path?query content-type"
     log: Vec<String>,
+    /// Serve certificates.k8s.io/v1beta1 ClusterTrustBundles (cluster-scoped, kept in
+    /// `objects` under namespace "").
+    serve_ctb: bool,
 }
 
 struct Fake {
@@ -55,9 +59,68 @@ fn query_param(q: &str, key: &str) -> Option<String> {
     })
 }
 
+/// certificates.k8s.io/v1beta1: discovery, and ClusterTrustBundles list (label selector),
+/// server-side apply (whole object replaced) and delete.
+fn handle_ctb(st: &mut State, method: &str, path: &str, query: &str, body: &[u8]) -> (u16, Value) {
+    const GV: &str = "/apis/certificates.k8s.io/v1beta1";
+    let key = |n: &str| {
+        (
+            String::new(),
+            "clustertrustbundles".to_string(),
+            n.to_string(),
+        )
+    };
+    match (method, path.strip_prefix(GV)) {
+        ("GET", Some("")) => (
+            200,
+            json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "certificates.k8s.io/v1beta1",
+                   "resources": [{"name": "clustertrustbundles", "singularName": "", "namespaced": false,
+                                  "kind": "ClusterTrustBundle", "verbs": ["get", "list", "patch", "delete"]}]}),
+        ),
+        ("GET", Some("/clustertrustbundles")) => {
+            let sel = query_param(query, "labelSelector").unwrap_or_default();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|((n, r, _), o)| {
+                    n.is_empty()
+                        && r == "clustertrustbundles"
+                        && selector_matches(&sel, &o["metadata"]["labels"])
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            (
+                200,
+                json!({"apiVersion": "certificates.k8s.io/v1beta1", "kind": "ClusterTrustBundleList",
+                       "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        }
+        ("PATCH", Some(p)) if p.starts_with("/clustertrustbundles/") => {
+            let n = &p["/clustertrustbundles/".len()..];
+            let o: Value = serde_json::from_slice(body).unwrap();
+            st.objects.insert(key(n), o.clone());
+            (200, o)
+        }
+        ("DELETE", Some(p)) if p.starts_with("/clustertrustbundles/") => {
+            let n = &p["/clustertrustbundles/".len()..];
+            match st.objects.remove(&key(n)) {
+                Some(_) => (
+                    200,
+                    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                ),
+                None => status(404, "NotFound", "not found"),
+            }
+        }
+        _ => status(404, "NotFound", "unsupported path"),
+    }
+}
+
 fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) -> (u16, Value) {
     st.log.push(format!("{method} {target} {ctype}"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if st.serve_ctb && path.starts_with("/apis/") {
+        return handle_ctb(st, method, path, query, body);
+    }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     // api/v1/namespaces/<ns>/<resource>[/<name>]
     if parts.len() < 5 || parts[0] != "api" || parts[2] != "namespaces" {
@@ -446,4 +509,114 @@ fn kube_store_errors_are_one_line_and_exit_codes_hold() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("needs a namespace"));
+}
+
+#[test]
+fn bundle_publish_cluster_trust_bundle_says_when_the_cluster_lacks_the_api() {
+    // The fake serves no certificates.k8s.io group: discovery answers 404 for both versions.
+    let fake = Fake::start();
+    let cli = Cli::new(fake.port);
+    cli.ok(&["init", "--ca", "mesh"]);
+    cli.ok(&["bundle", "create", "mesh-trust", "--ca", "mesh"]);
+    let o = cli.run(&["bundle", "publish", "mesh-trust", "--cluster-trust-bundle"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains("serves neither certificates.k8s.io/v1beta1 nor v1alpha1"),
+        "{err}"
+    );
+    let log = fake.log();
+    let apis: Vec<&String> = log.iter().filter(|l| l.contains(" /apis/")).collect();
+    assert_eq!(apis.len(), 2, "{apis:?}");
+    assert!(
+        apis[0].starts_with("GET /apis/certificates.k8s.io/v1beta1 "),
+        "{apis:?}"
+    );
+    assert!(
+        apis[1].starts_with("GET /apis/certificates.k8s.io/v1alpha1 "),
+        "{apis:?}"
+    );
+    // A suffix the API server would refuse is refused before any request.
+    let before = fake.log().len();
+    let o = cli.run(&[
+        "bundle",
+        "publish",
+        "mesh-trust",
+        "--cluster-trust-bundle",
+        "--suffix",
+        "Roots",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("ClusterTrustBundle suffix"));
+    assert_eq!(fake.log().len(), before, "no request for a bad suffix");
+}
+
+#[test]
+fn bundle_publish_cluster_trust_bundle_applies_skips_unchanged_and_prunes_an_old_suffix() {
+    let fake = Fake::start();
+    fake.state.lock().unwrap().serve_ctb = true;
+    let cli = Cli::new(fake.port);
+    cli.ok(&["init", "--ca", "mesh"]);
+    cli.ok(&["bundle", "create", "mesh-trust", "--ca", "mesh"]);
+    let ca = fake
+        .object("meshca", "secrets", "meshca-ca-mesh")
+        .expect("CA Secret");
+    let publish = |extra: &[&str]| -> Value {
+        let mut a = vec![
+            "bundle",
+            "publish",
+            "mesh-trust",
+            "--cluster-trust-bundle",
+            "--output",
+            "json",
+        ];
+        a.extend_from_slice(extra);
+        serde_json::from_str(&cli.ok(&a)).unwrap()
+    };
+    let r = publish(&[]);
+    assert_eq!(r["applied"], json!(["meshca.io:mesh:roots"]), "{r}");
+    assert_eq!(r["api_version"], "certificates.k8s.io/v1beta1");
+    assert_eq!(
+        r["cluster_trust_bundles"][0]["signer_name"],
+        "meshca.io/mesh"
+    );
+    let o = fake
+        .object("", "clustertrustbundles", "meshca.io:mesh:roots")
+        .expect("ClusterTrustBundle");
+    assert_eq!(o["spec"]["signerName"], "meshca.io/mesh");
+    assert_eq!(
+        o["spec"]["trustBundle"].as_str().unwrap().as_bytes(),
+        &data(&ca, "ca.crt")[..]
+    );
+    assert_eq!(o["metadata"]["labels"]["meshca.io/ca"], "mesh");
+    let patches = |f: &Fake| {
+        f.log()
+            .iter()
+            .filter(|l| l.starts_with("PATCH /apis/"))
+            .count()
+    };
+    assert_eq!(patches(&fake), 1);
+    assert!(fake.log().iter().any(|l| l.starts_with(
+        "PATCH /apis/certificates.k8s.io/v1beta1/clustertrustbundles/meshca.io:mesh:roots?"
+    ) && l.contains("fieldManager=meshca")
+        && l.ends_with("application/apply-patch+yaml")));
+    // Unchanged: no write.
+    let r = publish(&[]);
+    assert_eq!(
+        (r["applied"].clone(), r["unchanged"].clone()),
+        (json!([]), json!(1)),
+        "{r}"
+    );
+    assert_eq!(patches(&fake), 1);
+    // Another suffix: the new name is applied, the old one deleted.
+    let r = publish(&["--suffix", "v2"]);
+    assert_eq!(r["applied"], json!(["meshca.io:mesh:v2"]), "{r}");
+    assert_eq!(r["deleted"], json!(["meshca.io:mesh:roots"]), "{r}");
+    assert!(fake
+        .object("", "clustertrustbundles", "meshca.io:mesh:roots")
+        .is_none());
+    assert!(fake
+        .object("", "clustertrustbundles", "meshca.io:mesh:v2")
+        .is_some());
 }

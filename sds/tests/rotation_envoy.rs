@@ -19,7 +19,6 @@ use common::*;
 use meshca::rotation::Request;
 use meshca::store::rotate::{run_phase, RotateOptions};
 use meshca::store::Store;
-use meshca_sds::{Listen, ServeConfig, Server};
 
 const OK: &str = "hello from envoy\n";
 
@@ -71,43 +70,18 @@ impl Traffic {
     }
 }
 
-async fn eventually_async<F, Fut>(secs: u64, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < end {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
-}
-
-fn stat(stats: &std::collections::BTreeMap<String, String>, k: &str) -> u64 {
-    stats.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_traffic_has_zero_failed_requests() {
     let Some(bin) = envoy_bin() else { return };
     let home = Home::new().await;
-    let sock = home.tmp().join("sds.sock");
     // A long TTL: only the rotation makes the server renew.
-    let mut cfg = ServeConfig::new(
-        local_source(&home, Some(Duration::from_secs(3600))),
-        vec![Listen::Unix(sock.clone())],
-    );
-    cfg.rotation.poll_interval = Duration::from_millis(200);
-    let server = Server::start(cfg).await.unwrap();
-    let port = free_port();
-    let envoy = Envoy::start(
+    let (server, envoy, port) = server_and_envoy(
         &bin,
-        home.tmp(),
-        &bootstrap(false, &Listen::Unix(sock), port),
-    );
+        &home,
+        local_source(&home, Some(Duration::from_secs(3600))),
+        false,
+    )
+    .await;
 
     // The client trusts what the rotation publishes (the bundle file it re-exports).
     let out_dir = home.tmp().join("pub");
@@ -266,20 +240,11 @@ async fn rotation_under_traffic_has_zero_failed_requests() {
 async fn envoy_refuses_a_revoked_client_once_the_crl_arrives() {
     let Some(bin) = envoy_bin() else { return };
     let home = Home::new().await;
-    let sock = home.tmp().join("sds.sock");
     let mut src = local_source(&home, Some(Duration::from_secs(3600)));
     if let meshca_sds::SourceConfig::LocalCa { crl, .. } = &mut src {
         *crl = true;
     }
-    let mut cfg = ServeConfig::new(src, vec![Listen::Unix(sock.clone())]);
-    cfg.rotation.poll_interval = Duration::from_millis(200);
-    let server = Server::start(cfg).await.unwrap();
-    let port = free_port();
-    let envoy = Envoy::start(
-        &bin,
-        home.tmp(),
-        &bootstrap(false, &Listen::Unix(sock), port),
-    );
+    let (server, envoy, port) = server_and_envoy(&bin, &home, src, false).await;
     let ca_file = home.tmp().join("ca1.pem");
     std::fs::write(&ca_file, home.root_pem("ca1").await).unwrap();
     let (good_c, good_k) = home.client_cert("ca1", "good").await;

@@ -27,7 +27,8 @@ pub fn jitter(d: Duration, unit: f64) -> Duration {
     d.mul_f64(0.5 + 0.5 * unit)
 }
 
-fn random_unit() -> f64 {
+/// A uniform value in `[0, 1]` from the system RNG (1.0 if it fails).
+pub(crate) fn random_unit() -> f64 {
     let mut b = [0u8; 4];
     if aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut b).is_err() {
         return 1.0;

@@ -8,6 +8,7 @@
 //! - [`managed`]: Secrets annotated with `meshca.io/ca` are filled with `tls.crt`, `tls.key`
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
+//! - [`trust_bundles`]: one ClusterTrustBundle `meshca.io:<ca>:<suffix>` per CA.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
@@ -33,6 +34,7 @@ pub mod ratelimit;
 pub mod run;
 pub mod signer;
 pub mod store;
+pub mod trust_bundles;
 
 #[cfg(test)]
 mod decision_tests;
@@ -58,7 +60,7 @@ pub const SIGNER_PREFIX: &str = "meshca.io/";
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 /// Value of [`LABEL_MANAGED_BY`] on everything meshca creates.
 pub const MANAGED_BY: &str = "meshca";
-/// Label naming the CA a Secret holds.
+/// Label naming the CA a Secret holds, or whose roots a ClusterTrustBundle holds.
 pub const LABEL_CA: &str = "meshca.io/ca";
 /// Label naming the trust bundle a ConfigMap holds.
 pub const LABEL_BUNDLE: &str = "meshca.io/bundle";

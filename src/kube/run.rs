@@ -70,6 +70,10 @@ pub struct RunConfig {
     pub bundle_resync: Option<Duration>,
     /// Metrics to record into (`None`: a fresh registry). Lets callers and tests read them.
     pub metrics: Option<Arc<Metrics>>,
+    /// Publish one ClusterTrustBundle `meshca.io:<ca>:<suffix>` per served CA, with this
+    /// suffix, every `bundle_resync` (`None`: off, the default here; `meshca signer run`
+    /// turns it on). Skipped with one log line when the cluster does not serve the API.
+    pub cluster_trust_bundles: Option<String>,
 }
 
 impl RunConfig {
@@ -88,6 +92,7 @@ impl RunConfig {
             managed_selector: Some(super::managed::DEFAULT_SELECTOR.to_string()),
             bundle_resync: Some(Duration::from_secs(30)),
             metrics: None,
+            cluster_trust_bundles: None,
             ca_reload: CaReload::Poll(DEFAULT_CA_POLL),
             ledger: Some(Arc::new(super::ledger::StoreLedger(store.clone()))),
             instance: None,
@@ -116,6 +121,9 @@ pub async fn run(
         .metrics
         .clone()
         .unwrap_or_else(|| Arc::new(Metrics::new()));
+    if let Some(suffix) = &cfg.cluster_trust_bundles {
+        super::trust_bundles::validate_suffix(suffix)?;
+    }
     // Every task this function starts lives in `bg` (or `session`) and is aborted when the
     // `run` future is dropped, so that cancelling `run` stops the replica at once (like a
     // killed process: no Lease release).
@@ -190,6 +198,21 @@ pub async fn run(
             interval,
             stop_rx.clone(),
             Some(issuers_rx.clone()),
+        ));
+    }
+    if let (Some(interval), Some(suffix)) = (cfg.bundle_resync, &cfg.cluster_trust_bundles) {
+        bg.spawn(super::trust_bundles::sync_loop(
+            cfg.store.clone(),
+            client.clone(),
+            limiter.clone(),
+            leader_rx.clone(),
+            issuers_rx.clone(),
+            super::trust_bundles::LoopConfig {
+                suffix: suffix.clone(),
+                interval,
+                retry_base: super::backoff::BASE,
+            },
+            stop_rx.clone(),
         ));
     }
 

@@ -206,3 +206,46 @@ pub fn bootstrap(delta: bool, sds_addr: &Listen, port: u16) -> String {
         ),
     }
 }
+
+/// Polls the async check `f` every 100 ms for up to `secs` seconds.
+pub async fn eventually_async<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < end {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+/// A counter of an Envoy stats map (0 when absent).
+pub fn stat(stats: &std::collections::BTreeMap<String, String>, k: &str) -> u64 {
+    stats.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// An in-process SDS server for `source` on a Unix socket in the home's temp dir (polling
+/// every 200 ms), and an Envoy on the example bootstrap that takes its secrets from it and
+/// listens on a free port (returned).
+pub async fn server_and_envoy(
+    bin: &Path,
+    home: &super::Home,
+    source: meshca_sds::SourceConfig,
+    delta: bool,
+) -> (Server, Envoy, u16) {
+    let sock = home.tmp().join("sds.sock");
+    let mut cfg = meshca_sds::ServeConfig::new(source, vec![Listen::Unix(sock.clone())]);
+    cfg.rotation.poll_interval = Duration::from_millis(200);
+    let server = Server::start(cfg).await.unwrap();
+    let port = free_port();
+    let envoy = Envoy::start(
+        bin,
+        home.tmp(),
+        &bootstrap(delta, &Listen::Unix(sock), port),
+    );
+    (server, envoy, port)
+}
