@@ -33,6 +33,7 @@ pub mod ratelimit;
 pub mod run;
 pub mod signer;
 pub mod store;
+pub mod store_rotation;
 
 #[cfg(test)]
 mod decision_tests;
