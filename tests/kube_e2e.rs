@@ -1418,7 +1418,8 @@ async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
     // Before: a managed Secret and a CSR from the old CA, both in the ledger.
     create_managed(&env, "web-tls", &format!("web.{}.svc", env.ns)).await;
     let s1 = wait_secret(&env, "web-tls", "a certificate", filled).await;
-    assert_eq!(aki(&s1.data.unwrap()["tls.crt"].0), old_ski);
+    let s1_data_crt = s1.data.unwrap()["tls.crt"].0.clone();
+    assert_eq!(aki(&s1_data_crt), old_ski);
     let before = format!("{}-before", env.ns);
     env.create_csr(&before, &csr_pem(&["a.example.com"]), &env.signer(), None)
         .await;
@@ -1437,6 +1438,15 @@ async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
         .await
         .unwrap();
     let both = wait_bundle_roots(&env, "mesh-trust-bundle", 2).await;
+    // The managed Secret's ca.crt gains the new root too, its credential untouched.
+    let s_prep = wait_secret(&env, "web-tls", "both roots in ca.crt", |s| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .is_some_and(|c| pem_count(&c.0) == 2)
+    })
+    .await;
+    let s1_crt = s1_data_crt.clone();
     // The signer's own bundle sync (deploy/ RBAC) reads the rotation too: delete the
     // ConfigMap and it comes back with both roots.
     let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
@@ -1489,6 +1499,13 @@ async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
         .await
         .unwrap();
     let one = wait_bundle_roots(&env, "mesh-trust-bundle", 1).await;
+    wait_secret(&env, "web-tls", "one root in ca.crt after prune", |s| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .is_some_and(|c| pem_count(&c.0) == 1)
+    })
+    .await;
     let left = env.store.list_rotations().await.unwrap();
     env.cleanup().await;
     assert_eq!(aki(&new_chain), new_ski);
@@ -1497,6 +1514,11 @@ async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
         "the new CSR chains to the new root"
     );
     assert!(s2.data.is_some());
+    assert_eq!(
+        s_prep.data.unwrap()["tls.crt"].0,
+        s1_crt,
+        "prepare changed only ca.crt"
+    );
     assert!(
         refused.contains("prune refused") && refused.contains(&old_serial),
         "{refused}"
