@@ -11,7 +11,8 @@
 //! ConfigMap meshca-ledger-<yyyymmdd>-<n>   label meshca.io/ledger=true; ledger.jsonl
 //! ```
 //! A CA is created with a plain create (so two concurrent `init`s cannot both win) and
-//! replaced with server-side apply (field manager `meshca`, forced). The ledger is sharded
+//! replaced with server-side apply (field manager `meshca`, forced) carrying the
+//! resourceVersion it was read at as a precondition. The ledger is sharded
 //! by day and by size (each shard stays under 900 kB of the 1 MiB object limit); appends use
 //! optimistic concurrency (resourceVersion) and retry on conflict, so no line is lost.
 
@@ -392,11 +393,17 @@ impl Store for KubeStore {
                 Err(e) => Err(kube_err("creating a CA Secret", e)),
             };
         }
-        let existed = api
+        let current = api
             .get_metadata_opt(&name)
             .await
-            .map_err(|e| kube_err("reading a CA Secret", e))?
-            .is_some();
+            .map_err(|e| kube_err("reading a CA Secret", e))?;
+        let existed = current.is_some();
+        let mut manifest = manifest;
+        if let Some(rv) = current.and_then(|m| m.metadata.resource_version) {
+            // The version just read is the precondition: a CA Secret changed in between (another
+            // writer) makes the API server answer 409 instead of being overwritten.
+            manifest["metadata"]["resourceVersion"] = json!(rv);
+        }
         super::apply(
             &api,
             &name,

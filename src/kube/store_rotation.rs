@@ -643,7 +643,19 @@ mod tests {
                 (200, o)
             }
             ("PATCH", Some(name)) => {
-                // Server-side apply of a whole object: upsert.
+                // Server-side apply of a whole object: upsert; a resourceVersion in the body
+                // is a precondition.
+                let want = &body["metadata"]["resourceVersion"];
+                let cur = f
+                    .objects
+                    .get(&key(&name))
+                    .map(|o| &o["metadata"]["resourceVersion"]);
+                if !want.is_null() && cur != Some(want) {
+                    return (
+                        409,
+                        status_body(409, "Conflict", "the object has been modified"),
+                    );
+                }
                 f.rv += 1;
                 let mut o = body.clone();
                 o["metadata"]["resourceVersion"] = json!(f.rv.to_string());
@@ -855,6 +867,20 @@ mod tests {
                 format!("DELETE /{LEASES}/meshca-rotation"),
             ]
         );
+        // Each CA swap is conditional on the version of the CA Secret just read.
+        let swaps: Vec<Logged> = writes(&fake, mark)
+            .into_iter()
+            .filter(|l| l.method == "PATCH" && l.path.contains("/secrets/meshca-ca-"))
+            .collect();
+        assert_eq!(swaps.len(), 2);
+        for sw in &swaps {
+            assert!(
+                sw.body["metadata"]["resourceVersion"].is_string(),
+                "{}",
+                sw.path
+            );
+            assert!(sw.query.contains("force=true"), "{}", sw.query);
+        }
         assert_eq!(s.load_ca("root").await.unwrap().cert, next[0].cert);
         assert_eq!(s.load_ca("team").await.unwrap().cert, next[1].cert);
         let prev = s.load_rotation_cas("root", Slot::Previous).await.unwrap();
