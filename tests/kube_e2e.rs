@@ -1556,4 +1556,170 @@ async fn writing_a_cluster_trust_bundle_needs_attest_on_the_signer() {
     let ca = env.ca.clone();
     env.cleanup().await;
     delete_ctbs(&meshca::kube::client(Some(&kc)).await.unwrap(), &ar, &ca).await;
+
+fn pem_count(b: &[u8]) -> usize {
+    String::from_utf8_lossy(b)
+        .matches("BEGIN CERTIFICATE")
+        .count()
+}
+
+async fn wait_bundle_roots(env: &Env, name: &str, roots: usize) -> String {
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pem = api
+            .get_opt(name)
+            .await
+            .unwrap()
+            .and_then(|c| c.data)
+            .and_then(|d| d.get("ca.crt").cloned())
+            .unwrap_or_default();
+        if pem_count(pem.as_bytes()) == roots {
+            return pem;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ConfigMap {name}: timed out waiting for {roots} roots: {pem}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Issue 10's rotation scenario over the kube store, as far as it goes without Envoy in the
+/// cluster. The controller runs under its deploy/ ServiceAccount and RBAC; the phases run
+/// with the kubeconfig's (operator) credentials, as `meshca ca rotate --store kube:<ns>` does.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
+    use meshca::rotation::Request;
+    use meshca::store::rotate::{run_phase, RotateOptions};
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, admin_policy).await;
+    let bundle = BundleSpec {
+        name: "mesh".into(),
+        cas: vec![env.ca.clone()],
+        file: None,
+        namespaces: vec![env.ns.clone()],
+    };
+    env.store.save_bundle(&bundle).await.unwrap();
+    env.start_deployed(&kc).await;
+    let now = time::OffsetDateTime::now_utc;
+    let old = env.store.load_ca(&env.ca).await.unwrap();
+    let old_ski = old.info().unwrap().subject_key_id;
+
+    // Before: a managed Secret and a CSR from the old CA, both in the ledger.
+    create_managed(&env, "web-tls", &format!("web.{}.svc", env.ns)).await;
+    let s1 = wait_secret(&env, "web-tls", "a certificate", filled).await;
+    let s1_data_crt = s1.data.unwrap()["tls.crt"].0.clone();
+    assert_eq!(aki(&s1_data_crt), old_ski);
+    let before = format!("{}-before", env.ns);
+    env.create_csr(&before, &csr_pem(&["a.example.com"]), &env.signer(), None)
+        .await;
+    env.decide(&before, "Approved").await;
+    let old_chain = env.wait_signed(&before).await;
+    let old_serial = meshca::x509::CertInfo::from_der(
+        &meshca::pemutil::parse_certs(&old_chain, "chain").unwrap()[0],
+    )
+    .unwrap()
+    .serial_hex();
+    wait_bundle_roots(&env, "mesh-trust-bundle", 1).await;
+
+    // prepare: the bundle ConfigMap holds both roots; the old CA still signs.
+    let o = RotateOptions::default();
+    run_phase(env.store.as_ref(), &env.ca, Request::Prepare, &o, now())
+        .await
+        .unwrap();
+    let both = wait_bundle_roots(&env, "mesh-trust-bundle", 2).await;
+    // The managed Secret's ca.crt gains the new root too, its credential untouched.
+    let s_prep = wait_secret(&env, "web-tls", "both roots in ca.crt", |s| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .is_some_and(|c| pem_count(&c.0) == 2)
+    })
+    .await;
+    let s1_crt = s1_data_crt.clone();
+    // The signer's own bundle sync (deploy/ RBAC) reads the rotation too: delete the
+    // ConfigMap and it comes back with both roots.
+    let cms: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    cms.delete("mesh-trust-bundle", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        wait_bundle_roots(&env, "mesh-trust-bundle", 2).await,
+        both,
+        "re-published by the signer"
+    );
+
+    // activate --now: no restart; the managed Secret is re-issued by the new CA and a CSR
+    // signed from now on chains to it.
+    let act = RotateOptions {
+        renew_now: true,
+        ..Default::default()
+    };
+    run_phase(env.store.as_ref(), &env.ca, Request::Activate, &act, now())
+        .await
+        .unwrap();
+    let new = env.store.load_ca(&env.ca).await.unwrap();
+    let new_ski = new.info().unwrap().subject_key_id;
+    assert_ne!(new_ski, old_ski);
+    let s2 = wait_secret(&env, "web-tls", "re-issuance by the new CA", |s| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("tls.crt"))
+            .is_some_and(|c| aki(&c.0) == new_ski)
+    })
+    .await;
+    let after = format!("{}-after", env.ns);
+    env.create_csr(&after, &csr_pem(&["a.example.com"]), &env.signer(), None)
+        .await;
+    env.decide(&after, "Approved").await;
+    let new_chain = env.wait_signed(&after).await;
+    let new_root = meshca::pemutil::certs_to_pem([new.root()]);
+
+    // prune: refused while the old CA's certificates are in the ledger, listing them.
+    let refused = run_phase(env.store.as_ref(), &env.ca, Request::Prune, &o, now())
+        .await
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    let forced = RotateOptions {
+        force: true,
+        ..Default::default()
+    };
+    let r = run_phase(env.store.as_ref(), &env.ca, Request::Prune, &forced, now())
+        .await
+        .unwrap();
+    let one = wait_bundle_roots(&env, "mesh-trust-bundle", 1).await;
+    wait_secret(&env, "web-tls", "one root in ca.crt after prune", |s| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get("ca.crt"))
+            .is_some_and(|c| pem_count(&c.0) == 1)
+    })
+    .await;
+    let left = env.store.list_rotations().await.unwrap();
+    env.cleanup().await;
+    assert_eq!(aki(&new_chain), new_ski);
+    assert!(
+        openssl_verify(new_root.as_bytes(), &new_chain).contains("OK"),
+        "the new CSR chains to the new root"
+    );
+    assert!(s2.data.is_some());
+    assert_eq!(
+        s_prep.data.unwrap()["tls.crt"].0,
+        s1_crt,
+        "prepare changed only ca.crt"
+    );
+    assert!(
+        refused.contains("prune refused") && refused.contains(&old_serial),
+        "{refused}"
+    );
+    assert!(!r.forced_past.is_empty());
+    assert_eq!(
+        one,
+        meshca::bundle::to_pem(std::slice::from_ref(new.root())),
+        "only the new root is left"
+    );
+    assert!(left.is_empty());
 }

@@ -204,11 +204,13 @@ async fn run_export(
     Ok(())
 }
 
-/// Logs each recorded rotation step. For the crash tests only, the environment variable
-/// `MESHCA_DANGER_HANG_AFTER_STEP=<step>` stops the process (until killed) right after that
-/// step is recorded, so a test can kill -9 it between two steps.
+/// Logs each recorded rotation step. Only in builds with the `fault-injection` feature (the
+/// crash tests), the environment variable `MESHCA_DANGER_HANG_AFTER_STEP=<step>` stops the
+/// process (until killed) right after that step is recorded, so a test can kill -9 it
+/// between two steps. Release builds ignore the variable.
 fn progress(step: &str) {
     tracing::info!(step, "rotation step recorded");
+    #[cfg(feature = "fault-injection")]
     if std::env::var("MESHCA_DANGER_HANG_AFTER_STEP").as_deref() == Ok(step) {
         eprintln!("meshca: hanging after step {step} (MESHCA_DANGER_HANG_AFTER_STEP)");
         loop {

@@ -118,20 +118,29 @@ fn handle_ctb(st: &mut State, method: &str, path: &str, query: &str, body: &[u8]
 fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) -> (u16, Value) {
     st.log.push(format!("{method} {target} {ctype}"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if st.serve_ctb && path.starts_with("/apis/") {
+    if st.serve_ctb && path.starts_with("/apis/certificates.k8s.io/") {
         return handle_ctb(st, method, path, query, body);
     }
-    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let mut parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // apis/coordination.k8s.io/v1/... is served like api/v1/... (Leases).
+    let api_version = if parts.len() > 3 && parts[0] == "apis" && parts[1] == "coordination.k8s.io"
+    {
+        parts.drain(0..2);
+        parts.insert(0, "api");
+        "coordination.k8s.io/v1"
+    } else {
+        "v1"
+    };
     // api/v1/namespaces/<ns>/<resource>[/<name>]
     if parts.len() < 5 || parts[0] != "api" || parts[2] != "namespaces" {
         return status(404, "NotFound", "unsupported path");
     }
     let (ns, res) = (parts[3].to_string(), parts[4].to_string());
     let name = parts.get(5).map(|s| s.to_string());
-    let kind = if res == "secrets" {
-        "Secret"
-    } else {
-        "ConfigMap"
+    let kind = match res.as_str() {
+        "secrets" => "Secret",
+        "leases" => "Lease",
+        _ => "ConfigMap",
     };
     match (method, name) {
         ("GET", None) => {
@@ -166,16 +175,38 @@ fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) 
             }
             o["metadata"]["namespace"] = json!(ns);
             o["metadata"]["resourceVersion"] = json!("1");
-            o["apiVersion"] = json!("v1");
+            o["apiVersion"] = json!(api_version);
             o["kind"] = json!(kind);
             st.objects.insert(key, o.clone());
             (201, o)
         }
         ("PUT", Some(n)) => {
-            let o: Value = serde_json::from_slice(body).unwrap();
-            st.objects.insert((ns, res, n), o.clone());
+            let mut o: Value = serde_json::from_slice(body).unwrap();
+            let key = (ns, res, n.clone());
+            // Optimistic concurrency, as the API server does it.
+            let stored_rv = st
+                .objects
+                .get(&key)
+                .map(|c| c["metadata"]["resourceVersion"].clone());
+            if let Some(rv) = stored_rv {
+                if !o["metadata"]["resourceVersion"].is_null()
+                    && o["metadata"]["resourceVersion"] != rv
+                {
+                    return status(409, "Conflict", "the object has been modified");
+                }
+                let next = rv.as_str().unwrap_or("1").parse::<u64>().unwrap_or(1) + 1;
+                o["metadata"]["resourceVersion"] = json!(next.to_string());
+            }
+            st.objects.insert(key, o.clone());
             (200, o)
         }
+        ("DELETE", Some(n)) => match st.objects.remove(&(ns, res.clone(), n.clone())) {
+            Some(_) => (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            ),
+            None => status(404, "NotFound", &format!("{res} \"{n}\" not found")),
+        },
         ("PATCH", Some(n)) => {
             assert_eq!(
                 ctype, "application/apply-patch+yaml",
@@ -619,4 +650,97 @@ fn bundle_publish_cluster_trust_bundle_applies_skips_unchanged_and_prunes_an_old
     assert!(fake
         .object("", "clustertrustbundles", "meshca.io:mesh:v2")
         .is_some());
+
+/// `ca rotate` on `--store kube:`: the three phases through the binary, the bundle ConfigMap
+/// holding both roots during the overlap, `--status -o json`, and the Lease phase lock.
+#[test]
+fn kube_store_ca_rotation_phases_and_lock() {
+    let fake = Fake::start();
+    let cli = Cli::new(fake.port);
+    cli.ok(&["init", "--ca", "mesh"]);
+    cli.ok(&[
+        "bundle",
+        "create",
+        "mesh",
+        "--ca",
+        "mesh",
+        "--namespace",
+        "apps",
+    ]);
+    let roots = |fake: &Fake| {
+        fake.object("apps", "configmaps", "mesh-trust-bundle")
+            .map(|c| {
+                c["data"]["ca.crt"]
+                    .as_str()
+                    .unwrap()
+                    .matches("BEGIN CERTIFICATE")
+                    .count()
+            })
+    };
+    let status = |cli: &Cli| -> Value {
+        serde_json::from_str(&cli.ok(&["ca", "rotate", "mesh", "--status", "-o", "json"])).unwrap()
+    };
+    let old = fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap();
+
+    cli.ok(&["ca", "rotate", "mesh", "--phase", "prepare"]);
+    assert_eq!(roots(&fake), Some(2), "both roots published at prepare");
+    assert!(fake
+        .object("meshca", "secrets", "meshca-rotation-mesh-next")
+        .is_some());
+    assert!(
+        fake.object("meshca", "leases", "meshca-rotation").is_none(),
+        "lock released"
+    );
+    let st = status(&cli);
+    assert_eq!(st["phase"], "prepared");
+    assert_ne!(st["next"]["sha256"], st["current"]["sha256"]);
+    // The record is replaced with a resourceVersion precondition.
+    assert!(fake
+        .log()
+        .iter()
+        .any(|l| l.starts_with("PUT /api/v1/namespaces/meshca/configmaps/meshca-rotation-mesh")));
+
+    // A live lock held by another process: the next phase fails at once, one line, naming it.
+    let holder = "pid 1 on elsewhere: meshca ca rotate mesh --phase prepare";
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    fake.state.lock().unwrap().objects.insert(
+        ("meshca".into(), "leases".into(), "meshca-rotation".into()),
+        json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+               "metadata": {"name": "meshca-rotation", "namespace": "meshca", "resourceVersion": "5"},
+               "spec": {"holderIdentity": holder, "leaseDurationSeconds": 60, "renewTime": now}}),
+    );
+    let o = cli.run(&["ca", "rotate", "mesh", "--phase", "activate"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("another rotation phase holds the lock") && err.contains(holder),
+        "{err}"
+    );
+    assert_eq!(status(&cli)["phase"], "prepared", "nothing changed");
+    fake.state.lock().unwrap().objects.remove(&(
+        "meshca".into(),
+        "leases".into(),
+        "meshca-rotation".into(),
+    ));
+
+    cli.ok(&["ca", "rotate", "mesh", "--phase", "activate", "--now"]);
+    let new = fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap();
+    assert_ne!(
+        new["data"]["tls.crt"], old["data"]["tls.crt"],
+        "the new CA issues"
+    );
+    assert_eq!(status(&cli)["phase"], "active");
+    assert_eq!(roots(&fake), Some(2));
+    cli.ok(&["ca", "rotate", "mesh", "--phase", "prune", "--force"]);
+    assert_eq!(roots(&fake), Some(1), "old root pruned");
+    assert_eq!(status(&cli)["phase"], "idle");
+    for n in ["meshca-rotation-mesh-next", "meshca-rotation-mesh-previous"] {
+        assert!(fake.object("meshca", "secrets", n).is_none(), "{n}");
+    }
+    assert!(fake
+        .object("meshca", "configmaps", "meshca-rotation-mesh")
+        .is_none());
 }

@@ -2,6 +2,7 @@
 //! and kill -9 between any two recorded steps followed by a re-run. openssl verifies the
 //! chains (a Debian package .ci/run installs).
 
+#[cfg(feature = "fault-injection")]
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -169,9 +170,10 @@ fn intermediate_rotation_keeps_bundles_and_never_blocks() {
     assert!(verifies(&root, &e.issue("new")));
 }
 
-/// Starts `meshca ca rotate root --phase ...`, which hangs right after `step` is recorded,
-/// then kills it with SIGKILL.
-fn kill_after(e: &Env, phase_args: &[&str], step: &str) {
+/// Starts `meshca ca rotate root --phase ...`, which hangs right after `step` is recorded
+/// (the `fault-injection` hook), and returns it once it hangs.
+#[cfg(feature = "fault-injection")]
+fn hang_after(e: &Env, phase_args: &[&str], step: &str) -> std::process::Child {
     let mut args = vec!["ca", "rotate", "root", "--phase"];
     args.extend_from_slice(phase_args);
     let mut child = e
@@ -191,6 +193,13 @@ fn kill_after(e: &Env, phase_args: &[&str], step: &str) {
             _ => panic!("{args:?} ended before step {step}: {seen}"),
         }
     }
+    child
+}
+
+/// [`hang_after`], then SIGKILL.
+#[cfg(feature = "fault-injection")]
+fn kill_after(e: &Env, phase_args: &[&str], step: &str) {
+    let mut child = hang_after(e, phase_args, step);
     child.kill().unwrap(); // SIGKILL
     let st = child.wait().unwrap();
     assert_eq!(
@@ -201,6 +210,7 @@ fn kill_after(e: &Env, phase_args: &[&str], step: &str) {
 }
 
 /// kill -9, `meshca check`, re-run the phase, `meshca check`; returns the phase afterwards.
+#[cfg(feature = "fault-injection")]
 fn crash_and_rerun(e: &Env, phase_args: &[&str], step: &str) -> String {
     kill_after(e, phase_args, step);
     e.ok(&["check"]);
@@ -220,6 +230,7 @@ fn crash_and_rerun(e: &Env, phase_args: &[&str], step: &str) -> String {
     e.status("root")["phase"].as_str().unwrap().to_string()
 }
 
+#[cfg(feature = "fault-injection")]
 #[test]
 fn kill_9_between_steps_then_rerun_completes_the_phase() {
     let e = Env::new();
@@ -288,4 +299,135 @@ fn kill_9_between_steps_then_rerun_completes_the_phase() {
             &e.ok(&["bundle", "export", "mesh"]),
         );
     }
+}
+
+/// A phase holds the home's rotation lock throughout: a second phase started while the first
+/// hangs between two steps fails at once with one line naming the holder's pid, and touches
+/// nothing; once the first is killed the lock is free (flock dies with its process).
+#[cfg(feature = "fault-injection")]
+#[test]
+fn a_second_phase_fails_naming_the_holder_while_the_first_runs() {
+    let e = Env::new();
+    e.mesh();
+    let mut first = hang_after(&e, &["prepare"], "next-created");
+    let pid = first.id();
+    for args in [
+        ["ca", "rotate", "root", "--phase", "prepare"],
+        ["ca", "rotate", "team", "--phase", "prepare"],
+    ] {
+        let err = e.fails(&args);
+        assert!(
+            err.contains("another rotation phase holds the lock")
+                && err.contains(&format!("pid {pid} on "))
+                && err.contains("meshca ca rotate root --phase prepare"),
+            "{err}"
+        );
+    }
+    assert_eq!(e.status("root")["steps"].as_array().unwrap().len(), 2);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    e.ok(&["ca", "rotate", "root", "--phase", "prepare"]);
+    assert_eq!(e.status("root")["phase"], "prepared");
+    e.ok(&["check"]);
+}
+
+/// Two (here eight) `prepare`s racing as separate processes: each either completes or fails
+/// with the one-line lock error; the result is one complete rotation (one next CA per name,
+/// both roots in the bundle) and `meshca check` passes.
+#[test]
+fn racing_prepares_make_one_complete_rotation() {
+    let e = Env::new();
+    e.mesh();
+    let kids: Vec<_> = (0..8)
+        .map(|_| {
+            e.cmd(&["ca", "rotate", "root", "--phase", "prepare", "-o", "json"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut created = 0;
+    let mut ok = 0;
+    for k in kids {
+        let o = k.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        if o.status.success() {
+            ok += 1;
+            let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let steps = r["steps"].as_array().unwrap();
+            if steps.iter().any(|s| s == "next-created") {
+                created += 1;
+            }
+        } else {
+            assert_eq!(o.status.code(), Some(1), "{err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+            assert!(
+                err.contains("another rotation phase holds the lock"),
+                "{err}"
+            );
+        }
+    }
+    assert!(ok >= 1);
+    assert_eq!(created, 1, "exactly one process made the next CAs");
+    let st = e.status("root");
+    assert_eq!(st["phase"], "prepared");
+    assert!(st["blocked_by"].as_array().unwrap().is_empty(), "{st}");
+    let steps: Vec<&str> = st["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps.iter().filter(|s| **s == "started").count(),
+        1,
+        "{steps:?}"
+    );
+    assert_eq!(
+        steps.iter().filter(|s| **s == "next-created").count(),
+        1,
+        "{steps:?}"
+    );
+    assert_eq!(
+        e.ok(&["bundle", "export", "mesh"])
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2
+    );
+    e.ok(&["check"]);
+    e.ok(&["ca", "rotate", "root", "--phase", "activate"]);
+    e.ok(&["ca", "rotate", "root", "--phase", "prune", "--force"]);
+    e.ok(&["check"]);
+}
+
+/// Without the `fault-injection` feature (a release build) the hang hook is compiled out: the
+/// phase runs through although the variable names one of its steps.
+#[cfg(not(feature = "fault-injection"))]
+#[test]
+fn the_hang_hook_is_compiled_out_without_the_feature() {
+    let e = Env::new();
+    e.mesh();
+    let mut child = e
+        .cmd(&["ca", "rotate", "root", "--phase", "prepare"])
+        .env("MESHCA_DANGER_HANG_AFTER_STEP", "started")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("prepare hung: the hook is compiled in");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert_eq!(e.status("root")["phase"], "prepared");
 }

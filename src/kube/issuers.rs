@@ -13,7 +13,10 @@
 //!   store's CA Secrets, or a poll tick for the local store) and publishes the new snapshot
 //!   only when something changed.
 //!
-//! CA rotation (issue 10) is meant to publish through the same channel.
+//! CA rotation publishes through the same channel: activate replaces the CA Secrets (a new
+//! fingerprint), and each snapshot also carries every CA's trust anchors (its root plus the
+//! other side of a rotation in progress), which change at prepare and prune. The kube triggers
+//! watch the rotation slot Secrets too, so those changes reach the controllers at once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +36,8 @@ use crate::store::{load_issuer, Store};
 pub struct IssuerSet {
     issuers: BTreeMap<String, Arc<dyn Issuer>>,
     fingerprints: BTreeMap<String, String>,
+    /// PEM of each CA's anchors ([`crate::store::ca_anchors`]); absent: the CA's root alone.
+    anchors: BTreeMap<String, String>,
 }
 
 /// The receiving side: the current snapshot, and a way to wait for the next one.
@@ -58,6 +63,7 @@ impl IssuerSet {
         IssuerSet {
             issuers,
             fingerprints,
+            anchors: BTreeMap::new(),
         }
     }
 
@@ -90,6 +96,12 @@ impl IssuerSet {
     /// Whether no CA is served.
     pub fn is_empty(&self) -> bool {
         self.issuers.is_empty()
+    }
+
+    /// The trust anchors of CA `name` as PEM, both roots during a rotation (`None`: only its
+    /// own root, e.g. a fixed snapshot).
+    pub fn anchors_pem(&self, name: &str) -> Option<&str> {
+        self.anchors.get(name).map(String::as_str)
     }
 
     /// The fingerprint of CA `name` (SHA-256 over its stored certificate and facts).
@@ -195,6 +207,19 @@ pub async fn reload(
         next.issuers.insert(n.clone(), issuer);
         next.fingerprints.insert(n, fp);
     }
+    for n in next.issuers.keys().cloned().collect::<Vec<_>>() {
+        let pem = match crate::store::ca_anchors(store, &n).await {
+            Ok(a) if !a.is_empty() => Some(crate::bundle::to_pem(&a)),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::warn!(ca = %n, error = %e, "CA anchors could not be read; keeping the loaded ones");
+                previous.and_then(|p| p.anchors_pem(&n)).map(str::to_string)
+            }
+        };
+        if let Some(pem) = pem {
+            next.anchors.insert(n, pem);
+        }
+    }
     if previous.is_none() && next.is_empty() {
         return Err(Error::Store(format!(
             "no CA to serve in {}",
@@ -204,9 +229,9 @@ pub async fn reload(
     Ok(next)
 }
 
-/// Whether two snapshots serve the same CAs with the same fingerprints.
+/// Whether two snapshots serve the same CAs with the same fingerprints and anchors.
 fn same(a: &IssuerSet, b: &IssuerSet) -> bool {
-    a.fingerprints == b.fingerprints
+    a.fingerprints == b.fingerprints && a.anchors == b.anchors
 }
 
 /// Reloads on every item of `triggers` until it ends or `stop` fires, publishing a snapshot
@@ -272,19 +297,31 @@ pub fn kube_triggers(
         super::MANAGED_BY,
         super::LABEL_CA
     ));
-    let events = watcher(api, cfg).filter_map(|ev| async move {
-        match ev {
-            Ok(watcher::Event::Apply(_))
-            | Ok(watcher::Event::Delete(_))
-            | Ok(watcher::Event::InitDone) => Some(()),
-            Ok(_) => None,
-            Err(e) => {
-                tracing::debug!(error = %e, "CA Secret watch error");
-                None
+    // A rotation's slot Secrets (prepare writes the next CAs, prune removes the previous).
+    let slots = watcher::Config::default().labels(&format!(
+        "{}={},{}",
+        super::LABEL_MANAGED_BY,
+        super::MANAGED_BY,
+        super::store_rotation::LABEL_ROTATION
+    ));
+    let events = |cfg| {
+        watcher(api.clone(), cfg).filter_map(|ev| async move {
+            match ev {
+                Ok(watcher::Event::Apply(_))
+                | Ok(watcher::Event::Delete(_))
+                | Ok(watcher::Event::InitDone) => Some(()),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "CA Secret watch error");
+                    None
+                }
             }
-        }
-    });
-    futures::stream::select(events, poll_triggers(safety_poll))
+        })
+    };
+    futures::stream::select(
+        futures::stream::select(events(cfg), events(slots)),
+        poll_triggers(safety_poll),
+    )
 }
 
 /// A stream that yields once per new snapshot on `rx` (for `Controller::reconcile_all_on`).
@@ -296,8 +333,13 @@ pub fn changes(rx: IssuerWatch) -> impl Stream<Item = ()> + Send {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// [`same`] for other modules' tests.
+    pub(crate) fn same_pub(a: &IssuerSet, b: &IssuerSet) -> bool {
+        same(a, b)
+    }
     use crate::ca::{create_root, CaSpec};
     use crate::store::LocalStore;
 

@@ -431,7 +431,12 @@ impl Managed {
             .and_then(|d| d.get("tls.crt"))
             .map(|b| b.0.as_slice());
         let due = renewal_time(crt, &req, ca_ski.as_deref(), now);
+        // `ca.crt`: the CA's anchors, both roots while a rotation overlaps.
+        let want_ca_crt = snapshot.anchors_pem(&req.ca).map(str::to_string);
         if due > now {
+            if let Some(want) = &want_ca_crt {
+                self.refresh_ca_crt(s, want).await?;
+            }
             if ann.contains_key(ANN_ERROR) {
                 // The request is satisfied again (e.g. the annotations were reverted).
                 self.set_error_annotation(s, None).await?;
@@ -494,7 +499,7 @@ impl Managed {
             ns,
             &w.cert.chain_pem(),
             &pem_key,
-            &crate::pemutil::certs_to_pem([&w.cert.root]),
+            &want_ca_crt.unwrap_or_else(|| crate::pemutil::certs_to_pem([&w.cert.root])),
             s.metadata.resource_version.as_deref(),
         );
         // Fencing: leadership may have been lost while issuing.
@@ -548,6 +553,55 @@ impl Managed {
                 .unwrap_or(MAX_RECHECK)
                 .clamp(Duration::from_secs(1), MAX_RECHECK),
         ))
+    }
+
+    /// Re-applies a valid credential with `ca.crt` set to `want` when it differs (a rotation
+    /// added or pruned a root): `tls.crt` and `tls.key` stay byte for byte, and the Secret's
+    /// resourceVersion is the precondition (a 409 means a newer Secret, decided afresh).
+    async fn refresh_ca_crt(&self, s: &Secret, want: &str) -> Result<()> {
+        let data = s.data.as_ref();
+        let get = |k: &str| data.and_then(|d| d.get(k)).map(|b| b.0.as_slice());
+        if get("ca.crt") == Some(want.as_bytes()) {
+            return Ok(());
+        }
+        let (Some(crt), Some(key)) = (
+            get("tls.crt").and_then(|b| std::str::from_utf8(b).ok()),
+            get("tls.key").and_then(|b| std::str::from_utf8(b).ok()),
+        ) else {
+            return Ok(());
+        };
+        if !*self.leader.borrow() {
+            return Ok(());
+        }
+        let (ns, name) = (
+            s.metadata.namespace.as_deref().unwrap_or_default(),
+            s.metadata.name.as_deref().unwrap_or_default(),
+        );
+        let body = apply_body(
+            name,
+            ns,
+            crt,
+            key,
+            want,
+            s.metadata.resource_version.as_deref(),
+        );
+        self.limiter.acquire().await;
+        match self
+            .api(ns)
+            .patch(
+                name,
+                &PatchParams::apply(FIELD_MANAGER_MANAGED).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(secret = %secret_key(s), "managed Secret ca.crt updated (trust anchors changed)");
+                Ok(())
+            }
+            Err(e) if super::api_code(&e) == Some(409) => Ok(()),
+            Err(e) => Err(super::kube_err("updating a managed Secret's ca.crt", e)),
+        }
     }
 
     /// The wait after a retryable failure of `s`: exponential per Secret, with jitter. No new
@@ -817,6 +871,109 @@ mod tests {
         // Next look: at 2/3 of the 24 h default lifetime, about 16 h away (capped at 6 h).
         assert_eq!(action, Action::requeue(MAX_RECHECK));
         assert_eq!(m.metrics.managed_issued.get(), 1);
+    }
+
+    /// The defect: `ca.crt` held the issuing root only and was written only with a new
+    /// certificate, so during a rotation's overlap a mounted-Secret workload kept trusting the
+    /// old root alone and refused peers already re-issued by the new CA (and, after activate,
+    /// the re-issued ones refused peers still on the old CA). Now prepare's new root reaches
+    /// `ca.crt` of every managed Secret at once, its credential untouched, and prune removes
+    /// the old root again.
+    #[tokio::test]
+    async fn a_rotation_puts_both_roots_in_ca_crt_without_touching_the_credential() {
+        use crate::rotation::Request;
+        use crate::store::rotate::{run_phase, RotateOptions};
+        use crate::store::Store as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::LocalStore::create(dir.path().join("h")).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let mut spec = crate::ca::CaSpec::root("mesh");
+        spec.policy = serves_app();
+        let ca = crate::ca::create_root(&spec, now).unwrap();
+        store.save_ca(&ca, false).await.unwrap();
+        let m_metrics = Metrics::new();
+        let first = issuers::reload(&store, None, None, &m_metrics)
+            .await
+            .unwrap();
+        let iss = first.get("mesh").unwrap().clone();
+        // A filled Secret, not due, whose ca.crt is the one root.
+        let req = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "web.app.svc")]))
+            .unwrap()
+            .unwrap();
+        let w = issue_workload(iss.as_ref(), &req.sans, None, req.key, now)
+            .await
+            .unwrap();
+        let b = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        let (crt, key) = (w.cert.chain_pem(), w.key.to_pkcs8_pem());
+        let one_root = crate::pemutil::certs_to_pem([ca.root()]);
+        let s: Secret = serde_json::from_value(json!({
+            "metadata": {"name": "web-tls", "namespace": "app", "resourceVersion": "9",
+                         "annotations": {ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"}},
+            "data": {"tls.crt": b(&crt), "tls.key": b(&key), "ca.crt": b(&one_root)},
+        }))
+        .unwrap();
+        assert_eq!(first.anchors_pem("mesh"), Some(one_root.as_str()));
+
+        run_phase(
+            &store,
+            "mesh",
+            Request::Prepare,
+            &RotateOptions::default(),
+            now,
+        )
+        .await
+        .unwrap();
+        let second = issuers::reload(&store, None, Some(&first), &m_metrics)
+            .await
+            .unwrap();
+        assert!(
+            !super::issuers::tests::same_pub(&first, &second),
+            "published"
+        );
+        let both = second.anchors_pem("mesh").unwrap().to_string();
+        assert_eq!(both.matches("BEGIN CERTIFICATE").count(), 2);
+
+        let (client, mut h) = mock_client();
+        let (tx, rx) = watch::channel(Arc::new(second));
+        let m = Managed::new(
+            client,
+            rx,
+            Arc::new(Metrics::new()),
+            Arc::new(RateLimiter::new(0.0, 1)),
+            crate::kube::leader::always_leader(),
+            Arc::new(crate::clock::SystemClock),
+        );
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PATCH");
+            assert_eq!(req.uri().path(), "/api/v1/namespaces/app/secrets/web-tls");
+            let q = req.uri().query().unwrap();
+            assert!(
+                q.contains("fieldManager=meshca-managed") && q.contains("force=true"),
+                "{q}"
+            );
+            assert_eq!(body["metadata"]["resourceVersion"], "9");
+            send.send_response(resp(200, &body));
+            body
+        });
+        m.reconcile(&s).await.unwrap();
+        let body = server.await.unwrap();
+        let d = |k: &str| {
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(body["data"][k].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(d("ca.crt"), both);
+        assert_eq!(
+            (d("tls.crt"), d("tls.key")),
+            (crt, key.to_string()),
+            "credential kept"
+        );
+        assert_eq!(m.metrics.managed_issued.get(), 0, "nothing re-issued");
+        drop(tx);
     }
 
     #[tokio::test]

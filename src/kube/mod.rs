@@ -34,6 +34,7 @@ pub mod ratelimit;
 pub mod run;
 pub mod signer;
 pub mod store;
+pub mod store_rotation;
 pub mod trust_bundles;
 
 #[cfg(test)]
@@ -210,11 +211,21 @@ pub(crate) mod testutil {
         serde_json::Value,
         tower_test::mock::SendResponse<Response<Body>>,
     ) {
+        next_opt(handle).await.expect("service alive")
+    }
+
+    /// The next request, or `None` once every client is dropped.
+    pub async fn next_opt(
+        handle: &mut Handle<Request<Body>, Response<Body>>,
+    ) -> Option<(
+        Request<()>,
+        serde_json::Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    )> {
         let (req, send) =
             tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request())
                 .await
-                .expect("a request within 10 s")
-                .expect("service alive");
+                .expect("a request within 10 s")?;
         let (parts, body) = req.into_parts();
         let bytes = http_body_util::BodyExt::collect(body)
             .await
@@ -225,6 +236,6 @@ pub(crate) mod testutil {
         } else {
             serde_json::from_slice(&bytes).unwrap()
         };
-        (Request::from_parts(parts, ()), v, send)
+        Some((Request::from_parts(parts, ()), v, send))
     }
 }

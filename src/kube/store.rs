@@ -11,7 +11,8 @@
 //! ConfigMap meshca-ledger-<yyyymmdd>-<n>   label meshca.io/ledger=true; ledger.jsonl
 //! ```
 //! A CA is created with a plain create (so two concurrent `init`s cannot both win) and
-//! replaced with server-side apply (field manager `meshca`, forced). The ledger is sharded
+//! replaced with server-side apply (field manager `meshca`, forced) carrying the
+//! resourceVersion it was read at as a precondition. The ledger is sharded
 //! by day and by size (each shard stays under 900 kB of the 1 MiB object limit); appends use
 //! optimistic concurrency (resourceVersion) and retry on conflict, so no line is lost.
 
@@ -30,7 +31,8 @@ use crate::error::{Error, Result};
 use crate::issue::LedgerEntry;
 use crate::key::PrivateKey;
 use crate::pemutil;
-use crate::store::{SaveOutcome, Store};
+use crate::rotation::RotationState;
+use crate::store::{PhaseLock, SaveOutcome, Slot, Store};
 
 /// Annotation holding a CA's [`CaMeta`] as JSON.
 pub const ANNOTATION_META: &str = "meshca.io/meta";
@@ -118,27 +120,40 @@ pub fn ca_from_secret(name: &str, s: &Secret) -> Result<CaMaterial> {
                 "Secret {sname} has no {ANNOTATION_META} annotation"
             ))
         })?;
-    let meta: CaMeta = serde_json::from_str(meta_json)
-        .map_err(|e| Error::Corrupt(format!("Secret {sname} {ANNOTATION_META}: {e}")))?;
-    if meta.name != name {
-        return Err(Error::Corrupt(format!(
-            "Secret {sname} describes CA {:?}",
-            meta.name
-        )));
-    }
     let data = s.data.as_ref();
     let get = |k: &str| data.and_then(|d| d.get(k)).map(|b| b.0.as_slice());
     let crt =
         get("tls.crt").ok_or_else(|| Error::Corrupt(format!("Secret {sname} has no tls.crt")))?;
-    let chain = pemutil::parse_certs(crt, &format!("Secret {sname} tls.crt"))
+    let ca = ca_from_parts(&format!("Secret {sname}"), meta_json, crt, get("tls.key"))?;
+    if ca.meta.name != name {
+        return Err(Error::Corrupt(format!(
+            "Secret {sname} describes CA {:?}",
+            ca.meta.name
+        )));
+    }
+    Ok(ca)
+}
+
+/// A CA from its stored parts: the [`CaMeta`] JSON, the chain PEM (the CA first) and the
+/// key PEM (absent or empty for remote-key backends). `what` names the object in errors,
+/// which never echo key material.
+pub fn ca_from_parts(
+    what: &str,
+    meta_json: &str,
+    crt: &[u8],
+    key: Option<&[u8]>,
+) -> Result<CaMaterial> {
+    let meta: CaMeta = serde_json::from_str(meta_json)
+        .map_err(|e| Error::Corrupt(format!("{what} {ANNOTATION_META}: {e}")))?;
+    let chain = pemutil::parse_certs(crt, &format!("{what} tls.crt"))
         .map_err(|e| Error::Corrupt(e.to_string()))?;
-    let key = match get("tls.key").filter(|k| !k.is_empty()) {
+    let key = match key.filter(|k| !k.is_empty()) {
         Some(k) => {
             let text = zeroize::Zeroizing::new(k.to_vec());
             let s = std::str::from_utf8(&text)
-                .map_err(|_| Error::Corrupt(format!("Secret {sname} tls.key is not PEM text")))?;
+                .map_err(|_| Error::Corrupt(format!("{what} tls.key is not PEM text")))?;
             Some(
-                PrivateKey::from_pem(s, &format!("Secret {sname} tls.key"))
+                PrivateKey::from_pem(s, &format!("{what} tls.key"))
                     .map_err(|e| Error::Corrupt(e.to_string()))?,
             )
         }
@@ -147,7 +162,7 @@ pub fn ca_from_secret(name: &str, s: &Secret) -> Result<CaMaterial> {
     let mut it = chain.into_iter();
     let cert = it
         .next()
-        .ok_or_else(|| Error::Corrupt(format!("Secret {sname} tls.crt is empty")))?;
+        .ok_or_else(|| Error::Corrupt(format!("{what} tls.crt is empty")))?;
     let ca = CaMaterial {
         meta,
         cert,
@@ -378,11 +393,17 @@ impl Store for KubeStore {
                 Err(e) => Err(kube_err("creating a CA Secret", e)),
             };
         }
-        let existed = api
+        let current = api
             .get_metadata_opt(&name)
             .await
-            .map_err(|e| kube_err("reading a CA Secret", e))?
-            .is_some();
+            .map_err(|e| kube_err("reading a CA Secret", e))?;
+        let existed = current.is_some();
+        let mut manifest = manifest;
+        if let Some(rv) = current.and_then(|m| m.metadata.resource_version) {
+            // The version just read is the precondition: a CA Secret changed in between (another
+            // writer) makes the API server answer 409 instead of being overwritten.
+            manifest["metadata"]["resourceVersion"] = json!(rv);
+        }
         super::apply(
             &api,
             &name,
@@ -499,6 +520,43 @@ impl Store for KubeStore {
         }
         out.sort_by_key(|e: &LedgerEntry| e.issued_at);
         Ok(out)
+    }
+
+    async fn list_rotations(&self) -> Result<Vec<RotationState>> {
+        self.list_rotations_kube().await
+    }
+    async fn load_rotation(&self, ca: &str) -> Result<Option<RotationState>> {
+        self.load_rotation_kube(ca).await
+    }
+    async fn save_rotation(&self, state: &RotationState) -> Result<()> {
+        self.save_rotation_kube(state).await
+    }
+    async fn load_rotation_cas(&self, ca: &str, slot: Slot) -> Result<Vec<CaMaterial>> {
+        self.load_rotation_cas_kube(ca, slot).await
+    }
+    async fn save_rotation_cas(&self, ca: &str, slot: Slot, cas: &[CaMaterial]) -> Result<()> {
+        self.save_rotation_cas_kube(ca, slot, cas).await
+    }
+    async fn remove_rotation_cas(&self, ca: &str, slot: Slot) -> Result<()> {
+        self.remove_rotation_cas_kube(ca, slot).await
+    }
+    async fn remove_rotation(&self, ca: &str) -> Result<()> {
+        self.remove_rotation_kube(ca).await
+    }
+    async fn lock_rotation(&self, holder: &str) -> Result<Box<dyn PhaseLock>> {
+        Ok(Box::new(self.lock_rotation_kube(holder).await?))
+    }
+    /// Applies the bundle's `<bundle>-trust-bundle` ConfigMaps in its namespaces (what the
+    /// signer's bundle sync writes too), so a rotation phase publishes at once.
+    async fn publish_bundle(
+        &self,
+        spec: &BundleSpec,
+        anchors: &[rustls_pki_types::CertificateDer<'static>],
+    ) -> Result<usize> {
+        if spec.namespaces.is_empty() {
+            return Ok(0);
+        }
+        super::bundles::publish(&self.client, spec, anchors, &spec.namespaces, None).await
     }
 }
 

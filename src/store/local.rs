@@ -4,6 +4,7 @@
 //! ```text
 //! meshca-home.json          marker with the layout version
 //! .lock                     flock(2) taken for every change
+//! .rotation.lock            flock(2) held for a whole `ca rotate` phase; names its holder
 //! cas/<name>/ca.crt         the CA certificate
 //! cas/<name>/ca.key         its key, PKCS#8, mode 0600 (absent for remote-key backends)
 //! cas/<name>/chain.pem      the CA certificate followed by its parents up to the root
@@ -19,7 +20,7 @@
 //! half-written CA. Changes are serialized between processes by an exclusive lock.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -600,6 +601,51 @@ impl Store for LocalStore {
     }
     async fn remove_rotation(&self, ca: &str) -> Result<()> {
         self.remove_rotation_sync(ca)
+    }
+    async fn lock_rotation(&self, holder: &str) -> Result<Box<dyn super::PhaseLock>> {
+        Ok(Box::new(self.lock_rotation_sync(holder)?))
+    }
+}
+
+/// The home's rotation lock: an flock on `.rotation.lock`, released when the file closes
+/// (also when the process is killed).
+struct LocalPhaseLock(#[allow(dead_code)] File);
+
+#[async_trait]
+impl super::PhaseLock for LocalPhaseLock {
+    async fn release(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl LocalStore {
+    /// Takes the rotation lock without waiting: a second phase fails naming the holder
+    /// written into the lock file by the first.
+    fn lock_rotation_sync(&self, holder: &str) -> Result<LocalPhaseLock> {
+        let p = self.home.join(".rotation.lock");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .open(&p)
+            .map_err(|e| Error::io(&p, e))?;
+        match f.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut who = String::new();
+                let _ = (&f).take(512).read_to_string(&mut who);
+                return Err(super::lock_busy(&who));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(Error::io(&p, e)),
+        }
+        let io = |e: std::io::Error| Error::io(&p, e);
+        f.set_len(0).map_err(io)?;
+        f.rewind().map_err(io)?;
+        f.write_all(holder.as_bytes()).map_err(io)?;
+        f.flush().map_err(io)?;
+        Ok(LocalPhaseLock(f))
     }
 }
 

@@ -117,6 +117,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn revocations(&self) -> Result<Vec<crate::crl::Revocation>> {
         Ok(Vec::new())
     }
+    /// Takes the store's rotation lock for one whole phase, or fails at once naming its
+    /// holder: two phases never interleave. `holder` describes this process (see
+    /// [`lock_holder`]). A store without rotation support needs no lock.
+    async fn lock_rotation(&self, holder: &str) -> Result<Box<dyn PhaseLock>> {
+        let _ = holder;
+        Ok(Box::new(NoLock))
+    }
+    /// Publishes a bundle's anchors where the store keeps published copies (the kube store:
+    /// the bundle's ConfigMaps in its namespaces). Returns how many copies were written.
+    async fn publish_bundle(
+        &self,
+        spec: &BundleSpec,
+        anchors: &[CertificateDer<'static>],
+    ) -> Result<usize> {
+        let _ = (spec, anchors);
+        Ok(0)
+    }
     /// The error of a store without rotation support.
     fn no_rotation(&self) -> Error {
         Error::Unsupported(format!(
@@ -124,6 +141,57 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             self.describe()
         ))
     }
+}
+
+/// A held rotation lock ([`Store::lock_rotation`]). Dropping it releases a local lock at
+/// once; a remote one is released by [`PhaseLock::release`] (or expires).
+#[async_trait]
+pub trait PhaseLock: Send + Sync {
+    /// Releases the lock.
+    async fn release(self: Box<Self>) -> Result<()>;
+}
+
+struct NoLock;
+
+#[async_trait]
+impl PhaseLock for NoLock {
+    async fn release(self: Box<Self>) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// This host's name (for lock holders), from the kernel or `$HOSTNAME`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+/// How a lock holder describes itself: `pid <pid> on <host>: <what>`.
+pub fn lock_holder(what: &str) -> String {
+    format!("pid {} on {}: {what}", std::process::id(), host_name())
+}
+
+/// The pid in a [`lock_holder`] string, when it names this host.
+pub fn holder_pid_on_this_host(holder: &str) -> Option<u32> {
+    let rest = holder.strip_prefix("pid ")?;
+    let (pid, rest) = rest.split_once(" on ")?;
+    let (host, _) = rest.split_once(':')?;
+    (host == host_name()).then(|| pid.parse().ok()).flatten()
+}
+
+/// The error of a phase that found the rotation lock taken.
+pub fn lock_busy(holder: &str) -> Error {
+    Error::invalid(
+        "rotation",
+        format!(
+            "another rotation phase holds the lock ({}); wait until it finishes and run this one again",
+            if holder.trim().is_empty() { "holder unknown" } else { holder.trim() }
+        ),
+    )
 }
 
 /// Loads a CA and wraps it in the [`Issuer`] its backend calls for.

@@ -132,8 +132,39 @@ pub struct RotationStatus {
     pub steps: Vec<rotation::StepRecord>,
 }
 
-/// Runs (or finishes) one phase of the rotation of `ca`.
+/// Runs (or finishes) one phase of the rotation of `ca`, holding the store's rotation lock
+/// for the whole phase ([`Store::lock_rotation`]): a second phase started meanwhile, for any
+/// CA, fails at once naming the holder instead of interleaving its steps.
 pub async fn run_phase(
+    store: &dyn Store,
+    ca: &str,
+    req: Request,
+    opts: &RotateOptions,
+    now: OffsetDateTime,
+) -> Result<PhaseReport> {
+    let holder = super::lock_holder(&format!(
+        "meshca ca rotate {ca} --phase {}",
+        phase_name(req)
+    ));
+    let lock = store.lock_rotation(&holder).await?;
+    let result = run_phase_locked(store, ca, req, opts, now).await;
+    if let Err(e) = lock.release().await {
+        // The phase's steps are recorded; a lock left behind expires (or is taken over once
+        // its holder is gone), so this is not the phase's failure.
+        tracing::warn!(error = %e, "could not release the rotation lock");
+    }
+    result
+}
+
+fn phase_name(req: Request) -> &'static str {
+    match req {
+        Request::Prepare => "prepare",
+        Request::Activate => "activate",
+        Request::Prune => "prune",
+    }
+}
+
+async fn run_phase_locked(
     store: &dyn Store,
     ca: &str,
     req: Request,
@@ -160,12 +191,7 @@ pub async fn run_phase(
     let plan = rotation::plan(state.as_ref(), req, ca)?;
     let mut report = PhaseReport {
         ca: ca.to_string(),
-        phase: match req {
-            Request::Prepare => "prepare",
-            Request::Activate => "activate",
-            Request::Prune => "prune",
-        }
-        .into(),
+        phase: phase_name(req).into(),
         state: String::new(),
         steps: Vec::new(),
         bundles: Vec::new(),
@@ -408,7 +434,8 @@ async fn build_next(
     Ok(built)
 }
 
-/// The bundles that hold a CA of the rotation, and (with `out_dir`) their re-exported PEMs.
+/// The bundles that hold a CA of the rotation, published where the store keeps copies
+/// ([`Store::publish_bundle`]), and (with `out_dir`) their re-exported PEMs.
 async fn publish(
     store: &dyn Store,
     st: &RotationState,
@@ -420,8 +447,9 @@ async fn publish(
         if !b.cas.iter().any(|c| st.covers(c)) {
             continue;
         }
+        let anchors = bundle_anchors(store, &b).await?;
+        store.publish_bundle(&b, &anchors).await?;
         if let Some(dir) = out_dir {
-            let anchors = bundle_anchors(store, &b).await?;
             fsutil::create_private_dir(dir)?;
             let p = dir.join(b.file_name());
             fsutil::write_atomic(&p, bundle::to_pem(&anchors).as_bytes(), PUBLIC_MODE)?;
