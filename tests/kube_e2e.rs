@@ -1556,6 +1556,7 @@ async fn writing_a_cluster_trust_bundle_needs_attest_on_the_signer() {
     let ca = env.ca.clone();
     env.cleanup().await;
     delete_ctbs(&meshca::kube::client(Some(&kc)).await.unwrap(), &ar, &ca).await;
+}
 
 fn pem_count(b: &[u8]) -> usize {
     String::from_utf8_lossy(b)

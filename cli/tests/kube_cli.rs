@@ -650,6 +650,7 @@ fn bundle_publish_cluster_trust_bundle_applies_skips_unchanged_and_prunes_an_old
     assert!(fake
         .object("", "clustertrustbundles", "meshca.io:mesh:v2")
         .is_some());
+}
 
 /// `ca rotate` on `--store kube:`: the three phases through the binary, the bundle ConfigMap
 /// holding both roots during the overlap, `--status -o json`, and the Lease phase lock.
