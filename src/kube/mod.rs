@@ -8,6 +8,8 @@
 //! - [`managed`]: Secrets annotated with `meshca.io/ca` are filled with `tls.crt`, `tls.key`
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
+//! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io/v1beta1`), found through
+//!   discovery and skipped where the API is not served.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
@@ -29,6 +31,7 @@ pub mod leader;
 pub mod ledger;
 pub mod managed;
 pub mod metrics;
+pub mod pcr;
 pub mod ratelimit;
 pub mod run;
 pub mod signer;
