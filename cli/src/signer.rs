@@ -75,6 +75,10 @@ pub struct RunArgs {
     /// How often trust-bundle ConfigMaps are re-applied ("0s" disables).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     bundle_resync: Duration,
+    /// Also sign PodCertificateRequests (certificates.k8s.io/v1beta1) for meshca.io/<ca>;
+    /// skipped with one log line where the cluster does not serve them.
+    #[arg(long)]
+    pod_certificates: bool,
 }
 
 fn hostname() -> Option<String> {
@@ -150,6 +154,7 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
         managed_selector: (!a.managed_selector.is_empty()).then(|| a.managed_selector.clone()),
         bundle_resync: (!a.bundle_resync.is_zero()).then_some(a.bundle_resync),
         metrics: None,
+        pod_certificates: a.pod_certificates,
         ca_reload,
         ledger: Some(ledger),
         instance: a.identity.clone().or_else(hostname),
