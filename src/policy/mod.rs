@@ -14,9 +14,11 @@
 //! - any other Kubernetes user (a person, a node) binds nothing, so no templated rule matches;
 //! - a managed Secret in namespace X binds `{ns}` to X and `{sa}` to the service account of the
 //!   SPIFFE ID it asks for, which must be in X; the CA must list X in `managed_namespaces`;
+//! - a pod's service account (a PodCertificateRequest's namespace and
+//!   `spec.serviceAccountName`) binds `{ns}`/`{sa}` to itself and may only get its own ID;
 //! - the local operator (who holds the CA key) binds `{ns}`/`{sa}` from the requested ID.
 //!
-//! **In-cluster defaults.** For the three Kubernetes front ends an empty `allowed_spiffe_ids`
+//! **In-cluster defaults.** For the Kubernetes front ends an empty `allowed_spiffe_ids`
 //! means `spiffe://{td}/ns/{ns}/sa/{sa}` and an empty `allowed_dns` means `{sa}.{ns}.svc` and
 //! `{sa}.{ns}.svc.cluster.local` (for the local operator, empty lists allow anything in the
 //! trust domain). The auto-approver additionally requires `auto_approve = true`, never
@@ -184,7 +186,8 @@ impl Requester {
         Requester::Kube(username.into())
     }
 
-    /// `(namespace, name)` when this is `system:serviceaccount:<ns>:<sa>`.
+    /// `(namespace, name)` when this is `system:serviceaccount:<ns>:<sa>` or a pod's service
+    /// account.
     pub fn service_account(&self) -> Option<(&str, &str)> {
         let u = match self {
             Requester::Kube(u) => u,
