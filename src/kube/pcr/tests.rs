@@ -578,3 +578,57 @@ async fn discovery_finds_the_api_or_skips_the_controller() {
         .expect("stops")
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
+    let (client, mut h) = mock_client();
+    let old = local("mesh", Policy::default());
+    let new = local("mesh", Policy::default());
+    let set = |i: &Arc<crate::issue::LocalIssuer>| {
+        Arc::new(IssuerSet::fixed(
+            [("mesh".to_string(), i.clone() as Arc<dyn Issuer>)]
+                .into_iter()
+                .collect(),
+        ))
+    };
+    let (tx, rx) = watch::channel(set(&old));
+    let s = PcrSigner::new(
+        client,
+        rx,
+        PcrConfig::default(),
+        Arc::new(RateLimiter::new(0.0, 1)),
+        crate::kube::leader::always_leader(),
+        Arc::new(SystemClock),
+    );
+    let server = tokio::spawn(async move {
+        let mut akis = Vec::new();
+        for _ in 0..2 {
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.uri().path(), PATH);
+            let pem = body["status"]["certificateChain"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let der = crate::pemutil::parse_certs(pem.as_bytes(), "c")
+                .unwrap()
+                .remove(0);
+            akis.push(
+                crate::x509::CertInfo::from_der(&der)
+                    .unwrap()
+                    .authority_key_id,
+            );
+            send.send_response(ok(&body));
+        }
+        akis
+    });
+    s.reconcile(&good(None).0).await.unwrap();
+    tx.send_replace(set(&new));
+    s.reconcile(&good(None).0).await.unwrap();
+    let akis = server.await.unwrap();
+    assert_eq!(akis[0], old.ca().info().unwrap().subject_key_id);
+    assert_eq!(
+        akis[1],
+        new.ca().info().unwrap().subject_key_id,
+        "the new key signs"
+    );
+}
