@@ -110,6 +110,14 @@ pub fn suggested_key_type(meta: &CaMeta) -> &'static str {
 /// The requested public key: its kind and the bytes of its SPKI BIT STRING.
 fn parse_key(spki: &[u8]) -> Result<(PublicKeyKind, Vec<u8>), Refusal> {
     use x509_parser::prelude::FromDer;
+    if spki.is_empty() {
+        // Kubernetes 1.36 deprecates pkixPublicKey for spec.stubPKCS10Request, which the 1.35
+        // types meshca is built with do not carry: an explicit refusal, not a silent wait.
+        return Err(Refusal::denied(
+            REASON_BAD_REQUEST,
+            "spec.pkixPublicKey is empty; requests that carry only spec.stubPKCS10Request (Kubernetes 1.36) are not supported by this meshca",
+        ));
+    }
     if spki.len() > MAX_KEY_BYTES {
         return Err(Refusal::denied(
             REASON_BAD_REQUEST,
@@ -541,6 +549,15 @@ pub(crate) mod tests {
         .unwrap_err();
         assert_eq!((r.condition, r.reason), ("Denied", REASON_BAD_REQUEST));
         assert!(r.message.contains("another-uid"), "{}", r.message);
+        // No key (a 1.36 request with only stubPKCS10Request): refused, saying so.
+        let r = prepare(
+            &pcr("app", "web", "meshca.io/mesh", b"", &pop, UID, None),
+            &m,
+            now,
+        )
+        .unwrap_err();
+        assert_eq!((r.condition, r.reason), ("Denied", REASON_BAD_REQUEST));
+        assert!(r.message.contains("stubPKCS10Request"), "{}", r.message);
         // Garbage key.
         let r = prepare(
             &pcr("app", "web", "meshca.io/mesh", b"junk", &pop, UID, None),
