@@ -220,6 +220,7 @@ pub async fn run(
                 concurrency: signer_cfg.concurrency,
                 only_signer: signer_cfg.only_signer.clone(),
             },
+            metrics.clone(),
             limiter.clone(),
             leader_rx.clone(),
             clock.clone(),

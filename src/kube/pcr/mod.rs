@@ -45,6 +45,7 @@ use self::check::Refusal;
 use super::backoff::Backoff;
 use super::issuers::{self, IssuerWatch};
 use super::ledger::{IssuedRecord, LedgerSink};
+use super::metrics::{Metrics, PcrRefusalLabel};
 use super::ratelimit::RateLimiter;
 use super::{ca_from_signer_name, kube_err, FIELD_MANAGER};
 use crate::clock::Clock;
@@ -142,6 +143,7 @@ pub struct PcrSigner {
     client: kube::Client,
     issuers: IssuerWatch,
     cfg: PcrConfig,
+    metrics: Arc<Metrics>,
     limiter: Arc<RateLimiter>,
     leader: watch::Receiver<bool>,
     clock: Arc<dyn Clock>,
@@ -181,6 +183,7 @@ impl PcrSigner {
         client: kube::Client,
         issuers: IssuerWatch,
         cfg: PcrConfig,
+        metrics: Arc<Metrics>,
         limiter: Arc<RateLimiter>,
         leader: watch::Receiver<bool>,
         clock: Arc<dyn Clock>,
@@ -189,12 +192,18 @@ impl PcrSigner {
             client,
             issuers,
             cfg,
+            metrics,
             limiter,
             leader,
             clock,
             backoff: Backoff::new(),
             ledger: None,
         }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// Records every certificate issued into `ledger`.
@@ -249,6 +258,13 @@ impl PcrSigner {
         let updated = status::refused(pcr, r, self.clock.now())?;
         let out = self.write(&updated, "writing a refusal").await?;
         if out == WriteOutcome::Written {
+            self.metrics
+                .pcrs_refused
+                .get_or_create(&PcrRefusalLabel {
+                    condition: r.condition.to_string(),
+                    reason: r.reason.to_string(),
+                })
+                .inc();
             tracing::warn!(pcr = %key(pcr), condition = r.condition, reason = r.reason, message = %r.message, "PodCertificateRequest refused");
         }
         Ok(out)
@@ -318,6 +334,7 @@ impl PcrSigner {
         let updated = status::issued(pcr, &cert.chain_pem(), &times, &message, now)?;
         match self.write(&updated, "writing the certificate").await {
             Ok(WriteOutcome::Written) => {
+                self.metrics.pcrs_issued.inc();
                 tracing::info!(pcr = %key(pcr), ca = %ca, serial = %cert.info.serial_hex(), sans = ?cert.info.sans, not_after = %cert.info.not_after, "signed PodCertificateRequest");
                 if let Some(l) = &self.ledger {
                     l.record(IssuedRecord {

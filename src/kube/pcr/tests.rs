@@ -29,6 +29,7 @@ fn signer(client: kube::Client, iss: Arc<dyn Issuer>) -> PcrSigner {
         client,
         IssuerSet::watch_fixed([("mesh".to_string(), iss)].into_iter().collect()),
         PcrConfig::default(),
+        Arc::new(crate::kube::metrics::Metrics::new()),
         Arc::new(RateLimiter::new(0.0, 1)),
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
@@ -113,6 +114,7 @@ async fn a_request_is_signed_in_one_status_update_the_api_server_accepts() {
         Action::await_change()
     );
     let body = server.await.unwrap();
+    assert_eq!(s.metrics().pcrs_issued.get(), 1);
     let st = &body["status"];
     let cs = st["conditions"].as_array().unwrap();
     assert_eq!(cs.len(), 1);
@@ -182,7 +184,16 @@ async fn refused(iss: Arc<dyn Issuer>, p: PodCertificateRequest) -> serde_json::
         s.reconcile_or_log(&p).await.unwrap(),
         Action::await_change()
     );
-    only_condition(&server.await.unwrap())
+    let c = only_condition(&server.await.unwrap());
+    let text = s.metrics().render();
+    let line = format!(
+        "meshca_pod_certificate_requests_refused_total{{condition=\"{}\",reason=\"{}\"}} 1",
+        c["type"].as_str().unwrap(),
+        c["reason"].as_str().unwrap()
+    );
+    assert!(text.contains(&line), "{line} not in {text}");
+    assert_eq!(s.metrics().pcrs_issued.get(), 0);
+    c
 }
 
 #[tokio::test]
@@ -447,6 +458,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
             .collect(),
         ),
         PcrConfig::default(),
+        Arc::new(crate::kube::metrics::Metrics::new()),
         Arc::new(RateLimiter::new(0.0, 1)),
         rx,
         Arc::new(SystemClock),
@@ -540,6 +552,7 @@ async fn discovery_finds_the_api_or_skips_the_controller() {
             only_signer: Some("meshca.io/mesh".into()),
             ..PcrConfig::default()
         },
+        Arc::new(crate::kube::metrics::Metrics::new()),
         Arc::new(RateLimiter::new(0.0, 1)),
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
@@ -596,6 +609,7 @@ async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
         client,
         rx,
         PcrConfig::default(),
+        Arc::new(crate::kube::metrics::Metrics::new()),
         Arc::new(RateLimiter::new(0.0, 1)),
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
