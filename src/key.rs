@@ -228,7 +228,11 @@ impl PublicKeyKind {
                 bits: rsa.key_size(),
             },
             Ok(PublicKey::EC(ec)) => PublicKeyKind::Ecdsa {
-                bits: ec.key_size(),
+                // x509-parser sizes the point's coordinates in whole bytes: 528 for P-521.
+                bits: match ec.key_size() {
+                    528 => 521,
+                    b => b,
+                },
             },
             _ if spki.algorithm.algorithm == x509_parser::oid_registry::OID_SIG_ED25519 => {
                 PublicKeyKind::Ed25519

@@ -260,3 +260,88 @@ fn the_examples_add_a_managed_namespace_together_with_its_role() {
         Some("true")
     );
 }
+
+#[test]
+fn the_pod_certificates_component_adds_the_flag_with_exactly_the_rights_it_needs() {
+    let base = all("deploy/base");
+    let base_cluster = grants(&base, None);
+    assert!(
+        !base_cluster
+            .iter()
+            .any(|(_, r, _)| r.starts_with("podcertificaterequests")),
+        "the base grants nothing on PodCertificateRequests: {base_cluster:?}"
+    );
+    assert!(!deployment_args(&base).contains(&"--pod-certificates".to_string()));
+    let dir = "deploy/components/pod-certificates";
+    let k = docs(&root().join(dir).join("kustomization.yaml")).remove(0);
+    assert_eq!(s(&k, &["kind"]), Some("Component"));
+    let resources = strings(k.get("resources"));
+    assert_eq!(
+        resources,
+        vec!["clusterrole.yaml".to_string()],
+        "the example pod is not installed"
+    );
+    let added: Vec<String> = k["patches"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| serde_saphyr::from_str::<Vec<Value>>(s(p, &["patch"]).unwrap()).unwrap())
+        .filter(|op| s(op, &["path"]) == Some("/spec/template/spec/containers/0/args/-"))
+        .filter_map(|op| s(&op, &["value"]).map(str::to_string))
+        .collect();
+    assert_eq!(added, vec!["--pod-certificates".to_string()]);
+    let mut objs = base.clone();
+    objs.extend(docs(&root().join(dir).join("clusterrole.yaml")));
+    let cluster = grants(&objs, None);
+    check_install(&objs, &[]);
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "podcertificaterequests",
+        &["get", "list", "watch"],
+        "cluster",
+    );
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "podcertificaterequests/status",
+        &["update"],
+        "cluster",
+    );
+    need(
+        &cluster,
+        "certificates.k8s.io",
+        "signers",
+        &["sign"],
+        "cluster",
+    );
+    let pcr: Vec<_> = cluster
+        .iter()
+        .filter(|(_, r, _)| r.starts_with("podcertificaterequests"))
+        .map(|(_, r, v)| format!("{r}:{v}"))
+        .collect();
+    assert_eq!(
+        pcr,
+        [
+            "podcertificaterequests:get",
+            "podcertificaterequests:list",
+            "podcertificaterequests:watch",
+            "podcertificaterequests/status:update",
+        ],
+        "nothing more (no create, delete or patch)"
+    );
+    // The example pod: a podCertificate projection for a meshca signer and the same
+    // signer's ClusterTrustBundle.
+    let pod = docs(&root().join(dir).join("example-pod.yaml")).remove(0);
+    let sources = pod["spec"]["volumes"][0]["projected"]["sources"]
+        .as_array()
+        .unwrap();
+    let pc = &sources[0]["podCertificate"];
+    assert_eq!(s(pc, &["signerName"]), Some("meshca.io/mesh"));
+    assert_eq!(s(pc, &["keyType"]), Some("ECDSAP256"));
+    assert!(s(pc, &["credentialBundlePath"]).is_some());
+    assert_eq!(
+        s(&sources[1]["clusterTrustBundle"], &["signerName"]),
+        Some("meshca.io/mesh")
+    );
+}

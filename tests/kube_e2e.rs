@@ -180,6 +180,16 @@ impl Env {
     /// `meshca-signer`, bound only by deploy/'s own RBAC (not admin), rendered into the test
     /// namespace.
     async fn start_deployed(&mut self, kc: &std::path::Path) {
+        self.start_deployed_with(kc, |_| {}).await
+    }
+
+    /// [`Env::start_deployed`] with a last change to the controller's configuration (e.g.
+    /// `--pod-certificates`).
+    async fn start_deployed_with(
+        &mut self,
+        kc: &std::path::Path,
+        tweak: impl FnOnce(&mut RunConfig),
+    ) {
         let sa = self.deployed_client(kc).await;
         // The controller as the Deployment runs it: store = its namespace, leader election on the
         // Lease deploy/ grants, the namespace managed.
@@ -189,6 +199,7 @@ impl Env {
         cfg.ledger = Some(sa_store);
         cfg.managed_namespaces = vec![self.ns.clone()];
         cfg.leader = Some(LeaderConfig::new(self.ns.clone(), "e2e-0".to_string()));
+        tweak(&mut cfg);
         self.start_as(sa, cfg);
     }
 
@@ -1723,4 +1734,361 @@ async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
         "only the new root is left"
     );
     assert!(left.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------
+// PodCertificateRequests (certificates.k8s.io/v1beta1, Kubernetes 1.35 with the
+// PodCertificateRequest feature gate and the v1beta1 API enabled). No kubelet runs here: the
+// test creates the requests itself, as the kubelet would, with a real proof of possession
+// over the UID of a real Pod. NodeRestriction only restricts node identities, so the
+// kubeconfig's user (an admin) may create them.
+
+use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
+
+/// Whether the cluster serves PodCertificateRequests; otherwise skip (fail under CI).
+async fn pcr_served(env: &Env) -> bool {
+    let served = meshca::kube::pcr::served(&env.client)
+        .await
+        .expect("discovery");
+    if !served {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "the e2e cluster does not serve certificates.k8s.io/v1beta1 podcertificaterequests"
+        );
+        eprintln!("skipping: the cluster does not serve certificates.k8s.io/v1beta1 podcertificaterequests (Kubernetes 1.35 with --feature-gates=PodCertificateRequest=true --runtime-config=certificates.k8s.io/v1beta1=true)");
+    }
+    served
+}
+
+/// Grants deploy/components/pod-certificates' ClusterRole to the test namespace's
+/// `meshca-signer` (renamed to be unique; deleted by cleanup).
+async fn grant_pod_certificates_component(env: &mut Env) {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text =
+        std::fs::read_to_string(root.join("deploy/components/pod-certificates/clusterrole.yaml"))
+            .unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+    let name = format!("{}-pcr", env.ns);
+    for mut j in docs.into_iter().filter(|d| !d.is_null()) {
+        j["metadata"]["name"] = json!(name);
+        if j["kind"] == "ClusterRoleBinding" {
+            j["roleRef"]["name"] = json!(name);
+            for sub in j["subjects"].as_array_mut().into_iter().flatten() {
+                sub["namespace"] = json!(env.ns);
+            }
+            Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.client.clone())
+                .create(&PostParams::default(), &serde_json::from_value(j).unwrap())
+                .await
+                .unwrap();
+            env.cluster_objects
+                .push(("ClusterRoleBinding".into(), name.clone()));
+        } else {
+            Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.client.clone())
+                .create(&PostParams::default(), &serde_json::from_value(j).unwrap())
+                .await
+                .unwrap();
+            env.cluster_objects
+                .push(("ClusterRole".into(), name.clone()));
+        }
+    }
+}
+
+/// A ServiceAccount `sa` and a Pod running as it (bound to a node that does not exist, so it
+/// never starts); returns (pod UID, ServiceAccount UID).
+async fn pod_as(env: &Env, pod: &str, sa: &str) -> (String, String) {
+    let sa_api: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    let acct = match sa_api.get_opt(sa).await.unwrap() {
+        Some(a) => a,
+        None => sa_api
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": sa}})).unwrap(),
+            )
+            .await
+            .unwrap(),
+    };
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let p = pods
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": pod},
+                "spec": {"serviceAccountName": sa, "nodeName": "meshca-e2e-no-such-node",
+                         "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10"}]}
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    (p.metadata.uid.unwrap(), acct.metadata.uid.unwrap())
+}
+
+/// Creates a PodCertificateRequest as the kubelet would for `pod` (P-256 key, proof of
+/// possession over the pod UID) or with `key` = (spki, pop) given.
+#[allow(clippy::too_many_arguments)]
+async fn create_pcr(
+    env: &Env,
+    name: &str,
+    pod: &str,
+    sa: &str,
+    uids: &(String, String),
+    key: Option<(Vec<u8>, Vec<u8>)>,
+    annotations: Option<serde_json::Value>,
+) -> Result<PodCertificateRequest, kube::Error> {
+    let (spki, pop) = key.unwrap_or_else(|| p256_and_pop(&uids.0));
+    let api: Api<PodCertificateRequest> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut spec = json!({
+        "signerName": env.signer(), "podName": pod, "podUID": uids.0,
+        "serviceAccountName": sa, "serviceAccountUID": uids.1,
+        "nodeName": "meshca-e2e-no-such-node", "nodeUID": "00000000-0000-4000-8000-000000000000",
+        "maxExpirationSeconds": 3600,
+        "pkixPublicKey": b64(&spki), "proofOfPossession": b64(&pop),
+    });
+    if let Some(a) = annotations {
+        spec["unverifiedUserAnnotations"] = a;
+    }
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap(),
+    )
+    .await
+}
+
+fn p256_and_pop(uid: &str) -> (Vec<u8>, Vec<u8>) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+    let spki = kp.public_key().as_der().unwrap().as_ref().to_vec();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    (
+        spki,
+        kp.sign(&rng, uid.as_bytes()).unwrap().as_ref().to_vec(),
+    )
+}
+
+fn p521_and_pop(uid: &str) -> (Vec<u8>, Vec<u8>) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P521_SHA256_ASN1_SIGNING};
+    let kp = EcdsaKeyPair::generate(&ECDSA_P521_SHA256_ASN1_SIGNING).unwrap();
+    let spki = kp.public_key().as_der().unwrap().as_ref().to_vec();
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    (
+        spki,
+        kp.sign(&rng, uid.as_bytes()).unwrap().as_ref().to_vec(),
+    )
+}
+
+/// Waits for `Issued`, `Denied` or `Failed` on request `name`; returns it and the type.
+async fn wait_pcr(env: &Env, name: &str) -> (PodCertificateRequest, String) {
+    let api: Api<PodCertificateRequest> = Api::namespaced(env.client.clone(), &env.ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let p = api.get(name).await.expect("get PodCertificateRequest");
+        let done = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| matches!(c.type_.as_str(), "Issued" | "Denied" | "Failed"))
+                    .map(|c| c.type_.clone())
+            });
+        if let Some(t) = done {
+            return (p, t);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PodCertificateRequest {name}: no verdict: {:?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn pcr_condition(p: &PodCertificateRequest) -> (String, String, String) {
+    let c = &p.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
+    (c.type_.clone(), c.reason.clone(), c.message.clone())
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes 1.35 API server with PodCertificateRequests: MESHCA_E2E_KUBECONFIG"]
+async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
+    let Some(kc) = kubeconfig() else { return };
+    // The CA admits the SPIFFE ID of service account `web` of the test namespace only.
+    let mut env = Env::new(&kc, |ns| Policy {
+        allowed_spiffe_ids: vec![format!("spiffe://cluster.local/ns/{ns}/sa/web")],
+        ..Policy::default()
+    })
+    .await;
+    if !pcr_served(&env).await {
+        env.cleanup().await;
+        return;
+    }
+    grant_pod_certificates_component(&mut env).await;
+    env.start_deployed_with(&kc, |c| c.pod_certificates = true)
+        .await;
+
+    // Signed: one status update the API server accepted (it checks the times, the key and
+    // the "sign" permission), verifying to the CA with the pod's SPIFFE ID.
+    let web = pod_as(&env, "web-0", "web").await;
+    create_pcr(&env, "web-0-cert", "web-0", "web", &web, None, None)
+        .await
+        .expect("create PodCertificateRequest");
+    let (p, ty) = wait_pcr(&env, "web-0-cert").await;
+    assert_eq!(ty, "Issued", "{:?}", p.status);
+    let st = p.status.as_ref().unwrap();
+    let chain =
+        meshca::pemutil::parse_certs(st.certificate_chain.as_deref().unwrap().as_bytes(), "chain")
+            .unwrap();
+    let info = meshca::x509::CertInfo::from_der(&chain[0]).unwrap();
+    assert_eq!(
+        info.sans.uri,
+        vec![format!("spiffe://cluster.local/ns/{}/sa/web", env.ns)]
+    );
+    assert_eq!(info.spki_der, p.spec.pkix_public_key.0);
+    let ca = env.store.load_ca(&env.ca).await.unwrap();
+    meshca::x509::verify_chain(
+        &chain[0],
+        &chain[1..],
+        &[ca.root().clone()],
+        time::OffsetDateTime::now_utc(),
+        meshca::x509::Usage::Client,
+    )
+    .unwrap();
+    assert!(st.not_before.is_some() && st.not_after.is_some() && st.begin_refresh_at.is_some());
+    assert!(info.not_after - info.not_before <= time::Duration::hours(1));
+
+    // Denied: an account the CA's policy does not admit, a P-521 key, unknown annotations.
+    let db = pod_as(&env, "db-0", "db").await;
+    create_pcr(&env, "db-0-cert", "db-0", "db", &db, None, None)
+        .await
+        .unwrap();
+    let (p, _) = wait_pcr(&env, "db-0-cert").await;
+    let (ty, reason, msg) = pcr_condition(&p);
+    assert_eq!(
+        (ty.as_str(), reason.as_str()),
+        ("Denied", "MeshcaPolicyDenied"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("spiffe://cluster.local/ns/{}/sa/db", env.ns)),
+        "{msg}"
+    );
+    assert!(p.status.as_ref().unwrap().certificate_chain.is_none());
+
+    let web1 = pod_as(&env, "web-1", "web").await;
+    create_pcr(
+        &env,
+        "web-1-p521",
+        "web-1",
+        "web",
+        &web1,
+        Some(p521_and_pop(&web1.0)),
+        None,
+    )
+    .await
+    .unwrap();
+    let (p, _) = wait_pcr(&env, "web-1-p521").await;
+    let (ty, reason, msg) = pcr_condition(&p);
+    assert_eq!(
+        (ty.as_str(), reason.as_str()),
+        ("Denied", "UnsupportedKeyType"),
+        "{msg}"
+    );
+    assert!(msg.contains("ECDSAP256"), "{msg}");
+
+    create_pcr(
+        &env,
+        "web-1-annotated",
+        "web-1",
+        "web",
+        &web1,
+        None,
+        Some(json!({"example.com/role": "admin"})),
+    )
+    .await
+    .unwrap();
+    let (p, _) = wait_pcr(&env, "web-1-annotated").await;
+    let (ty, reason, msg) = pcr_condition(&p);
+    assert_eq!(
+        (ty.as_str(), reason.as_str()),
+        ("Denied", "InvalidUnverifiedUserAnnotations"),
+        "{msg}"
+    );
+    assert!(msg.contains("example.com/role"), "{msg}");
+
+    // The ledger has the certificate, with the service account as requester.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let l = env.store.ledger().await.unwrap();
+        if l.iter().any(|e| e.serial == info.serial_hex()) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ledger entry for {}",
+            info.serial_hex()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+#[ignore = "needs a Kubernetes 1.35 API server with PodCertificateRequests: MESHCA_E2E_KUBECONFIG"]
+async fn the_api_server_checks_the_proof_of_possession_and_unknown_signers_are_left_alone() {
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, |_| Policy::default()).await;
+    if !pcr_served(&env).await {
+        env.cleanup().await;
+        return;
+    }
+    grant_pod_certificates_component(&mut env).await;
+    env.start_deployed_with(&kc, |c| c.pod_certificates = true)
+        .await;
+    let web = pod_as(&env, "web-0", "web").await;
+    // A proof over another UID: refused at create (422), so it never reaches the signer.
+    let e = create_pcr(
+        &env,
+        "bad-pop",
+        "web-0",
+        "web",
+        &web,
+        Some(p256_and_pop("other")),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(meshca::kube::api_code(&e), Some(422), "{e}");
+    assert!(e.to_string().contains("proof-of-possession"), "{e}");
+    // A request for an unknown meshca.io signer gets no condition (another meshca may serve
+    // it); a control request for the served one, created after it, is issued.
+    let api: Api<PodCertificateRequest> = Api::namespaced(env.client.clone(), &env.ns);
+    let (spki, pop) = p256_and_pop(&web.0);
+    let other = json!({"metadata": {"name": "other-signer"}, "spec": {
+        "signerName": "meshca.io/not-served-here", "podName": "web-0", "podUID": web.0,
+        "serviceAccountName": "web", "serviceAccountUID": web.1,
+        "nodeName": "meshca-e2e-no-such-node", "nodeUID": "00000000-0000-4000-8000-000000000000",
+        "maxExpirationSeconds": 3600, "pkixPublicKey": b64(&spki), "proofOfPossession": b64(&pop)}});
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(other).unwrap(),
+    )
+    .await
+    .unwrap();
+    create_pcr(&env, "control", "web-0", "web", &web, None, None)
+        .await
+        .unwrap();
+    assert_eq!(wait_pcr(&env, "control").await.1, "Issued");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let o = api.get("other-signer").await.unwrap();
+    assert!(
+        o.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_none_or(|c| c.is_empty()),
+        "{:?}",
+        o.status
+    );
+    env.cleanup().await;
 }

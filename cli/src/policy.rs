@@ -34,7 +34,8 @@ pub struct CheckArgs {
     /// The CA.
     #[arg(long)]
     ca: String,
-    /// The front end asking: csr-signer, auto-approver, managed-secret (or local: the operator).
+    /// The front end asking: csr-signer, auto-approver, managed-secret, pod-certificate (with
+    /// --requester system:serviceaccount:<ns>:<sa>, the pod's account), or local: the operator.
     #[arg(long = "as", value_name = "FRONT_END")]
     via: FrontEnd,
     /// A PEM CSR to check (instead of --spiffe-id/--dns/--ip).
@@ -99,6 +100,29 @@ async fn check(ctx: &Ctx, a: CheckArgs) -> anyhow::Result<()> {
                 ))
             })?;
             Requester::kube(user)
+        }
+        FrontEnd::PodCertificate => {
+            // The pod's service account, as the PodCertificateRequest names it.
+            let user = a.requester.clone().ok_or_else(|| {
+                usage("--as pod-certificate needs --requester system:serviceaccount:<ns>:<sa> (the pod's service account)")
+            })?;
+            let Some((ns, sa)) = Requester::kube(user.clone())
+                .service_account()
+                .map(|(n, s)| (n.to_string(), s.to_string()))
+            else {
+                return Err(usage(format!(
+                    "--as pod-certificate: --requester {user:?} is not system:serviceaccount:<ns>:<sa>"
+                )));
+            };
+            if a.namespace.is_some() {
+                return Err(usage(
+                    "--as pod-certificate takes the namespace from --requester, not --namespace",
+                ));
+            }
+            Requester::PodServiceAccount {
+                namespace: ns,
+                name: sa,
+            }
         }
         FrontEnd::ManagedSecret => {
             if a.requester.is_some() {

@@ -83,6 +83,10 @@ pub struct RunArgs {
     /// The last part of the ClusterTrustBundle names.
     #[arg(long, default_value = meshca::kube::trust_bundles::DEFAULT_SUFFIX)]
     cluster_trust_bundle_suffix: String,
+    /// Also sign PodCertificateRequests (certificates.k8s.io/v1beta1) for meshca.io/<ca>;
+    /// skipped with one log line where the cluster does not serve them.
+    #[arg(long)]
+    pod_certificates: bool,
 }
 
 fn hostname() -> Option<String> {
@@ -164,6 +168,7 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
         cluster_trust_bundles: a
             .cluster_trust_bundles
             .then(|| a.cluster_trust_bundle_suffix.clone()),
+        pod_certificates: a.pod_certificates,
         ca_reload,
         ledger: Some(ledger),
         instance: a.identity.clone().or_else(hostname),

@@ -519,3 +519,51 @@ fn openssl_csr(env: &Env, name: &str, addext: &[&str]) -> PathBuf {
     openssl(&args);
     csr
 }
+
+#[test]
+fn pod_certificate_decisions_bind_to_the_pods_service_account() {
+    let env = Env::new();
+    let pod = |id: &'static str| {
+        [
+            "--as",
+            "pod-certificate",
+            "--requester",
+            BLUE,
+            "--spiffe-id",
+            id,
+        ]
+    };
+    env.allowed("mesh", &pod(OWN));
+    env.denied(
+        "mesh",
+        &pod("spiffe://cluster.local/ns/app/sa/green"),
+        "spiffe://cluster.local/ns/app/sa/green",
+    );
+    // The requester must be a service account, and comes from --requester only.
+    let (code, _) = env.check(
+        "mesh",
+        &[
+            "--as",
+            "pod-certificate",
+            "--requester",
+            "alice",
+            "--spiffe-id",
+            OWN,
+        ],
+    );
+    assert_eq!(code, 1);
+    let (code, _) = env.check(
+        "mesh",
+        &[
+            "--as",
+            "pod-certificate",
+            "--requester",
+            BLUE,
+            "--namespace",
+            "app",
+            "--spiffe-id",
+            OWN,
+        ],
+    );
+    assert_eq!(code, 1);
+}

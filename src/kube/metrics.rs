@@ -4,6 +4,9 @@
 //! - `csr_reconciles_total` CSR reconciles for signers meshca serves;
 //! - `csrs_signed_total`, `csrs_failed_total{reason}`, `csr_conflicts_total` (someone else won);
 //! - `csrs_approved_total`, `csrs_denied_total` (auto-approver);
+//! - `pod_certificate_requests_issued_total`,
+//!   `pod_certificate_requests_refused_total{condition,reason}` (the PodCertificateRequest
+//!   signer);
 //! - `csr_sign_duration_seconds` histogram: from the reconcile start to the accepted status write;
 //! - `csr_issue_latency_seconds` histogram: from the CSR's creationTimestamp to the accepted write;
 //! - `managed_secrets_issued_total`, `managed_secrets_failed_total` (refused or failed
@@ -36,6 +39,15 @@ use crate::error::{Error, Result};
 /// Label set with one `reason`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
+    /// The condition reason.
+    pub reason: String,
+}
+
+/// Label set of a PodCertificateRequest refusal: `Denied` or `Failed`, and its reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PcrRefusalLabel {
+    /// `Denied` or `Failed`.
+    pub condition: String,
     /// The condition reason.
     pub reason: String,
 }
@@ -84,6 +96,10 @@ pub struct Metrics {
     pub ca_expiry: Family<CaLabel, Gauge>,
     /// 1 while leading.
     pub leader: Gauge,
+    /// PodCertificateRequests issued.
+    pub pcrs_issued: Counter,
+    /// PodCertificateRequests denied or failed, by condition and reason.
+    pub pcrs_refused: Family<PcrRefusalLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,6 +131,8 @@ impl Metrics {
             ca_reloads: Counter::default(),
             ca_expiry: Family::default(),
             leader: Gauge::default(),
+            pcrs_issued: Counter::default(),
+            pcrs_refused: Family::default(),
         };
         registry.register(
             "csr_reconciles",
@@ -192,6 +210,16 @@ impl Metrics {
             m.ca_expiry.clone(),
         );
         registry.register("leader", "1 while this replica leads", m.leader.clone());
+        registry.register(
+            "pod_certificate_requests_issued",
+            "PodCertificateRequests issued",
+            m.pcrs_issued.clone(),
+        );
+        registry.register(
+            "pod_certificate_requests_refused",
+            "PodCertificateRequests denied or failed, by condition and reason",
+            m.pcrs_refused.clone(),
+        );
         Metrics { registry, ..m }
     }
 

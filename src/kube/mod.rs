@@ -9,6 +9,8 @@
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
 //! - [`trust_bundles`]: one ClusterTrustBundle `meshca.io:<ca>:<suffix>` per CA.
+//! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io/v1beta1`), found through
+//!   discovery and skipped where the API is not served.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
@@ -30,6 +32,7 @@ pub mod leader;
 pub mod ledger;
 pub mod managed;
 pub mod metrics;
+pub mod pcr;
 pub mod ratelimit;
 pub mod run;
 pub mod signer;

@@ -74,6 +74,9 @@ pub struct RunConfig {
     /// suffix, every `bundle_resync` (`None`: off, the default here; `meshca signer run`
     /// turns it on). Skipped with one log line when the cluster does not serve the API.
     pub cluster_trust_bundles: Option<String>,
+    /// Also sign PodCertificateRequests (`--pod-certificates`; skipped, with one log line,
+    /// where the cluster does not serve them).
+    pub pod_certificates: bool,
 }
 
 impl RunConfig {
@@ -93,6 +96,7 @@ impl RunConfig {
             bundle_resync: Some(Duration::from_secs(30)),
             metrics: None,
             cluster_trust_bundles: None,
+            pod_certificates: false,
             ca_reload: CaReload::Poll(DEFAULT_CA_POLL),
             ledger: Some(Arc::new(super::ledger::StoreLedger(store.clone()))),
             instance: None,
@@ -230,6 +234,21 @@ pub async fn run(
             signer_cfg.only_signer = Some(super::signer_name(one));
         }
     }
+    // The PodCertificateRequest signer: the same CA snapshot, limiter, leader and ledger.
+    let mut pcr = cfg.pod_certificates.then(|| {
+        super::pcr::PcrSigner::new(
+            client.clone(),
+            issuers_rx.clone(),
+            super::pcr::PcrConfig {
+                concurrency: signer_cfg.concurrency,
+                only_signer: signer_cfg.only_signer.clone(),
+            },
+            metrics.clone(),
+            limiter.clone(),
+            leader_rx.clone(),
+            clock.clone(),
+        )
+    });
     let mut signer = Signer::new(
         client.clone(),
         issuers_rx.clone(),
@@ -254,10 +273,12 @@ pub async fn run(
     if let Some(l) = &ledger {
         signer = signer.with_ledger(l.clone());
         managed = managed.with_ledger(l.clone());
+        pcr = pcr.map(|p| p.with_ledger(l.clone()));
     }
     drop(ledger);
     let signer = Arc::new(signer);
     let managed = Arc::new(managed);
+    let pcr = pcr.map(Arc::new);
 
     loop {
         // Wait to lead (or stop).
@@ -284,6 +305,9 @@ pub async fn run(
             });
         }
         session.spawn(signer.clone().run(until(end_rx.clone(), true)));
+        if let Some(p) = &pcr {
+            session.spawn(p.clone().run_if_served(until(end_rx.clone(), true)));
+        }
         for ns in &cfg.managed_namespaces {
             let ns = (ns != "*").then(|| ns.clone());
             session.spawn(managed.clone().run(
@@ -302,6 +326,7 @@ pub async fn run(
     // The controllers are stopped: the ledger writer ends once the last sink is dropped.
     drop(signer);
     drop(managed);
+    drop(pcr);
     if let Some(t) = ledger_task {
         super::ledger::flush(t, Duration::from_secs(10)).await;
     }
@@ -405,6 +430,81 @@ mod tests {
             .unwrap();
         assert_eq!(metrics.leader.get(), 0);
         assert_eq!(metrics.csrs_signed.get(), 1);
+        drop(parked);
+    }
+
+    #[tokio::test]
+    async fn run_with_pod_certificates_discovers_the_api_and_signs_a_request() {
+        use crate::kube::pcr::check::tests::{key_and_pop, pcr};
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path().join("home")).unwrap();
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        store.save_ca(&ca, false).await.unwrap();
+        let (client, mut h) = mock_client();
+        let mut cfg = RunConfig::new(Arc::new(store));
+        cfg.bundle_resync = None;
+        cfg.ledger = None;
+        cfg.pod_certificates = true;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(client, cfg, async move {
+            let _ = stopped.await;
+        }));
+        let uid = "9d1c2b3a-0000-4000-8000-000000000001";
+        let (spki, pop) = key_and_pop("p256", uid);
+        let item =
+            serde_json::to_value(pcr("app", "web", "meshca.io/mesh", &spki, &pop, uid, None))
+                .unwrap();
+        let mut parked = Vec::new();
+        let mut discovered = false;
+        loop {
+            let (req, body, send) = next(&mut h).await;
+            let path = req.uri().path().to_string();
+            let q = req.uri().query().unwrap_or("").to_string();
+            match (req.method().as_str(), path.as_str()) {
+                ("GET", "/apis/certificates.k8s.io/v1beta1") => {
+                    discovered = true;
+                    send.send_response(resp(
+                        200,
+                        &json!({"kind": "APIResourceList", "apiVersion": "v1",
+                                "groupVersion": "certificates.k8s.io/v1beta1",
+                                "resources": [{"name": "podcertificaterequests", "singularName": "",
+                                               "namespaced": true, "kind": "PodCertificateRequest",
+                                               "verbs": ["get", "list", "watch"]}]}),
+                    ))
+                }
+                ("GET", _) if q.contains("watch=true") => parked.push(send),
+                ("GET", "/apis/certificates.k8s.io/v1beta1/podcertificaterequests") => {
+                    assert!(discovered, "listed only after discovery");
+                    send.send_response(resp(
+                        200,
+                        &json!({"apiVersion": "certificates.k8s.io/v1beta1",
+                                "kind": "PodCertificateRequestList",
+                                "metadata": {"resourceVersion": "1"}, "items": [item]}),
+                    ))
+                }
+                ("GET", _) => send.send_response(resp(
+                    200,
+                    &json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
+                            "metadata": {"resourceVersion": "1"}, "items": []}),
+                )),
+                ("PUT", p) => {
+                    assert_eq!(
+                        p,
+                        "/apis/certificates.k8s.io/v1beta1/namespaces/app/podcertificaterequests/p1/status"
+                    );
+                    assert_eq!(body["status"]["conditions"][0]["type"], "Issued");
+                    send.send_response(resp(200, &body));
+                    break;
+                }
+                (m, p) => panic!("unexpected {m} {p}"),
+            }
+        }
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("stops")
+            .unwrap()
+            .unwrap();
         drop(parked);
     }
 

@@ -14,9 +14,11 @@
 //! - any other Kubernetes user (a person, a node) binds nothing, so no templated rule matches;
 //! - a managed Secret in namespace X binds `{ns}` to X and `{sa}` to the service account of the
 //!   SPIFFE ID it asks for, which must be in X; the CA must list X in `managed_namespaces`;
+//! - a pod's service account (a PodCertificateRequest's namespace and
+//!   `spec.serviceAccountName`) binds `{ns}`/`{sa}` to itself and may only get its own ID;
 //! - the local operator (who holds the CA key) binds `{ns}`/`{sa}` from the requested ID.
 //!
-//! **In-cluster defaults.** For the three Kubernetes front ends an empty `allowed_spiffe_ids`
+//! **In-cluster defaults.** For the Kubernetes front ends an empty `allowed_spiffe_ids`
 //! means `spiffe://{td}/ns/{ns}/sa/{sa}` and an empty `allowed_dns` means `{sa}.{ns}.svc` and
 //! `{sa}.{ns}.svc.cluster.local` (for the local operator, empty lists allow anything in the
 //! trust domain). The auto-approver additionally requires `auto_approve = true`, never
@@ -118,6 +120,8 @@ pub enum FrontEnd {
     AutoApprover,
     /// The managed-Secret controller.
     ManagedSecret,
+    /// The PodCertificateRequest signer (`certificates.k8s.io/v1beta1`).
+    PodCertificate,
 }
 
 impl FrontEnd {
@@ -128,6 +132,7 @@ impl FrontEnd {
             FrontEnd::CsrSigner => "csr-signer",
             FrontEnd::AutoApprover => "auto-approver",
             FrontEnd::ManagedSecret => "managed-secret",
+            FrontEnd::PodCertificate => "pod-certificate",
         }
     }
 
@@ -144,10 +149,11 @@ impl std::str::FromStr for FrontEnd {
             "csr-signer" => FrontEnd::CsrSigner,
             "auto-approver" => FrontEnd::AutoApprover,
             "managed-secret" => FrontEnd::ManagedSecret,
+            "pod-certificate" => FrontEnd::PodCertificate,
             _ => {
                 return Err(Error::invalid(
                     "front end",
-                    format!("{s:?}; expected local, csr-signer, auto-approver or managed-secret"),
+                    format!("{s:?}; expected local, csr-signer, auto-approver, managed-secret or pod-certificate"),
                 ))
             }
         })
@@ -163,6 +169,15 @@ pub enum Requester {
     Kube(String),
     /// A managed Secret in this namespace.
     SecretNamespace(String),
+    /// The service account a pod runs as, from a PodCertificateRequest: its namespace (the
+    /// request's own, enforced by the API server) and `spec.serviceAccountName` (tied to the
+    /// pod by the API server's NodeRestriction admission when a kubelet creates the request).
+    PodServiceAccount {
+        /// The namespace.
+        namespace: String,
+        /// The service account's name.
+        name: String,
+    },
 }
 
 impl Requester {
@@ -171,10 +186,16 @@ impl Requester {
         Requester::Kube(username.into())
     }
 
-    /// `(namespace, name)` when this is `system:serviceaccount:<ns>:<sa>`.
+    /// `(namespace, name)` when this is `system:serviceaccount:<ns>:<sa>` or a pod's service
+    /// account.
     pub fn service_account(&self) -> Option<(&str, &str)> {
-        let Requester::Kube(u) = self else {
-            return None;
+        let u = match self {
+            Requester::Kube(u) => u,
+            Requester::PodServiceAccount { namespace, name } => {
+                return (!namespace.is_empty() && !name.is_empty())
+                    .then_some((namespace.as_str(), name.as_str()))
+            }
+            _ => return None,
         };
         let (ns, sa) = u.strip_prefix("system:serviceaccount:")?.split_once(':')?;
         (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then_some((ns, sa))
@@ -187,6 +208,9 @@ impl std::fmt::Display for Requester {
             Requester::LocalOperator => f.write_str("the local operator"),
             Requester::Kube(u) => write!(f, "{u:?}"),
             Requester::SecretNamespace(ns) => write!(f, "a managed Secret in namespace {ns:?}"),
+            Requester::PodServiceAccount { namespace, name } => {
+                write!(f, "a pod of service account {namespace}/{name}")
+            }
         }
     }
 }
@@ -227,6 +251,9 @@ pub struct Denial {
     /// The request is not for this front end to decide (the auto-approver leaves it pending
     /// for a person): the CA did not opt in, or the requester is not a workload.
     pub manual: bool,
+    /// The refusal is about the key type (unsupported, or not one the CA's policy allows):
+    /// the PodCertificateRequest signer reports it as `UnsupportedKeyType`.
+    pub key_type: bool,
 }
 
 impl Denial {
@@ -234,6 +261,7 @@ impl Denial {
         Denial {
             reason: reason.into(),
             manual: false,
+            key_type: false,
         }
     }
 
@@ -241,6 +269,15 @@ impl Denial {
         Denial {
             reason: reason.into(),
             manual: true,
+            key_type: false,
+        }
+    }
+
+    fn key(reason: impl Into<String>) -> Self {
+        Denial {
+            reason: reason.into(),
+            manual: false,
+            key_type: true,
         }
     }
 
@@ -285,6 +322,10 @@ impl Policy {
                     Requester::Kube(_)
                 )
                 | (FrontEnd::ManagedSecret, Requester::SecretNamespace(_))
+                | (
+                    FrontEnd::PodCertificate,
+                    Requester::PodServiceAccount { .. }
+                )
         );
         if !consistent {
             return Err(Denial::new(format!(
@@ -306,6 +347,14 @@ impl Policy {
                     )))
                 }
                 None => Binding::Unbound,
+            },
+            Requester::PodServiceAccount { namespace, name } => match requester.service_account() {
+                Some((ns, sa)) => Binding::Account(ns, sa),
+                None => {
+                    return Err(Denial::new(format!(
+                        "the pod's service account {namespace:?}/{name:?} is incomplete"
+                    )))
+                }
             },
             Requester::SecretNamespace(ns) => {
                 if !self.managed_namespaces.iter().any(|m| m == ns) {
@@ -329,11 +378,16 @@ impl Policy {
         }
         match req.key {
             PublicKeyKind::Rsa { bits } if bits < MIN_RSA_BITS => {
-                return Err(Denial::new(format!(
+                return Err(Denial::key(format!(
                     "RSA key of {bits} bits is under the {MIN_RSA_BITS}-bit minimum"
                 )))
             }
-            PublicKeyKind::Other => return Err(Denial::new("unsupported public key type")),
+            PublicKeyKind::Other => return Err(Denial::key("unsupported public key type")),
+            // Sizes meshca cannot issue for (ECDSA P-521, RSA 8192): refused here rather
+            // than failing at signing.
+            k if k.algorithm().is_none() => {
+                return Err(Denial::key(format!("unsupported public key type {k}")))
+            }
             _ => {}
         }
         if !self.allowed_key_algorithms.is_empty() {
@@ -342,7 +396,7 @@ impl Policy {
                 .algorithm()
                 .is_some_and(|a| self.allowed_key_algorithms.contains(&a));
             if !ok {
-                return Err(Denial::new(format!(
+                return Err(Denial::key(format!(
                     "key type {} is not one of the allowed {}",
                     req.key,
                     self.allowed_key_algorithms
@@ -886,6 +940,108 @@ mod tests {
             Some(Duration::from_secs(600))
         )
         .is_ok());
+    }
+
+    #[test]
+    fn a_pods_service_account_gets_only_its_own_id_and_key_refusals_say_so() {
+        let web = Requester::PodServiceAccount {
+            namespace: "app".into(),
+            name: "web".into(),
+        };
+        let own = sans(Some("spiffe://cluster.local/ns/app/sa/web"), &[]);
+        let p = Policy::default();
+        assert!(ask(&p, FrontEnd::PodCertificate, &web, &own, None).is_ok());
+        for other in [
+            "spiffe://cluster.local/ns/app/sa/db",
+            "spiffe://cluster.local/ns/prod/sa/web",
+        ] {
+            let d = denied(
+                ask(
+                    &p,
+                    FrontEnd::PodCertificate,
+                    &web,
+                    &sans(Some(other), &[]),
+                    None,
+                ),
+                other,
+            );
+            assert!(
+                d.reason.contains("a pod of service account app/web"),
+                "{}",
+                d.reason
+            );
+            assert!(!d.key_type);
+        }
+        // The in-cluster DNS default binds to the account too.
+        assert!(ask(
+            &p,
+            FrontEnd::PodCertificate,
+            &web,
+            &sans(None, &["web.app.svc"]),
+            None
+        )
+        .is_ok());
+        denied(
+            ask(
+                &p,
+                FrontEnd::PodCertificate,
+                &web,
+                &sans(None, &["db.app.svc"]),
+                None,
+            ),
+            "db.app.svc",
+        );
+        // Only this front end takes this requester, and it takes no other.
+        denied(
+            ask(&p, FrontEnd::CsrSigner, &web, &own, None),
+            "cannot ask through the csr-signer front end",
+        );
+        denied(
+            ask(
+                &p,
+                FrontEnd::PodCertificate,
+                &Requester::kube("system:serviceaccount:app:web"),
+                &own,
+                None,
+            ),
+            "cannot ask through the pod-certificate front end",
+        );
+        let empty = Requester::PodServiceAccount {
+            namespace: "app".into(),
+            name: String::new(),
+        };
+        denied(
+            ask(&p, FrontEnd::PodCertificate, &empty, &own, None),
+            "incomplete",
+        );
+        // Key refusals carry key_type (the signer reports UnsupportedKeyType); others do not.
+        let req = |key, pol: &Policy| {
+            pol.decide(
+                "c",
+                &td(),
+                &PolicyRequest {
+                    via: FrontEnd::PodCertificate,
+                    requester: &web,
+                    sans: &own,
+                    ttl: None,
+                    key,
+                    wants_ca: false,
+                    usages: NO_USAGES,
+                },
+            )
+        };
+        let d = denied(req(PublicKeyKind::Ecdsa { bits: 521 }, &p), "ecdsa-p521");
+        assert!(d.key_type);
+        let only384 = Policy {
+            allowed_key_algorithms: vec![KeyAlgorithm::EcdsaP384],
+            ..Policy::default()
+        };
+        assert!(denied(req(PublicKeyKind::Ed25519, &only384), "ed25519").key_type);
+        assert!(req(PublicKeyKind::Ecdsa { bits: 384 }, &only384).is_ok());
+        assert_eq!(
+            "pod-certificate".parse::<FrontEnd>().unwrap(),
+            FrontEnd::PodCertificate
+        );
     }
 
     #[test]
