@@ -522,7 +522,7 @@ fn openssl_csr(env: &Env, name: &str, addext: &[&str]) -> PathBuf {
 
 #[test]
 fn pod_certificate_decisions_bind_to_the_pods_service_account() {
-    let env = Env::new();
+    let env = mesh_env();
     let pod = |id: &'static str| {
         [
             "--as",
