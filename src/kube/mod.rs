@@ -7,6 +7,8 @@
 //! - [`approver`]: the optional policy auto-approver (off by default).
 //! - [`managed`]: Secrets annotated with `meshca.io/ca` are filled with `tls.crt`, `tls.key`
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
+//! - [`csr_client`]: the workload side of a CSR (`sds serve --source kube-csr`): key in memory,
+//!   create, watch until signed or refused, delete.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
@@ -24,6 +26,7 @@
 pub mod approver;
 pub mod backoff;
 pub mod bundles;
+pub mod csr_client;
 pub mod issuers;
 pub mod leader;
 pub mod ledger;
