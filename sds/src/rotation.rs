@@ -96,6 +96,11 @@ impl Rotator {
         let now = OffsetDateTime::now_utc();
         let mut due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
         let mut material = self.source.load(due, now).await?;
+        if due && material.workload.is_none() && self.current.is_some() {
+            // The source declined to renew now (it is backing off after a refused request):
+            // keep the current certificate and ask again at the next poll, not in a busy loop.
+            self.deadline = Some(now + self.cfg.poll_interval);
+        }
         if !due && self.issued_by_other_key(&material) {
             tracing::info!(
                 source = %self.source.describe(),

@@ -9,6 +9,7 @@
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
 //! - [`csr_client`]: the workload side of a CSR (`sds serve --source kube-csr`): key in memory,
 //!   create, watch until signed or refused, delete.
+//! - [`trust_bundle_reader`]: a read-only watch of one signer's ClusterTrustBundles.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
@@ -36,6 +37,7 @@ pub mod ratelimit;
 pub mod run;
 pub mod signer;
 pub mod store;
+pub mod trust_bundle_reader;
 
 #[cfg(test)]
 mod decision_tests;
