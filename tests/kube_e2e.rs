@@ -180,6 +180,15 @@ impl Env {
     /// `meshca-signer`, bound only by deploy/'s own RBAC (not admin), rendered into the test
     /// namespace.
     async fn start_deployed(&mut self, kc: &std::path::Path) {
+        self.start_deployed_with(kc, |_| {}).await
+    }
+
+    /// [`Env::start_deployed`], with `adjust` applied to the controller's configuration.
+    async fn start_deployed_with(
+        &mut self,
+        kc: &std::path::Path,
+        adjust: impl FnOnce(&mut RunConfig),
+    ) {
         // The ServiceAccount of deploy/, bound by deploy/'s own RBAC (not admin).
         let sa = self.sa_client(kc, "meshca-signer").await;
         let cluster_name = format!("{}-signer", self.ns);
@@ -224,6 +233,7 @@ impl Env {
         cfg.ledger = Some(sa_store);
         cfg.managed_namespaces = vec![self.ns.clone()];
         cfg.leader = Some(LeaderConfig::new(self.ns.clone(), "e2e-0".to_string()));
+        adjust(&mut cfg);
         self.start_as(sa, cfg);
     }
 
@@ -1363,4 +1373,120 @@ async fn a_registration_authority_gets_workload_ids_of_its_trust_domain_and_an_u
     assert_policy_denied(&foreign, &[&foreign_id, "outside the CA's trust domain"]);
     assert_eq!(username(&rogue_csr), rogue_user);
     assert_policy_denied(&rogue_csr, &[&web_id, &rogue_user]);
+}
+
+/// The rules of the first ClusterRole in `file` (a deploy/ manifest).
+fn cluster_role_rules(file: &str) -> serde_json::Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join(file)).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+    docs.into_iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .unwrap()["rules"]
+        .clone()
+}
+
+fn sidecar_request(env: &Env, sa: &str, prefix: &str) -> meshca::kube::csr_client::CsrRequest {
+    let td = meshca::identity::TrustDomain::default();
+    meshca::kube::csr_client::CsrRequest {
+        signer_name: env.signer(),
+        sans: meshca::identity::Sans {
+            spiffe_id: Some(meshca::identity::SpiffeId::parse(&workload_id(&env.ns, sa)).unwrap()),
+            ..Default::default()
+        },
+        trust_domain: td,
+        key: meshca::key::KeyAlgorithm::EcdsaP256,
+        expiration: Duration::from_secs(3600),
+        name_prefix: format!("{prefix}-"),
+        requester_label: format!("{}.{sa}", env.ns),
+    }
+}
+
+/// `sds serve --source kube-csr` as a sidecar does it: under the pod's own ServiceAccount with
+/// exactly the RBAC of deploy/components/sds-kube-csr, against the signer and auto-approver
+/// running under theirs (deploy/base + deploy/components/auto-approve). Its own identity is
+/// signed and verifies with openssl; another account's is denied with the approver's reason;
+/// every CSR is gone afterwards. Then 100 sidecars at once: create-to-signed p50/p99.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn kube_csr_sidecar_gets_its_own_identity_under_its_own_account_and_cleans_up() {
+    use meshca::kube::csr_client::{Answer, CsrClient};
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, |_| Policy {
+        auto_approve: true,
+        ..Policy::default()
+    })
+    .await;
+    env.grant(
+        "meshca-signer",
+        cluster_role_rules("deploy/components/auto-approve/clusterrole.yaml"),
+    )
+    .await;
+    env.start_deployed_with(&kc, |c| c.signer.auto_approve = true)
+        .await;
+    let web = env.sa_client(&kc, "web").await;
+    env.grant(
+        "web",
+        cluster_role_rules("deploy/components/sds-kube-csr/rbac.yaml"),
+    )
+    .await;
+    let csrs = CsrClient::new(web.clone());
+    let own = sidecar_request(&env, "web", &format!("{}-web", env.ns));
+    let answer = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match csrs.request(&own, Duration::from_secs(60)).await {
+                Ok(a) => break a,
+                // The new bindings may take a moment to apply.
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    };
+    let Answer::Issued(o) = answer else {
+        panic!("{answer:?}")
+    };
+    assert_eq!(o.username, format!("system:serviceaccount:{}:web", env.ns));
+    assert_eq!(o.info.sans.uri, [workload_id(&env.ns, "web")]);
+    let gone = env.csrs().get_opt(&o.csr).await.unwrap();
+    assert!(gone.is_none(), "the sidecar deleted its CSR {}", o.csr);
+    // Another account's identity: denied by the approver, quoted, and deleted as well.
+    let mut green = sidecar_request(&env, "green", &format!("{}-web", env.ns));
+    green.requester_label = format!("{}.web", env.ns);
+    let refused = csrs.request(&green, Duration::from_secs(60)).await.unwrap();
+    let Answer::Refused(r) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(r.condition, "Denied");
+    assert_eq!(r.reason, "MeshcaPolicyDenied");
+    assert!(r.message.contains("/sa/green"), "{r}");
+    assert!(env.csrs().get_opt(&r.csr).await.unwrap().is_none());
+    // 100 sidecars at once (one account, 100 CSRs).
+    let t = Instant::now();
+    let mut lat: Vec<Duration> = futures::future::join_all((0..100).map(|i| {
+        let csrs = csrs.clone();
+        let req = sidecar_request(&env, "web", &format!("{}-web-{i}", env.ns));
+        async move {
+            let t = Instant::now();
+            match csrs.request(&req, Duration::from_secs(120)).await {
+                Ok(Answer::Issued(_)) => t.elapsed(),
+                other => panic!("{other:?}"),
+            }
+        }
+    }))
+    .await;
+    lat.sort();
+    eprintln!(
+        "100 concurrent kube-csr sidecars: create-to-signed p50 {:?} p99 {:?} (all in {:?})",
+        lat[49],
+        lat[98],
+        t.elapsed()
+    );
+    let ca = ca_crt_from_secret(&env).await;
+    env.cleanup().await;
+    let chain = meshca::pemutil::certs_to_pem(o.chain.iter());
+    assert!(openssl_verify(&ca, chain.as_bytes()).contains("OK"));
 }
