@@ -19,7 +19,7 @@ use crate::common::{usage, Ctx, IdentityArgs};
 pub enum SdsCmd {
     /// Serve `default` (workload certificate) and `ROOTCA` (trust bundle) to Envoy over SDS,
     /// renewing and pushing rotations and bundle changes.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
 
 /// Where the workload certificate comes from.
@@ -146,7 +146,7 @@ pub struct ServeArgs {
 
 pub async fn run(ctx: &Ctx, cmd: SdsCmd) -> anyhow::Result<()> {
     match cmd {
-        SdsCmd::Serve(a) => serve(ctx, a).await,
+        SdsCmd::Serve(a) => serve(ctx, *a).await,
     }
 }
 

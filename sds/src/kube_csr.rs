@@ -173,6 +173,7 @@ impl KubeCsrSource {
             let answer = self.csrs.request(&self.request, self.timeout).await;
             match answer {
                 Ok(Answer::Issued(o)) => {
+                    let o = *o;
                     self.backoff.reset(BACKOFF_KEY);
                     *self.retry_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     self.obtained_any.store(true, Ordering::Relaxed);

@@ -228,7 +228,7 @@ pub fn check_issued(
 #[derive(Debug)]
 pub enum Answer {
     /// Signed.
-    Issued(Obtained),
+    Issued(Box<Obtained>),
     /// Denied or failed by the approver or signer.
     Refused(Refusal),
 }
@@ -280,13 +280,13 @@ impl CsrClient {
         match waited? {
             Outcome::Issued(pem) => {
                 let (chain, info) = check_issued(&pem, &key, &name)?;
-                Ok(Answer::Issued(Obtained {
+                Ok(Answer::Issued(Box::new(Obtained {
                     key,
                     chain,
                     info,
                     csr: name,
                     username,
-                }))
+                })))
             }
             Outcome::Refused(r) => Ok(Answer::Refused(r)),
             Outcome::Pending => Err(Error::Backend {
