@@ -1490,3 +1490,119 @@ async fn kube_csr_sidecar_gets_its_own_identity_under_its_own_account_and_cleans
     let chain = meshca::pemutil::certs_to_pem(o.chain.iter());
     assert!(openssl_verify(&ca, chain.as_bytes()).contains("OK"));
 }
+
+/// The two-CA mesh, kube-csr part: green's sidecar gets its certificate from ca2 through a CSR
+/// under its own account; the frontend's ROOTCA (the `frontend` bundle ConfigMap that the signer
+/// publishes, which `--trust-bundle-file` reads from its volume) holds ca1 only and refuses
+/// green, then ca1+ca2 after `bundle update`, and accepts green's chain.
+#[tokio::test]
+#[ignore = "needs a Kubernetes API server: MESHCA_E2E_KUBECONFIG"]
+async fn kube_csr_two_ca_mesh_green_is_accepted_after_the_bundle_change() {
+    use meshca::kube::csr_client::{Answer, CsrClient};
+    let Some(kc) = kubeconfig() else { return };
+    let on = Policy {
+        auto_approve: true,
+        ..Policy::default()
+    };
+    let mut env = Env::new(&kc, |_| on.clone()).await;
+    let ca2 = format!("{}-2", env.ca);
+    let mut spec = CaSpec::root(&ca2);
+    spec.policy = on.clone();
+    env.store
+        .save_ca(
+            &create_root(&spec, time::OffsetDateTime::now_utc()).unwrap(),
+            false,
+        )
+        .await
+        .unwrap();
+    let bundle = format!("frontend{}", unique());
+    let ns = env.ns.clone();
+    let save = |cas: Vec<String>| BundleSpec {
+        name: bundle.clone(),
+        cas,
+        file: None,
+        namespaces: vec![ns.clone()],
+    };
+    env.store
+        .save_bundle(&save(vec![env.ca.clone()]))
+        .await
+        .unwrap();
+    env.grant(
+        "meshca-signer",
+        cluster_role_rules("deploy/components/auto-approve/clusterrole.yaml"),
+    )
+    .await;
+    let both = vec![env.ca.clone(), ca2.clone()];
+    env.start_deployed_with(&kc, |c| {
+        c.signer.auto_approve = true;
+        c.cas = Some(both);
+    })
+    .await;
+    let green = env.sa_client(&kc, "green").await;
+    env.grant(
+        "green",
+        cluster_role_rules("deploy/components/sds-kube-csr/rbac.yaml"),
+    )
+    .await;
+    let mut req = sidecar_request(&env, "green", &format!("{}-green", env.ns));
+    req.signer_name = format!("meshca.io/{ca2}");
+    let csrs = CsrClient::new(green);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let o = loop {
+        match csrs.request(&req, Duration::from_secs(60)).await {
+            Ok(Answer::Issued(o)) => break o,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let api: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.ns);
+    let anchors = |n: usize| {
+        let api = api.clone();
+        let name = format!("{bundle}-trust-bundle");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Some(cm) = api.get_opt(&name).await.unwrap() {
+                    let pem = cm
+                        .data
+                        .unwrap_or_default()
+                        .remove("ca.crt")
+                        .unwrap_or_default();
+                    let certs =
+                        meshca::pemutil::parse_certs(pem.as_bytes(), "ca.crt").unwrap_or_default();
+                    if certs.len() == n {
+                        return certs;
+                    }
+                }
+                assert!(Instant::now() < deadline, "{name} never had {n} roots");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let verify = |a: &[rustls_pki_types::CertificateDer<'static>]| {
+        meshca::x509::verify_chain(
+            &o.chain[0],
+            &o.chain[1..],
+            a,
+            time::OffsetDateTime::now_utc(),
+            meshca::x509::Usage::Client,
+        )
+    };
+    let ca1_only = anchors(1).await;
+    let refused = verify(&ca1_only);
+    env.store
+        .save_bundle(&save(vec![env.ca.clone(), ca2.clone()]))
+        .await
+        .unwrap();
+    let two = anchors(2).await;
+    let accepted = verify(&two);
+    env.cleanup().await;
+    assert!(
+        refused.is_err(),
+        "ca1 alone must not accept green (from ca2)"
+    );
+    accepted.expect("ca1+ca2 accepts green");
+}
