@@ -345,3 +345,126 @@ fn the_pod_certificates_component_adds_the_flag_with_exactly_the_rights_it_needs
         Some("meshca.io/mesh")
     );
 }
+
+/// (apiGroup, resource, verb) the ClusterRoles bound to ServiceAccount `ns/sa` grant.
+fn sa_cluster_grants(objs: &[Value], ns: &str, sa: &str) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for b in objs
+        .iter()
+        .filter(|o| s(o, &["kind"]) == Some("ClusterRoleBinding"))
+    {
+        let bound = b["subjects"].as_array().into_iter().flatten().any(|sub| {
+            s(sub, &["kind"]) == Some("ServiceAccount")
+                && s(sub, &["name"]) == Some(sa)
+                && s(sub, &["namespace"]) == Some(ns)
+        });
+        if !bound {
+            continue;
+        }
+        let role = s(b, &["roleRef", "name"]).unwrap();
+        for r in objs.iter().filter(|o| {
+            s(o, &["kind"]) == Some("ClusterRole") && s(o, &["metadata", "name"]) == Some(role)
+        }) {
+            for rule in r["rules"].as_array().into_iter().flatten() {
+                assert!(
+                    rule.get("resourceNames").is_none(),
+                    "generated CSR names cannot be listed in resourceNames"
+                );
+                for g in strings(rule.get("apiGroups")) {
+                    for res in strings(rule.get("resources")) {
+                        for v in strings(rule.get("verbs")) {
+                            out.insert((g.clone(), res.clone(), v));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// What `sds serve --source kube-csr` does with the pod's token (sds/src/kube_csr.rs,
+/// src/kube/csr_client.rs, src/kube/trust_bundle_reader.rs): create, get, watch and delete
+/// CSRs; list and watch ClusterTrustBundles. Nothing else: no list of CSRs, no Secrets, no
+/// approval or signing rights.
+#[test]
+fn the_kube_csr_sidecar_component_grants_exactly_what_the_source_does() {
+    let dir = "deploy/components/sds-kube-csr";
+    let objs = all(dir);
+    let have = sa_cluster_grants(&objs, "mesh", "web");
+    let want: BTreeSet<(String, String, String)> = [
+        ("certificatesigningrequests", "create"),
+        ("certificatesigningrequests", "get"),
+        ("certificatesigningrequests", "watch"),
+        ("certificatesigningrequests", "delete"),
+        ("clustertrustbundles", "list"),
+        ("clustertrustbundles", "watch"),
+    ]
+    .into_iter()
+    .map(|(r, v)| {
+        (
+            "certificates.k8s.io".to_string(),
+            r.to_string(),
+            v.to_string(),
+        )
+    })
+    .collect();
+    assert_eq!(have, want);
+    // Deleting is limited to the account's own CSRs by an admission policy on spec.username.
+    let vap = objs
+        .iter()
+        .find(|o| s(o, &["kind"]) == Some("ValidatingAdmissionPolicy"))
+        .expect("a ValidatingAdmissionPolicy");
+    let expr = s(&vap["spec"]["validations"][0], &["expression"]).unwrap();
+    assert!(
+        expr.contains("oldObject.spec.username") && expr.contains("request.userInfo.username"),
+        "{expr}"
+    );
+    assert!(objs.iter().any(
+        |o| s(o, &["kind"]) == Some("ValidatingAdmissionPolicyBinding")
+            && s(o, &["spec", "policyName"]) == s(vap, &["metadata", "name"])
+    ));
+    // The sidecar runs the kube-csr source under that account.
+    let patch = objs
+        .iter()
+        .find(|o| s(o, &["kind"]) == Some("Deployment"))
+        .unwrap();
+    let pod = &patch["spec"]["template"]["spec"];
+    assert_eq!(s(pod, &["serviceAccountName"]), Some("web"));
+    let args = strings(pod["containers"][0].get("args"));
+    for a in ["--source=kube-csr", "--signer=meshca.io/mesh"] {
+        assert!(args.iter().any(|x| x == a), "{a} not in {args:?}");
+    }
+    assert!(
+        args.iter().any(|x| x.starts_with("--trust-bundle-file=")),
+        "{args:?}"
+    );
+    let k = docs(&root().join(format!("{dir}/kustomization.yaml"))).remove(0);
+    assert_eq!(s(&k, &["kind"]), Some("Component"));
+    // The complete manifests pass kubernetes-validate (the patch is partial by design).
+    let ok = std::process::Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").unwrap_or_default().is_empty(),
+            "kubernetes-validate does not run and CI is set (pip install kubernetes-validate)"
+        );
+        eprintln!("SKIPPED kubernetes-validate: not installed (pip install kubernetes-validate)");
+        return;
+    }
+    for f in ["rbac.yaml", "delete-own-csrs.yaml"] {
+        let o = std::process::Command::new("kubernetes-validate")
+            .args(["--strict", "--quiet"])
+            .arg(root().join(dir).join(f))
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "kubernetes-validate rejects {f}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

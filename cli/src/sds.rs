@@ -19,14 +19,51 @@ use crate::common::{usage, Ctx, IdentityArgs};
 pub enum SdsCmd {
     /// Serve `default` (workload certificate) and `ROOTCA` (trust bundle) to Envoy over SDS,
     /// renewing and pushing rotations and bundle changes.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
 }
+
+/// Where the workload certificate comes from.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A CA of the meshca home (--ca).
+    LocalCa,
+    /// PEM files (--cert-file, --key-file, --ca-file).
+    Files,
+    /// A Kubernetes CSR to the cluster's signer (--signer), under the pod's service account.
+    KubeCsr,
+}
+
+/// The projected service-account token of a pod.
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/token";
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
+    /// Certificate source [default: local-ca with --ca, files with --cert-file].
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
     /// Issue and renew the workload certificate from this CA of the meshca home.
-    #[arg(long, required_unless_present = "cert_file")]
+    #[arg(long, required_unless_present_any = ["cert_file", "source"])]
     ca: Option<String>,
+    /// kube-csr: the signer to ask, meshca.io/<ca>.
+    #[arg(long, value_name = "SIGNER", conflicts_with_all = ["ca", "cert_file"])]
+    signer: Option<String>,
+    /// kube-csr: ROOTCA from this PEM file, re-read every poll (e.g. the ca.crt of a mounted
+    /// <bundle>-trust-bundle ConfigMap).
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["ca", "cert_file"])]
+    trust_bundle_file: Option<PathBuf>,
+    /// kube-csr: ROOTCA from the ClusterTrustBundles of --signer (read-only list/watch).
+    #[arg(long, conflicts_with = "trust_bundle_file")]
+    cluster_trust_bundles: bool,
+    /// kube-csr: only ClusterTrustBundles matching this label selector.
+    #[arg(long, value_name = "SELECTOR", requires = "cluster_trust_bundles")]
+    cluster_trust_bundle_labels: Option<String>,
+    /// kube-csr: how long one CSR may wait to be signed before it is deleted and retried.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2m")]
+    csr_timeout: Duration,
+    /// kube-csr: the service-account token whose `sub` gives the default identity
+    /// spiffe://<td>/ns/<ns>/sa/<sa> (when --spiffe-id and --namespace are not given).
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_TOKEN_FILE)]
+    token_file: PathBuf,
     #[command(flatten)]
     id: IdentityArgs,
     /// Trust domain for --namespace/--service-account with the file source
@@ -109,7 +146,7 @@ pub struct ServeArgs {
 
 pub async fn run(ctx: &Ctx, cmd: SdsCmd) -> anyhow::Result<()> {
     match cmd {
-        SdsCmd::Serve(a) => serve(ctx, a).await,
+        SdsCmd::Serve(a) => serve(ctx, *a).await,
     }
 }
 
@@ -144,8 +181,21 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
         .as_deref()
         .map(|m| parse_tcp("--metrics", m))
         .transpose()?;
+    let kind = a.source.unwrap_or(if a.cert_file.is_some() {
+        SourceKind::Files
+    } else {
+        SourceKind::LocalCa
+    });
+    if kind != SourceKind::KubeCsr
+        && (a.signer.is_some() || a.trust_bundle_file.is_some() || a.cluster_trust_bundles)
+    {
+        return Err(usage(
+            "--signer, --trust-bundle-file and --cluster-trust-bundles go with --source kube-csr",
+        ));
+    }
     let source = match (&a.ca, &a.cert_file) {
-        (Some(ca), None) => {
+        _ if kind == SourceKind::KubeCsr => kube_csr_source(ctx, &a)?,
+        (Some(ca), None) if kind == SourceKind::LocalCa => {
             if ctx.store != "local" {
                 return Err(usage(
                     "sds serve issues from the local store only (--store local)",
@@ -173,7 +223,7 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
                 crl: a.crl,
             }
         }
-        (None, Some(cert)) => {
+        (None, Some(cert)) if kind == SourceKind::Files => {
             let td = a.trust_domain.clone().unwrap_or_default();
             let sans = a.id.sans(&td)?;
             SourceConfig::Files {
@@ -191,7 +241,7 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
         }
         _ => {
             return Err(usage(
-                "give either --ca (local CA) or --cert-file/--key-file/--ca-file",
+                "give either --ca (local CA), --cert-file/--key-file/--ca-file, or --source kube-csr --signer meshca.io/<ca>",
             ))
         }
     };
@@ -239,6 +289,86 @@ pub async fn config(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<ServeConfig> {
     cfg.rotation.jitter = a.jitter;
     cfg.rotation.poll_interval = a.poll_interval;
     Ok(cfg)
+}
+
+/// The `kube-csr` source from the flags. The identity is --spiffe-id, or
+/// --namespace/--service-account, else the service account of the token file; plus --dns/--ip.
+fn kube_csr_source(ctx: &Ctx, a: &ServeArgs) -> anyhow::Result<SourceConfig> {
+    use meshca::kube::csr_client::{self, CsrRequest};
+    use meshca_sds::kube_csr::{KubeCsrConfig, TrustConfig};
+    let signer = a
+        .signer
+        .clone()
+        .ok_or_else(|| usage("--source kube-csr needs --signer meshca.io/<ca>"))?;
+    if meshca::kube::ca_from_signer_name(&signer).is_none() {
+        return Err(usage(format!(
+            "--signer {signer:?}: expected meshca.io/<ca>"
+        )));
+    }
+    if a.crl || a.bundle.is_some() {
+        return Err(usage("--crl and --bundle go with --ca (local CA)"));
+    }
+    let trust = match (&a.trust_bundle_file, a.cluster_trust_bundles) {
+        (Some(p), false) => TrustConfig::File(p.clone()),
+        (None, true) => TrustConfig::ClusterTrustBundles {
+            signer: signer.clone(),
+            labels: a.cluster_trust_bundle_labels.clone(),
+        },
+        _ => return Err(usage(
+            "--source kube-csr needs ROOTCA: --trust-bundle-file PATH or --cluster-trust-bundles",
+        )),
+    };
+    let td = a.trust_domain.clone().unwrap_or_default();
+    let mut sans = a.id.sans(&td)?;
+    let (ns, sa) = match (&sans.spiffe_id, &a.id.namespace, &a.id.service_account) {
+        (_, Some(ns), Some(sa)) => (ns.clone(), sa.clone()),
+        (Some(id), _, _) => id
+            .k8s_workload()
+            .map(|(n, s)| (n.to_string(), s.to_string()))
+            .unwrap_or_default(),
+        (None, _, _) => {
+            let token = meshca::fsutil::read_limited(&a.token_file).map_err(|e| {
+                usage(format!(
+                    "no identity given and the service-account token cannot be read ({e}): pass --namespace/--service-account or --spiffe-id"
+                ))
+            })?;
+            let (ns, sa) = csr_client::service_account_of_token(&String::from_utf8_lossy(&token))
+                .map_err(|e| usage(format!("{}: {e}", a.token_file.display())))?;
+            sans.spiffe_id = Some(meshca::identity::SpiffeId::for_service_account(
+                &td, &ns, &sa,
+            )?);
+            (ns, sa)
+        }
+    };
+    let requester_label = if ns.is_empty() {
+        String::new()
+    } else {
+        format!("{ns}.{sa}")
+    };
+    let name_prefix = if sa.is_empty() {
+        "meshca-sds-".to_string()
+    } else {
+        // generateName: at most 253 characters with the 5 the API server appends.
+        let mut p = format!("meshca-sds-{ns}-{sa}-");
+        p.truncate(200);
+        p
+    };
+    let request = CsrRequest {
+        signer_name: signer,
+        sans,
+        trust_domain: td,
+        key: a.key,
+        expiration: a.ttl.unwrap_or(Duration::from_secs(24 * 3600)),
+        name_prefix,
+        requester_label,
+    };
+    request.validate().map_err(|e| usage(e.to_string()))?;
+    Ok(SourceConfig::KubeCsr(KubeCsrConfig {
+        kubeconfig: ctx.kubeconfig.clone(),
+        request,
+        timeout: a.csr_timeout,
+        trust,
+    }))
 }
 
 async fn serve(ctx: &Ctx, a: ServeArgs) -> anyhow::Result<()> {

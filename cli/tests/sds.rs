@@ -432,3 +432,81 @@ fn mtls_serve_checked_with_openssl_s_client() {
         "the refusal names the client: {log}"
     );
 }
+
+#[test]
+fn kube_csr_flags_fail_with_one_line() {
+    let env = Env::new();
+    let kc = [
+        "sds",
+        "serve",
+        "--source",
+        "kube-csr",
+        "--listen",
+        "tcp:127.0.0.1:0",
+    ];
+    let with = |extra: &[&str]| {
+        let mut v: Vec<&str> = kc.to_vec();
+        v.extend_from_slice(extra);
+        env.fails(&v)
+    };
+    let e = with(&[]);
+    assert!(e.contains("--signer meshca.io/<ca>"), "{e}");
+    let e = with(&["--signer", "example.com/x"]);
+    assert!(e.contains("expected meshca.io/<ca>"), "{e}");
+    let e = with(&["--signer", "meshca.io/mesh"]);
+    assert!(
+        e.contains("--trust-bundle-file PATH or --cluster-trust-bundles"),
+        "{e}"
+    );
+    // No identity and no readable token: says so.
+    let e = with(&[
+        "--signer",
+        "meshca.io/mesh",
+        "--trust-bundle-file",
+        "ca.crt",
+        "--token-file",
+        "missing-token",
+    ]);
+    assert!(
+        e.contains("service-account token") && e.contains("--namespace"),
+        "{e}"
+    );
+    // A token that is not a service account's.
+    std::fs::write(env.path("token"), "a.eyJzdWIiOiJhbGljZSJ9.b").unwrap();
+    let e = with(&[
+        "--signer",
+        "meshca.io/mesh",
+        "--trust-bundle-file",
+        "ca.crt",
+        "--token-file",
+        env.path("token").to_str().unwrap(),
+    ]);
+    assert!(e.contains("\"alice\""), "{e}");
+    let e = with(&[
+        "--signer",
+        "meshca.io/mesh",
+        "--trust-bundle-file",
+        "ca.crt",
+        "--namespace",
+        "app",
+        "--service-account",
+        "blue",
+        "--ttl",
+        "5m",
+    ]);
+    assert!(e.contains("below the API minimum of 600s"), "{e}");
+    let e = env.fails(&[
+        "sds",
+        "serve",
+        "--ca",
+        "ca1",
+        "--dns",
+        "a.example",
+        "--signer",
+        "meshca.io/mesh",
+    ]);
+    assert!(
+        e.contains("cannot be used with") || e.contains("--source kube-csr"),
+        "{e}"
+    );
+}

@@ -31,6 +31,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "kube")]
+pub mod kube_csr;
 pub mod metrics;
 pub mod rotation;
 pub mod secrets;
@@ -179,6 +181,9 @@ pub enum SourceConfig {
         /// Identity the certificate must carry, if any.
         expected: Option<Sans>,
     },
+    /// A Kubernetes CSR to the cluster's signer, under the pod's own service account.
+    #[cfg(feature = "kube")]
+    KubeCsr(kube_csr::KubeCsrConfig),
 }
 
 /// Everything [`serve`] needs. Build with [`ServeConfig::new`] and adjust fields.
@@ -277,7 +282,10 @@ impl ServeConfig {
         Ok(())
     }
 
-    fn build_source(&self) -> Result<Box<dyn CertSource>, ServeError> {
+    async fn build_source(
+        &self,
+        #[allow(unused_variables)] metrics: &Arc<Metrics>,
+    ) -> Result<Box<dyn CertSource>, ServeError> {
         Ok(match &self.source {
             SourceConfig::LocalCa {
                 home,
@@ -303,6 +311,12 @@ impl ServeConfig {
                 ca.clone(),
                 expected.clone(),
             )),
+            #[cfg(feature = "kube")]
+            SourceConfig::KubeCsr(k) => Box::new(
+                kube_csr::KubeCsrSource::connect(k, metrics.clone())
+                    .await
+                    .map_err(ServeError::Source)?,
+            ),
         })
     }
 }
@@ -427,8 +441,8 @@ impl Server {
     /// starts serving.
     pub async fn start(cfg: ServeConfig) -> Result<Server, ServeError> {
         cfg.validate()?;
-        let source = cfg.build_source()?;
         let metrics = Arc::new(Metrics::default());
+        let source = cfg.build_source(&metrics).await?;
         // The transport's files are checked before the first certificate is issued.
         let tls = cfg
             .tls

@@ -84,9 +84,39 @@ pub struct Metrics {
     pub clients_refused: AtomicU64,
     /// TLS handshakes that failed or timed out (refused clients included).
     pub tls_handshake_failures: AtomicU64,
+    /// Workload certificates obtained through a Kubernetes CSR (`kube-csr` source).
+    pub csr_issued: AtomicU64,
+    /// Refused CSRs by (condition, reason) (`kube-csr` source).
+    pub csr_refusals: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+    /// The last refusal: condition, reason, message.
+    pub csr_last_refusal: std::sync::Mutex<Option<(String, String, String)>>,
+}
+
+/// A Prometheus label value: backslash, quote and newline escaped, cut to 256 bytes.
+fn label_value(v: &str) -> String {
+    let mut end = v.len().min(256);
+    while !v.is_char_boundary(end) {
+        end -= 1;
+    }
+    v[..end]
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 impl Metrics {
+    /// Counts a refused CSR and remembers it as the last refusal.
+    pub fn record_csr_refusal(&self, condition: &str, reason: &str, message: &str) {
+        let mut m = self.csr_refusals.lock().unwrap_or_else(|p| p.into_inner());
+        *m.entry((condition.to_string(), reason.to_string()))
+            .or_insert(0) += 1;
+        *self
+            .csr_last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) =
+            Some((condition.into(), reason.into(), message.into()));
+    }
+
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -167,6 +197,35 @@ impl Metrics {
                     pm.get(m)
                 ));
             }
+        }
+        let refusals = self.csr_refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let issued = self.csr_issued.load(Ordering::Relaxed);
+        if issued > 0 || !refusals.is_empty() {
+            s.push_str("# HELP meshca_sds_csr_issued_total Workload certificates obtained through a Kubernetes CSR.\n# TYPE meshca_sds_csr_issued_total counter\n");
+            s.push_str(&format!("meshca_sds_csr_issued_total {issued}\n"));
+            s.push_str("# HELP meshca_sds_csr_refusals_total Kubernetes CSRs refused, by condition and reason.\n# TYPE meshca_sds_csr_refusals_total counter\n");
+            for ((c, r), n) in refusals.iter() {
+                s.push_str(&format!(
+                    "meshca_sds_csr_refusals_total{{condition=\"{}\",reason=\"{}\"}} {n}\n",
+                    label_value(c),
+                    label_value(r)
+                ));
+            }
+        }
+        drop(refusals);
+        if let Some((c, r, m)) = self
+            .csr_last_refusal
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+        {
+            s.push_str("# HELP meshca_sds_csr_last_refusal_info The last refused Kubernetes CSR, quoted.\n# TYPE meshca_sds_csr_last_refusal_info gauge\n");
+            s.push_str(&format!(
+                "meshca_sds_csr_last_refusal_info{{condition=\"{}\",reason=\"{}\",message=\"{}\"}} 1\n",
+                label_value(c),
+                label_value(r),
+                label_value(m)
+            ));
         }
         s
     }

@@ -96,6 +96,11 @@ impl Rotator {
         let now = OffsetDateTime::now_utc();
         let mut due = force || self.current.is_none() || self.deadline.is_some_and(|d| now >= d);
         let mut material = self.source.load(due, now).await?;
+        if due && material.workload.is_none() && self.current.is_some() {
+            // The source declined to renew now (it is backing off after a refused request):
+            // keep the current certificate and ask again at the next poll, not in a busy loop.
+            self.deadline = Some(now + self.cfg.poll_interval);
+        }
         if !due && self.issued_by_other_key(&material) {
             tracing::info!(
                 source = %self.source.describe(),
@@ -265,5 +270,101 @@ impl Rotator {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use async_trait::async_trait;
+    use meshca::ca::{create_root, CaSpec};
+    use meshca::identity::{Sans, SpiffeId, TrustDomain};
+    use meshca::issue::{issue_workload, LocalIssuer};
+    use meshca::key::KeyAlgorithm;
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Mutex;
+
+    /// Issues one short-lived certificate, then declines every renewal (as a source backing
+    /// off after a refused CSR does), counting the loads.
+    #[derive(Debug)]
+    struct Declining {
+        first: Mutex<Option<WorkloadCert>>,
+        anchors: Vec<rustls_pki_types::CertificateDer<'static>>,
+        loads: Arc<AtomicU64>,
+        sans: Sans,
+    }
+
+    #[async_trait]
+    impl CertSource for Declining {
+        fn describe(&self) -> String {
+            "declining".into()
+        }
+        async fn load(&self, _renew: bool, _now: OffsetDateTime) -> Result<Material, SourceError> {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            Ok(Material {
+                workload: self.first.lock().unwrap().take(),
+                bundle: self.anchors.clone(),
+                ..Material::default()
+            })
+        }
+        fn expected_identity(&self) -> Option<&Sans> {
+            Some(&self.sans)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_that_declines_a_due_renewal_is_asked_again_at_the_next_poll_not_in_a_loop() {
+        let now = OffsetDateTime::now_utc();
+        let ca = create_root(&CaSpec::root("ca1"), now).unwrap();
+        let anchors = vec![ca.cert.clone()];
+        let issuer = LocalIssuer::new(ca).unwrap();
+        let sans = Sans {
+            spiffe_id: Some(
+                SpiffeId::for_service_account(&TrustDomain::default(), "a", "b").unwrap(),
+            ),
+            ..Sans::default()
+        };
+        let w = issue_workload(
+            &issuer,
+            &sans,
+            Some(Duration::from_secs(600)),
+            KeyAlgorithm::EcdsaP256,
+            now,
+        )
+        .await
+        .unwrap();
+        // Obtained long ago: the renewal is due at once.
+        let cert = WorkloadCert {
+            chain: vec![w.cert.leaf.clone()],
+            key_pem: w.key.to_pkcs8_pem(),
+            info: w.cert.info.clone(),
+            obtained_at: now - time::Duration::seconds(590),
+        };
+        let loads = Arc::new(AtomicU64::new(0));
+        let source = Declining {
+            first: Mutex::new(Some(cert)),
+            anchors,
+            loads: loads.clone(),
+            sans,
+        };
+        let (tx, _rx) = watch::channel(Arc::new(Snapshot::new()));
+        // Renewal due at 10 % of the lifetime: already passed.
+        let cfg = RotationConfig {
+            poll_interval: Duration::from_millis(100),
+            renew_at: 0.1,
+            ..RotationConfig::default()
+        };
+        let mut rot = Rotator::new(Box::new(source), cfg, tx, Arc::new(Metrics::default()));
+        rot.step(true).await.unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(rot.run(Arc::new(Notify::new()), stop_rx));
+        tokio::time::sleep(Duration::from_millis(550)).await;
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        let n = loads.load(Ordering::Relaxed);
+        assert!(
+            (2..=10).contains(&n),
+            "{n} loads in 550 ms with a 100 ms poll"
+        );
     }
 }

@@ -7,6 +7,9 @@
 //! - [`approver`]: the optional policy auto-approver (off by default).
 //! - [`managed`]: Secrets annotated with `meshca.io/ca` are filled with `tls.crt`, `tls.key`
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
+//! - [`csr_client`]: the workload side of a CSR (`sds serve --source kube-csr`): key in memory,
+//!   create, watch until signed or refused, delete.
+//! - [`trust_bundle_reader`]: a read-only watch of one signer's ClusterTrustBundles.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
 //! - [`trust_bundles`]: one ClusterTrustBundle `meshca.io:<ca>:<suffix>` per CA.
 //! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io/v1beta1`), found through
@@ -27,6 +30,7 @@
 pub mod approver;
 pub mod backoff;
 pub mod bundles;
+pub mod csr_client;
 pub mod issuers;
 pub mod leader;
 pub mod ledger;
@@ -38,6 +42,7 @@ pub mod run;
 pub mod signer;
 pub mod store;
 pub mod store_rotation;
+pub mod trust_bundle_reader;
 pub mod trust_bundles;
 
 #[cfg(test)]
