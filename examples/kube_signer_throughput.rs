@@ -103,6 +103,9 @@ async fn main() {
             serde_json::from_value(json!({
                 "metadata": {"name": format!("c{i}"), "resourceVersion": "1"},
                 "spec": {
+                    // The requester the API server would record: the workload's own
+                    // ServiceAccount, which the policy binds to its SPIFFE ID and DNS name.
+                    "username": format!("system:serviceaccount:load:w{i}"),
                     "request": base64::engine::general_purpose::STANDARD.encode(pem.as_bytes()),
                     "signerName": "meshca.io/mesh",
                     "usages": ["digital signature", "server auth", "client auth"],
