@@ -4,12 +4,12 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use meshca::report::IssueReport;
 
 mod common;
-use common::Env;
+use common::{openssl, openssl_csr, Env, P256};
 
 impl Env {
     /// Runs a command that must fail with exit 1 and one clear stderr line; returns that line.
@@ -44,46 +44,6 @@ impl Env {
         self.ok(&["init", "--ca", "ca1", "--ca", "ca2", "--max-ttl", "30d"]);
     }
 }
-
-fn openssl(args: &[&str]) -> Output {
-    let o = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl must be installed (.ci/run installs it)");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-/// A CSR made by openssl with the given key spec and extra -addext values.
-fn openssl_csr(env: &Env, name: &str, keyspec: &[&str], addext: &[&str]) -> PathBuf {
-    let key = env.path(&format!("{name}.key"));
-    let csr = env.path(&format!("{name}.csr"));
-    let mut args = vec!["genpkey", "-out", key.to_str().unwrap()];
-    args.extend_from_slice(keyspec);
-    openssl(&args);
-    let mut args = vec![
-        "req",
-        "-new",
-        "-key",
-        key.to_str().unwrap(),
-        "-subj",
-        "/CN=ext",
-        "-out",
-        csr.to_str().unwrap(),
-    ];
-    for a in addext {
-        args.push("-addext");
-        args.push(a);
-    }
-    openssl(&args);
-    csr
-}
-
-const P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
 
 #[test]
 fn init_is_idempotent_and_keys_are_private() {

@@ -3,11 +3,10 @@
 //! that denies everything fails. Also: the init flags of the new policy keys, and the EKUs a
 //! real issued certificate carries (openssl x509 -text).
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
 mod common;
-use common::Env;
+use common::{openssl, openssl_csr, Env, P256};
 
 const BLUE: &str = "system:serviceaccount:app:blue";
 const ISTIOD: &str = "system:serviceaccount:istio-system:istiod";
@@ -233,6 +232,7 @@ fn ca_flags_usages_and_ttls_out_of_bounds_are_denied() {
     let ca_csr = openssl_csr(
         &env,
         "ca",
+        P256,
         &[
             "basicConstraints=critical,CA:TRUE",
             &format!("subjectAltName=URI:{OWN}"),
@@ -250,7 +250,7 @@ fn ca_flags_usages_and_ttls_out_of_bounds_are_denied() {
         ],
         "CA:TRUE",
     );
-    let leaf_csr = openssl_csr(&env, "leaf", &[&format!("subjectAltName=URI:{OWN}")]);
+    let leaf_csr = openssl_csr(&env, "leaf", P256, &[&format!("subjectAltName=URI:{OWN}")]);
     env.allowed(
         "mesh",
         &[
@@ -415,7 +415,7 @@ fn unknown_placeholders_fail_at_init_naming_them() {
 fn issued_certificates_carry_only_the_granted_ekus() {
     let env = mesh_env();
     let san = "subjectAltName=URI:spiffe://cluster.local/ns/howto-k8s-mtls-file-based/sa/blue";
-    let client = openssl_csr(&env, "client", &[san, "extendedKeyUsage=clientAuth"]);
+    let client = openssl_csr(&env, "client", P256, &[san, "extendedKeyUsage=clientAuth"]);
     env.ok(&[
         "issue",
         "--ca",
@@ -438,7 +438,7 @@ fn issued_certificates_carry_only_the_granted_ekus() {
     assert!(text.contains("TLS Web Client Authentication"), "{text}");
     assert!(!text.contains("TLS Web Server Authentication"), "{text}");
     // Twin: no request gets the profile default, both.
-    let plain = openssl_csr(&env, "plain", &[san]);
+    let plain = openssl_csr(&env, "plain", P256, &[san]);
     env.ok(&[
         "issue",
         "--ca",
@@ -462,7 +462,7 @@ fn issued_certificates_carry_only_the_granted_ekus() {
         text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
         "{text}"
     );
-    let code = openssl_csr(&env, "code", &[san, "extendedKeyUsage=codeSigning"]);
+    let code = openssl_csr(&env, "code", P256, &[san, "extendedKeyUsage=codeSigning"]);
     let o = env.run(&[
         "issue",
         "--ca",
@@ -474,50 +474,6 @@ fn issued_certificates_carry_only_the_granted_ekus() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("\"code signing\""));
-}
-
-fn openssl(args: &[&str]) -> Output {
-    let o = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl must be installed (.ci/run installs it)");
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
-/// A P-256 CSR made by openssl with the given -addext values.
-fn openssl_csr(env: &Env, name: &str, addext: &[&str]) -> PathBuf {
-    let key = env.path(&format!("{name}.key"));
-    let csr = env.path(&format!("{name}.csr"));
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "EC",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-out",
-        key.to_str().unwrap(),
-    ]);
-    let mut args = vec![
-        "req",
-        "-new",
-        "-key",
-        key.to_str().unwrap(),
-        "-subj",
-        "/CN=ext",
-        "-out",
-        csr.to_str().unwrap(),
-    ];
-    for a in addext {
-        args.push("-addext");
-        args.push(a);
-    }
-    openssl(&args);
-    csr
 }
 
 #[test]

@@ -51,3 +51,45 @@ impl Env {
         String::from_utf8(o.stdout).unwrap()
     }
 }
+
+/// Runs openssl, which must succeed.
+pub fn openssl(args: &[&str]) -> Output {
+    let o = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl must be installed (.ci/run installs it)");
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+/// A CSR made by openssl with the given key spec and extra -addext values.
+pub fn openssl_csr(env: &Env, name: &str, keyspec: &[&str], addext: &[&str]) -> PathBuf {
+    let key = env.path(&format!("{name}.key"));
+    let csr = env.path(&format!("{name}.csr"));
+    let mut args = vec!["genpkey", "-out", key.to_str().unwrap()];
+    args.extend_from_slice(keyspec);
+    openssl(&args);
+    let mut args = vec![
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        "/CN=ext",
+        "-out",
+        csr.to_str().unwrap(),
+    ];
+    for a in addext {
+        args.push("-addext");
+        args.push(a);
+    }
+    openssl(&args);
+    csr
+}
+
+/// openssl genpkey options for an ECDSA P-256 key.
+pub const P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
