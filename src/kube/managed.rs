@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -614,6 +613,7 @@ impl Managed {
     }
 
     /// Runs a controller over the Secrets of `namespace` (all namespaces when `None`),
+    /// reporting whether it has listed as [`controller_name`] ([`super::health`]),
     /// narrowed by a label selector (see [`DEFAULT_SELECTOR`]), until `shutdown`. Every Secret
     /// is looked at again when the served CAs change.
     pub async fn run(
@@ -630,22 +630,30 @@ impl Managed {
         if let Some(sel) = label_selector {
             wc = wc.labels(&sel);
         }
-        Controller::new(api, wc)
+        let name = controller_name(namespace.as_deref());
+        let shutdown = futures::FutureExt::shared(shutdown);
+        let controller = Controller::new(api, wc)
             .with_config(ControllerConfig::default().concurrency(8))
             .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown)
-            .run(
-                |s, ctx: Arc<Managed>| async move { ctx.reconcile(&s).await },
-                |s, err, ctx: Arc<Managed>| {
-                    let d = ctx.retry_after(&s);
-                    tracing::warn!(secret = %secret_key(&s), error = %err, retry_in = ?d, "managed Secret reconcile failed; retrying");
-                    Action::requeue(d)
-                },
-                self.clone(),
-            )
-            .for_each(|_| async {})
-            .await;
+            .graceful_shutdown_on(shutdown.clone());
+        let store = controller.store();
+        let stream = controller.run(
+            |s, ctx: Arc<Managed>| async move { ctx.reconcile(&s).await },
+            |s, err, ctx: Arc<Managed>| {
+                let d = ctx.retry_after(&s);
+                tracing::warn!(secret = %secret_key(&s), error = %err, retry_in = ?d, "managed Secret reconcile failed; retrying");
+                Action::requeue(d)
+            },
+            self.clone(),
+        );
+        super::health::drive(&name, &self.metrics.controllers, store, stream, shutdown).await;
     }
+}
+
+/// The managed-Secret controller's name in `/readyz` and `meshca_controller_ready`:
+/// `managed:<namespace>`, or `managed:*` for all namespaces.
+pub fn controller_name(namespace: Option<&str>) -> String {
+    format!("managed:{}", namespace.unwrap_or("*"))
 }
 
 #[cfg(test)]

@@ -15,10 +15,14 @@
 //!   store's ledger, and batches that could not be written;
 //! - `ca_reloads_total`: new snapshots of the served CAs (a CA created, replaced or removed);
 //! - `ca_expiry_timestamp_seconds{ca}`: notAfter of each loaded CA, as a Unix time;
-//! - `leader` 1 while this replica leads.
+//! - `leader` 1 while this replica leads;
+//! - `controller_ready{controller}`: 1 once a controller of the leader's session has
+//!   completed its first list, 0 while it cannot (see [`super::health`]).
 //!
 //! `/healthz` answers 200 while the process serves HTTP. `/readyz` answers 200 once the CAs
-//! are loaded (followers are ready too: they are hot standbys), 503 before.
+//! are loaded (followers are ready too: they are hot standbys) and, on the leader, every
+//! controller has completed its first list; 503 before, naming each reason (a controller
+//! that cannot list, with its error).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +63,13 @@ pub struct CaLabel {
     pub ca: String,
 }
 
+/// Label set with one `controller`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    /// The controller: `csr-signer`, `pod-certificates` or `managed:<namespace>`.
+    pub controller: String,
+}
+
 /// Everything the controller counts.
 #[derive(Debug)]
 pub struct Metrics {
@@ -90,6 +101,10 @@ pub struct Metrics {
     pub ledger_entries: Counter,
     /// Ledger batches that could not be written.
     pub ledger_failures: Counter,
+    /// The controllers of the leader's session and whether each has listed.
+    pub controllers: super::health::ControllerHealth,
+    /// 1 per controller that has listed, 0 per one that has not (from `controllers`).
+    controller_ready: Family<ControllerLabel, Gauge>,
     /// Snapshots of the served CAs published after start-up.
     pub ca_reloads: Counter,
     /// CA notAfter as Unix time.
@@ -128,6 +143,8 @@ impl Metrics {
             bundle_applied: Counter::default(),
             ledger_entries: Counter::default(),
             ledger_failures: Counter::default(),
+            controllers: Default::default(),
+            controller_ready: Family::default(),
             ca_reloads: Counter::default(),
             ca_expiry: Family::default(),
             leader: Gauge::default(),
@@ -200,6 +217,11 @@ impl Metrics {
             m.ledger_failures.clone(),
         );
         registry.register(
+            "controller_ready",
+            "1 once a controller of the leader has completed its first list, 0 while it cannot",
+            m.controller_ready.clone(),
+        );
+        registry.register(
             "ca_reloads",
             "New snapshots of the served CAs after start-up",
             m.ca_reloads.clone(),
@@ -228,13 +250,28 @@ impl Metrics {
         self.ready.store(ready, Ordering::Release);
     }
 
+    /// Why `/readyz` answers 503, one line each (empty: ready).
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        super::health::not_ready_reasons(
+            self.ready.load(Ordering::Acquire),
+            &self.controllers.snapshot(),
+        )
+    }
+
     /// Whether `/readyz` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.not_ready_reasons().is_empty()
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.controller_ready.clear();
+        for (name, state) in self.controllers.snapshot() {
+            let ready = state == super::health::ControllerState::Ready;
+            self.controller_ready
+                .get_or_create(&ControllerLabel { controller: name })
+                .set(i64::from(ready));
+        }
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
@@ -245,8 +282,14 @@ impl Metrics {
     pub fn respond(&self, path: &str) -> (u16, &'static str, String) {
         match path {
             "/healthz" | "/livez" => (200, "text/plain", "ok\n".into()),
-            "/readyz" if self.is_ready() => (200, "text/plain", "ok\n".into()),
-            "/readyz" => (503, "text/plain", "not ready: CAs not loaded yet\n".into()),
+            "/readyz" => match self.not_ready_reasons() {
+                r if r.is_empty() => (200, "text/plain", "ok\n".into()),
+                r => (
+                    503,
+                    "text/plain",
+                    r.iter().map(|l| format!("not ready: {l}\n")).collect(),
+                ),
+            },
             "/metrics" => (
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -15,6 +15,8 @@
 //! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io/v1beta1`), found through
 //!   discovery and skipped where the API is not served.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
+//! - [`health`]: whether each controller of the leader has completed its first list
+//!   (`/readyz`, `meshca_controller_ready`).
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
 //! - [`run`]: wires all of the above into `meshca signer run`.
@@ -31,6 +33,7 @@ pub mod approver;
 pub mod backoff;
 pub mod bundles;
 pub mod csr_client;
+pub mod health;
 pub mod issuers;
 pub mod leader;
 pub mod ledger;
@@ -230,10 +233,21 @@ pub(crate) mod testutil {
         serde_json::Value,
         tower_test::mock::SendResponse<Response<Body>>,
     )> {
-        let (req, send) =
-            tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request())
-                .await
-                .expect("a request within 10 s")?;
+        tokio::time::timeout(std::time::Duration::from_secs(10), next_untimed(handle))
+            .await
+            .expect("a request within 10 s")
+    }
+
+    /// The next request, waiting as long as it takes (tests on paused time, where a 10 s
+    /// timeout would fire first), or `None` once every client is dropped.
+    pub async fn next_untimed(
+        handle: &mut Handle<Request<Body>, Response<Body>>,
+    ) -> Option<(
+        Request<()>,
+        serde_json::Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    )> {
+        let (req, send) = handle.next_request().await?;
         let (parts, body) = req.into_parts();
         let bytes = http_body_util::BodyExt::collect(body)
             .await
