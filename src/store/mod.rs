@@ -147,6 +147,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 /// once; a remote one is released by [`PhaseLock::release`] (or expires).
 #[async_trait]
 pub trait PhaseLock: Send + Sync {
+    /// Whether the lock is still held: a phase calls this before each write, and stops with
+    /// this error once the lock is lost (a failed renewal, or no renewal within its bound).
+    /// A local lock (an flock held by the open file) cannot be lost.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     /// Releases the lock.
     async fn release(self: Box<Self>) -> Result<()>;
 }
@@ -173,14 +179,6 @@ pub fn host_name() -> String {
 /// How a lock holder describes itself: `pid <pid> on <host>: <what>`.
 pub fn lock_holder(what: &str) -> String {
     format!("pid {} on {}: {what}", std::process::id(), host_name())
-}
-
-/// The pid in a [`lock_holder`] string, when it names this host.
-pub fn holder_pid_on_this_host(holder: &str) -> Option<u32> {
-    let rest = holder.strip_prefix("pid ")?;
-    let (pid, rest) = rest.split_once(" on ")?;
-    let (host, _) = rest.split_once(':')?;
-    (host == host_name()).then(|| pid.parse().ok()).flatten()
 }
 
 /// The error of a phase that found the rotation lock taken.

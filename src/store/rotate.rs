@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{bundle_anchors, SaveOutcome, Slot, Store};
+use super::{bundle_anchors, PhaseLock, SaveOutcome, Slot, Store};
 use crate::bundle;
 use crate::ca::{create_intermediate, create_root, Backend, CaMaterial};
 use crate::error::{Error, Result};
@@ -54,6 +54,7 @@ impl std::fmt::Debug for RotateOptions {
 /// Records `step` in the rotation record (atomically), then reports it.
 async fn record(
     store: &dyn Store,
+    lock: &dyn PhaseLock,
     st: &mut RotationState,
     steps: &mut Vec<String>,
     step: String,
@@ -61,6 +62,7 @@ async fn record(
     now: OffsetDateTime,
 ) -> Result<()> {
     st.step(step.clone(), now);
+    lock.check()?;
     store.save_rotation(st).await?;
     if let Some(p) = &opts.progress {
         p(&step);
@@ -147,7 +149,7 @@ pub async fn run_phase(
         phase_name(req)
     ));
     let lock = store.lock_rotation(&holder).await?;
-    let result = run_phase_locked(store, ca, req, opts, now).await;
+    let result = run_phase_locked(store, lock.as_ref(), ca, req, opts, now).await;
     if let Err(e) = lock.release().await {
         // The phase's steps are recorded; a lock left behind expires (or is taken over once
         // its holder is gone), so this is not the phase's failure.
@@ -164,8 +166,11 @@ fn phase_name(req: Request) -> &'static str {
     }
 }
 
+/// The phase's steps. Every write is preceded by [`PhaseLock::check`], so a phase that lost
+/// its lock stops before writing anything more.
 async fn run_phase_locked(
     store: &dyn Store,
+    lock: &dyn PhaseLock,
     ca: &str,
     req: Request,
     opts: &RotateOptions,
@@ -208,6 +213,7 @@ async fn run_phase_locked(
             if plan == Plan::Start {
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "started".into(),
@@ -218,9 +224,11 @@ async fn run_phase_locked(
             }
             if store.load_rotation_cas(ca, Slot::Next).await?.is_empty() {
                 let next = build_next(store, &st, now).await?;
+                lock.check()?;
                 store.save_rotation_cas(ca, Slot::Next, &next).await?;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "next-created".into(),
@@ -229,9 +237,10 @@ async fn run_phase_locked(
                 )
                 .await?;
             }
-            let (bundles, files) = publish(store, &st, opts.out_dir.as_deref()).await?;
+            let (bundles, files) = publish(store, lock, &st, opts.out_dir.as_deref()).await?;
             record(
                 store,
+                lock,
                 &mut st,
                 &mut report.steps,
                 "published".into(),
@@ -256,6 +265,7 @@ async fn run_phase_locked(
                 st.renew_now = opts.renew_now;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "activating".into(),
@@ -267,6 +277,7 @@ async fn run_phase_locked(
                 st.renew_now = true;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "renew-now".into(),
@@ -286,9 +297,11 @@ async fn run_phase_locked(
                     for name in &st.cas {
                         cur.push(store.load_ca(name).await?);
                     }
+                    lock.check()?;
                     store.save_rotation_cas(ca, Slot::Previous, &cur).await?;
                     record(
                         store,
+                        lock,
                         &mut st,
                         &mut report.steps,
                         "previous-saved".into(),
@@ -302,10 +315,12 @@ async fn run_phase_locked(
                         Error::Corrupt(format!("rotation of {ca}: no next version of CA {name}"))
                     })?;
                     if store.load_ca(&name).await?.cert != n.cert {
+                        lock.check()?;
                         let outcome = store.save_ca(n, true).await?;
                         debug_assert_eq!(outcome, SaveOutcome::Replaced);
                         record(
                             store,
+                            lock,
                             &mut st,
                             &mut report.steps,
                             format!("swapped:{name}"),
@@ -318,6 +333,7 @@ async fn run_phase_locked(
                 st.phase = Phase::Active;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "active".into(),
@@ -327,8 +343,9 @@ async fn run_phase_locked(
                 .await?;
             }
             // The next CAs are now the current ones.
+            lock.check()?;
             store.remove_rotation_cas(ca, Slot::Next).await?;
-            let (bundles, files) = publish(store, &st, opts.out_dir.as_deref()).await?;
+            let (bundles, files) = publish(store, lock, &st, opts.out_dir.as_deref()).await?;
             report.bundles = bundles;
             report.files = files;
         }
@@ -349,6 +366,7 @@ async fn run_phase_locked(
                 st.phase = Phase::Pruning;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "pruning".into(),
@@ -357,11 +375,14 @@ async fn run_phase_locked(
                 )
                 .await?;
             }
+            lock.check()?;
             store.remove_rotation_cas(ca, Slot::Previous).await?;
+            lock.check()?;
             store.remove_rotation_cas(ca, Slot::Next).await?;
-            let (bundles, files) = publish(store, &st, opts.out_dir.as_deref()).await?;
+            let (bundles, files) = publish(store, lock, &st, opts.out_dir.as_deref()).await?;
             report.bundles = bundles;
             report.files = files;
+            lock.check()?;
             store.remove_rotation(ca).await?;
             report.steps.push("pruned".into());
             report.state = "idle".into();
@@ -438,6 +459,7 @@ async fn build_next(
 /// ([`Store::publish_bundle`]), and (with `out_dir`) their re-exported PEMs.
 async fn publish(
     store: &dyn Store,
+    lock: &dyn PhaseLock,
     st: &RotationState,
     out_dir: Option<&Path>,
 ) -> Result<(Vec<String>, Vec<PathBuf>)> {
@@ -448,6 +470,7 @@ async fn publish(
             continue;
         }
         let anchors = bundle_anchors(store, &b).await?;
+        lock.check()?;
         store.publish_bundle(&b, &anchors).await?;
         if let Some(dir) = out_dir {
             fsutil::create_private_dir(dir)?;
