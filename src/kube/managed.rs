@@ -534,7 +534,8 @@ impl Managed {
                 entry: LedgerEntry::for_cert(&req.ca, &w.cert, now),
                 requester: format!("namespace:{ns}"),
                 object: format!("secret/{key}"),
-            });
+            })
+            .await;
         }
         if ann.contains_key(ANN_ERROR) {
             if let Err(e) = self.set_error_annotation(s, None).await {

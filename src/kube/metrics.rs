@@ -11,8 +11,10 @@
 //! - `csr_issue_latency_seconds` histogram: from the CSR's creationTimestamp to the accepted write;
 //! - `managed_secrets_issued_total`, `managed_secrets_failed_total` (refused or failed
 //!   issuance; the Secret's data is kept), `bundle_configmaps_applied_total`;
-//! - `ledger_entries_total`, `ledger_write_failures_total`: issued certificates recorded in the
-//!   store's ledger, and batches that could not be written;
+//! - `ledger_entries_total`, `ledger_write_failures_total`, `ledger_backlog`: issued
+//!   certificates recorded in the store's ledger, failed write attempts (each retried until
+//!   written), and records waiting to be written (issuance waits once it reaches
+//!   [`super::ledger::QUEUE`] plus one batch);
 //! - `ca_reloads_total`: new snapshots of the served CAs (a CA created, replaced or removed);
 //! - `ca_expiry_timestamp_seconds{ca}`: notAfter of each loaded CA, as a Unix time;
 //! - `leader` 1 while this replica leads;
@@ -99,8 +101,10 @@ pub struct Metrics {
     pub bundle_applied: Counter,
     /// Ledger entries written.
     pub ledger_entries: Counter,
-    /// Ledger batches that could not be written.
+    /// Failed ledger write attempts (each batch is retried until written).
     pub ledger_failures: Counter,
+    /// Records waiting to be written to the ledger.
+    pub ledger_backlog: Gauge,
     /// The controllers of the leader's session and whether each has listed.
     pub controllers: super::health::ControllerHealth,
     /// 1 per controller that has listed, 0 per one that has not (from `controllers`).
@@ -143,6 +147,7 @@ impl Metrics {
             bundle_applied: Counter::default(),
             ledger_entries: Counter::default(),
             ledger_failures: Counter::default(),
+            ledger_backlog: Gauge::default(),
             controllers: Default::default(),
             controller_ready: Family::default(),
             ca_reloads: Counter::default(),
@@ -213,8 +218,13 @@ impl Metrics {
         );
         registry.register(
             "ledger_write_failures",
-            "Ledger batches that could not be written",
+            "Failed ledger write attempts (retried until written)",
             m.ledger_failures.clone(),
+        );
+        registry.register(
+            "ledger_backlog",
+            "Issued certificates waiting to be written to the ledger",
+            m.ledger_backlog.clone(),
         );
         registry.register(
             "controller_ready",

@@ -17,6 +17,8 @@
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`health`]: whether each controller of the leader has completed its first list
 //!   (`/readyz`, `meshca_controller_ready`).
+//! - [`live_certs`]: the certificates still in use in the cluster, which prune checks besides
+//!   the ledger.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
 //! - [`run`]: wires all of the above into `meshca signer run`.
@@ -37,6 +39,7 @@ pub mod health;
 pub mod issuers;
 pub mod leader;
 pub mod ledger;
+pub mod live_certs;
 pub mod managed;
 pub mod metrics;
 pub mod pcr;

@@ -595,7 +595,8 @@ impl Signer {
                         entry: LedgerEntry::for_cert(&ca, &cert, now),
                         requester: csr.spec.username.clone().unwrap_or_default(),
                         object: format!("csr/{name}"),
-                    });
+                    })
+                    .await;
                 }
             }
             WriteOutcome::LostRace => {

@@ -709,6 +709,34 @@ mod tests {
                 l["metadata"]["resourceVersion"] = json!(rv);
             }
         }
+        if !path.contains("/namespaces/") {
+            // A list across namespaces (`/api/v1/secrets`), or discovery.
+            let p = path.trim_start_matches('/');
+            let Some((group, res)) = p.rsplit_once('/') else {
+                return (404, status_body(404, "NotFound", "not found"));
+            };
+            if method != "GET" || !(group.starts_with("api/") || group.contains('/')) {
+                return (404, status_body(404, "NotFound", "not found"));
+            }
+            let items: Vec<_> = f
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    let coll = k.rsplit_once('/').unwrap().0;
+                    coll == p
+                        || (coll.starts_with(&format!("{group}/namespaces/"))
+                            && coll.ends_with(&format!("/{res}")))
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            if items.is_empty() && !matches!(res, "secrets" | "certificatesigningrequests") {
+                return (404, status_body(404, "NotFound", "not found"));
+            }
+            return (
+                200,
+                json!({"apiVersion":"v1","kind":"List","metadata":{"resourceVersion":"1"},"items":items}),
+            );
+        }
         let (coll, name) = split(path);
         let key = |name: &str| format!("{coll}/{name}");
         match (method, name) {
@@ -1377,6 +1405,98 @@ mod tests {
         );
         assert_eq!(object(&fake, &key).unwrap()["spec"]["holderIdentity"], "me");
         Box::new(held).release().await.unwrap();
+        task.abort();
+    }
+
+    /// Issue 17: prune trusted the ledger alone. A certificate of the old CA that is live in
+    /// the cluster (a TLS Secret, a CSR) but missing from the ledger blocks prune.
+    #[tokio::test]
+    async fn prune_refuses_while_the_cluster_holds_live_certificates_of_the_old_ca() {
+        let fake: Shared = Default::default();
+        seed(&fake);
+        let (s, task) = store(&fake);
+        let now = OffsetDateTime::now_utc();
+        run_phase(&s, "root", Request::Prepare, &opts(), now)
+            .await
+            .unwrap();
+        run_phase(&s, "root", Request::Activate, &opts(), now)
+            .await
+            .unwrap();
+        let old_team = s
+            .load_rotation_cas("root", Slot::Previous)
+            .await
+            .unwrap()
+            .into_iter()
+            .nth(1)
+            .unwrap();
+        let issuer = crate::issue::LocalIssuer::new(old_team).unwrap();
+        let mut serials = Vec::new();
+        let mut pems = Vec::new();
+        for _ in 0..2 {
+            let w = crate::issue::issue_workload(
+                &issuer,
+                &crate::identity::Sans {
+                    dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
+                    ..Default::default()
+                },
+                None,
+                crate::key::KeyAlgorithm::EcdsaP256,
+                now,
+            )
+            .await
+            .unwrap();
+            serials.push(w.cert.info.serial_hex());
+            pems.push(w.cert.chain_pem());
+        }
+        {
+            let mut f = lock(&fake);
+            f.objects.insert(
+                "api/v1/namespaces/app/secrets/web-tls".into(),
+                json!({"apiVersion":"v1","kind":"Secret","type":"kubernetes.io/tls",
+                       "metadata":{"name":"web-tls","namespace":"app","resourceVersion":"1"},
+                       "data":{"tls.crt": b64(pems[0].as_bytes()), "tls.key": b64(b"unused")}}),
+            );
+            f.objects.insert(
+                "apis/certificates.k8s.io/v1/certificatesigningrequests/c1".into(),
+                json!({"apiVersion":"certificates.k8s.io/v1","kind":"CertificateSigningRequest",
+                       "metadata":{"name":"c1","resourceVersion":"1"},
+                       "spec":{"request": b64(b"unused"), "signerName":"meshca.io/team", "usages":[]},
+                       "status":{"certificate": b64(pems[1].as_bytes())}}),
+            );
+        }
+        let mark = lock(&fake).log.len();
+        let e = run_phase(&s, "root", Request::Prune, &opts(), now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prune refused"), "{e}");
+        assert!(
+            e.contains("secret app/web-tls") && e.contains(&serials[0]),
+            "{e}"
+        );
+        assert!(e.contains("csr c1") && e.contains(&serials[1]), "{e}");
+        let lines: Vec<String> = writes(&fake, mark).iter().map(Logged::line).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("POST /{LEASES}"),
+                format!("DELETE /{LEASES}/meshca-rotation")
+            ],
+            "a refused prune writes nothing but the lock"
+        );
+        let r = run_phase(
+            &s,
+            "root",
+            Request::Prune,
+            &RotateOptions {
+                force: true,
+                ..opts()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.forced_past.len(), 2, "{:?}", r.forced_past);
         task.abort();
     }
 

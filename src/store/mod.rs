@@ -117,6 +117,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn revocations(&self) -> Result<Vec<crate::crl::Revocation>> {
         Ok(Vec::new())
     }
+    /// Unexpired certificates still in use where this store's certificates go, issued by a CA
+    /// whose subject key identifier is in `skis`, each with where it is. Prune refuses while any is found, besides the ledger's (which can miss entries).
+    /// The kube store looks at the cluster's TLS Secrets, CSRs and PodCertificateRequests; a
+    /// local store has no such view (its ledger is written before a certificate is handed
+    /// out) and finds none.
+    async fn live_certificates(
+        &self,
+        skis: &std::collections::BTreeSet<String>,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<LiveCertificate>> {
+        let _ = (skis, now);
+        Ok(Vec::new())
+    }
     /// Takes the store's rotation lock for one whole phase, or fails at once naming its
     /// holder: two phases never interleave. `holder` describes this process (see
     /// [`lock_holder`]). A store without rotation support needs no lock.
@@ -140,6 +153,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
             "CA rotation on {} (use the local store)",
             self.describe()
         ))
+    }
+}
+
+/// A certificate in use somewhere ([`Store::live_certificates`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveCertificate {
+    /// Where it is: `secret <ns>/<name>`, `csr <name>`, `podcertificaterequest <ns>/<name>`.
+    pub location: String,
+    /// Its serial, hex.
+    pub serial: String,
+}
+
+impl std::fmt::Display for LiveCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (serial {})", self.location, self.serial)
     }
 }
 

@@ -8,7 +8,8 @@
 //! - activate: record `activating`; save the current CAs as the previous slot (one atomic
 //!   write, before any swap); replace each CA by its next version, parents first (each an
 //!   atomic CA replace, skipped when already done); record `active`; drop the next slot.
-//! - prune: check the ledger; record `pruning`; drop the previous slot; publish; drop the
+//! - prune: check the ledger and the live certificates ([`Store::live_certificates`]);
+//!   record `pruning`; drop the previous slot; publish; drop the
 //!   record.
 
 use std::collections::BTreeMap;
@@ -356,7 +357,7 @@ async fn run_phase_locked(
                     return Err(Error::invalid(
                         "rotation",
                         format!(
-                            "CA {ca}: prune refused: {} unexpired certificate(s) from the previous CA in the ledger: {} (re-issue them from the new CA, wait until they expire, or use --force)",
+                            "CA {ca}: prune refused: {} unexpired certificate(s) from the previous CA in the ledger or still in use: {} (re-issue them from the new CA, wait until they expire, or use --force)",
                             blocking.len(),
                             list(&blocking)
                         ),
@@ -503,10 +504,21 @@ async fn blocking_serials(
     }
     let ledger = store.ledger().await?;
     let lookup = |c: &str| ski.get(c).cloned();
-    Ok(rotation::blocking_entries(st, &ledger, &lookup, now)
-        .into_iter()
+    let entries = rotation::blocking_entries(st, &ledger, &lookup, now);
+    let in_ledger: std::collections::BTreeSet<&str> =
+        entries.iter().map(|e| e.serial.as_str()).collect();
+    let mut out: Vec<String> = entries
+        .iter()
         .map(|e| format!("{} ({})", e.serial, e.ca))
-        .collect())
+        .collect();
+    // The ledger can miss entries: also what is live where the store's certificates go.
+    let skis = ski.values().cloned().collect();
+    for live in store.live_certificates(&skis, now).await? {
+        if !in_ledger.contains(live.serial.as_str()) {
+            out.push(live.to_string());
+        }
+    }
+    Ok(out)
 }
 
 /// The status of `ca`'s rotation (or `idle`).
@@ -574,7 +586,7 @@ pub async fn status(store: &dyn Store, ca: &str, now: OffsetDateTime) -> Result<
                     blocking = blocking_serials(store, s, now).await?;
                     if !blocking.is_empty() {
                         blocked_by.push(format!(
-                            "{} unexpired certificate(s) from the previous CA in the ledger",
+                            "{} unexpired certificate(s) from the previous CA in the ledger or still in use",
                             blocking.len()
                         ));
                     }

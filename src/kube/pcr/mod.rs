@@ -343,7 +343,8 @@ impl PcrSigner {
                         entry: LedgerEntry::for_cert(&ca, &cert, now),
                         requester: prepared.requester.clone(),
                         object: format!("pcr/{}", key(pcr)),
-                    });
+                    })
+                    .await;
                 }
             }
             Ok(WriteOutcome::LostRace) => {}
