@@ -131,6 +131,23 @@ fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) 
     } else {
         "v1"
     };
+    // Lists across namespaces: api/v1/<resource>, and CSRs (prune's check of the
+    // certificates still in use).
+    let cluster_list = (parts.len() == 3 && parts[0] == "api")
+        || path == "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+    if method == "GET" && cluster_list {
+        let res = parts.last().copied().unwrap_or_default();
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((_, r, _), _)| r == res)
+            .map(|(_, o)| o.clone())
+            .collect();
+        return (
+            200,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+        );
+    }
     // api/v1/namespaces/<ns>/<resource>[/<name>]
     if parts.len() < 5 || parts[0] != "api" || parts[2] != "namespaces" {
         return status(404, "NotFound", "unsupported path");
@@ -682,6 +699,20 @@ fn kube_store_ca_rotation_phases_and_lock() {
         serde_json::from_str(&cli.ok(&["ca", "rotate", "mesh", "--status", "-o", "json"])).unwrap()
     };
     let old = fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap();
+    // A workload certificate of the old CA, live in a TLS Secret.
+    cli.ok(&[
+        "issue",
+        "--ca",
+        "mesh",
+        "--namespace",
+        "app",
+        "--service-account",
+        "web",
+        "--dns",
+        "web.app.svc",
+        "--secret",
+        "app/web-tls",
+    ]);
 
     cli.ok(&["ca", "rotate", "mesh", "--phase", "prepare"]);
     assert_eq!(roots(&fake), Some(2), "both roots published at prepare");
@@ -735,6 +766,20 @@ fn kube_store_ca_rotation_phases_and_lock() {
     );
     assert_eq!(status(&cli)["phase"], "active");
     assert_eq!(roots(&fake), Some(2));
+    // The ledger lost its entry (issue 17): prune still sees the certificate in use.
+    fake.state
+        .lock()
+        .unwrap()
+        .objects
+        .retain(|(_, r, n), _| !(r == "configmaps" && n.starts_with("meshca-ledger-")));
+    let o = cli.run(&["ca", "rotate", "mesh", "--phase", "prune"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("prune refused") && err.contains("secret app/web-tls (serial "),
+        "{err}"
+    );
+    assert_eq!(roots(&fake), Some(2), "nothing pruned");
     cli.ok(&["ca", "rotate", "mesh", "--phase", "prune", "--force"]);
     assert_eq!(roots(&fake), Some(1), "old root pruned");
     assert_eq!(status(&cli)["phase"], "idle");

@@ -643,6 +643,8 @@ mod tests {
         steal_at: Option<usize>,
         /// Answer this request only after this long.
         delay_at: Option<(usize, Duration)>,
+        /// Refuse (403) lists across namespaces.
+        forbid_cluster_lists: bool,
     }
 
     type Shared = Arc<Mutex<Fake>>;
@@ -717,6 +719,12 @@ mod tests {
             };
             if method != "GET" || !(group.starts_with("api/") || group.contains('/')) {
                 return (404, status_body(404, "NotFound", "not found"));
+            }
+            if f.forbid_cluster_lists {
+                return (
+                    403,
+                    status_body(403, "Forbidden", &format!("{res} is forbidden")),
+                );
             }
             let items: Vec<_> = f
                 .objects
@@ -1497,6 +1505,55 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(r.forced_past.len(), 2, "{:?}", r.forced_past);
+        task.abort();
+    }
+
+    /// Prune does not run blind: when the certificates in use cannot be listed, it is refused
+    /// without `--force`, and `--force` names what it did not check.
+    #[tokio::test]
+    async fn prune_refuses_when_it_cannot_check_the_cluster() {
+        let fake: Shared = Default::default();
+        seed(&fake);
+        let (s, task) = store(&fake);
+        let now = OffsetDateTime::now_utc();
+        run_phase(&s, "root", Request::Prepare, &opts(), now)
+            .await
+            .unwrap();
+        run_phase(&s, "root", Request::Activate, &opts(), now)
+            .await
+            .unwrap();
+        lock(&fake).forbid_cluster_lists = true;
+        let e = run_phase(&s, "root", Request::Prune, &opts(), now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("prune refused: cannot check") && e.contains("forbidden"),
+            "{e}"
+        );
+        let st = crate::store::rotate::status(&s, "root", now).await.unwrap();
+        assert!(
+            st.blocked_by.iter().any(|b| b.contains("cannot check")),
+            "{:?}",
+            st.blocked_by
+        );
+        let r = run_phase(
+            &s,
+            "root",
+            Request::Prune,
+            &RotateOptions {
+                force: true,
+                ..opts()
+            },
+            now,
+        )
+        .await
+        .unwrap();
+        assert!(
+            r.forced_past.iter().any(|f| f.contains("not checked")),
+            "{:?}",
+            r.forced_past
+        );
         task.abort();
     }
 

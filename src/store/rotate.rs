@@ -352,7 +352,16 @@ async fn run_phase_locked(
         }
         Request::Prune => {
             if st.phase == Phase::Active {
-                let blocking = blocking_serials(store, &st, now).await?;
+                let (mut blocking, unchecked) = blocking_serials(store, &st, now).await?;
+                if let Some(e) = unchecked {
+                    if !opts.force {
+                        return Err(Error::invalid(
+                            "rotation",
+                            format!("CA {ca}: prune refused: cannot check which certificates of the previous CA are still in use: {e} (grant the listing, or use --force)"),
+                        ));
+                    }
+                    blocking.push(format!("certificates in use not checked: {e}"));
+                }
                 if !blocking.is_empty() && !opts.force {
                     return Err(Error::invalid(
                         "rotation",
@@ -484,12 +493,14 @@ async fn publish(
     Ok((names, files))
 }
 
-/// Serials of ledger entries that block prune.
+/// What blocks prune: unexpired certificates of the previous CAs in the ledger, then those
+/// still in use ([`Store::live_certificates`]) that the ledger misses. The second value is
+/// why the certificates in use could not be checked, if they could not.
 async fn blocking_serials(
     store: &dyn Store,
     st: &RotationState,
     now: OffsetDateTime,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Option<Error>)> {
     let previous = store.load_rotation_cas(&st.ca, Slot::Previous).await?;
     let mut ski = BTreeMap::new();
     for p in &previous {
@@ -500,7 +511,7 @@ async fn blocking_serials(
     // Rotating an intermediate keeps the root, so nothing it signed loses trust.
     let root_changed = previous.iter().any(|p| p.meta.name == st.ca && p.is_root());
     if !root_changed {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let ledger = store.ledger().await?;
     let lookup = |c: &str| ski.get(c).cloned();
@@ -513,12 +524,17 @@ async fn blocking_serials(
         .collect();
     // The ledger can miss entries: also what is live where the store's certificates go.
     let skis = ski.values().cloned().collect();
-    for live in store.live_certificates(&skis, now).await? {
-        if !in_ledger.contains(live.serial.as_str()) {
-            out.push(live.to_string());
+    match store.live_certificates(&skis, now).await {
+        Ok(live) => {
+            for l in live {
+                if !in_ledger.contains(l.serial.as_str()) {
+                    out.push(l.to_string());
+                }
+            }
+            Ok((out, None))
         }
+        Err(e) => Ok((out, Some(e))),
     }
-    Ok(out)
 }
 
 /// The status of `ca`'s rotation (or `idle`).
@@ -583,7 +599,13 @@ pub async fn status(store: &dyn Store, ca: &str, now: OffsetDateTime) -> Result<
                     blocked_by.push("prune did not finish: re-run --phase prune".into())
                 }
                 Phase::Active => {
-                    blocking = blocking_serials(store, s, now).await?;
+                    let unchecked;
+                    (blocking, unchecked) = blocking_serials(store, s, now).await?;
+                    if let Some(e) = unchecked {
+                        blocked_by.push(format!(
+                            "cannot check which certificates of the previous CA are still in use: {e}"
+                        ));
+                    }
                     if !blocking.is_empty() {
                         blocked_by.push(format!(
                             "{} unexpired certificate(s) from the previous CA in the ledger or still in use",
