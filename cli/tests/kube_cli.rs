@@ -400,6 +400,23 @@ impl Cli {
     }
 }
 
+/// `meshca issue` of `web.app.svc` for ServiceAccount app/web into Secret `app/web-tls`.
+fn issue_web_tls(cli: &Cli) -> String {
+    cli.ok(&[
+        "issue",
+        "--ca",
+        "mesh",
+        "--namespace",
+        "app",
+        "--service-account",
+        "web",
+        "--dns",
+        "web.app.svc",
+        "--secret",
+        "app/web-tls",
+    ])
+}
+
 fn data(o: &Value, key: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(o["data"][key].as_str().unwrap())
@@ -437,19 +454,7 @@ fn kube_store_init_issue_secret_bundle_publish_and_ledger() {
     assert_eq!(list[0]["name"], "mesh", "{list}");
 
     // issue --secret writes the Secret to the cluster by server-side apply.
-    cli.ok(&[
-        "issue",
-        "--ca",
-        "mesh",
-        "--namespace",
-        "app",
-        "--service-account",
-        "web",
-        "--dns",
-        "web.app.svc",
-        "--secret",
-        "app/web-tls",
-    ]);
+    issue_web_tls(&cli);
     let s = fake
         .object("app", "secrets", "web-tls")
         .expect("workload Secret");
@@ -787,19 +792,7 @@ fn kube_store_ca_rotation_phases_and_lock() {
     };
     let old = fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap();
     // A workload certificate of the old CA, live in a TLS Secret.
-    cli.ok(&[
-        "issue",
-        "--ca",
-        "mesh",
-        "--namespace",
-        "app",
-        "--service-account",
-        "web",
-        "--dns",
-        "web.app.svc",
-        "--secret",
-        "app/web-tls",
-    ]);
+    issue_web_tls(&cli);
 
     cli.ok(&["ca", "rotate", "mesh", "--phase", "prepare"]);
     assert_eq!(roots(&fake), Some(2), "both roots published at prepare");

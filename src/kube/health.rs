@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use futures::{Stream, StreamExt};
-use kube::runtime::controller::{self, Action};
+use kube::runtime::controller::{self, Action, Controller};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 
@@ -109,6 +109,32 @@ pub fn not_ready_reasons(
         }
     }
     out
+}
+
+/// Runs `controller` (built up to its triggers) through `run` (its
+/// [`Controller::run`] call) under [`drive`], with a graceful shutdown on `shutdown`.
+pub async fn run_controller<K, E, S>(
+    name: &str,
+    health: &ControllerHealth,
+    controller: Controller<K>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+    run: impl FnOnce(Controller<K>) -> S,
+) where
+    K: Clone
+        + kube::Resource
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+    E: std::error::Error + 'static,
+    S: Stream<Item = Result<(ObjectRef<K>, Action), controller::Error<E, watcher::Error>>>,
+{
+    let shutdown = futures::FutureExt::shared(shutdown);
+    let controller = controller.graceful_shutdown_on(shutdown.clone());
+    let store = controller.store();
+    drive(name, health, store, run(controller), shutdown).await;
 }
 
 /// Runs a controller's stream (from [`kube::runtime::Controller::run`]) until it ends,

@@ -137,7 +137,7 @@ pub async fn live_certificates(
 mod tests {
     use super::*;
     use crate::ca::{create_root, CaSpec};
-    use crate::identity::{DnsName, Sans};
+    use crate::store::rotate::tests::leaf_from;
 
     #[tokio::test]
     async fn a_leaf_blocks_only_when_unexpired_and_issued_by_a_listed_ca() {
@@ -145,28 +145,8 @@ mod tests {
         let old = create_root(&CaSpec::root("old"), now).unwrap();
         let ski = old.info().unwrap().subject_key_id.unwrap();
         let other = create_root(&CaSpec::root("other"), now).unwrap();
-        let sans = Sans {
-            dns: vec![DnsName::parse("a.example").unwrap()],
-            ..Default::default()
-        };
-        let issue = |ca: crate::ca::CaMaterial| {
-            let sans = sans.clone();
-            async move {
-                let i = crate::issue::LocalIssuer::new(ca).unwrap();
-                crate::issue::issue_workload(
-                    &i,
-                    &sans,
-                    None,
-                    crate::key::KeyAlgorithm::EcdsaP256,
-                    now,
-                )
-                .await
-                .unwrap()
-                .cert
-            }
-        };
-        let mine = issue(old).await;
-        let theirs = issue(other).await;
+        let mine = leaf_from(old, now).await;
+        let theirs = leaf_from(other, now).await;
         let skis = BTreeSet::from([ski]);
         let pem = mine.chain_pem();
         assert_eq!(

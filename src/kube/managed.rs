@@ -632,22 +632,22 @@ impl Managed {
             wc = wc.labels(&sel);
         }
         let name = controller_name(namespace.as_deref());
-        let shutdown = futures::FutureExt::shared(shutdown);
         let controller = Controller::new(api, wc)
             .with_config(ControllerConfig::default().concurrency(8))
-            .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown.clone());
-        let store = controller.store();
-        let stream = controller.run(
-            |s, ctx: Arc<Managed>| async move { ctx.reconcile(&s).await },
-            |s, err, ctx: Arc<Managed>| {
-                let d = ctx.retry_after(&s);
-                tracing::warn!(secret = %secret_key(&s), error = %err, retry_in = ?d, "managed Secret reconcile failed; retrying");
-                Action::requeue(d)
-            },
-            self.clone(),
-        );
-        super::health::drive(&name, &self.metrics.controllers, store, stream, shutdown).await;
+            .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        let health = &self.metrics.controllers;
+        super::health::run_controller(&name, health, controller, shutdown, |c| {
+            c.run(
+                |s, ctx: Arc<Managed>| async move { ctx.reconcile(&s).await },
+                |s, err, ctx: Arc<Managed>| {
+                    let d = ctx.retry_after(&s);
+                    tracing::warn!(secret = %secret_key(&s), error = %err, retry_in = ?d, "managed Secret reconcile failed; retrying");
+                    Action::requeue(d)
+                },
+                self.clone(),
+            )
+        })
+        .await;
     }
 }
 

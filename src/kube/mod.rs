@@ -191,6 +191,13 @@ pub(crate) mod testutil {
     use kube::client::Body;
     use tower_test::mock::Handle;
 
+    /// A request (method, path with query; JSON body, Null when empty) and its reply slot.
+    pub type Next = (
+        Request<()>,
+        serde_json::Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    );
+
     /// A client whose requests land on the returned handle.
     pub fn mock_client() -> (kube::Client, Handle<Request<Body>, Response<Body>>) {
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -218,24 +225,12 @@ pub(crate) mod testutil {
     }
 
     /// The next request: method, path with query, and JSON body (Null when empty).
-    pub async fn next(
-        handle: &mut Handle<Request<Body>, Response<Body>>,
-    ) -> (
-        Request<()>,
-        serde_json::Value,
-        tower_test::mock::SendResponse<Response<Body>>,
-    ) {
+    pub async fn next(handle: &mut Handle<Request<Body>, Response<Body>>) -> Next {
         next_opt(handle).await.expect("service alive")
     }
 
     /// The next request, or `None` once every client is dropped.
-    pub async fn next_opt(
-        handle: &mut Handle<Request<Body>, Response<Body>>,
-    ) -> Option<(
-        Request<()>,
-        serde_json::Value,
-        tower_test::mock::SendResponse<Response<Body>>,
-    )> {
+    pub async fn next_opt(handle: &mut Handle<Request<Body>, Response<Body>>) -> Option<Next> {
         tokio::time::timeout(std::time::Duration::from_secs(10), next_untimed(handle))
             .await
             .expect("a request within 10 s")
@@ -243,13 +238,7 @@ pub(crate) mod testutil {
 
     /// The next request, waiting as long as it takes (tests on paused time, where a 10 s
     /// timeout would fire first), or `None` once every client is dropped.
-    pub async fn next_untimed(
-        handle: &mut Handle<Request<Body>, Response<Body>>,
-    ) -> Option<(
-        Request<()>,
-        serde_json::Value,
-        tower_test::mock::SendResponse<Response<Body>>,
-    )> {
+    pub async fn next_untimed(handle: &mut Handle<Request<Body>, Response<Body>>) -> Option<Next> {
         let (req, send) = handle.next_request().await?;
         let (parts, body) = req.into_parts();
         let bytes = http_body_util::BodyExt::collect(body)

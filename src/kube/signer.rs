@@ -654,30 +654,23 @@ impl Signer {
     ) {
         let api = self.api();
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        let shutdown = futures::FutureExt::shared(shutdown);
         let controller = Controller::new(api, self.cfg.watcher_config())
             .with_config(cfg)
             // A CA created, replaced or removed: look at every CSR again.
-            .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown.clone());
-        let store = controller.store();
-        let stream = controller.run(
-            |csr, ctx: Arc<Signer>| async move { ctx.reconcile_or_fail(&csr).await },
-            |csr, err, ctx: Arc<Signer>| {
-                let name = csr.metadata.name.as_deref().unwrap_or_default();
-                let d = ctx.backoff(name);
-                tracing::warn!(csr = name, error = %err, retry_in = ?d, "CSR reconcile failed; will retry");
-                Action::requeue(d)
-            },
-            self.clone(),
-        );
-        super::health::drive(
-            CONTROLLER_NAME,
-            &self.metrics.controllers,
-            store,
-            stream,
-            shutdown,
-        )
+            .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        let health = &self.metrics.controllers;
+        super::health::run_controller(CONTROLLER_NAME, health, controller, shutdown, |c| {
+            c.run(
+                |csr, ctx: Arc<Signer>| async move { ctx.reconcile_or_fail(&csr).await },
+                |csr, err, ctx: Arc<Signer>| {
+                    let name = csr.metadata.name.as_deref().unwrap_or_default();
+                    let d = ctx.backoff(name);
+                    tracing::warn!(csr = name, error = %err, retry_in = ?d, "CSR reconcile failed; will retry");
+                    Action::requeue(d)
+                },
+                self.clone(),
+            )
+        })
         .await;
     }
 }

@@ -613,6 +613,7 @@ mod tests {
     use crate::kube::store::{ca_secret_manifest, ca_secret_name};
     use crate::kube::testutil::{json as resp, mock_client, next_untimed, status};
     use crate::rotation::{Phase, Request};
+    use crate::store::rotate::tests::leaf_from;
     use crate::store::rotate::{run_phase, RotateOptions};
     use crate::store::{bundle_anchors, Store};
 
@@ -930,6 +931,35 @@ mod tests {
         RotateOptions::default()
     }
 
+    /// Runs prepare on `root`, which must fail; its error.
+    async fn prepare_fails(s: &KubeStore) -> String {
+        let now = OffsetDateTime::now_utc();
+        match run_phase(s, "root", Request::Prepare, &opts(), now).await {
+            Ok(r) => panic!("prepare went ahead: {r:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn forced() -> RotateOptions {
+        RotateOptions {
+            force: true,
+            ..opts()
+        }
+    }
+
+    /// Since request `mark`, a refused phase wrote nothing but its lock.
+    fn assert_only_the_lock(fake: &Shared, mark: usize) {
+        let lines: Vec<String> = writes(fake, mark).iter().map(Logged::line).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("POST /{LEASES}"),
+                format!("DELETE /{LEASES}/meshca-rotation")
+            ],
+            "a refused phase writes nothing but the lock"
+        );
+    }
+
     #[tokio::test]
     async fn the_phases_send_exactly_these_writes_with_preconditions() {
         let fake: Shared = Default::default();
@@ -1060,20 +1090,8 @@ mod tests {
 
         // prune: refused while the ledger holds a live certificate of the old team CA.
         let old_team = prev.into_iter().nth(1).unwrap();
-        let issuer = crate::issue::LocalIssuer::new(old_team).unwrap();
-        let w = crate::issue::issue_workload(
-            &issuer,
-            &crate::identity::Sans {
-                dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
-                ..Default::default()
-            },
-            None,
-            crate::key::KeyAlgorithm::EcdsaP256,
-            now,
-        )
-        .await
-        .unwrap();
-        s.record(&crate::issue::LedgerEntry::for_cert("team", &w.cert, now))
+        let w = leaf_from(old_team, now).await;
+        s.record(&crate::issue::LedgerEntry::for_cert("team", &w, now))
             .await
             .unwrap();
         let mark = lock(&fake).log.len();
@@ -1082,31 +1100,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("prune refused") && e.contains(&w.cert.info.serial_hex()),
+            e.contains("prune refused") && e.contains(&w.info.serial_hex()),
             "{e}"
         );
-        let lines: Vec<String> = writes(&fake, mark).iter().map(Logged::line).collect();
-        assert_eq!(
-            lines,
-            [
-                format!("POST /{LEASES}"),
-                format!("DELETE /{LEASES}/meshca-rotation")
-            ],
-            "a refused prune writes nothing but the lock"
-        );
+        assert_only_the_lock(&fake, mark);
         let mark = lock(&fake).log.len();
-        let r = run_phase(
-            &s,
-            "root",
-            Request::Prune,
-            &RotateOptions {
-                force: true,
-                ..opts()
-            },
-            now,
-        )
-        .await
-        .unwrap();
+        let r = run_phase(&s, "root", Request::Prune, &forced(), now)
+            .await
+            .unwrap();
         assert_eq!(r.forced_past.len(), 1);
         let w = writes(&fake, mark);
         let lines: Vec<String> = w.iter().map(Logged::line).collect();
@@ -1169,10 +1170,7 @@ mod tests {
             let reference: Shared = Default::default();
             seed(&reference);
             let (s, task) = store(&reference);
-            let force = RotateOptions {
-                force: true,
-                ..opts()
-            };
+            let force = forced();
             for earlier in [Request::Prepare, Request::Activate] {
                 if earlier == req {
                     break;
@@ -1257,16 +1255,7 @@ mod tests {
                 .unwrap(),
         );
         let (s, task) = store(&fake);
-        let e = run_phase(
-            &s,
-            "root",
-            Request::Prepare,
-            &opts(),
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = prepare_fails(&s).await;
         assert!(
             e.contains("another rotation phase holds the lock") && e.contains(&holder),
             "{e}"
@@ -1313,16 +1302,7 @@ mod tests {
             f.delay_at = Some((1, LEASE_RENEW + Duration::from_secs(10)));
         }
         let (s, task) = store(&fake);
-        let e = run_phase(
-            &s,
-            "root",
-            Request::Prepare,
-            &opts(),
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = prepare_fails(&s).await;
         assert!(e.contains("lost the rotation lock"), "{e}");
         let lines: Vec<String> = writes(&fake, 0).iter().map(Logged::line).collect();
         assert_eq!(
@@ -1416,45 +1396,31 @@ mod tests {
         task.abort();
     }
 
+    /// The seeded rotation of `root`, prepared and activated.
+    async fn active(fake: &Shared) -> (KubeStore, tokio::task::JoinHandle<()>, OffsetDateTime) {
+        seed(fake);
+        let (s, task) = store(fake);
+        let now = OffsetDateTime::now_utc();
+        for req in [Request::Prepare, Request::Activate] {
+            run_phase(&s, "root", req, &opts(), now).await.unwrap();
+        }
+        (s, task, now)
+    }
+
     /// Issue 17: prune trusted the ledger alone. A certificate of the old CA that is live in
     /// the cluster (a TLS Secret, a CSR) but missing from the ledger blocks prune.
     #[tokio::test]
     async fn prune_refuses_while_the_cluster_holds_live_certificates_of_the_old_ca() {
         let fake: Shared = Default::default();
-        seed(&fake);
-        let (s, task) = store(&fake);
-        let now = OffsetDateTime::now_utc();
-        run_phase(&s, "root", Request::Prepare, &opts(), now)
-            .await
-            .unwrap();
-        run_phase(&s, "root", Request::Activate, &opts(), now)
-            .await
-            .unwrap();
-        let old_team = s
-            .load_rotation_cas("root", Slot::Previous)
-            .await
-            .unwrap()
-            .into_iter()
-            .nth(1)
-            .unwrap();
-        let issuer = crate::issue::LocalIssuer::new(old_team).unwrap();
+        let (s, task, now) = active(&fake).await;
         let mut serials = Vec::new();
         let mut pems = Vec::new();
         for _ in 0..2 {
-            let w = crate::issue::issue_workload(
-                &issuer,
-                &crate::identity::Sans {
-                    dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
-                    ..Default::default()
-                },
-                None,
-                crate::key::KeyAlgorithm::EcdsaP256,
-                now,
-            )
-            .await
-            .unwrap();
-            serials.push(w.cert.info.serial_hex());
-            pems.push(w.cert.chain_pem());
+            let previous = s.load_rotation_cas("root", Slot::Previous).await.unwrap();
+            let old_team = previous.into_iter().nth(1).unwrap();
+            let w = leaf_from(old_team, now).await;
+            serials.push(w.info.serial_hex());
+            pems.push(w.chain_pem());
         }
         {
             let mut f = lock(&fake);
@@ -1483,27 +1449,10 @@ mod tests {
             "{e}"
         );
         assert!(e.contains("csr c1") && e.contains(&serials[1]), "{e}");
-        let lines: Vec<String> = writes(&fake, mark).iter().map(Logged::line).collect();
-        assert_eq!(
-            lines,
-            [
-                format!("POST /{LEASES}"),
-                format!("DELETE /{LEASES}/meshca-rotation")
-            ],
-            "a refused prune writes nothing but the lock"
-        );
-        let r = run_phase(
-            &s,
-            "root",
-            Request::Prune,
-            &RotateOptions {
-                force: true,
-                ..opts()
-            },
-            now,
-        )
-        .await
-        .unwrap();
+        assert_only_the_lock(&fake, mark);
+        let r = run_phase(&s, "root", Request::Prune, &forced(), now)
+            .await
+            .unwrap();
         assert_eq!(r.forced_past.len(), 2, "{:?}", r.forced_past);
         task.abort();
     }
@@ -1513,15 +1462,7 @@ mod tests {
     #[tokio::test]
     async fn prune_refuses_when_it_cannot_check_the_cluster() {
         let fake: Shared = Default::default();
-        seed(&fake);
-        let (s, task) = store(&fake);
-        let now = OffsetDateTime::now_utc();
-        run_phase(&s, "root", Request::Prepare, &opts(), now)
-            .await
-            .unwrap();
-        run_phase(&s, "root", Request::Activate, &opts(), now)
-            .await
-            .unwrap();
+        let (s, task, now) = active(&fake).await;
         lock(&fake).forbid_cluster_lists = true;
         let e = run_phase(&s, "root", Request::Prune, &opts(), now)
             .await
@@ -1537,18 +1478,9 @@ mod tests {
             "{:?}",
             st.blocked_by
         );
-        let r = run_phase(
-            &s,
-            "root",
-            Request::Prune,
-            &RotateOptions {
-                force: true,
-                ..opts()
-            },
-            now,
-        )
-        .await
-        .unwrap();
+        let r = run_phase(&s, "root", Request::Prune, &forced(), now)
+            .await
+            .unwrap();
         assert!(
             r.forced_past.iter().any(|f| f.contains("not checked")),
             "{:?}",

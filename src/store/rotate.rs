@@ -649,11 +649,29 @@ pub async fn renew_now_for(store: &dyn Store, ca: &str) -> Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bundle::BundleSpec;
     use crate::ca::CaSpec;
     use crate::store::LocalStore;
+
+    /// A workload certificate (DNS `a.example`) issued by `ca`.
+    pub(crate) async fn leaf_from(ca: CaMaterial, now: OffsetDateTime) -> crate::issue::IssuedCert {
+        let issuer = crate::issue::LocalIssuer::new(ca).unwrap();
+        crate::issue::issue_workload(
+            &issuer,
+            &crate::identity::Sans {
+                dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
+                ..Default::default()
+            },
+            None,
+            crate::key::KeyAlgorithm::EcdsaP256,
+            now,
+        )
+        .await
+        .unwrap()
+        .cert
+    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -717,27 +735,15 @@ mod tests {
             assert_eq!(st.phase, "active");
             assert_eq!(st.previous.as_ref().unwrap().bundles, ["b"]);
             // A live certificate from the old intermediate blocks prune.
-            let issuer = crate::issue::LocalIssuer::new(team).unwrap();
-            let w = crate::issue::issue_workload(
-                &issuer,
-                &crate::identity::Sans {
-                    dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
-                    ..Default::default()
-                },
-                None,
-                crate::key::KeyAlgorithm::EcdsaP256,
-                now,
-            )
-            .await
-            .unwrap();
-            s.record(&crate::issue::LedgerEntry::for_cert("team", &w.cert, now))
+            let w = leaf_from(team, now).await;
+            s.record(&crate::issue::LedgerEntry::for_cert("team", &w, now))
                 .await
                 .unwrap();
             let e = run_phase(&s, "root", Request::Prune, &o, now)
                 .await
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains(&w.cert.info.serial_hex()), "{e}");
+            assert!(e.contains(&w.info.serial_hex()), "{e}");
             assert_eq!(
                 status(&s, "root", now)
                     .await

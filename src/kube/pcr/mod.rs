@@ -397,29 +397,22 @@ impl PcrSigner {
     ) {
         let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        let shutdown = futures::FutureExt::shared(shutdown);
         let controller = Controller::new(api, self.watcher_config())
             .with_config(cfg)
-            .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown.clone());
-        let store = controller.store();
-        let stream = controller.run(
-            |pcr, ctx: Arc<PcrSigner>| async move { ctx.reconcile_or_log(&pcr).await },
-            |pcr, err, ctx: Arc<PcrSigner>| {
-                let k = key(&pcr);
-                let d = ctx.backoff(&k);
-                tracing::warn!(pcr = %k, error = %err, retry_in = ?d, "PodCertificateRequest reconcile failed; will retry");
-                Action::requeue(d)
-            },
-            self.clone(),
-        );
-        super::health::drive(
-            CONTROLLER_NAME,
-            &self.metrics.controllers,
-            store,
-            stream,
-            shutdown,
-        )
+            .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        let health = &self.metrics.controllers;
+        super::health::run_controller(CONTROLLER_NAME, health, controller, shutdown, |c| {
+            c.run(
+                |pcr, ctx: Arc<PcrSigner>| async move { ctx.reconcile_or_log(&pcr).await },
+                |pcr, err, ctx: Arc<PcrSigner>| {
+                    let k = key(&pcr);
+                    let d = ctx.backoff(&k);
+                    tracing::warn!(pcr = %k, error = %err, retry_in = ?d, "PodCertificateRequest reconcile failed; will retry");
+                    Action::requeue(d)
+                },
+                self.clone(),
+            )
+        })
         .await;
     }
 
