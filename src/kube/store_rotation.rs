@@ -27,7 +27,7 @@
 //!   as client-go's leader election does. Neither another host's clock nor `/proc/<pid>` (a
 //!   holder may live in another PID namespace) decides a takeover. The holder renews it
 //!   every [`LEASE_RENEW`] while the phase runs; a failed renewal, or none confirmed within
-//!   [`HOLD`] of being sent, makes [`PhaseLock::check`] fail, and the phase checks before
+//!   45 s of being sent, makes [`PhaseLock::check`] fail, and the phase checks before
 //!   each write. It deletes the Lease (precondition: its own resourceVersion) when done.
 
 use std::sync::{Arc, Mutex};
@@ -492,7 +492,7 @@ struct Hold {
 }
 
 /// The held phase lock: renewed in the background until released. A renewal that fails
-/// marks it lost; [`PhaseLock::check`] then fails, and so does it once [`HOLD`] has passed
+/// marks it lost; [`PhaseLock::check`] then fails, and so does it once `HOLD` (45 s) has passed
 /// since the last renewal was sent (a renewal that hangs).
 pub struct KubePhaseLock {
     api: Api<Lease>,
