@@ -169,6 +169,7 @@ pub async fn run_cmd(ctx: &Ctx, cmd: SignerCmd) -> anyhow::Result<()> {
             .cluster_trust_bundles
             .then(|| a.cluster_trust_bundle_suffix.clone()),
         pod_certificates: a.pod_certificates,
+        shutdown_grace: meshca::kube::run::DEFAULT_SHUTDOWN_GRACE,
         ca_reload,
         ledger: Some(ledger),
         instance: a.identity.clone().or_else(hostname),

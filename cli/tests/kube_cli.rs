@@ -24,6 +24,9 @@ struct State {
     /// Serve certificates.k8s.io/v1beta1 ClusterTrustBundles (cluster-scoped, kept in
     /// `objects` under namespace "").
     serve_ctb: bool,
+    /// Refuse (403) every request outside namespace `meshca` (a signer without its Roles
+    /// and ClusterRole there).
+    forbid_outside_meshca: bool,
 }
 
 struct Fake {
@@ -118,6 +121,12 @@ fn handle_ctb(st: &mut State, method: &str, path: &str, query: &str, body: &[u8]
 fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) -> (u16, Value) {
     st.log.push(format!("{method} {target} {ctype}"));
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    if st.forbid_outside_meshca
+        && !path.starts_with("/api/v1/namespaces/meshca/")
+        && !path.starts_with("/apis/coordination.k8s.io/v1/namespaces/meshca/")
+    {
+        return status(403, "Forbidden", &format!("{path} is forbidden"));
+    }
     if st.serve_ctb && path.starts_with("/apis/certificates.k8s.io/") {
         return handle_ctb(st, method, path, query, body);
     }
@@ -131,6 +140,23 @@ fn handle(st: &mut State, method: &str, target: &str, ctype: &str, body: &[u8]) 
     } else {
         "v1"
     };
+    // Lists across namespaces: api/v1/<resource>, and CSRs (prune's check of the
+    // certificates still in use).
+    let cluster_list = (parts.len() == 3 && parts[0] == "api")
+        || path == "/apis/certificates.k8s.io/v1/certificatesigningrequests";
+    if method == "GET" && cluster_list {
+        let res = parts.last().copied().unwrap_or_default();
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((_, r, _), _)| r == res)
+            .map(|(_, o)| o.clone())
+            .collect();
+        return (
+            200,
+            json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+        );
+    }
     // api/v1/namespaces/<ns>/<resource>[/<name>]
     if parts.len() < 5 || parts[0] != "api" || parts[2] != "namespaces" {
         return status(404, "NotFound", "unsupported path");
@@ -374,6 +400,23 @@ impl Cli {
     }
 }
 
+/// `meshca issue` of `web.app.svc` for ServiceAccount app/web into Secret `app/web-tls`.
+fn issue_web_tls(cli: &Cli) -> String {
+    cli.ok(&[
+        "issue",
+        "--ca",
+        "mesh",
+        "--namespace",
+        "app",
+        "--service-account",
+        "web",
+        "--dns",
+        "web.app.svc",
+        "--secret",
+        "app/web-tls",
+    ])
+}
+
 fn data(o: &Value, key: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(o["data"][key].as_str().unwrap())
@@ -411,19 +454,7 @@ fn kube_store_init_issue_secret_bundle_publish_and_ledger() {
     assert_eq!(list[0]["name"], "mesh", "{list}");
 
     // issue --secret writes the Secret to the cluster by server-side apply.
-    cli.ok(&[
-        "issue",
-        "--ca",
-        "mesh",
-        "--namespace",
-        "app",
-        "--service-account",
-        "web",
-        "--dns",
-        "web.app.svc",
-        "--secret",
-        "app/web-tls",
-    ]);
+    issue_web_tls(&cli);
     let s = fake
         .object("app", "secrets", "web-tls")
         .expect("workload Secret");
@@ -499,6 +530,84 @@ fn kube_store_init_issue_secret_bundle_publish_and_ledger() {
         &data(&ca, "ca.crt")[..]
     );
     assert_eq!(cm["metadata"]["labels"]["meshca.io/bundle"], "mesh-trust");
+}
+
+/// Issue 17: a signer whose lists are all refused (no Role in its managed namespace, no
+/// ClusterRole for CSRs) used to ignore SIGTERM: kube-runtime holds a controller until its
+/// first list succeeds, and the shutdown waited for it without bound.
+#[test]
+fn signer_run_ends_promptly_on_sigterm_while_its_lists_are_refused() {
+    let fake = Fake::start();
+    let cli = Cli::new(fake.port);
+    cli.ok(&["init", "--ca", "mesh"]);
+    fake.state.lock().unwrap().forbid_outside_meshca = true;
+    let kc = cli.dir.path().join("kubeconfig");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshca"))
+        .args([
+            "--store",
+            "kube:meshca",
+            "--kubeconfig",
+            kc.to_str().unwrap(),
+            "signer",
+            "run",
+            "--leader-elect",
+            "false",
+            "--metrics-addr",
+            "off",
+            "--managed-namespace",
+            "app",
+            "--bundle-resync",
+            "0s",
+        ])
+        .env_remove("KUBECONFIG")
+        .env("RUST_LOG", "warn")
+        .env("MESHCA_HOME", cli.dir.path().join("unused-home"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let waited = std::time::Instant::now();
+    let refused = |fake: &Fake| {
+        let log = fake.log();
+        log.iter().any(|l| l.contains("certificatesigningrequests"))
+            && log.iter().any(|l| l.contains("/namespaces/app/secrets"))
+    };
+    while !refused(&fake) {
+        assert!(
+            waited.elapsed() < std::time::Duration::from_secs(30),
+            "the controllers never tried to list: {:?}",
+            fake.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let asked = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if asked.elapsed() > std::time::Duration::from_secs(20) {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let status = status.unwrap_or_else(|| panic!("still running 20 s after SIGTERM: {err}"));
+    assert!(status.success(), "{status:?}: {err}");
+    assert!(
+        err.contains("forbidden"),
+        "the refused lists are logged: {err}"
+    );
 }
 
 #[test]
@@ -682,6 +791,8 @@ fn kube_store_ca_rotation_phases_and_lock() {
         serde_json::from_str(&cli.ok(&["ca", "rotate", "mesh", "--status", "-o", "json"])).unwrap()
     };
     let old = fake.object("meshca", "secrets", "meshca-ca-mesh").unwrap();
+    // A workload certificate of the old CA, live in a TLS Secret.
+    issue_web_tls(&cli);
 
     cli.ok(&["ca", "rotate", "mesh", "--phase", "prepare"]);
     assert_eq!(roots(&fake), Some(2), "both roots published at prepare");
@@ -735,6 +846,20 @@ fn kube_store_ca_rotation_phases_and_lock() {
     );
     assert_eq!(status(&cli)["phase"], "active");
     assert_eq!(roots(&fake), Some(2));
+    // The ledger lost its entry (issue 17): prune still sees the certificate in use.
+    fake.state
+        .lock()
+        .unwrap()
+        .objects
+        .retain(|(_, r, n), _| !(r == "configmaps" && n.starts_with("meshca-ledger-")));
+    let o = cli.run(&["ca", "rotate", "mesh", "--phase", "prune"]);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("prune refused") && err.contains("secret app/web-tls (serial "),
+        "{err}"
+    );
+    assert_eq!(roots(&fake), Some(2), "nothing pruned");
     cli.ok(&["ca", "rotate", "mesh", "--phase", "prune", "--force"]);
     assert_eq!(roots(&fake), Some(1), "old root pruned");
     assert_eq!(status(&cli)["phase"], "idle");

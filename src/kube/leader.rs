@@ -97,6 +97,9 @@ pub fn always_leader() -> watch::Receiver<bool> {
 }
 
 const MIN_BACKOFF: Duration = Duration::from_millis(500);
+/// Longest wait for the Lease release on shutdown (an unreachable API server must not hold
+/// the process).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The election loop: builds a backend with `make`, publishes its leadership changes on `tx`,
@@ -131,8 +134,10 @@ where
             tokio::select! {
                 _ = &mut shutdown => {
                     tx.send_replace(false);
-                    if let Err(e) = backend.release().await {
-                        tracing::warn!(error = %e, "releasing the leader lease failed");
+                    match tokio::time::timeout(RELEASE_TIMEOUT, backend.release()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => tracing::warn!(error = %e, "releasing the leader lease failed"),
+                        Err(_) => tracing::warn!("releasing the leader lease timed out; it expires by itself"),
                     }
                     return;
                 }
@@ -199,7 +204,7 @@ pub fn start(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
@@ -320,7 +325,7 @@ mod tests {
         managers: Arc<Mutex<Vec<String>>>,
         lease: Arc<Mutex<Option<serde_json::Value>>>,
     ) {
-        use crate::kube::testutil::{json, next, status};
+        use crate::kube::testutil::next;
         loop {
             let (req, body, send) = next(&mut h).await;
             let base = "/apis/coordination.k8s.io/v1/namespaces/meshca/leases";
@@ -329,36 +334,49 @@ mod tests {
             } else {
                 assert_eq!(req.uri().path(), format!("{base}/meshca-signer"));
             }
-            let mut l = lease.lock().unwrap();
-            match req.method().as_str() {
-                "GET" => match l.clone() {
-                    Some(v) => send.send_response(json(200, &v)),
-                    None => send.send_response(status(404, "NotFound", "leases not found")),
-                },
-                "POST" => {
-                    let mut v = body.clone();
-                    v["metadata"]["resourceVersion"] = serde_json::json!("1");
-                    *l = Some(v.clone());
-                    send.send_response(json(201, &v));
+            if req.method() == "PATCH" {
+                let q = req.uri().query().unwrap_or("").to_string();
+                if let Some(fm) = q.split('&').find_map(|kv| kv.strip_prefix("fieldManager=")) {
+                    managers.lock().unwrap().push(fm.to_string());
                 }
-                "PATCH" => {
-                    let q = req.uri().query().unwrap_or("").to_string();
-                    if let Some(fm) = q.split('&').find_map(|kv| kv.strip_prefix("fieldManager=")) {
-                        managers.lock().unwrap().push(fm.to_string());
-                    }
-                    let mut v = l.clone().expect("patch of an existing lease");
-                    for (k, val) in body["spec"].as_object().unwrap() {
-                        if val.is_null() {
-                            v["spec"].as_object_mut().map(|o| o.remove(k));
-                        } else {
-                            v["spec"][k] = val.clone();
-                        }
-                    }
-                    *l = Some(v.clone());
-                    send.send_response(json(200, &v));
-                }
-                m => panic!("unexpected {m}"),
             }
+            send.send_response(answer_lease(&req, &body, &lease));
+        }
+    }
+
+    /// The answer of a one-Lease API server to `req`: get, create, and both patch kinds
+    /// merged into `spec`.
+    pub(crate) fn answer_lease(
+        req: &http::Request<()>,
+        body: &serde_json::Value,
+        lease: &Mutex<Option<serde_json::Value>>,
+    ) -> http::Response<kube::client::Body> {
+        use crate::kube::testutil::{json, status};
+        let mut l = lease.lock().unwrap();
+        match req.method().as_str() {
+            "GET" => match l.clone() {
+                Some(v) => json(200, &v),
+                None => status(404, "NotFound", "leases not found"),
+            },
+            "POST" => {
+                let mut v = body.clone();
+                v["metadata"]["resourceVersion"] = serde_json::json!("1");
+                *l = Some(v.clone());
+                json(201, &v)
+            }
+            "PATCH" => {
+                let mut v = l.clone().expect("patch of an existing lease");
+                for (k, val) in body["spec"].as_object().unwrap() {
+                    if val.is_null() {
+                        v["spec"].as_object_mut().map(|o| o.remove(k));
+                    } else {
+                        v["spec"][k] = val.clone();
+                    }
+                }
+                *l = Some(v.clone());
+                json(200, &v)
+            }
+            m => panic!("unexpected {m}"),
         }
     }
 

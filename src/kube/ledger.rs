@@ -3,12 +3,15 @@
 //! issued for.
 //!
 //! Writes are batched by one background task ([`LedgerSink`]): a reconcile hands its record
-//! over without waiting, and the task appends everything queued in one read-modify-write of
-//! the current shard, so a burst of 1,000 CSRs costs a handful of ConfigMap updates rather
-//! than 1,000 conflicting ones. A batch that cannot be written is retried with backoff a few
-//! times, then counted (`meshca_ledger_write_failures_total`) and logged with its serials: the
-//! certificates are already delivered, so a ledger outage never blocks or undoes issuance.
-//! On shutdown the queue is flushed.
+//! over, and the task appends everything queued in one read-modify-write of the current
+//! shard, so a burst of 1,000 CSRs costs a handful of ConfigMap updates rather than 1,000
+//! conflicting ones. The ledger never drops a record: a batch that cannot be written is
+//! retried with backoff (each failed attempt counted in `meshca_ledger_write_failures_total`)
+//! until it is written. The queue is bounded ([`QUEUE`] records, `meshca_ledger_backlog`):
+//! while the ledger cannot be written and the queue is full, [`LedgerSink::record`] waits, so
+//! issuance stops instead of going on unrecorded. On shutdown the queue is flushed within a
+//! bound; what is still queued then (the ledger unreachable) is logged with its serials.
+//! Prune does not rely on the ledger alone ([`crate::store::Store::live_certificates`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,7 +27,10 @@ use crate::store::Store;
 
 /// Most records written in one batch.
 pub const MAX_BATCH: usize = 500;
-const ATTEMPTS: u32 = 5;
+/// Most records queued; [`LedgerSink::record`] waits beyond.
+pub const QUEUE: usize = 4 * MAX_BATCH;
+/// Longest wait between two attempts at one batch.
+const RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// One ledger line of the in-cluster front ends: the common entry plus who asked and for what.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -63,10 +69,11 @@ impl LedgerWriter for StoreLedger {
     }
 }
 
-/// The sending side: cheap to clone, never blocks.
+/// The sending side: cheap to clone; waits only while the queue is full.
 #[derive(Clone, Debug)]
 pub struct LedgerSink {
-    tx: mpsc::UnboundedSender<IssuedRecord>,
+    tx: mpsc::Sender<IssuedRecord>,
+    metrics: Arc<Metrics>,
 }
 
 impl LedgerSink {
@@ -76,17 +83,41 @@ impl LedgerSink {
         writer: Arc<dyn LedgerWriter>,
         metrics: Arc<Metrics>,
     ) -> (LedgerSink, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(QUEUE);
         (
-            LedgerSink { tx },
+            LedgerSink {
+                tx,
+                metrics: metrics.clone(),
+            },
             tokio::spawn(write_loop(writer, metrics, rx)),
         )
     }
 
-    /// Queues one record.
-    pub fn record(&self, r: IssuedRecord) {
-        if let Err(e) = self.tx.send(r) {
-            tracing::error!(serial = %e.0.entry.serial, "ledger writer stopped; record not written");
+    /// Queues one record, waiting while [`QUEUE`] records are already waiting (the ledger
+    /// cannot be written): issuance slows down to what the ledger takes, and stops while it
+    /// takes nothing.
+    pub async fn record(&self, r: IssuedRecord) {
+        let r = match self.tx.try_send(r) {
+            Ok(()) => {
+                self.metrics.ledger_backlog.inc();
+                return;
+            }
+            Err(mpsc::error::TrySendError::Full(r)) => {
+                tracing::warn!(
+                    queued = QUEUE,
+                    "the ledger is behind; issuance waits for it"
+                );
+                r
+            }
+            Err(mpsc::error::TrySendError::Closed(r)) => r,
+        };
+        match self.tx.send(r).await {
+            Ok(()) => {
+                self.metrics.ledger_backlog.inc();
+            }
+            Err(e) => {
+                tracing::error!(serial = %e.0.entry.serial, "ledger writer stopped; record not written")
+            }
         }
     }
 }
@@ -94,7 +125,7 @@ impl LedgerSink {
 async fn write_loop(
     writer: Arc<dyn LedgerWriter>,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::UnboundedReceiver<IssuedRecord>,
+    mut rx: mpsc::Receiver<IssuedRecord>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -104,19 +135,18 @@ async fn write_loop(
             match writer.append(&batch).await {
                 Ok(()) => {
                     metrics.ledger_entries.inc_by(batch.len() as u64);
+                    metrics.ledger_backlog.dec_by(batch.len() as i64);
                     break;
-                }
-                Err(e) if attempt < ATTEMPTS => {
-                    let d = super::backoff::ceiling(attempt);
-                    tracing::warn!(error = %e, records = batch.len(), retry_in = ?d, "ledger write failed; retrying");
-                    tokio::time::sleep(d).await;
                 }
                 Err(e) => {
                     metrics.ledger_failures.inc();
-                    let serials: Vec<&str> =
-                        batch.iter().map(|r| r.entry.serial.as_str()).collect();
-                    tracing::error!(error = %e, ?serials, "ledger write failed; these certificates are not in the ledger");
-                    break;
+                    let d = super::backoff::ceiling(attempt).min(RETRY_CAP);
+                    if attempt == 1 || attempt % 10 == 0 {
+                        let serials: Vec<&str> =
+                            batch.iter().map(|r| r.entry.serial.as_str()).collect();
+                        tracing::error!(error = %e, attempt, ?serials, retry_in = ?d, "ledger write failed; retrying until it is written");
+                    }
+                    tokio::time::sleep(d).await;
                 }
             }
         }
@@ -124,10 +154,14 @@ async fn write_loop(
     }
 }
 
-/// Waits (at most `timeout`) for the writer task to flush after its sinks are dropped.
+/// Waits (at most `timeout`) for the writer task to flush after its sinks are dropped. The
+/// writer keeps its failing batch in the log lines it writes at each retry, so what a
+/// timeout loses is named there.
 pub async fn flush(task: tokio::task::JoinHandle<()>, timeout: Duration) {
+    let abort = task.abort_handle();
     if tokio::time::timeout(timeout, task).await.is_err() {
-        tracing::error!("ledger writer did not finish in time; queued records may be lost");
+        abort.abort();
+        tracing::error!("ledger writer did not finish in time (the ledger cannot be written); the records still queued are not in the ledger");
     }
 }
 
@@ -175,6 +209,60 @@ mod tests {
         }
     }
 
+    /// Issue 17: a batch that failed 5 writes used to be dropped (and prune then trusted a
+    /// ledger without it). A long outage only delays the records.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_ledger_outage_delays_records_and_never_drops_them() {
+        let fake = Arc::new(Fake::default());
+        *fake.fail_first.lock().unwrap() = 40;
+        let m = Arc::new(Metrics::new());
+        let (sink, task) = LedgerSink::spawn(fake.clone(), m.clone());
+        for i in 0..3 {
+            sink.record(record(&format!("{i:x}"))).await;
+        }
+        drop(sink);
+        flush(task, Duration::from_secs(3600)).await;
+        let batches = fake.batches.lock().unwrap().clone();
+        assert_eq!(
+            batches.iter().sum::<usize>(),
+            3,
+            "every record written: {batches:?}"
+        );
+        assert_eq!(m.ledger_entries.get(), 3);
+    }
+
+    /// The queue is bounded: while the ledger cannot be written, issuance waits instead of
+    /// queueing without end (or dropping).
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_holds_issuance_back() {
+        let fake = Arc::new(Fake::default());
+        *fake.fail_first.lock().unwrap() = u32::MAX;
+        let m = Arc::new(Metrics::new());
+        let (sink, task) = LedgerSink::spawn(fake.clone(), m.clone());
+        // The writer holds one batch; the queue holds QUEUE more.
+        for i in 0..(QUEUE + MAX_BATCH) {
+            tokio::time::timeout(
+                Duration::from_secs(1),
+                sink.record(record(&format!("{i:x}"))),
+            )
+            .await
+            .expect("room in the queue");
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_secs(600), sink.record(record("full")))
+                .await
+                .is_err(),
+            "a record beyond the queue waits"
+        );
+        assert_eq!(m.ledger_backlog.get(), (QUEUE + MAX_BATCH) as i64);
+        assert!(
+            m.ledger_failures.get() > 1,
+            "every failed attempt is counted"
+        );
+        assert!(fake.batches.lock().unwrap().is_empty());
+        task.abort();
+    }
+
     #[tokio::test]
     async fn batches_retries_and_flushes_on_drop() {
         let fake = Arc::new(Fake::default());
@@ -182,7 +270,7 @@ mod tests {
         let m = Arc::new(Metrics::new());
         let (sink, task) = LedgerSink::spawn(fake.clone(), m.clone());
         for i in 0..(MAX_BATCH + 3) {
-            sink.record(record(&format!("{i:x}")));
+            sink.record(record(&format!("{i:x}"))).await;
         }
         drop(sink);
         flush(task, Duration::from_secs(30)).await;
@@ -190,7 +278,8 @@ mod tests {
         assert_eq!(batches.iter().sum::<usize>(), MAX_BATCH + 3, "{batches:?}");
         assert!(batches.len() <= 2, "batched: {batches:?}");
         assert_eq!(m.ledger_entries.get(), (MAX_BATCH + 3) as u64);
-        assert_eq!(m.ledger_failures.get(), 0);
+        assert_eq!(m.ledger_failures.get(), 1, "the failed attempt is counted");
+        assert_eq!(m.ledger_backlog.get(), 0);
         // The line carries the requester and the object next to the common fields.
         let line = serde_json::to_value(record("ab")).unwrap();
         assert_eq!(line["serial"], "ab");

@@ -25,7 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -535,7 +534,8 @@ impl Managed {
                 entry: LedgerEntry::for_cert(&req.ca, &w.cert, now),
                 requester: format!("namespace:{ns}"),
                 object: format!("secret/{key}"),
-            });
+            })
+            .await;
         }
         if ann.contains_key(ANN_ERROR) {
             if let Err(e) = self.set_error_annotation(s, None).await {
@@ -614,6 +614,7 @@ impl Managed {
     }
 
     /// Runs a controller over the Secrets of `namespace` (all namespaces when `None`),
+    /// reporting whether it has listed as [`controller_name`] ([`super::health`]),
     /// narrowed by a label selector (see [`DEFAULT_SELECTOR`]), until `shutdown`. Every Secret
     /// is looked at again when the served CAs change.
     pub async fn run(
@@ -630,11 +631,13 @@ impl Managed {
         if let Some(sel) = label_selector {
             wc = wc.labels(&sel);
         }
-        Controller::new(api, wc)
+        let name = controller_name(namespace.as_deref());
+        let controller = Controller::new(api, wc)
             .with_config(ControllerConfig::default().concurrency(8))
-            .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown)
-            .run(
+            .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        let health = &self.metrics.controllers;
+        super::health::run_controller(&name, health, controller, shutdown, |c| {
+            c.run(
                 |s, ctx: Arc<Managed>| async move { ctx.reconcile(&s).await },
                 |s, err, ctx: Arc<Managed>| {
                     let d = ctx.retry_after(&s);
@@ -643,9 +646,15 @@ impl Managed {
                 },
                 self.clone(),
             )
-            .for_each(|_| async {})
-            .await;
+        })
+        .await;
     }
+}
+
+/// The managed-Secret controller's name in `/readyz` and `meshca_controller_ready`:
+/// `managed:<namespace>`, or `managed:*` for all namespaces.
+pub fn controller_name(namespace: Option<&str>) -> String {
+    format!("managed:{}", namespace.unwrap_or("*"))
 }
 
 #[cfg(test)]

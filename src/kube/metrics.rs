@@ -11,14 +11,20 @@
 //! - `csr_issue_latency_seconds` histogram: from the CSR's creationTimestamp to the accepted write;
 //! - `managed_secrets_issued_total`, `managed_secrets_failed_total` (refused or failed
 //!   issuance; the Secret's data is kept), `bundle_configmaps_applied_total`;
-//! - `ledger_entries_total`, `ledger_write_failures_total`: issued certificates recorded in the
-//!   store's ledger, and batches that could not be written;
+//! - `ledger_entries_total`, `ledger_write_failures_total`, `ledger_backlog`: issued
+//!   certificates recorded in the store's ledger, failed write attempts (each retried until
+//!   written), and records waiting to be written (issuance waits once it reaches
+//!   [`super::ledger::QUEUE`] plus one batch);
 //! - `ca_reloads_total`: new snapshots of the served CAs (a CA created, replaced or removed);
 //! - `ca_expiry_timestamp_seconds{ca}`: notAfter of each loaded CA, as a Unix time;
-//! - `leader` 1 while this replica leads.
+//! - `leader` 1 while this replica leads;
+//! - `controller_ready{controller}`: 1 once a controller of the leader's session has
+//!   completed its first list, 0 while it cannot (see [`super::health`]).
 //!
 //! `/healthz` answers 200 while the process serves HTTP. `/readyz` answers 200 once the CAs
-//! are loaded (followers are ready too: they are hot standbys), 503 before.
+//! are loaded (followers are ready too: they are hot standbys) and, on the leader, every
+//! controller has completed its first list; 503 before, naming each reason (a controller
+//! that cannot list, with its error).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +65,13 @@ pub struct CaLabel {
     pub ca: String,
 }
 
+/// Label set with one `controller`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabel {
+    /// The controller: `csr-signer`, `pod-certificates` or `managed:<namespace>`.
+    pub controller: String,
+}
+
 /// Everything the controller counts.
 #[derive(Debug)]
 pub struct Metrics {
@@ -88,8 +101,14 @@ pub struct Metrics {
     pub bundle_applied: Counter,
     /// Ledger entries written.
     pub ledger_entries: Counter,
-    /// Ledger batches that could not be written.
+    /// Failed ledger write attempts (each batch is retried until written).
     pub ledger_failures: Counter,
+    /// Records waiting to be written to the ledger.
+    pub ledger_backlog: Gauge,
+    /// The controllers of the leader's session and whether each has listed.
+    pub controllers: super::health::ControllerHealth,
+    /// 1 per controller that has listed, 0 per one that has not (from `controllers`).
+    controller_ready: Family<ControllerLabel, Gauge>,
     /// Snapshots of the served CAs published after start-up.
     pub ca_reloads: Counter,
     /// CA notAfter as Unix time.
@@ -128,6 +147,9 @@ impl Metrics {
             bundle_applied: Counter::default(),
             ledger_entries: Counter::default(),
             ledger_failures: Counter::default(),
+            ledger_backlog: Gauge::default(),
+            controllers: Default::default(),
+            controller_ready: Family::default(),
             ca_reloads: Counter::default(),
             ca_expiry: Family::default(),
             leader: Gauge::default(),
@@ -196,8 +218,18 @@ impl Metrics {
         );
         registry.register(
             "ledger_write_failures",
-            "Ledger batches that could not be written",
+            "Failed ledger write attempts (retried until written)",
             m.ledger_failures.clone(),
+        );
+        registry.register(
+            "ledger_backlog",
+            "Issued certificates waiting to be written to the ledger",
+            m.ledger_backlog.clone(),
+        );
+        registry.register(
+            "controller_ready",
+            "1 once a controller of the leader has completed its first list, 0 while it cannot",
+            m.controller_ready.clone(),
         );
         registry.register(
             "ca_reloads",
@@ -228,13 +260,28 @@ impl Metrics {
         self.ready.store(ready, Ordering::Release);
     }
 
+    /// Why `/readyz` answers 503, one line each (empty: ready).
+    pub fn not_ready_reasons(&self) -> Vec<String> {
+        super::health::not_ready_reasons(
+            self.ready.load(Ordering::Acquire),
+            &self.controllers.snapshot(),
+        )
+    }
+
     /// Whether `/readyz` answers 200.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.not_ready_reasons().is_empty()
     }
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        self.controller_ready.clear();
+        for (name, state) in self.controllers.snapshot() {
+            let ready = state == super::health::ControllerState::Ready;
+            self.controller_ready
+                .get_or_create(&ControllerLabel { controller: name })
+                .set(i64::from(ready));
+        }
         let mut s = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
@@ -245,8 +292,14 @@ impl Metrics {
     pub fn respond(&self, path: &str) -> (u16, &'static str, String) {
         match path {
             "/healthz" | "/livez" => (200, "text/plain", "ok\n".into()),
-            "/readyz" if self.is_ready() => (200, "text/plain", "ok\n".into()),
-            "/readyz" => (503, "text/plain", "not ready: CAs not loaded yet\n".into()),
+            "/readyz" => match self.not_ready_reasons() {
+                r if r.is_empty() => (200, "text/plain", "ok\n".into()),
+                r => (
+                    503,
+                    "text/plain",
+                    r.iter().map(|l| format!("not ready: {l}\n")).collect(),
+                ),
+            },
             "/metrics" => (
                 200,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -15,6 +15,10 @@
 //! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io/v1beta1`), found through
 //!   discovery and skipped where the API is not served.
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
+//! - [`health`]: whether each controller of the leader has completed its first list
+//!   (`/readyz`, `meshca_controller_ready`).
+//! - [`live_certs`]: the certificates still in use in the cluster, which prune checks besides
+//!   the ledger.
 //! - [`metrics`]: `/healthz`, `/readyz` and Prometheus `/metrics`.
 //! - [`ratelimit`]: a token bucket for the controller's API writes (client QPS/burst).
 //! - [`run`]: wires all of the above into `meshca signer run`.
@@ -31,9 +35,11 @@ pub mod approver;
 pub mod backoff;
 pub mod bundles;
 pub mod csr_client;
+pub mod health;
 pub mod issuers;
 pub mod leader;
 pub mod ledger;
+pub mod live_certs;
 pub mod managed;
 pub mod metrics;
 pub mod pcr;
@@ -185,6 +191,13 @@ pub(crate) mod testutil {
     use kube::client::Body;
     use tower_test::mock::Handle;
 
+    /// A request (method, path with query; JSON body, Null when empty) and its reply slot.
+    pub type Next = (
+        Request<()>,
+        serde_json::Value,
+        tower_test::mock::SendResponse<Response<Body>>,
+    );
+
     /// A client whose requests land on the returned handle.
     pub fn mock_client() -> (kube::Client, Handle<Request<Body>, Response<Body>>) {
         let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -212,28 +225,21 @@ pub(crate) mod testutil {
     }
 
     /// The next request: method, path with query, and JSON body (Null when empty).
-    pub async fn next(
-        handle: &mut Handle<Request<Body>, Response<Body>>,
-    ) -> (
-        Request<()>,
-        serde_json::Value,
-        tower_test::mock::SendResponse<Response<Body>>,
-    ) {
+    pub async fn next(handle: &mut Handle<Request<Body>, Response<Body>>) -> Next {
         next_opt(handle).await.expect("service alive")
     }
 
     /// The next request, or `None` once every client is dropped.
-    pub async fn next_opt(
-        handle: &mut Handle<Request<Body>, Response<Body>>,
-    ) -> Option<(
-        Request<()>,
-        serde_json::Value,
-        tower_test::mock::SendResponse<Response<Body>>,
-    )> {
-        let (req, send) =
-            tokio::time::timeout(std::time::Duration::from_secs(10), handle.next_request())
-                .await
-                .expect("a request within 10 s")?;
+    pub async fn next_opt(handle: &mut Handle<Request<Body>, Response<Body>>) -> Option<Next> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), next_untimed(handle))
+            .await
+            .expect("a request within 10 s")
+    }
+
+    /// The next request, waiting as long as it takes (tests on paused time, where a 10 s
+    /// timeout would fire first), or `None` once every client is dropped.
+    pub async fn next_untimed(handle: &mut Handle<Request<Body>, Response<Body>>) -> Option<Next> {
+        let (req, send) = handle.next_request().await?;
         let (parts, body) = req.into_parts();
         let bytes = http_body_util::BodyExt::collect(body)
             .await

@@ -3,8 +3,19 @@
 //! Followers keep their CAs loaded and report ready, so a takeover only waits for the Lease.
 //! The CAs are reloaded whenever the store changes ([`CaReload`]), on leader and followers
 //! alike. Every certificate issued is recorded in the ledger (`RunConfig::ledger`).
-//! Shutdown (SIGTERM, Ctrl-C or the caller's future) lets in-flight reconciles finish, flushes
-//! the ledger and releases the Lease.
+//!
+//! A session (the controllers of one leadership) ends when the Lease is lost or on shutdown.
+//! Controllers that never listed stop at once (nothing is in flight); the others get
+//! [`RunConfig::shutdown_grace`] to finish in-flight reconciles and are aborted after it, so
+//! neither a lost Lease nor SIGTERM waits on a controller that cannot list. Shutdown
+//! (SIGTERM, Ctrl-C or the caller's future) then releases the Lease and flushes the ledger,
+//! each within a bound.
+//!
+//! A controller that cannot list (a 403 where a Role is missing, an API outage) does not make
+//! the leader step down: the other controllers go on working, it retries with backoff, and
+//! `/readyz` and `meshca_controller_ready` name it ([`super::health`]). Stepping down would
+//! stop the working controllers too and hand the same failure to the next replica, which has
+//! the same RBAC and reaches the same API server.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -77,6 +88,10 @@ pub struct RunConfig {
     /// Also sign PodCertificateRequests (`--pod-certificates`; skipped, with one log line,
     /// where the cluster does not serve them).
     pub pod_certificates: bool,
+    /// How long a session's controllers may take to stop once the Lease is lost or shutdown
+    /// is asked for, and the bound on releasing the Lease; what is still running then is
+    /// aborted ([`DEFAULT_SHUTDOWN_GRACE`]).
+    pub shutdown_grace: Duration,
 }
 
 impl RunConfig {
@@ -97,6 +112,7 @@ impl RunConfig {
             metrics: None,
             cluster_trust_bundles: None,
             pod_certificates: false,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             ca_reload: CaReload::Poll(DEFAULT_CA_POLL),
             ledger: Some(Arc::new(super::ledger::StoreLedger(store.clone()))),
             instance: None,
@@ -109,6 +125,9 @@ impl RunConfig {
 pub const DEFAULT_CA_POLL: Duration = Duration::from_secs(10);
 /// The safety poll behind the kube store's CA Secret watch.
 pub const KUBE_SAFETY_POLL: Duration = Duration::from_secs(300);
+/// [`RunConfig::shutdown_grace`] by default: with the ledger's own flush bound (10 s), a
+/// stop fits in a Pod's default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(8);
 
 async fn until(mut rx: watch::Receiver<bool>, want: bool) {
     // An error means the sender is gone: treat as reached.
@@ -294,16 +313,6 @@ pub async fn run(
         // A session ends when leadership is lost or on shutdown.
         let (end_tx, end_rx) = watch::channel(false);
         let mut session = tokio::task::JoinSet::new();
-        {
-            let (l, s) = (leader_rx.clone(), stop_rx.clone());
-            session.spawn(async move {
-                tokio::select! {
-                    _ = until(l, false) => {}
-                    _ = until(s, true) => {}
-                }
-                let _ = end_tx.send(true);
-            });
-        }
         session.spawn(signer.clone().run(until(end_rx.clone(), true)));
         if let Some(p) = &pcr {
             session.spawn(p.clone().run_if_served(until(end_rx.clone(), true)));
@@ -316,12 +325,31 @@ pub async fn run(
                 until(end_rx.clone(), true),
             ));
         }
-        while session.join_next().await.is_some() {}
+        tokio::select! {
+            _ = until(leader_rx.clone(), false) => tracing::warn!("lost the Lease: stopping controllers"),
+            _ = until(stop_rx.clone(), true) => {}
+        }
+        let _ = end_tx.send(true);
+        let drained = async { while session.join_next().await.is_some() {} };
+        if tokio::time::timeout(cfg.shutdown_grace, drained)
+            .await
+            .is_err()
+        {
+            tracing::warn!(grace = ?cfg.shutdown_grace, running = session.len(), "controllers did not stop in time; aborting them");
+            session.shutdown().await;
+        }
+        metrics.controllers.clear();
         metrics.leader.set(0);
         tracing::info!("controllers stopped");
     }
     if let Some(mut e) = election {
-        let _ = (&mut e.0).await;
+        // The election task releases the Lease (itself bounded); never wait without end.
+        if tokio::time::timeout(cfg.shutdown_grace, &mut e.0)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the Lease was not released in time; it expires by itself");
+        }
     }
     // The controllers are stopped: the ledger writer ends once the last sink is dropped.
     drop(signer);
@@ -365,6 +393,7 @@ mod tests {
     use super::*;
     use crate::ca::{create_root, CaSpec};
     use crate::key::KeyAlgorithm;
+    use crate::kube::leader::LeaderConfig;
     use crate::kube::signer::tests::{csr_obj, csr_pem};
     use crate::kube::testutil::{json as resp, mock_client, next};
     use crate::store::LocalStore;
@@ -409,7 +438,10 @@ mod tests {
                 m => panic!("unexpected {m} {}", req.uri()),
             }
         }
-        assert!(metrics.is_ready());
+        eventually("ready once the CSR controller listed", 10, || {
+            metrics.is_ready()
+        })
+        .await;
         assert_eq!(
             metrics.leader.get(),
             1,
@@ -506,6 +538,167 @@ mod tests {
             .unwrap()
             .unwrap();
         drop(parked);
+    }
+
+    /// An API server that answers the Lease `meshca/meshca-signer` and refuses everything
+    /// else with 403, like a cluster where the signer lacks its Roles. Once `taken` is set,
+    /// another replica holds the Lease: reads show it, and this replica's renewals conflict.
+    async fn lease_only_server(
+        mut h: tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        lease: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+        taken: Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use crate::kube::testutil::{next_untimed, status};
+        use std::sync::atomic::Ordering;
+        while let Some((req, body, send)) = next_untimed(&mut h).await {
+            let path = req.uri().path().to_string();
+            if !path.starts_with("/apis/coordination.k8s.io/") {
+                send.send_response(status(
+                    403,
+                    "Forbidden",
+                    &format!("{path} is forbidden: User \"system:serviceaccount:meshca:meshca-signer\" cannot list"),
+                ));
+                continue;
+            }
+            if taken.load(Ordering::SeqCst) {
+                let now = crate::kube::rfc3339(time::OffsetDateTime::now_utc());
+                let other = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                    "metadata": {"name": "meshca-signer", "namespace": "meshca", "resourceVersion": "99"},
+                    "spec": {"holderIdentity": "pod-b", "leaseDurationSeconds": 3600,
+                             "acquireTime": now, "renewTime": now}});
+                *lease.lock().unwrap() = Some(other.clone());
+                match req.method().as_str() {
+                    "GET" => send.send_response(resp(200, &other)),
+                    _ => {
+                        send.send_response(status(409, "Conflict", "the object has been modified"))
+                    }
+                }
+                continue;
+            }
+            send.send_response(crate::kube::leader::tests::answer_lease(
+                &req, &body, &lease,
+            ));
+        }
+    }
+
+    /// A replica with leader election, one managed namespace, and nothing else that writes.
+    async fn forbidden_setup() -> (
+        RunConfig,
+        Arc<Metrics>,
+        kube::Client,
+        tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        tempfile::TempDir,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::create(dir.path().join("home")).unwrap();
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        store.save_ca(&ca, false).await.unwrap();
+        let (client, h) = mock_client();
+        let metrics = Arc::new(Metrics::new());
+        let mut cfg = RunConfig::new(Arc::new(store));
+        cfg.metrics = Some(metrics.clone());
+        cfg.bundle_resync = None;
+        cfg.ledger = None;
+        cfg.ca_reload = CaReload::Off;
+        cfg.managed_namespaces = vec!["app".into()];
+        let mut lc = LeaderConfig::new("meshca", "pod-a");
+        lc.lease_duration = Duration::from_secs(3);
+        lc.renew_grace = Duration::from_secs(1);
+        cfg.leader = Some(lc);
+        (cfg, metrics, client, h, dir)
+    }
+
+    async fn eventually(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+        let t = std::time::Instant::now();
+        while !cond() {
+            assert!(
+                t.elapsed() < Duration::from_secs(secs),
+                "{what}: not within {secs} s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Issue 17: a leader whose first lists are refused (403) used to wait without bound for
+    /// its controllers on shutdown, holding the Lease. It must stop, and release the Lease,
+    /// within the shutdown grace.
+    #[tokio::test]
+    async fn a_leader_whose_lists_are_forbidden_stops_promptly_and_releases_the_lease() {
+        let (cfg, metrics, client, h, _dir) = forbidden_setup().await;
+        let lease = Arc::new(std::sync::Mutex::new(None));
+        let server = tokio::spawn(lease_only_server(h, lease.clone(), Default::default()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run(client, cfg, async move {
+            let _ = stopped.await;
+        }));
+        eventually("leading", 20, || metrics.leader.get() == 1).await;
+        // Let the controllers try (and fail) their first lists.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let asked = std::time::Instant::now();
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .expect("wedged: run did not return within 20 s of shutdown")
+            .unwrap()
+            .unwrap();
+        assert!(asked.elapsed() < Duration::from_secs(20));
+        assert_eq!(metrics.leader.get(), 0);
+        let l = lease.lock().unwrap().clone().unwrap();
+        assert!(l["spec"].get("holderIdentity").is_none(), "released: {l}");
+        server.abort();
+    }
+
+    /// Issue 17: losing the Lease must end the session even when the controllers never
+    /// listed, so that the replica stops acting (and can lead again later).
+    #[tokio::test]
+    async fn losing_the_lease_ends_a_session_whose_lists_are_forbidden() {
+        let (cfg, metrics, client, h, _dir) = forbidden_setup().await;
+        let lease = Arc::new(std::sync::Mutex::new(None));
+        let taken = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let server = tokio::spawn(lease_only_server(h, lease.clone(), taken.clone()));
+        let task = tokio::spawn(run(client, cfg, std::future::pending()));
+        eventually("leading", 20, || metrics.leader.get() == 1).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        taken.store(true, std::sync::atomic::Ordering::SeqCst);
+        eventually(
+            "the session ends once another replica holds the Lease",
+            30,
+            || metrics.leader.get() == 0,
+        )
+        .await;
+        task.abort();
+        server.abort();
+    }
+
+    /// Issue 17: a leader whose controllers cannot list is not ready, and `/readyz` and the
+    /// metrics name each such controller and its error.
+    #[tokio::test]
+    async fn a_controller_that_cannot_list_shows_in_readyz_and_metrics() {
+        let (cfg, metrics, client, h, _dir) = forbidden_setup().await;
+        let lease = Arc::new(std::sync::Mutex::new(None));
+        let server = tokio::spawn(lease_only_server(h, lease, Default::default()));
+        let task = tokio::spawn(run(client, cfg, std::future::pending()));
+        eventually("leading", 20, || metrics.leader.get() == 1).await;
+        eventually("not ready while the lists are refused", 20, || {
+            let (code, _, body) = metrics.respond("/readyz");
+            code == 503 && body.contains("csr-signer") && body.contains("managed:app")
+        })
+        .await;
+        let (_, _, body) = metrics.respond("/readyz");
+        assert!(body.contains("forbidden"), "{body}");
+        let text = metrics.render();
+        assert!(
+            text.contains("meshca_controller_ready{controller=\"managed:app\"} 0"),
+            "{text}"
+        );
+        task.abort();
+        server.abort();
     }
 
     #[tokio::test]

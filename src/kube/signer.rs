@@ -35,7 +35,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
-use futures::StreamExt;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -54,6 +53,9 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::issue::{check_csr, CsrOptions, Issuer, LedgerEntry, SignRequest};
 use crate::policy::FrontEnd;
+
+/// The CSR controller's name in `/readyz` and `meshca_controller_ready`.
+pub const CONTROLLER_NAME: &str = "csr-signer";
 
 /// The API's minimum `spec.expirationSeconds` (checked by the policy decision).
 pub const MIN_EXPIRATION_SECONDS: i32 = crate::policy::MIN_EXPIRATION_SECONDS as i32;
@@ -593,7 +595,8 @@ impl Signer {
                         entry: LedgerEntry::for_cert(&ca, &cert, now),
                         requester: csr.spec.username.clone().unwrap_or_default(),
                         object: format!("csr/{name}"),
-                    });
+                    })
+                    .await;
                 }
             }
             WriteOutcome::LostRace => {
@@ -643,19 +646,21 @@ impl Signer {
         self.backoff.next(name)
     }
 
-    /// Runs the CSR controller until `shutdown` completes (in-flight reconciles finish first).
+    /// Runs the CSR controller until `shutdown` completes (in-flight reconciles finish first),
+    /// reporting whether it has listed as [`CONTROLLER_NAME`] ([`super::health`]).
     pub async fn run(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ) {
         let api = self.api();
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        Controller::new(api, self.cfg.watcher_config())
+        let controller = Controller::new(api, self.cfg.watcher_config())
             .with_config(cfg)
             // A CA created, replaced or removed: look at every CSR again.
-            .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown)
-            .run(
+            .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        let health = &self.metrics.controllers;
+        super::health::run_controller(CONTROLLER_NAME, health, controller, shutdown, |c| {
+            c.run(
                 |csr, ctx: Arc<Signer>| async move { ctx.reconcile_or_fail(&csr).await },
                 |csr, err, ctx: Arc<Signer>| {
                     let name = csr.metadata.name.as_deref().unwrap_or_default();
@@ -665,12 +670,8 @@ impl Signer {
                 },
                 self.clone(),
             )
-            .for_each(|r| async move {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "controller event");
-                }
-            })
-            .await;
+        })
+        .await;
     }
 }
 

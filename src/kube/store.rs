@@ -41,7 +41,6 @@ pub const LABEL_BUNDLE_SPEC: &str = "meshca.io/bundle-spec";
 /// Label of ledger shards.
 pub const LABEL_LEDGER: &str = "meshca.io/ledger";
 const LEDGER_SHARD_LIMIT: usize = 900_000;
-const LEDGER_MAX_SHARDS_PER_DAY: u32 = 64;
 const LEDGER_MAX_CONFLICTS: u32 = 20;
 
 /// The Secret name of a CA.
@@ -59,6 +58,9 @@ pub fn bundle_spec_name(bundle: &str) -> String {
 pub struct KubeStore {
     client: kube::Client,
     namespace: String,
+    /// The last ledger shard appended to (day, index): appends start there instead of
+    /// reading every full shard of the day again.
+    ledger_hint: std::sync::Arc<std::sync::Mutex<Option<(String, u32)>>>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -179,6 +181,7 @@ impl KubeStore {
         KubeStore {
             client,
             namespace: namespace.into(),
+            ledger_hint: Default::default(),
         }
     }
 
@@ -241,15 +244,28 @@ impl KubeStore {
         format!("meshca-ledger-{day}-{n}")
     }
 
+    /// Appends `line` (one or more whole lines) to the day's first shard with room. There is
+    /// no limit on shards per day: the ledger never refuses a record for lack of room.
     async fn append_ledger(&self, line: &str) -> Result<()> {
+        if line.len() > LEDGER_SHARD_LIMIT {
+            return Err(Error::Store(format!(
+                "ledger: a record batch of {} bytes exceeds a shard ({LEDGER_SHARD_LIMIT} bytes)",
+                line.len()
+            )));
+        }
         let day = {
             let d = time::OffsetDateTime::now_utc().date();
             format!("{:04}{:02}{:02}", d.year(), u8::from(d.month()), d.day())
         };
         let api = self.configmaps();
         let mut conflicts = 0;
-        let mut n = 0;
-        while n < LEDGER_MAX_SHARDS_PER_DAY {
+        let mut n = {
+            let hint = self.ledger_hint.lock().unwrap_or_else(|p| p.into_inner());
+            hint.as_ref()
+                .filter(|(d, _)| *d == day)
+                .map_or(0, |(_, n)| *n)
+        };
+        loop {
             let name = self.ledger_shard(&day, n);
             let current = api
                 .get_opt(&name)
@@ -294,16 +310,16 @@ impl KubeStore {
                 }
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    *self.ledger_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some((day, n));
+                    return Ok(());
+                }
                 Err(e) if api_code(&e) == Some(409) && conflicts < LEDGER_MAX_CONFLICTS => {
                     conflicts += 1
                 }
                 Err(e) => return Err(kube_err("appending to the ledger", e)),
             }
         }
-        Err(Error::Store(format!(
-            "ledger: more than {LEDGER_MAX_SHARDS_PER_DAY} full shards today"
-        )))
     }
 }
 
@@ -312,13 +328,19 @@ impl super::ledger::LedgerWriter for KubeStore {
     /// One line per record (the common entry plus requester and object), appended to the
     /// current shard in one optimistic read-modify-write.
     async fn append(&self, records: &[super::ledger::IssuedRecord]) -> Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
+        // Whole lines, in chunks that fit a shard with room to spare (a retry after a chunk
+        // was written writes it again: a duplicate line, never a lost one).
         let mut text = String::new();
         for r in records {
-            text.push_str(&serde_json::to_string(r).map_err(|e| Error::Build(e.to_string()))?);
-            text.push('\n');
+            let mut line = serde_json::to_string(r).map_err(|e| Error::Build(e.to_string()))?;
+            line.push('\n');
+            if !text.is_empty() && text.len() + line.len() > LEDGER_SHARD_LIMIT / 2 {
+                self.append_ledger(&std::mem::take(&mut text)).await?;
+            }
+            text.push_str(&line);
+        }
+        if text.is_empty() {
+            return Ok(());
         }
         self.append_ledger(&text).await
     }
@@ -546,6 +568,13 @@ impl Store for KubeStore {
     async fn lock_rotation(&self, holder: &str) -> Result<Box<dyn PhaseLock>> {
         Ok(Box::new(self.lock_rotation_kube(holder).await?))
     }
+    async fn live_certificates(
+        &self,
+        skis: &std::collections::BTreeSet<String>,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<crate::store::LiveCertificate>> {
+        super::live_certs::live_certificates(&self.client, skis, now).await
+    }
     /// Applies the bundle's `<bundle>-trust-bundle` ConfigMaps in its namespaces (what the
     /// signer's bundle sync writes too), so a rotation phase publishes at once.
     async fn publish_bundle(
@@ -671,6 +700,83 @@ mod tests {
             SaveOutcome::Created
         );
         server.await.unwrap();
+    }
+
+    /// Issue 17: the ledger stopped at 64 full shards a day, losing every later record.
+    #[tokio::test]
+    async fn ledger_append_goes_past_64_full_shards_a_day() {
+        let (client, mut h) = mock_client();
+        let store = KubeStore::new(client, "meshca");
+        let full = 70;
+        let server = tokio::spawn(async move {
+            for n in 0..full {
+                let (req, _, send) = next(&mut h).await;
+                assert!(
+                    req.uri().path().ends_with(&format!("-{n}")),
+                    "{}",
+                    req.uri()
+                );
+                send.send_response(resp(
+                    200,
+                    &json!({"apiVersion":"v1","kind":"ConfigMap",
+                    "metadata":{"name":format!("x-{n}"),"resourceVersion":"1"},
+                    "data":{"ledger.jsonl":"a".repeat(LEDGER_SHARD_LIMIT)}}),
+                ));
+            }
+            let (req, _, send) = next(&mut h).await;
+            assert!(
+                req.uri().path().ends_with(&format!("-{full}")),
+                "{}",
+                req.uri()
+            );
+            send.send_response(status(404, "NotFound", "not found"));
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "POST");
+            assert_eq!(body["data"]["ledger.jsonl"], "new\n");
+            send.send_response(resp(201, &body));
+        });
+        store.append_ledger("new\n").await.unwrap();
+        server.await.unwrap();
+    }
+
+    /// A second append starts at the shard the first one wrote to.
+    #[tokio::test]
+    async fn ledger_append_remembers_the_days_last_shard() {
+        let (client, mut h) = mock_client();
+        let store = KubeStore::new(client, "meshca");
+        let server = tokio::spawn(async move {
+            for (n, full) in [(0, true), (1, false), (1, false)] {
+                let (req, _, send) = next(&mut h).await;
+                assert!(
+                    req.uri().path().ends_with(&format!("-{n}")),
+                    "{}",
+                    req.uri()
+                );
+                let text = if full {
+                    "a".repeat(LEDGER_SHARD_LIMIT)
+                } else {
+                    "old\n".into()
+                };
+                send.send_response(resp(
+                    200,
+                    &json!({"apiVersion":"v1","kind":"ConfigMap",
+                    "metadata":{"name":format!("x-{n}"),"resourceVersion":"1"},
+                    "data":{"ledger.jsonl":text}}),
+                ));
+                if !full {
+                    let (req, body, send) = next(&mut h).await;
+                    assert_eq!(req.method(), "PUT");
+                    send.send_response(resp(200, &body));
+                }
+            }
+        });
+        store.append_ledger("a\n").await.unwrap();
+        store.append_ledger("b\n").await.unwrap();
+        server.await.unwrap();
+        assert!(store
+            .append_ledger(&"x".repeat(LEDGER_SHARD_LIMIT + 1))
+            .await
+            .is_err());
     }
 
     #[tokio::test]

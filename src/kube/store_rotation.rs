@@ -20,12 +20,15 @@
 //!   instead of rewinding the rotation.
 //! - A slot is created with a plain create and never updated: a second write of the same
 //!   slot gets 409 ([`Error::AlreadyExists`]). Removing it is a delete (404 is fine).
-//! - The lock is a Lease created by the phase's process (409: someone holds it). A Lease
-//!   whose `renewTime + leaseDurationSeconds` has passed, or whose holder names a process of
-//!   this host that no longer exists (a phase killed with kill -9), is taken over by a
-//!   replace at the resourceVersion read. The holder renews it every
-//!   [`LEASE_RENEW`] while the phase runs and deletes it (precondition: its own
-//!   resourceVersion) when done.
+//! - The lock is a Lease created by the phase's process (409: someone holds it). One whose
+//!   `renewTime + leaseDurationSeconds` lies ahead on this host's clock is refused at once;
+//!   one that looks expired is taken over (a replace at the resourceVersion read) only after
+//!   this process has seen it unchanged for its whole duration on its own monotonic clock,
+//!   as client-go's leader election does. Neither another host's clock nor `/proc/<pid>` (a
+//!   holder may live in another PID namespace) decides a takeover. The holder renews it
+//!   every [`LEASE_RENEW`] while the phase runs; a failed renewal, or none confirmed within
+//!   45 s of being sent, makes [`PhaseLock::check`] fail, and the phase checks before
+//!   each write. It deletes the Lease (precondition: its own resourceVersion) when done.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,7 +46,7 @@ use super::{api_code, kube_err, FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY};
 use crate::ca::CaMaterial;
 use crate::error::{Error, Result};
 use crate::rotation::RotationState;
-use crate::store::{holder_pid_on_this_host, lock_busy, PhaseLock, Slot};
+use crate::store::{lock_busy, PhaseLock, Slot};
 
 /// Label of every rotation object, valued with the rotated CA.
 pub const LABEL_ROTATION: &str = "meshca.io/rotation";
@@ -345,47 +348,78 @@ impl KubeStore {
         .await
     }
 
+    /// Takes the phase lock. A Lease held by someone else is refused at once while its
+    /// renewTime looks recent on this host's clock (a hint only: a clock may be wrong). One
+    /// that looks expired is taken over only once this process has seen it unchanged (same
+    /// resourceVersion) for its whole duration on its own monotonic clock, as client-go's
+    /// leader election does; a change meanwhile means its holder is alive.
     pub(super) async fn lock_rotation_kube(&self, holder: &str) -> Result<KubePhaseLock> {
         let api: Api<Lease> = Api::namespaced(self.client().clone(), self.namespace());
-        for _ in 0..3 {
-            let now = OffsetDateTime::now_utc();
-            let mut lease = lease_manifest(holder, self.namespace(), now)?;
-            match api.create(&pp(), &lease).await {
-                Ok(l) => return Ok(KubePhaseLock::start(api, l)),
-                Err(e) if api_code(&e) == Some(409) => {}
-                Err(e) => return Err(kube_err("creating the rotation lock Lease", e)),
+        let busy = |detail: String| {
+            lock_busy(&format!(
+                "{detail}; Lease {}/{ROTATION_LEASE}",
+                self.namespace()
+            ))
+        };
+        // What this process saw of another holder's Lease, and since when.
+        let mut observed: Option<(String, tokio::time::Instant)> = None;
+        let mut creates = 0;
+        let mut create = true;
+        loop {
+            let mut lease = lease_manifest(holder, self.namespace(), OffsetDateTime::now_utc())?;
+            if create {
+                let sent = tokio::time::Instant::now();
+                match api.create(&pp(), &lease).await {
+                    Ok(l) => return Ok(KubePhaseLock::start(api, l, sent, self.namespace())),
+                    Err(e) if api_code(&e) == Some(409) => {}
+                    Err(e) => return Err(kube_err("creating the rotation lock Lease", e)),
+                }
+                creates += 1;
+                create = false;
             }
             let Some(cur) = api
                 .get_opt(ROTATION_LEASE)
                 .await
                 .map_err(|e| kube_err("reading the rotation lock Lease", e))?
             else {
-                continue; // released meanwhile
+                // Released meanwhile: create again (a few times at most).
+                if creates >= 3 {
+                    return Err(busy("the Lease keeps changing".into()));
+                }
+                create = true;
+                continue;
             };
-            let (who, until) = lease_holder(&cur);
-            let dead_here = holder_pid_on_this_host(&who)
-                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
-            let expired = until.is_none_or(|t| t < now);
-            if !(expired || dead_here) {
-                let until = until.map(|t| format!(", valid until {}", super::rfc3339(t)));
-                return Err(lock_busy(&format!(
-                    "{who}{}; Lease {}/{ROTATION_LEASE}",
-                    until.unwrap_or_default(),
-                    self.namespace()
-                )));
+            let seen = lease_observation(&cur);
+            let (who, until, duration) = lease_holder(&cur);
+            if let Some(t) = until.filter(|t| *t >= OffsetDateTime::now_utc()) {
+                return Err(busy(format!("{who}, valid until {}", super::rfc3339(t))));
+            }
+            let since = match &observed {
+                Some((before, _)) if *before != seen => {
+                    return Err(busy(format!("{who}, still renewing it")));
+                }
+                Some((_, since)) => *since,
+                None => {
+                    tracing::warn!(holder = %who, wait_s = duration.as_secs(), "the rotation lock looks expired; taking it over once it has stayed unchanged that long");
+                    observed = Some((seen, tokio::time::Instant::now()));
+                    tokio::time::Instant::now()
+                }
+            };
+            if since.elapsed() < duration {
+                tokio::time::sleep(LEASE_POLL.min(duration - since.elapsed())).await;
+                continue;
             }
             tracing::warn!(holder = %who, "taking over a stale rotation lock");
             lease.metadata.resource_version = cur.metadata.resource_version.clone();
-            match api.replace(ROTATION_LEASE, &pp(), &lease).await {
-                Ok(l) => return Ok(KubePhaseLock::start(api, l)),
-                Err(e) if api_code(&e) == Some(409) => continue,
-                Err(e) => return Err(kube_err("taking over the rotation lock Lease", e)),
-            }
+            let sent = tokio::time::Instant::now();
+            return match api.replace(ROTATION_LEASE, &pp(), &lease).await {
+                Ok(l) => Ok(KubePhaseLock::start(api, l, sent, self.namespace())),
+                Err(e) if api_code(&e) == Some(409) => {
+                    Err(busy(format!("{who}, changed while being taken over")))
+                }
+                Err(e) => Err(kube_err("taking over the rotation lock Lease", e)),
+            };
         }
-        Err(lock_busy(&format!(
-            "Lease {}/{ROTATION_LEASE} keeps changing",
-            self.namespace()
-        )))
     }
 }
 
@@ -409,54 +443,113 @@ pub fn lease_manifest(holder: &str, namespace: &str, now: OffsetDateTime) -> Res
     .map_err(|e| Error::Build(e.to_string()))
 }
 
-/// A Lease's holder and the time its hold ends (`None`: unreadable, treated as expired).
-fn lease_holder(l: &Lease) -> (String, Option<OffsetDateTime>) {
-    let v = serde_json::to_value(l).unwrap_or_default();
-    let who = v["spec"]["holderIdentity"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    let until = v["spec"]["renewTime"]
-        .as_str()
-        .and_then(|t| OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok())
-        .zip(v["spec"]["leaseDurationSeconds"].as_i64())
-        .map(|(t, d)| t + time::Duration::seconds(d));
-    (who, until)
+/// A Lease's holder, the time its hold ends by its own renewTime (`None`: unreadable,
+/// treated as expired), and how long it must be seen unchanged before it is stale (its
+/// duration, never less than [`LEASE_SECONDS`]).
+fn lease_holder(l: &Lease) -> (String, Option<OffsetDateTime>, Duration) {
+    let spec = l.spec.as_ref();
+    let who = spec
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default();
+    let secs = spec
+        .and_then(|s| s.lease_duration_seconds)
+        .map(i64::from)
+        .unwrap_or(LEASE_SECONDS)
+        .max(LEASE_SECONDS);
+    let until = spec
+        .and_then(|s| s.renew_time.as_ref())
+        .and_then(|t| {
+            let v = serde_json::to_value(t).ok()?;
+            OffsetDateTime::parse(v.as_str()?, &time::format_description::well_known::Rfc3339).ok()
+        })
+        .map(|t| t + time::Duration::seconds(secs));
+    (who, until, Duration::from_secs(secs.unsigned_abs()))
 }
 
-/// The held phase lock: renewed in the background until released.
+/// What identifies one version of a Lease: its resourceVersion, holder and renewTime.
+fn lease_observation(l: &Lease) -> String {
+    let spec = serde_json::to_value(&l.spec).unwrap_or_default();
+    format!(
+        "{:?} {} {}",
+        l.metadata.resource_version, spec["holderIdentity"], spec["renewTime"]
+    )
+}
+
+/// How often a phase waiting to take over a lock that looks expired reads it again.
+pub const LEASE_POLL: Duration = Duration::from_secs(5);
+/// How long after sending a renewal the phase still counts on the lock: the lease duration
+/// less a margin, so that it stops writing before anyone may take the lock over (no other
+/// process can see the renewed Lease unchanged for a full duration any sooner).
+const HOLD: Duration = Duration::from_secs(LEASE_SECONDS as u64 - 15);
+
+/// What the holder knows of its lock.
+struct Hold {
+    lease: Lease,
+    /// Until when (monotonic) the lock is surely held.
+    valid_until: tokio::time::Instant,
+    /// Why it is lost, once it is.
+    lost: Option<String>,
+}
+
+/// The held phase lock: renewed in the background until released. A renewal that fails
+/// marks it lost; [`PhaseLock::check`] then fails, and so does it once `HOLD` (45 s) has passed
+/// since the last renewal was sent (a renewal that hangs).
 pub struct KubePhaseLock {
     api: Api<Lease>,
-    lease: Arc<Mutex<Lease>>,
+    namespace: String,
+    hold: Arc<Mutex<Hold>>,
     renewer: tokio::task::JoinHandle<()>,
 }
 
+fn hold(h: &Mutex<Hold>) -> std::sync::MutexGuard<'_, Hold> {
+    h.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl KubePhaseLock {
-    fn start(api: Api<Lease>, lease: Lease) -> Self {
-        let lease = Arc::new(Mutex::new(lease));
-        let (a, l) = (api.clone(), lease.clone());
+    fn start(api: Api<Lease>, lease: Lease, sent: tokio::time::Instant, namespace: &str) -> Self {
+        let h = Arc::new(Mutex::new(Hold {
+            lease,
+            valid_until: sent + HOLD,
+            lost: None,
+        }));
+        let (a, h2) = (api.clone(), h.clone());
         let renewer = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(LEASE_RENEW).await;
-                let mut next = l.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let renew = rfc3339_micro(OffsetDateTime::now_utc());
-                let mut v = serde_json::to_value(&next).unwrap_or_default();
-                v["spec"]["renewTime"] = json!(renew);
-                match serde_json::from_value::<Lease>(v) {
-                    Ok(x) => next = x,
-                    Err(_) => return,
-                }
-                match a.replace(ROTATION_LEASE, &pp(), &next).await {
-                    Ok(done) => *l.lock().unwrap_or_else(|p| p.into_inner()) = done,
+                let mut v = serde_json::to_value(&hold(&h2).lease).unwrap_or_default();
+                v["spec"]["renewTime"] = json!(rfc3339_micro(OffsetDateTime::now_utc()));
+                let next: Lease = match serde_json::from_value(v) {
+                    Ok(l) => l,
                     Err(e) => {
-                        tracing::warn!(error = %e, "renewing the rotation lock failed");
+                        hold(&h2).lost = Some(format!("cannot build the renewal: {e}"));
+                        return;
                     }
-                }
+                };
+                let sent = tokio::time::Instant::now();
+                let why = match tokio::time::timeout(HOLD, a.replace(ROTATION_LEASE, &pp(), &next))
+                    .await
+                {
+                    Ok(Ok(done)) => {
+                        let mut g = hold(&h2);
+                        g.lease = done;
+                        g.valid_until = sent + HOLD;
+                        continue;
+                    }
+                    Ok(Err(e)) if api_code(&e) == Some(409) => {
+                        "another process changed or took it over".to_string()
+                    }
+                    Ok(Err(e)) => kube_err("renewing it failed", e).to_string(),
+                    Err(_) => "renewing it timed out".to_string(),
+                };
+                tracing::error!(reason = %why, "lost the rotation lock; the phase stops before its next write");
+                hold(&h2).lost = Some(why);
+                return;
             }
         });
         KubePhaseLock {
             api,
-            lease,
+            namespace: namespace.to_string(),
+            hold: h,
             renewer,
         }
     }
@@ -470,15 +563,24 @@ impl Drop for KubePhaseLock {
 
 #[async_trait]
 impl PhaseLock for KubePhaseLock {
+    fn check(&self) -> Result<()> {
+        let h = hold(&self.hold);
+        let why = match &h.lost {
+            Some(why) => why.clone(),
+            None if tokio::time::Instant::now() >= h.valid_until => {
+                format!("not renewed within {} s", HOLD.as_secs())
+            }
+            None => return Ok(()),
+        };
+        Err(Error::Store(format!(
+            "lost the rotation lock (Lease {}/{ROTATION_LEASE}): {why}; stopped before the next step (re-run the phase to finish it)",
+            self.namespace
+        )))
+    }
+
     async fn release(self: Box<Self>) -> Result<()> {
         self.renewer.abort();
-        let rv = self
-            .lease
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .metadata
-            .resource_version
-            .clone();
+        let rv = hold(&self.hold).lease.metadata.resource_version.clone();
         let dp = DeleteParams {
             preconditions: Some(Preconditions {
                 resource_version: rv,
@@ -509,8 +611,9 @@ mod tests {
     use crate::bundle::BundleSpec;
     use crate::ca::{create_intermediate, create_root, CaSpec};
     use crate::kube::store::{ca_secret_manifest, ca_secret_name};
-    use crate::kube::testutil::{json as resp, mock_client, next_opt, status};
+    use crate::kube::testutil::{json as resp, mock_client, next_untimed, status};
     use crate::rotation::{Phase, Request};
+    use crate::store::rotate::tests::leaf_from;
     use crate::store::rotate::{run_phase, RotateOptions};
     use crate::store::{bundle_anchors, Store};
 
@@ -537,6 +640,12 @@ mod tests {
         log: Vec<Logged>,
         /// Fail (503) every request after this many.
         fail_after: Option<usize>,
+        /// At this request, another process takes the rotation Lease over.
+        steal_at: Option<usize>,
+        /// Answer this request only after this long.
+        delay_at: Option<(usize, Duration)>,
+        /// Refuse (403) lists across namespaces.
+        forbid_cluster_lists: bool,
     }
 
     type Shared = Arc<Mutex<Fake>>;
@@ -594,6 +703,48 @@ mod tests {
         });
         if f.fail_after.is_some_and(|max| n >= max) {
             return (503, status_body(503, "ServiceUnavailable", "killed"));
+        }
+        if f.steal_at == Some(n) {
+            f.rv += 1;
+            let rv = f.rv.to_string();
+            if let Some(l) = f.objects.get_mut(&format!("{LEASES}/{ROTATION_LEASE}")) {
+                l["spec"]["holderIdentity"] = json!("pid 1 on other-host: meshca ca rotate");
+                l["metadata"]["resourceVersion"] = json!(rv);
+            }
+        }
+        if !path.contains("/namespaces/") {
+            // A list across namespaces (`/api/v1/secrets`), or discovery.
+            let p = path.trim_start_matches('/');
+            let Some((group, res)) = p.rsplit_once('/') else {
+                return (404, status_body(404, "NotFound", "not found"));
+            };
+            if method != "GET" || !(group.starts_with("api/") || group.contains('/')) {
+                return (404, status_body(404, "NotFound", "not found"));
+            }
+            if f.forbid_cluster_lists {
+                return (
+                    403,
+                    status_body(403, "Forbidden", &format!("{res} is forbidden")),
+                );
+            }
+            let items: Vec<_> = f
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    let coll = k.rsplit_once('/').unwrap().0;
+                    coll == p
+                        || (coll.starts_with(&format!("{group}/namespaces/"))
+                            && coll.ends_with(&format!("/{res}")))
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            if items.is_empty() && !matches!(res, "secrets" | "certificatesigningrequests") {
+                return (404, status_body(404, "NotFound", "not found"));
+            }
+            return (
+                200,
+                json!({"apiVersion":"v1","kind":"List","metadata":{"resourceVersion":"1"},"items":items}),
+            );
         }
         let (coll, name) = split(path);
         let key = |name: &str| format!("{coll}/{name}");
@@ -690,7 +841,7 @@ mod tests {
         let (client, mut h) = mock_client();
         let f = fake.clone();
         let task = tokio::spawn(async move {
-            while let Some((req, body, send)) = next_opt(&mut h).await {
+            while let Some((req, body, send)) = next_untimed(&mut h).await {
                 let (code, v) = serve(
                     &f,
                     req.method().as_str(),
@@ -699,7 +850,21 @@ mod tests {
                     &body,
                 );
                 let _ = status; // the shared helper shapes the same Status bodies
-                send.send_response(resp(code, &v));
+                let delay = {
+                    let g = lock(&f);
+                    g.delay_at
+                        .filter(|(n, _)| *n + 1 == g.log.len())
+                        .map(|(_, d)| d)
+                };
+                match delay {
+                    Some(d) => {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(d).await;
+                            send.send_response(resp(code, &v));
+                        });
+                    }
+                    None => send.send_response(resp(code, &v)),
+                }
             }
         });
         (KubeStore::new(client, NS), task)
@@ -764,6 +929,35 @@ mod tests {
 
     fn opts() -> RotateOptions {
         RotateOptions::default()
+    }
+
+    /// Runs prepare on `root`, which must fail; its error.
+    async fn prepare_fails(s: &KubeStore) -> String {
+        let now = OffsetDateTime::now_utc();
+        match run_phase(s, "root", Request::Prepare, &opts(), now).await {
+            Ok(r) => panic!("prepare went ahead: {r:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    fn forced() -> RotateOptions {
+        RotateOptions {
+            force: true,
+            ..opts()
+        }
+    }
+
+    /// Since request `mark`, a refused phase wrote nothing but its lock.
+    fn assert_only_the_lock(fake: &Shared, mark: usize) {
+        let lines: Vec<String> = writes(fake, mark).iter().map(Logged::line).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("POST /{LEASES}"),
+                format!("DELETE /{LEASES}/meshca-rotation")
+            ],
+            "a refused phase writes nothing but the lock"
+        );
     }
 
     #[tokio::test]
@@ -896,20 +1090,8 @@ mod tests {
 
         // prune: refused while the ledger holds a live certificate of the old team CA.
         let old_team = prev.into_iter().nth(1).unwrap();
-        let issuer = crate::issue::LocalIssuer::new(old_team).unwrap();
-        let w = crate::issue::issue_workload(
-            &issuer,
-            &crate::identity::Sans {
-                dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
-                ..Default::default()
-            },
-            None,
-            crate::key::KeyAlgorithm::EcdsaP256,
-            now,
-        )
-        .await
-        .unwrap();
-        s.record(&crate::issue::LedgerEntry::for_cert("team", &w.cert, now))
+        let w = leaf_from(old_team, now).await;
+        s.record(&crate::issue::LedgerEntry::for_cert("team", &w, now))
             .await
             .unwrap();
         let mark = lock(&fake).log.len();
@@ -918,31 +1100,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("prune refused") && e.contains(&w.cert.info.serial_hex()),
+            e.contains("prune refused") && e.contains(&w.info.serial_hex()),
             "{e}"
         );
-        let lines: Vec<String> = writes(&fake, mark).iter().map(Logged::line).collect();
-        assert_eq!(
-            lines,
-            [
-                format!("POST /{LEASES}"),
-                format!("DELETE /{LEASES}/meshca-rotation")
-            ],
-            "a refused prune writes nothing but the lock"
-        );
+        assert_only_the_lock(&fake, mark);
         let mark = lock(&fake).log.len();
-        let r = run_phase(
-            &s,
-            "root",
-            Request::Prune,
-            &RotateOptions {
-                force: true,
-                ..opts()
-            },
-            now,
-        )
-        .await
-        .unwrap();
+        let r = run_phase(&s, "root", Request::Prune, &forced(), now)
+            .await
+            .unwrap();
         assert_eq!(r.forced_past.len(), 1);
         let w = writes(&fake, mark);
         let lines: Vec<String> = w.iter().map(Logged::line).collect();
@@ -997,7 +1162,7 @@ mod tests {
     /// The process "dies" after its N-th request (every later one fails); its Lease then
     /// names a pid that no longer exists. Re-running the phase takes the stale lock over and
     /// finishes the phase, for every N.
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_phase_cut_after_any_request_finishes_on_rerun() {
         let now = OffsetDateTime::now_utc();
         for req in [Request::Prepare, Request::Activate, Request::Prune] {
@@ -1005,10 +1170,7 @@ mod tests {
             let reference: Shared = Default::default();
             seed(&reference);
             let (s, task) = store(&reference);
-            let force = RotateOptions {
-                force: true,
-                ..opts()
-            };
+            let force = forced();
             for earlier in [Request::Prepare, Request::Activate] {
                 if earlier == req {
                     break;
@@ -1048,6 +1210,7 @@ mod tests {
                             "pid 4194304 on {}: meshca ca rotate root (killed)",
                             crate::store::host_name()
                         ));
+                        l["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
                     }
                 }
                 if first.is_err() {
@@ -1081,7 +1244,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_live_lock_refuses_a_second_phase_naming_its_holder() {
         let fake: Shared = Default::default();
         seed(&fake);
@@ -1092,16 +1255,7 @@ mod tests {
                 .unwrap(),
         );
         let (s, task) = store(&fake);
-        let e = run_phase(
-            &s,
-            "root",
-            Request::Prepare,
-            &opts(),
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        .unwrap_err()
-        .to_string();
+        let e = prepare_fails(&s).await;
         assert!(
             e.contains("another rotation phase holds the lock") && e.contains(&holder),
             "{e}"
@@ -1131,6 +1285,207 @@ mod tests {
         assert_eq!(put[1].body["metadata"]["resourceVersion"], "77");
         assert_eq!(put[1].body["spec"]["holderIdentity"], "me");
         Box::new(l).release().await.unwrap();
+        task.abort();
+    }
+
+    /// Issue 17: a failed renewal was only logged, and the phase went on writing after
+    /// another process had taken the lock over. It must stop before its next write.
+    #[tokio::test(start_paused = true)]
+    async fn a_phase_that_lost_its_lock_writes_nothing_more() {
+        let fake: Shared = Default::default();
+        seed(&fake);
+        {
+            let mut f = lock(&fake);
+            // Right after the lock is taken, another process takes it over, and this
+            // phase's next answer comes only after its renewal has failed.
+            f.steal_at = Some(1);
+            f.delay_at = Some((1, LEASE_RENEW + Duration::from_secs(10)));
+        }
+        let (s, task) = store(&fake);
+        let e = prepare_fails(&s).await;
+        assert!(e.contains("lost the rotation lock"), "{e}");
+        let lines: Vec<String> = writes(&fake, 0).iter().map(Logged::line).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("POST /{LEASES}"),
+                format!("PUT /{LEASES}/{ROTATION_LEASE}"),
+                format!("DELETE /{LEASES}/{ROTATION_LEASE}"),
+            ],
+            "nothing written after the failed renewal"
+        );
+        assert!(object(&fake, &format!("{CM}/meshca-rotation-root")).is_none());
+        let l = object(&fake, &format!("{LEASES}/{ROTATION_LEASE}")).unwrap();
+        assert_eq!(
+            l["spec"]["holderIdentity"], "pid 1 on other-host: meshca ca rotate",
+            "the new holder's lock is left alone"
+        );
+        task.abort();
+    }
+
+    /// Issue 17: takeover compared another writer's renewTime with the local clock, and
+    /// trusted `/proc/<pid>` when the host name matched. A Lease is stale only once this
+    /// process has seen it unchanged for its whole duration on its own monotonic clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_taken_over_only_after_it_stays_unchanged_for_its_duration() {
+        let fake: Shared = Default::default();
+        seed(&fake);
+        let key = format!("{LEASES}/{ROTATION_LEASE}");
+        // A live phase on a host whose clock is far behind: its renewTime looks expired here.
+        let holder = "pid 7 on other-host: meshca ca rotate root --phase activate";
+        let mut l =
+            serde_json::to_value(lease_manifest(holder, NS, OffsetDateTime::now_utc()).unwrap())
+                .unwrap();
+        l["spec"]["renewTime"] = json!("2020-01-01T00:00:00.000000Z");
+        l["metadata"]["resourceVersion"] = json!("50");
+        lock(&fake).objects.insert(key.clone(), l);
+        let (s, task) = store(&fake);
+        let (f2, k2) = (fake.clone(), key.clone());
+        let renewer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                let mut f = lock(&f2);
+                f.rv += 1;
+                let rv = f.rv.to_string();
+                f.objects.get_mut(&k2).unwrap()["metadata"]["resourceVersion"] = json!(rv);
+            }
+        });
+        let e = match s.lock_rotation_kube("me").await {
+            Ok(_) => panic!("took over a lock whose holder keeps renewing it"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("another rotation phase holds the lock") && e.contains(holder),
+            "{e}"
+        );
+        // The holder dies. Its host name is ours and its pid is gone, and the Lease looks
+        // fresh: neither says anything across PID namespaces or clocks.
+        renewer.abort();
+        let dead = format!(
+            "pid 4194304 on {}: meshca ca rotate root (killed)",
+            crate::store::host_name()
+        );
+        {
+            let mut f = lock(&fake);
+            let l = f.objects.get_mut(&key).unwrap();
+            l["spec"]["holderIdentity"] = json!(dead);
+            l["spec"]["renewTime"] = json!(rfc3339_micro(OffsetDateTime::now_utc()));
+        }
+        let e = match s.lock_rotation_kube("me").await {
+            Ok(_) => panic!("took over a fresh-looking lock because a local pid is gone"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains(&dead), "{e}");
+        // Once it looks expired here too, it is taken over after a full lease duration of
+        // seeing it unchanged.
+        lock(&fake).objects.get_mut(&key).unwrap()["spec"]["renewTime"] =
+            json!("2020-01-01T00:00:00.000000Z");
+        let t = tokio::time::Instant::now();
+        let held = s
+            .lock_rotation_kube("me")
+            .await
+            .map_err(|e| e.to_string())
+            .unwrap();
+        assert!(
+            t.elapsed() >= Duration::from_secs(LEASE_SECONDS as u64),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(object(&fake, &key).unwrap()["spec"]["holderIdentity"], "me");
+        Box::new(held).release().await.unwrap();
+        task.abort();
+    }
+
+    /// The seeded rotation of `root`, prepared and activated.
+    async fn active(fake: &Shared) -> (KubeStore, tokio::task::JoinHandle<()>, OffsetDateTime) {
+        seed(fake);
+        let (s, task) = store(fake);
+        let now = OffsetDateTime::now_utc();
+        for req in [Request::Prepare, Request::Activate] {
+            run_phase(&s, "root", req, &opts(), now).await.unwrap();
+        }
+        (s, task, now)
+    }
+
+    /// Issue 17: prune trusted the ledger alone. A certificate of the old CA that is live in
+    /// the cluster (a TLS Secret, a CSR) but missing from the ledger blocks prune.
+    #[tokio::test]
+    async fn prune_refuses_while_the_cluster_holds_live_certificates_of_the_old_ca() {
+        let fake: Shared = Default::default();
+        let (s, task, now) = active(&fake).await;
+        let mut serials = Vec::new();
+        let mut pems = Vec::new();
+        for _ in 0..2 {
+            let previous = s.load_rotation_cas("root", Slot::Previous).await.unwrap();
+            let old_team = previous.into_iter().nth(1).unwrap();
+            let w = leaf_from(old_team, now).await;
+            serials.push(w.info.serial_hex());
+            pems.push(w.chain_pem());
+        }
+        {
+            let mut f = lock(&fake);
+            f.objects.insert(
+                "api/v1/namespaces/app/secrets/web-tls".into(),
+                json!({"apiVersion":"v1","kind":"Secret","type":"kubernetes.io/tls",
+                       "metadata":{"name":"web-tls","namespace":"app","resourceVersion":"1"},
+                       "data":{"tls.crt": b64(pems[0].as_bytes()), "tls.key": b64(b"unused")}}),
+            );
+            f.objects.insert(
+                "apis/certificates.k8s.io/v1/certificatesigningrequests/c1".into(),
+                json!({"apiVersion":"certificates.k8s.io/v1","kind":"CertificateSigningRequest",
+                       "metadata":{"name":"c1","resourceVersion":"1"},
+                       "spec":{"request": b64(b"unused"), "signerName":"meshca.io/team", "usages":[]},
+                       "status":{"certificate": b64(pems[1].as_bytes())}}),
+            );
+        }
+        let mark = lock(&fake).log.len();
+        let e = run_phase(&s, "root", Request::Prune, &opts(), now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("prune refused"), "{e}");
+        assert!(
+            e.contains("secret app/web-tls") && e.contains(&serials[0]),
+            "{e}"
+        );
+        assert!(e.contains("csr c1") && e.contains(&serials[1]), "{e}");
+        assert_only_the_lock(&fake, mark);
+        let r = run_phase(&s, "root", Request::Prune, &forced(), now)
+            .await
+            .unwrap();
+        assert_eq!(r.forced_past.len(), 2, "{:?}", r.forced_past);
+        task.abort();
+    }
+
+    /// Prune does not run blind: when the certificates in use cannot be listed, it is refused
+    /// without `--force`, and `--force` names what it did not check.
+    #[tokio::test]
+    async fn prune_refuses_when_it_cannot_check_the_cluster() {
+        let fake: Shared = Default::default();
+        let (s, task, now) = active(&fake).await;
+        lock(&fake).forbid_cluster_lists = true;
+        let e = run_phase(&s, "root", Request::Prune, &opts(), now)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("prune refused: cannot check") && e.contains("forbidden"),
+            "{e}"
+        );
+        let st = crate::store::rotate::status(&s, "root", now).await.unwrap();
+        assert!(
+            st.blocked_by.iter().any(|b| b.contains("cannot check")),
+            "{:?}",
+            st.blocked_by
+        );
+        let r = run_phase(&s, "root", Request::Prune, &forced(), now)
+            .await
+            .unwrap();
+        assert!(
+            r.forced_past.iter().any(|f| f.contains("not checked")),
+            "{:?}",
+            r.forced_past
+        );
         task.abort();
     }
 

@@ -117,6 +117,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn revocations(&self) -> Result<Vec<crate::crl::Revocation>> {
         Ok(Vec::new())
     }
+    /// Unexpired certificates still in use where this store's certificates go, issued by a CA
+    /// whose subject key identifier is in `skis`, each with where it is. Prune refuses while any is found, besides the ledger's (which can miss entries).
+    /// The kube store looks at the cluster's TLS Secrets, CSRs and PodCertificateRequests; a
+    /// local store has no such view (its ledger is written before a certificate is handed
+    /// out) and finds none.
+    async fn live_certificates(
+        &self,
+        skis: &std::collections::BTreeSet<String>,
+        now: time::OffsetDateTime,
+    ) -> Result<Vec<LiveCertificate>> {
+        let _ = (skis, now);
+        Ok(Vec::new())
+    }
     /// Takes the store's rotation lock for one whole phase, or fails at once naming its
     /// holder: two phases never interleave. `holder` describes this process (see
     /// [`lock_holder`]). A store without rotation support needs no lock.
@@ -143,10 +156,31 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     }
 }
 
+/// A certificate in use somewhere ([`Store::live_certificates`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveCertificate {
+    /// Where it is: `secret <ns>/<name>`, `csr <name>`, `podcertificaterequest <ns>/<name>`.
+    pub location: String,
+    /// Its serial, hex.
+    pub serial: String,
+}
+
+impl std::fmt::Display for LiveCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (serial {})", self.location, self.serial)
+    }
+}
+
 /// A held rotation lock ([`Store::lock_rotation`]). Dropping it releases a local lock at
 /// once; a remote one is released by [`PhaseLock::release`] (or expires).
 #[async_trait]
 pub trait PhaseLock: Send + Sync {
+    /// Whether the lock is still held: a phase calls this before each write, and stops with
+    /// this error once the lock is lost (a failed renewal, or no renewal within its bound).
+    /// A local lock (an flock held by the open file) cannot be lost.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     /// Releases the lock.
     async fn release(self: Box<Self>) -> Result<()>;
 }
@@ -173,14 +207,6 @@ pub fn host_name() -> String {
 /// How a lock holder describes itself: `pid <pid> on <host>: <what>`.
 pub fn lock_holder(what: &str) -> String {
     format!("pid {} on {}: {what}", std::process::id(), host_name())
-}
-
-/// The pid in a [`lock_holder`] string, when it names this host.
-pub fn holder_pid_on_this_host(holder: &str) -> Option<u32> {
-    let rest = holder.strip_prefix("pid ")?;
-    let (pid, rest) = rest.split_once(" on ")?;
-    let (host, _) = rest.split_once(':')?;
-    (host == host_name()).then(|| pid.parse().ok()).flatten()
 }
 
 /// The error of a phase that found the rotation lock taken.

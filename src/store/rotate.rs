@@ -8,7 +8,8 @@
 //! - activate: record `activating`; save the current CAs as the previous slot (one atomic
 //!   write, before any swap); replace each CA by its next version, parents first (each an
 //!   atomic CA replace, skipped when already done); record `active`; drop the next slot.
-//! - prune: check the ledger; record `pruning`; drop the previous slot; publish; drop the
+//! - prune: check the ledger and the live certificates ([`Store::live_certificates`]);
+//!   record `pruning`; drop the previous slot; publish; drop the
 //!   record.
 
 use std::collections::BTreeMap;
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{bundle_anchors, SaveOutcome, Slot, Store};
+use super::{bundle_anchors, PhaseLock, SaveOutcome, Slot, Store};
 use crate::bundle;
 use crate::ca::{create_intermediate, create_root, Backend, CaMaterial};
 use crate::error::{Error, Result};
@@ -54,6 +55,7 @@ impl std::fmt::Debug for RotateOptions {
 /// Records `step` in the rotation record (atomically), then reports it.
 async fn record(
     store: &dyn Store,
+    lock: &dyn PhaseLock,
     st: &mut RotationState,
     steps: &mut Vec<String>,
     step: String,
@@ -61,6 +63,7 @@ async fn record(
     now: OffsetDateTime,
 ) -> Result<()> {
     st.step(step.clone(), now);
+    lock.check()?;
     store.save_rotation(st).await?;
     if let Some(p) = &opts.progress {
         p(&step);
@@ -147,7 +150,7 @@ pub async fn run_phase(
         phase_name(req)
     ));
     let lock = store.lock_rotation(&holder).await?;
-    let result = run_phase_locked(store, ca, req, opts, now).await;
+    let result = run_phase_locked(store, lock.as_ref(), ca, req, opts, now).await;
     if let Err(e) = lock.release().await {
         // The phase's steps are recorded; a lock left behind expires (or is taken over once
         // its holder is gone), so this is not the phase's failure.
@@ -164,8 +167,11 @@ fn phase_name(req: Request) -> &'static str {
     }
 }
 
+/// The phase's steps. Every write is preceded by [`PhaseLock::check`], so a phase that lost
+/// its lock stops before writing anything more.
 async fn run_phase_locked(
     store: &dyn Store,
+    lock: &dyn PhaseLock,
     ca: &str,
     req: Request,
     opts: &RotateOptions,
@@ -208,6 +214,7 @@ async fn run_phase_locked(
             if plan == Plan::Start {
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "started".into(),
@@ -218,9 +225,11 @@ async fn run_phase_locked(
             }
             if store.load_rotation_cas(ca, Slot::Next).await?.is_empty() {
                 let next = build_next(store, &st, now).await?;
+                lock.check()?;
                 store.save_rotation_cas(ca, Slot::Next, &next).await?;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "next-created".into(),
@@ -229,9 +238,10 @@ async fn run_phase_locked(
                 )
                 .await?;
             }
-            let (bundles, files) = publish(store, &st, opts.out_dir.as_deref()).await?;
+            let (bundles, files) = publish(store, lock, &st, opts.out_dir.as_deref()).await?;
             record(
                 store,
+                lock,
                 &mut st,
                 &mut report.steps,
                 "published".into(),
@@ -256,6 +266,7 @@ async fn run_phase_locked(
                 st.renew_now = opts.renew_now;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "activating".into(),
@@ -267,6 +278,7 @@ async fn run_phase_locked(
                 st.renew_now = true;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "renew-now".into(),
@@ -286,9 +298,11 @@ async fn run_phase_locked(
                     for name in &st.cas {
                         cur.push(store.load_ca(name).await?);
                     }
+                    lock.check()?;
                     store.save_rotation_cas(ca, Slot::Previous, &cur).await?;
                     record(
                         store,
+                        lock,
                         &mut st,
                         &mut report.steps,
                         "previous-saved".into(),
@@ -302,10 +316,12 @@ async fn run_phase_locked(
                         Error::Corrupt(format!("rotation of {ca}: no next version of CA {name}"))
                     })?;
                     if store.load_ca(&name).await?.cert != n.cert {
+                        lock.check()?;
                         let outcome = store.save_ca(n, true).await?;
                         debug_assert_eq!(outcome, SaveOutcome::Replaced);
                         record(
                             store,
+                            lock,
                             &mut st,
                             &mut report.steps,
                             format!("swapped:{name}"),
@@ -318,6 +334,7 @@ async fn run_phase_locked(
                 st.phase = Phase::Active;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "active".into(),
@@ -327,19 +344,29 @@ async fn run_phase_locked(
                 .await?;
             }
             // The next CAs are now the current ones.
+            lock.check()?;
             store.remove_rotation_cas(ca, Slot::Next).await?;
-            let (bundles, files) = publish(store, &st, opts.out_dir.as_deref()).await?;
+            let (bundles, files) = publish(store, lock, &st, opts.out_dir.as_deref()).await?;
             report.bundles = bundles;
             report.files = files;
         }
         Request::Prune => {
             if st.phase == Phase::Active {
-                let blocking = blocking_serials(store, &st, now).await?;
+                let (mut blocking, unchecked) = blocking_serials(store, &st, now).await?;
+                if let Some(e) = unchecked {
+                    if !opts.force {
+                        return Err(Error::invalid(
+                            "rotation",
+                            format!("CA {ca}: prune refused: cannot check which certificates of the previous CA are still in use: {e} (grant the listing, or use --force)"),
+                        ));
+                    }
+                    blocking.push(format!("certificates in use not checked: {e}"));
+                }
                 if !blocking.is_empty() && !opts.force {
                     return Err(Error::invalid(
                         "rotation",
                         format!(
-                            "CA {ca}: prune refused: {} unexpired certificate(s) from the previous CA in the ledger: {} (re-issue them from the new CA, wait until they expire, or use --force)",
+                            "CA {ca}: prune refused: {} unexpired certificate(s) from the previous CA in the ledger or still in use: {} (re-issue them from the new CA, wait until they expire, or use --force)",
                             blocking.len(),
                             list(&blocking)
                         ),
@@ -349,6 +376,7 @@ async fn run_phase_locked(
                 st.phase = Phase::Pruning;
                 record(
                     store,
+                    lock,
                     &mut st,
                     &mut report.steps,
                     "pruning".into(),
@@ -357,11 +385,14 @@ async fn run_phase_locked(
                 )
                 .await?;
             }
+            lock.check()?;
             store.remove_rotation_cas(ca, Slot::Previous).await?;
+            lock.check()?;
             store.remove_rotation_cas(ca, Slot::Next).await?;
-            let (bundles, files) = publish(store, &st, opts.out_dir.as_deref()).await?;
+            let (bundles, files) = publish(store, lock, &st, opts.out_dir.as_deref()).await?;
             report.bundles = bundles;
             report.files = files;
+            lock.check()?;
             store.remove_rotation(ca).await?;
             report.steps.push("pruned".into());
             report.state = "idle".into();
@@ -438,6 +469,7 @@ async fn build_next(
 /// ([`Store::publish_bundle`]), and (with `out_dir`) their re-exported PEMs.
 async fn publish(
     store: &dyn Store,
+    lock: &dyn PhaseLock,
     st: &RotationState,
     out_dir: Option<&Path>,
 ) -> Result<(Vec<String>, Vec<PathBuf>)> {
@@ -448,6 +480,7 @@ async fn publish(
             continue;
         }
         let anchors = bundle_anchors(store, &b).await?;
+        lock.check()?;
         store.publish_bundle(&b, &anchors).await?;
         if let Some(dir) = out_dir {
             fsutil::create_private_dir(dir)?;
@@ -460,12 +493,14 @@ async fn publish(
     Ok((names, files))
 }
 
-/// Serials of ledger entries that block prune.
+/// What blocks prune: unexpired certificates of the previous CAs in the ledger, then those
+/// still in use ([`Store::live_certificates`]) that the ledger misses. The second value is
+/// why the certificates in use could not be checked, if they could not.
 async fn blocking_serials(
     store: &dyn Store,
     st: &RotationState,
     now: OffsetDateTime,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Option<Error>)> {
     let previous = store.load_rotation_cas(&st.ca, Slot::Previous).await?;
     let mut ski = BTreeMap::new();
     for p in &previous {
@@ -476,14 +511,30 @@ async fn blocking_serials(
     // Rotating an intermediate keeps the root, so nothing it signed loses trust.
     let root_changed = previous.iter().any(|p| p.meta.name == st.ca && p.is_root());
     if !root_changed {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), None));
     }
     let ledger = store.ledger().await?;
     let lookup = |c: &str| ski.get(c).cloned();
-    Ok(rotation::blocking_entries(st, &ledger, &lookup, now)
-        .into_iter()
+    let entries = rotation::blocking_entries(st, &ledger, &lookup, now);
+    let in_ledger: std::collections::BTreeSet<&str> =
+        entries.iter().map(|e| e.serial.as_str()).collect();
+    let mut out: Vec<String> = entries
+        .iter()
         .map(|e| format!("{} ({})", e.serial, e.ca))
-        .collect())
+        .collect();
+    // The ledger can miss entries: also what is live where the store's certificates go.
+    let skis = ski.values().cloned().collect();
+    match store.live_certificates(&skis, now).await {
+        Ok(live) => {
+            for l in live {
+                if !in_ledger.contains(l.serial.as_str()) {
+                    out.push(l.to_string());
+                }
+            }
+            Ok((out, None))
+        }
+        Err(e) => Ok((out, Some(e))),
+    }
 }
 
 /// The status of `ca`'s rotation (or `idle`).
@@ -548,10 +599,16 @@ pub async fn status(store: &dyn Store, ca: &str, now: OffsetDateTime) -> Result<
                     blocked_by.push("prune did not finish: re-run --phase prune".into())
                 }
                 Phase::Active => {
-                    blocking = blocking_serials(store, s, now).await?;
+                    let unchecked;
+                    (blocking, unchecked) = blocking_serials(store, s, now).await?;
+                    if let Some(e) = unchecked {
+                        blocked_by.push(format!(
+                            "cannot check which certificates of the previous CA are still in use: {e}"
+                        ));
+                    }
                     if !blocking.is_empty() {
                         blocked_by.push(format!(
-                            "{} unexpired certificate(s) from the previous CA in the ledger",
+                            "{} unexpired certificate(s) from the previous CA in the ledger or still in use",
                             blocking.len()
                         ));
                     }
@@ -592,11 +649,29 @@ pub async fn renew_now_for(store: &dyn Store, ca: &str) -> Result<bool> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::bundle::BundleSpec;
     use crate::ca::CaSpec;
     use crate::store::LocalStore;
+
+    /// A workload certificate (DNS `a.example`) issued by `ca`.
+    pub(crate) async fn leaf_from(ca: CaMaterial, now: OffsetDateTime) -> crate::issue::IssuedCert {
+        let issuer = crate::issue::LocalIssuer::new(ca).unwrap();
+        crate::issue::issue_workload(
+            &issuer,
+            &crate::identity::Sans {
+                dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
+                ..Default::default()
+            },
+            None,
+            crate::key::KeyAlgorithm::EcdsaP256,
+            now,
+        )
+        .await
+        .unwrap()
+        .cert
+    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -660,27 +735,15 @@ mod tests {
             assert_eq!(st.phase, "active");
             assert_eq!(st.previous.as_ref().unwrap().bundles, ["b"]);
             // A live certificate from the old intermediate blocks prune.
-            let issuer = crate::issue::LocalIssuer::new(team).unwrap();
-            let w = crate::issue::issue_workload(
-                &issuer,
-                &crate::identity::Sans {
-                    dns: vec![crate::identity::DnsName::parse("a.example").unwrap()],
-                    ..Default::default()
-                },
-                None,
-                crate::key::KeyAlgorithm::EcdsaP256,
-                now,
-            )
-            .await
-            .unwrap();
-            s.record(&crate::issue::LedgerEntry::for_cert("team", &w.cert, now))
+            let w = leaf_from(team, now).await;
+            s.record(&crate::issue::LedgerEntry::for_cert("team", &w, now))
                 .await
                 .unwrap();
             let e = run_phase(&s, "root", Request::Prune, &o, now)
                 .await
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains(&w.cert.info.serial_hex()), "{e}");
+            assert!(e.contains(&w.info.serial_hex()), "{e}");
             assert_eq!(
                 status(&s, "root", now)
                     .await

@@ -34,7 +34,6 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
@@ -73,6 +72,9 @@ pub async fn served(client: &kube::Client) -> Result<bool> {
         Err(e) => Err(kube_err("discovering certificates.k8s.io/v1beta1", e)),
     }
 }
+
+/// The PodCertificateRequest controller's name in `/readyz` and `meshca_controller_ready`.
+pub const CONTROLLER_NAME: &str = "pod-certificates";
 
 /// The outcome of looking at a request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -341,7 +343,8 @@ impl PcrSigner {
                         entry: LedgerEntry::for_cert(&ca, &cert, now),
                         requester: prepared.requester.clone(),
                         object: format!("pcr/{}", key(pcr)),
-                    });
+                    })
+                    .await;
                 }
             }
             Ok(WriteOutcome::LostRace) => {}
@@ -394,11 +397,12 @@ impl PcrSigner {
     ) {
         let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        Controller::new(api, self.watcher_config())
+        let controller = Controller::new(api, self.watcher_config())
             .with_config(cfg)
-            .reconcile_all_on(issuers::changes(self.issuers.clone()))
-            .graceful_shutdown_on(shutdown)
-            .run(
+            .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        let health = &self.metrics.controllers;
+        super::health::run_controller(CONTROLLER_NAME, health, controller, shutdown, |c| {
+            c.run(
                 |pcr, ctx: Arc<PcrSigner>| async move { ctx.reconcile_or_log(&pcr).await },
                 |pcr, err, ctx: Arc<PcrSigner>| {
                     let k = key(&pcr);
@@ -408,12 +412,8 @@ impl PcrSigner {
                 },
                 self.clone(),
             )
-            .for_each(|r| async move {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "PodCertificateRequest controller event");
-                }
-            })
-            .await;
+        })
+        .await;
     }
 
     /// Feature detection, then [`PcrSigner::run`]: when the API server does not serve
@@ -425,19 +425,26 @@ impl PcrSigner {
     ) {
         let mut shutdown = Box::pin(shutdown);
         let mut failures = 0u32;
+        let health = &self.metrics.controllers;
+        health.starting(CONTROLLER_NAME);
         loop {
             match served(&self.client).await {
                 Ok(true) => break,
                 Ok(false) => {
+                    health.stopped(CONTROLLER_NAME);
                     tracing::info!("certificates.k8s.io/v1beta1 podcertificaterequests is not served by this cluster; the PodCertificateRequest signer is off");
                     return;
                 }
                 Err(e) => {
+                    health.failed(CONTROLLER_NAME, &e.to_string());
                     failures += 1;
                     let d = super::backoff::jitter(super::backoff::ceiling(failures), unit());
                     tracing::warn!(error = %e, retry_in = ?d, "PodCertificateRequest API discovery failed");
                     tokio::select! {
-                        _ = &mut shutdown => return,
+                        _ = &mut shutdown => {
+                            health.stopped(CONTROLLER_NAME);
+                            return;
+                        }
                         _ = tokio::time::sleep(d) => {}
                     }
                 }
