@@ -369,7 +369,9 @@ fn status_writes(c: &Cluster, prefix: &str) -> BTreeMap<String, usize> {
     n
 }
 
-/// Ledger entries per object (`csr/<name>`) in the kube store's shards.
+/// Certificates (distinct serials) recorded per object (`csr/<name>`) in the kube store's
+/// ledger shards. A serial written twice (a stuck leader flushing after the new leader's
+/// catch-up) is one certificate; two serials for one CSR would be two.
 fn ledger_entries(c: &Cluster, prefix: &str) -> BTreeMap<String, usize> {
     let v = c.json(&[
         "get",
@@ -379,19 +381,22 @@ fn ledger_entries(c: &Cluster, prefix: &str) -> BTreeMap<String, usize> {
         "-l",
         "meshca.io/ledger=true",
     ]);
-    let mut n = BTreeMap::new();
+    let mut serials: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
     for cm in v["items"].as_array().unwrap() {
         let lines = cm["data"]["ledger.jsonl"].as_str().unwrap_or("");
         for line in lines.lines() {
             let e: Value = serde_json::from_str(line).unwrap();
             if let Some(obj) = e["object"].as_str() {
                 if let Some(name) = obj.strip_prefix("csr/").filter(|n| n.starts_with(prefix)) {
-                    *n.entry(name.to_string()).or_insert(0) += 1;
+                    serials
+                        .entry(name.to_string())
+                        .or_default()
+                        .insert(e["serial"].as_str().unwrap_or("").to_string());
                 }
             }
         }
     }
-    n
+    serials.into_iter().map(|(k, v)| (k, v.len())).collect()
 }
 
 fn exactly_once(what: &str, counts: &BTreeMap<String, usize>, names: &[String]) {

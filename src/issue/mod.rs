@@ -124,19 +124,24 @@ pub struct LedgerEntry {
 impl LedgerEntry {
     /// The ledger line for a certificate issued by `ca` at `now`.
     pub fn for_cert(ca: &str, cert: &IssuedCert, now: OffsetDateTime) -> LedgerEntry {
+        LedgerEntry::for_leaf(ca, &cert.info, now)
+    }
+
+    /// The ledger line for the leaf `info` describes, issued by `ca` at `now`.
+    pub fn for_leaf(ca: &str, info: &CertInfo, now: OffsetDateTime) -> LedgerEntry {
         let mut sans = Vec::new();
-        sans.extend(cert.info.sans.uri.iter().map(|u| format!("URI:{u}")));
-        sans.extend(cert.info.sans.dns.iter().map(|d| format!("DNS:{d}")));
-        sans.extend(cert.info.sans.ip.iter().map(|i| format!("IP:{i}")));
+        sans.extend(info.sans.uri.iter().map(|u| format!("URI:{u}")));
+        sans.extend(info.sans.dns.iter().map(|d| format!("DNS:{d}")));
+        sans.extend(info.sans.ip.iter().map(|i| format!("IP:{i}")));
         LedgerEntry {
-            serial: cert.info.serial_hex(),
+            serial: info.serial_hex(),
             ca: ca.to_string(),
-            subject: cert.info.subject.clone(),
+            subject: info.subject.clone(),
             sans,
-            not_after: cert.info.not_after,
+            not_after: info.not_after,
             issued_at: now,
-            sha256: cert.info.sha256_fingerprint.clone(),
-            aki: cert.info.authority_key_id.clone(),
+            sha256: info.sha256_fingerprint.clone(),
+            aki: info.authority_key_id.clone(),
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod health;
 pub mod issuers;
 pub mod leader;
 pub mod ledger;
+pub mod ledger_repair;
 pub mod live_certs;
 pub mod managed;
 pub mod metrics;

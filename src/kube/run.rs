@@ -253,6 +253,7 @@ pub async fn run(
             signer_cfg.only_signer = Some(super::signer_name(one));
         }
     }
+    let only_signer = signer_cfg.only_signer.clone();
     // The PodCertificateRequest signer: the same CA snapshot, limiter, leader and ledger.
     let mut pcr = cfg.pod_certificates.then(|| {
         super::pcr::PcrSigner::new(
@@ -277,6 +278,7 @@ pub async fn run(
         leader_rx.clone(),
         clock.clone(),
     );
+    let served_rx = issuers_rx.clone();
     let mut managed = Managed::new(
         client.clone(),
         issuers_rx,
@@ -294,6 +296,8 @@ pub async fn run(
         managed = managed.with_ledger(l.clone());
         pcr = pcr.map(|p| p.with_ledger(l.clone()));
     }
+    // Kept for the ledger catch-up at the start of each session.
+    let repair_sink = ledger.clone();
     drop(ledger);
     let signer = Arc::new(signer);
     let managed = Arc::new(managed);
@@ -312,6 +316,27 @@ pub async fn run(
         tracing::info!("leading: starting controllers");
         // A session ends when leadership is lost or on shutdown.
         let (end_tx, end_rx) = watch::channel(false);
+        // Before signing anything: record what a previous leader issued but did not get into
+        // the ledger (killed between its status write and its ledger batch).
+        if let Some(sink) = &repair_sink {
+            let catch_up = super::ledger_repair::catch_up(
+                &client,
+                cfg.store.as_ref(),
+                sink,
+                only_signer.as_deref(),
+                |ca| served_rx.borrow().contains(ca),
+                time::OffsetDateTime::now_utc(),
+            );
+            match tokio::time::timeout(Duration::from_secs(30), catch_up).await {
+                Ok(Ok(0)) => {}
+                Ok(Ok(n)) => tracing::warn!(
+                    records = n,
+                    "ledger catch-up: recorded certificates a previous leader issued"
+                ),
+                Ok(Err(e)) => tracing::warn!(error = %e, "ledger catch-up skipped"),
+                Err(_) => tracing::warn!("ledger catch-up skipped: no answer within 30 s"),
+            }
+        }
         let mut session = tokio::task::JoinSet::new();
         session.spawn(signer.clone().run(until(end_rx.clone(), true)));
         if let Some(p) = &pcr {

@@ -541,7 +541,9 @@ impl Store for KubeStore {
             }
         }
         out.sort_by_key(|e: &LedgerEntry| e.issued_at);
-        Ok(out)
+        // A serial may stand twice (a stuck leader flushing after the new leader's catch-up,
+        // `ledger_repair`): the ledger is the set of certificates issued.
+        Ok(super::ledger_repair::dedupe(out))
     }
 
     async fn list_rotations(&self) -> Result<Vec<RotationState>> {
