@@ -372,6 +372,18 @@ fn pkix_key(pcr: &Pcr, meta: &CaMeta) -> Result<RequestedKey, Refusal> {
     })
 }
 
+/// Whether the request carries no key at all (neither `stubPKCS10Request` nor
+/// `pkixPublicKey`): what a request created with `pkixPublicKey` through v1beta1 looks like
+/// through v1, which does not have that field.
+pub fn lacks_key(pcr: &Pcr) -> bool {
+    pcr.spec.stub_pkc_s10_request.0.is_empty()
+        && pcr
+            .spec
+            .pkix_public_key
+            .as_ref()
+            .is_none_or(|k| k.0.is_empty())
+}
+
 /// The key to certify and its proof of possession, from `spec.stubPKCS10Request` when set,
 /// else from `spec.pkixPublicKey` and `spec.proofOfPossession`. `Err`: the refusal, naming
 /// the field and the value.

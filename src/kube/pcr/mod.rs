@@ -80,6 +80,8 @@ pub const GROUP: &str = "certificates.k8s.io";
 pub const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha1"];
 /// The resource name in discovery.
 pub const RESOURCE: &str = "podcertificaterequests";
+/// The version that still carries the deprecated `pkixPublicKey` when v1 is in use.
+pub const LEGACY_VERSION: &str = "v1beta1";
 /// The kind.
 pub const KIND: &str = "PodCertificateRequest";
 /// The PodCertificateRequest API, for discovery.
@@ -309,6 +311,34 @@ impl PcrSigner {
         }
     }
 
+    /// A request seen through v1 without any key (v1 has no `pkixPublicKey`) may have been
+    /// created through v1beta1 with the deprecated `pkixPublicKey` and `proofOfPossession`
+    /// (a kubelet older than 1.36): it is read again through v1beta1, for its key only. `None`
+    /// when not needed, or when v1beta1 does not have it (404: not served, or gone); the
+    /// checks then refuse the request for having no key. Other errors are returned (retry).
+    async fn legacy_key_form(&self, pcr: &Pcr) -> Result<Option<Pcr>> {
+        let ar = self.api_resource();
+        if ar.version != VERSIONS[0] || !check::lacks_key(pcr) {
+            return Ok(None);
+        }
+        let ns = pcr.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pcr.metadata.name.as_deref().unwrap_or_default();
+        let api: Api<Pcr> =
+            Api::namespaced_with(self.client.clone(), ns, &WANTED.resource(LEGACY_VERSION));
+        self.limiter.acquire().await;
+        match api.get(name).await {
+            Ok(old) => {
+                tracing::info!(pcr = %key(pcr), "PodCertificateRequest without a key in v1: its key read through certificates.k8s.io/v1beta1");
+                Ok(Some(old))
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(e) => Err(kube_err(
+                "reading the PodCertificateRequest through certificates.k8s.io/v1beta1",
+                e,
+            )),
+        }
+    }
+
     async fn refuse(&self, pcr: &Pcr, r: &Refusal) -> Result<WriteOutcome> {
         let updated = status::refused(pcr, &self.api_resource(), r, self.clock.now())?;
         let out = self.write(&updated, "writing a refusal").await?;
@@ -338,7 +368,8 @@ impl PcrSigner {
             return Ok(Action::await_change());
         };
         let now = self.clock.now();
-        let prepared = match check::prepare(pcr, issuer.meta(), now) {
+        let legacy = self.legacy_key_form(pcr).await?;
+        let prepared = match check::prepare(legacy.as_ref().unwrap_or(pcr), issuer.meta(), now) {
             Ok(p) => p,
             Err(r) => {
                 self.refuse(pcr, &r).await?;

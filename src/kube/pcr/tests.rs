@@ -850,3 +850,86 @@ async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
         "the new key signs"
     );
 }
+
+#[tokio::test]
+async fn a_keyless_v1_request_gets_its_key_from_v1beta1_or_is_denied() {
+    // Created through v1beta1 with pkixPublicKey (a kubelet before 1.36), seen through v1:
+    // no key. It is read again through v1beta1, signed for that key, and written through v1.
+    let (client, mut h) = mock_client();
+    let s = signer_v(client, local("mesh", Policy::default()), "v1");
+    let (legacy, spki) = good(None);
+    let mut seen = serde_json::to_value(&legacy).unwrap();
+    seen["apiVersion"] = json!("certificates.k8s.io/v1");
+    let spec = seen["spec"].as_object_mut().unwrap();
+    spec.remove("pkixPublicKey");
+    spec.remove("proofOfPossession");
+    spec.insert("stubPKCS10Request".into(), serde_json::Value::Null);
+    let seen: Pcr = serde_json::from_value(seen).unwrap();
+    assert!(check::lacks_key(&seen));
+    let sent = seen.clone();
+    let server = tokio::spawn(async move {
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.method(), "GET");
+        assert_eq!(
+            req.uri().path(),
+            "/apis/certificates.k8s.io/v1beta1/namespaces/app/podcertificaterequests/p1"
+        );
+        assert!(body.is_null());
+        send.send_response(ok(&serde_json::to_value(&legacy).unwrap()));
+        let (req, body, send) = next(&mut h).await;
+        assert_put_at(&req, &body, &sent, V1_PATH, "certificates.k8s.io/v1");
+        assert!(!body["spec"]
+            .as_object()
+            .unwrap()
+            .contains_key("pkixPublicKey"));
+        send.send_response(ok(&body));
+        body
+    });
+    s.reconcile_or_log(&seen).await.unwrap();
+    let body = server.await.unwrap();
+    assert_eq!(body["status"]["conditions"][0]["type"], "Issued");
+    let certs = crate::pemutil::parse_certs(
+        body["status"]["certificateChain"]
+            .as_str()
+            .unwrap()
+            .as_bytes(),
+        "chain",
+    )
+    .unwrap();
+    assert_eq!(
+        crate::x509::CertInfo::from_der(&certs[0]).unwrap().spki_der,
+        spki
+    );
+    // v1beta1 not served (404): Denied for having no key, saying so.
+    let (client, mut h) = mock_client();
+    let s = signer_v(client, local("mesh", Policy::default()), "v1");
+    let server = tokio::spawn(async move {
+        let (req, _, send) = next(&mut h).await;
+        assert_eq!(req.method(), "GET");
+        send.send_response(not_found());
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.uri().path(), V1_PATH);
+        send.send_response(ok(&body));
+        only_condition(&body)
+    });
+    s.reconcile_or_log(&seen).await.unwrap();
+    let c = server.await.unwrap();
+    assert_eq!(
+        (c["type"].as_str(), c["reason"].as_str()),
+        (Some("Denied"), Some(REASON_BAD_REQUEST))
+    );
+    assert!(
+        c["message"].as_str().unwrap().contains("carries no key"),
+        "{c}"
+    );
+    // A v1beta1 signer never reads twice: the request is refused at once.
+    let (client, mut h) = mock_client();
+    let s = signer(client, local("mesh", Policy::default()));
+    let server = tokio::spawn(async move {
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.method(), "PUT");
+        send.send_response(ok(&body));
+    });
+    s.reconcile_or_log(&seen).await.unwrap();
+    server.await.unwrap();
+}
