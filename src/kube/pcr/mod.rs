@@ -14,17 +14,20 @@
 //! possession in one of two forms: a stub PKCS#10 request (`spec.stubPKCS10Request`,
 //! Kubernetes 1.36+, the only form in v1) whose self-signature is the proof, or
 //! `spec.pkixPublicKey` with `spec.proofOfPossession`, a signature over the pod's UID
-//! (v1alpha1 and v1beta1). For every request whose `spec.signerName` is `meshca.io/<ca>` for a CA
-//! it serves (the same [`IssuerWatch`] snapshot as the CSR signer, so reloads and rotations
-//! apply), the controller:
+//! (v1alpha1 and v1beta1). Through v1, a request created with `pkixPublicKey` through
+//! v1beta1 (an older kubelet) shows no key: it is read again through v1beta1 for its key.
+//!
+//! For every request whose `spec.signerName` is `meshca.io/<ca>` for a CA it serves (the
+//! same [`IssuerWatch`] snapshot as the CSR signer, so reloads and rotations apply), the
+//! controller:
 //! 1. leaves alone requests that already carry `Issued`, `Denied` or `Failed` (terminal: the
 //!    API server makes the whole status immutable then);
 //! 2. runs the pure checks of [`check::prepare`]: no unknown `unverifiedUserAnnotations`, a
 //!    key type meshca issues for, the proof of possession (the stub CSR's signature, or the
 //!    signature over the pod's UID; a `pkixPublicKey` beside a stub must be the CSR's key),
-//!    and the one policy decision for
-//!    the identity `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>` with the pod's
-//!    service account as requester ([`crate::policy::FrontEnd::PodCertificate`]);
+//!    and the one policy decision for the identity
+//!    `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>` with the pod's service account
+//!    as requester ([`crate::policy::FrontEnd::PodCertificate`]);
 //! 3. signs, checks the leaf's times against the API server's rules
 //!    ([`check::status_times`]), and writes one `/status` update (PUT through the discovered
 //!    version, carrying the resourceVersion it decided on) with the chain, the times and an
