@@ -567,21 +567,45 @@ pub(crate) mod tests {
         uid: &str,
         max: Option<i32>,
     ) -> Pcr {
+        request(
+            "v1beta1",
+            ns,
+            sa,
+            signer,
+            uid,
+            json!({"maxExpirationSeconds": max, "pkixPublicKey": b64(spki), "proofOfPossession": b64(pop)}),
+        )
+    }
+
+    fn b64(x: &[u8]) -> String {
         use base64::Engine as _;
-        let b = |x: &[u8]| base64::engine::general_purpose::STANDARD.encode(x);
-        serde_json::from_value(json!({
-            "apiVersion": "certificates.k8s.io/v1beta1",
+        base64::engine::general_purpose::STANDARD.encode(x)
+    }
+
+    /// Request `p1` of pod `web-0` in `ns` as read through `version`, its spec completed by
+    /// the fields of `key`.
+    fn request(
+        version: &str,
+        ns: &str,
+        sa: &str,
+        signer: &str,
+        uid: &str,
+        key: serde_json::Value,
+    ) -> Pcr {
+        let mut v = json!({
+            "apiVersion": format!("certificates.k8s.io/{version}"),
             "kind": "PodCertificateRequest",
             "metadata": {"name": "p1", "namespace": ns, "resourceVersion": "7", "uid": "u-1"},
             "spec": {
                 "signerName": signer, "podName": "web-0", "podUID": uid,
                 "serviceAccountName": sa, "serviceAccountUID": "sa-uid",
                 "nodeName": "node-1", "nodeUID": "node-uid",
-                "maxExpirationSeconds": max,
-                "pkixPublicKey": b(spki), "proofOfPossession": b(pop),
             },
-        }))
-        .unwrap()
+        });
+        for (k, x) in key.as_object().unwrap() {
+            v["spec"][k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
     }
 
     fn meta(policy: Policy) -> CaMeta {
@@ -621,23 +645,11 @@ pub(crate) mod tests {
         pkix: Option<&[u8]>,
         uid: &str,
     ) -> Pcr {
-        use base64::Engine as _;
-        let b = |x: &[u8]| base64::engine::general_purpose::STANDARD.encode(x);
-        let mut v = json!({
-            "apiVersion": "certificates.k8s.io/v1",
-            "kind": "PodCertificateRequest",
-            "metadata": {"name": "p1", "namespace": ns, "resourceVersion": "7", "uid": "u-1"},
-            "spec": {
-                "signerName": signer, "podName": "web-0", "podUID": uid,
-                "serviceAccountName": sa, "serviceAccountUID": "sa-uid",
-                "nodeName": "node-1", "nodeUID": "node-uid",
-                "stubPKCS10Request": b(csr),
-            },
-        });
+        let mut key = json!({"stubPKCS10Request": b64(csr)});
         if let Some(k) = pkix {
-            v["spec"]["pkixPublicKey"] = json!(b(k));
+            key["pkixPublicKey"] = json!(b64(k));
         }
-        serde_json::from_value(v).unwrap()
+        request("v1", ns, sa, signer, uid, key)
     }
 
     #[test]
@@ -677,117 +689,78 @@ pub(crate) mod tests {
         );
     }
 
+    /// The refusal of `p` by CA `m`, checked to be `Denied` with `reason`: its message.
+    fn denied(p: &Pcr, m: &CaMeta, reason: &str) -> String {
+        let r = prepare(p, m, OffsetDateTime::now_utc()).unwrap_err();
+        assert_eq!((r.condition, r.reason), ("Denied", reason), "{}", r.message);
+        r.message
+    }
+
     #[test]
     fn stub_request_refusals_name_the_offending_value() {
         let m = meta(Policy::default());
-        let now = OffsetDateTime::now_utc();
         let (csr, spki) = stub_csr("p256");
         let fp = |k: &[u8]| {
             crate::pemutil::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, k).as_ref())
         };
+        let stub = |csr: &[u8], pkix: Option<&[u8]>| {
+            stub_pcr("app", "web", "meshca.io/mesh", csr, pkix, UID)
+        };
         // A bad signature (the last byte of the signature flipped): no proof of possession.
         let mut bad = csr.clone();
         *bad.last_mut().unwrap() ^= 0x01;
-        let info = CsrInfo::from_der(&bad).expect("still parses");
-        assert!(!info.signature_valid);
-        let r = prepare(
-            &stub_pcr("app", "web", "meshca.io/mesh", &bad, None, UID),
-            &m,
-            now,
-        )
-        .unwrap_err();
-        assert_eq!((r.condition, r.reason), ("Denied", REASON_BAD_REQUEST));
         assert!(
-            r.message
-                .contains("spec.stubPKCS10Request's signature does not verify")
-                && r.message.contains(&fp(&spki)),
-            "{}",
-            r.message
+            !CsrInfo::from_der(&bad)
+                .expect("still parses")
+                .signature_valid
+        );
+        let msg = denied(&stub(&bad, None), &m, REASON_BAD_REQUEST);
+        assert!(
+            msg.contains("spec.stubPKCS10Request's signature does not verify")
+                && msg.contains(&fp(&spki)),
+            "{msg}"
         );
         // pkixPublicKey is another key than the CSR's: both named.
         let (other, _) = key_and_pop("p256", UID);
-        let r = prepare(
-            &stub_pcr("app", "web", "meshca.io/mesh", &csr, Some(&other), UID),
-            &m,
-            now,
-        )
-        .unwrap_err();
-        assert_eq!((r.condition, r.reason), ("Denied", REASON_BAD_REQUEST));
+        let msg = denied(&stub(&csr, Some(&other)), &m, REASON_BAD_REQUEST);
         assert!(
-            r.message
-                .contains("spec.pkixPublicKey (ecdsa-p256 key SHA-256 ")
-                && r.message.contains(&fp(&other))
-                && r.message.contains(&fp(&spki))
-                && r.message
-                    .contains("is not the subject public key of spec.stubPKCS10Request"),
-            "{}",
-            r.message
+            msg.contains("spec.pkixPublicKey (ecdsa-p256 key SHA-256 ")
+                && msg.contains(&fp(&other))
+                && msg.contains(&fp(&spki))
+                && msg.contains("is not the subject public key of spec.stubPKCS10Request"),
+            "{msg}"
         );
         // A key type meshca does not issue for (P-521): UnsupportedKeyType, suggesting one.
         let (csr521, _) = stub_csr("p521");
-        let r = prepare(
-            &stub_pcr("app", "web", "meshca.io/mesh", &csr521, None, UID),
-            &m,
-            now,
-        )
-        .unwrap_err();
-        assert_eq!(
-            (r.condition, r.reason),
-            ("Denied", REASON_UNSUPPORTED_KEY_TYPE)
-        );
+        let msg = denied(&stub(&csr521, None), &m, REASON_UNSUPPORTED_KEY_TYPE);
         assert!(
-            r.message
-                .contains("key type ecdsa-p521 of spec.stubPKCS10Request")
-                && r.message.contains("use keyType ECDSAP256"),
-            "{}",
-            r.message
+            msg.contains("key type ecdsa-p521 of spec.stubPKCS10Request")
+                && msg.contains("use keyType ECDSAP256"),
+            "{msg}"
         );
         // The CA's policy allows only P-384: the same rules as for pkixPublicKey.
         let p384 = meta(Policy {
             allowed_key_algorithms: vec![KeyAlgorithm::EcdsaP384],
             ..Policy::default()
         });
-        let r = prepare(
-            &stub_pcr("app", "web", "meshca.io/mesh", &csr, None, UID),
-            &p384,
-            now,
-        )
-        .unwrap_err();
-        assert_eq!(
-            (r.condition, r.reason),
-            ("Denied", REASON_UNSUPPORTED_KEY_TYPE)
-        );
-        assert!(r.message.contains("ECDSAP384"), "{}", r.message);
+        let msg = denied(&stub(&csr, None), &p384, REASON_UNSUPPORTED_KEY_TYPE);
+        assert!(msg.contains("ECDSAP384"), "{msg}");
         // Not a CSR at all, and one over the API's size limit.
-        let r = prepare(
-            &stub_pcr("app", "web", "meshca.io/mesh", b"junk", None, UID),
-            &m,
-            now,
-        )
-        .unwrap_err();
-        assert_eq!((r.condition, r.reason), ("Denied", REASON_BAD_REQUEST));
+        let msg = denied(&stub(b"junk", None), &m, REASON_BAD_REQUEST);
         assert!(
-            r.message
-                .contains("spec.stubPKCS10Request is not a DER PKCS#10"),
-            "{}",
-            r.message
+            msg.contains("spec.stubPKCS10Request is not a DER PKCS#10"),
+            "{msg}"
         );
         let big = vec![0x30; MAX_KEY_BYTES + 1];
-        let r = prepare(
-            &stub_pcr("app", "web", "meshca.io/mesh", &big, None, UID),
-            &m,
-            now,
-        )
-        .unwrap_err();
-        assert!(r.message.contains("10241 bytes"), "{}", r.message);
+        let msg = denied(&stub(&big, None), &m, REASON_BAD_REQUEST);
+        assert!(msg.contains("10241 bytes"), "{msg}");
         // A proofOfPossession beside the stub must verify too.
-        let mut p = stub_pcr("app", "web", "meshca.io/mesh", &csr, None, UID);
+        let mut p = stub(&csr, None);
         p.spec.proof_of_possession = Some(k8s_openapi::ByteString(b"not a signature".to_vec()));
-        let r = prepare(&p, &m, now).unwrap_err();
+        let msg = denied(&p, &m, REASON_BAD_REQUEST);
         assert!(
-            r.message.contains("spec.proofOfPossession does not verify") && r.message.contains(UID),
-            "{}",
-            r.message
+            msg.contains("spec.proofOfPossession does not verify") && msg.contains(UID),
+            "{msg}"
         );
     }
 

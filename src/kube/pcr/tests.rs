@@ -737,6 +737,14 @@ async fn discovery_turns_the_signer_off_with_one_log_line_when_no_version_serves
     );
 }
 
+/// The leaf of a status update body with an `Issued` condition.
+fn issued_leaf(body: &serde_json::Value) -> crate::x509::CertInfo {
+    assert_eq!(body["status"]["conditions"][0]["type"], "Issued", "{body}");
+    let pem = body["status"]["certificateChain"].as_str().unwrap();
+    let certs = crate::pemutil::parse_certs(pem.as_bytes(), "chain").unwrap();
+    crate::x509::CertInfo::from_der(&certs[0]).unwrap()
+}
+
 #[tokio::test]
 async fn a_stub_request_through_v1_is_issued_to_the_csrs_key() {
     let (client, mut h) = mock_client();
@@ -752,17 +760,7 @@ async fn a_stub_request_through_v1_is_issued_to_the_csrs_key() {
         body
     });
     s.reconcile_or_log(&p).await.unwrap();
-    let body = server.await.unwrap();
-    assert_eq!(body["status"]["conditions"][0]["type"], "Issued");
-    let certs = crate::pemutil::parse_certs(
-        body["status"]["certificateChain"]
-            .as_str()
-            .unwrap()
-            .as_bytes(),
-        "chain",
-    )
-    .unwrap();
-    let info = crate::x509::CertInfo::from_der(&certs[0]).unwrap();
+    let info = issued_leaf(&server.await.unwrap());
     assert_eq!(info.spki_der, spki, "issued to the stub CSR's key");
     assert_eq!(
         info.sans.uri,
@@ -886,20 +884,7 @@ async fn a_keyless_v1_request_gets_its_key_from_v1beta1_or_is_denied() {
         body
     });
     s.reconcile_or_log(&seen).await.unwrap();
-    let body = server.await.unwrap();
-    assert_eq!(body["status"]["conditions"][0]["type"], "Issued");
-    let certs = crate::pemutil::parse_certs(
-        body["status"]["certificateChain"]
-            .as_str()
-            .unwrap()
-            .as_bytes(),
-        "chain",
-    )
-    .unwrap();
-    assert_eq!(
-        crate::x509::CertInfo::from_der(&certs[0]).unwrap().spki_der,
-        spki
-    );
+    assert_eq!(issued_leaf(&server.await.unwrap()).spki_der, spki);
     // v1beta1 not served (404): Denied for having no key, saying so.
     let (client, mut h) = mock_client();
     let s = signer_v(client, local("mesh", Policy::default()), "v1");

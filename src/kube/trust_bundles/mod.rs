@@ -248,6 +248,7 @@ mod tests {
 
     use super::*;
     use crate::ca::{create_root, CaMaterial, CaSpec};
+    use crate::kube::discovery::tests::resource_list;
     use crate::kube::testutil::{json as resp, mock_client, next, status};
     use crate::store::{LocalStore, Slot};
     use http::{Request, Response};
@@ -284,15 +285,15 @@ mod tests {
         (dir, s)
     }
 
-    fn discovery(gv: &str, resources: &[&str]) -> Response<Body> {
-        let r: Vec<serde_json::Value> = resources
-            .iter()
-            .map(|n| json!({"name": n, "singularName": "", "namespaced": false, "kind": KIND, "verbs": ["get", "list"]}))
-            .collect();
-        resp(
-            200,
-            &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": r}),
-        )
+    /// Answers discovery as a cluster before 1.37 with the API on: v1 lists CSRs only,
+    /// v1beta1 lists ClusterTrustBundles.
+    async fn v1beta1_only(h: &mut H) {
+        let (req, _, send) = next(h).await;
+        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
+        send.send_response(resource_list(V1, &["certificatesigningrequests"]));
+        let (req, _, send) = next(h).await;
+        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
+        send.send_response(resource_list(BETA, &["clustertrustbundles"]));
     }
 
     fn object(name: &str, ca: &str, managed: bool, pem: &str) -> serde_json::Value {
@@ -458,7 +459,7 @@ mod tests {
             let (req, _, send) = next(&mut h).await;
             assert_eq!(req.method(), "GET");
             assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
-            send.send_response(discovery(
+            send.send_response(resource_list(
                 V1,
                 &[
                     "certificatesigningrequests",
@@ -645,7 +646,7 @@ mod tests {
             (req.method().as_str(), req.uri().path()),
             ("GET", "/apis/certificates.k8s.io/v1")
         );
-        send.send_response(discovery(V1, &["certificatesigningrequests"]));
+        send.send_response(resource_list(V1, &["certificatesigningrequests"]));
         for path in [
             "/apis/certificates.k8s.io/v1beta1",
             "/apis/certificates.k8s.io/v1alpha1",
@@ -669,12 +670,7 @@ mod tests {
     async fn v1beta1_is_used_when_v1_does_not_serve_bundles() {
         let (client, mut h) = mock_client();
         let server = tokio::spawn(async move {
-            let (req, _, send) = next(&mut h).await;
-            assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
-            send.send_response(discovery(V1, &["certificatesigningrequests"]));
-            let (req, _, send) = next(&mut h).await;
-            assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-            send.send_response(discovery(BETA, &["clustertrustbundles"]));
+            v1beta1_only(&mut h).await;
             h
         });
         let ar = detect(&client).await.unwrap().unwrap();
@@ -693,10 +689,10 @@ mod tests {
             send.send_response(status(404, "NotFound", "not found"));
             let (req, _, send) = next(&mut h).await;
             assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-            send.send_response(discovery(BETA, &["podcertificaterequests"]));
+            send.send_response(resource_list(BETA, &["podcertificaterequests"]));
             let (req, _, send) = next(&mut h).await;
             assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1alpha1");
-            send.send_response(discovery(
+            send.send_response(resource_list(
                 "certificates.k8s.io/v1alpha1",
                 &["clustertrustbundles"],
             ));
@@ -723,12 +719,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_is_retried_after_a_backoff() {
         let (_d, task, mut h, stop_tx) = start_loop().await;
-        let (req, _, send) = next(&mut h).await;
-        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
-        send.send_response(discovery(V1, &["certificatesigningrequests"]));
-        let (req, _, send) = next(&mut h).await;
-        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-        send.send_response(discovery(BETA, &["clustertrustbundles"]));
+        v1beta1_only(&mut h).await;
         expect_list(&mut h, vec![]).await;
         let first = expect_apply(&mut h, "meshca.io:ca1:roots", 500).await;
         // Discovery is not repeated; the whole pass is, well before the 1 h interval.
@@ -779,7 +770,7 @@ mod tests {
                     &json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
                             "metadata": {"resourceVersion": "1"}, "items": []}),
                 )),
-                ("GET", "/apis/certificates.k8s.io/v1") => send.send_response(discovery(
+                ("GET", "/apis/certificates.k8s.io/v1") => send.send_response(resource_list(
                     V1,
                     &["certificatesigningrequests", "clustertrustbundles"],
                 )),
