@@ -181,9 +181,11 @@ impl Default for PcrConfig {
 /// The PodCertificateRequest signer.
 pub struct PcrSigner {
     client: kube::Client,
-    /// The served version, set by discovery ([`PcrSigner::run_if_served`]) or
-    /// [`PcrSigner::with_api`]; v1 until then.
-    api: std::sync::OnceLock<ApiResource>,
+    /// The served version, set by discovery at the start of each leadership session
+    /// ([`PcrSigner::run_if_served`]) or once by [`PcrSigner::with_api`]; v1 until then.
+    api: std::sync::RwLock<Option<ApiResource>>,
+    /// Set by [`PcrSigner::with_api`]: no discovery.
+    api_pinned: bool,
     issuers: IssuerWatch,
     cfg: PcrConfig,
     metrics: Arc<Metrics>,
@@ -199,7 +201,7 @@ impl std::fmt::Debug for PcrSigner {
         f.debug_struct("PcrSigner")
             .field("cas", &self.issuers.borrow().names())
             .field("cfg", &self.cfg)
-            .field("api", &self.api.get().map(|a| a.api_version.as_str()))
+            .field("api", &self.api_resource().api_version)
             .finish()
     }
 }
@@ -234,7 +236,8 @@ impl PcrSigner {
     ) -> Self {
         PcrSigner {
             client,
-            api: std::sync::OnceLock::new(),
+            api: std::sync::RwLock::new(None),
+            api_pinned: false,
             issuers,
             cfg,
             metrics,
@@ -258,17 +261,23 @@ impl PcrSigner {
     }
 
     /// Uses `api` (a version [`discover`] returned) instead of discovering one.
-    pub fn with_api(self, api: ApiResource) -> Self {
-        // A fresh OnceLock: set cannot fail.
-        let _ = self.api.set(api);
+    pub fn with_api(mut self, api: ApiResource) -> Self {
+        self.set_api(api);
+        self.api_pinned = true;
         self
+    }
+
+    fn set_api(&self, api: ApiResource) {
+        // A poisoned lock only means a panic elsewhere while writing an Option: take it.
+        *self.api.write().unwrap_or_else(|e| e.into_inner()) = Some(api);
     }
 
     /// The version in use: the discovered one, else v1.
     pub fn api_resource(&self) -> ApiResource {
         self.api
-            .get()
-            .cloned()
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
             .unwrap_or_else(|| WANTED.resource(VERSIONS[0]))
     }
 
@@ -517,18 +526,20 @@ impl PcrSigner {
     /// Discovery ([`discover`]), then [`PcrSigner::run`] through the version found, which is
     /// logged once: when the API server serves PodCertificateRequests in no version, one line
     /// is logged and this returns at once. Discovery errors other than "not served" are
-    /// retried with backoff until `shutdown`. A version set by [`PcrSigner::with_api`] is
-    /// used as is.
+    /// retried with backoff until `shutdown`. Called at the start of each leadership
+    /// session, so a cluster upgraded meanwhile (v1beta1 to v1) is followed. A version set by
+    /// [`PcrSigner::with_api`] is used as is.
     pub async fn run_if_served(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ) {
         let mut shutdown = Box::pin(shutdown);
         let mut failures = 0u32;
-        while self.api.get().is_none() {
+        while !self.api_pinned {
             match discover(&self.client).await {
                 Ok(Some(ar)) => {
-                    let _ = self.api.set(ar);
+                    self.set_api(ar);
+                    break;
                 }
                 Ok(None) => {
                     tracing::info!(

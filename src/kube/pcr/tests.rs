@@ -552,7 +552,17 @@ async fn discover(
 ) -> Vec<String> {
     let logs = Logs::default();
     let _g = logs.capture();
-    let (client, mut h) = mock_client();
+    let (s, mut h) = discovering_signer();
+    session(s, &mut h, answers, want).await;
+    logs.lines()
+}
+
+type MockHandle =
+    tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+
+/// A signer for `meshca.io/mesh` that discovers its version.
+fn discovering_signer() -> (Arc<PcrSigner>, MockHandle) {
+    let (client, h) = mock_client();
     let s = Arc::new(PcrSigner::new(
         client,
         IssuerSet::watch_fixed(
@@ -572,12 +582,24 @@ async fn discover(
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
     ));
+    (s, h)
+}
+
+/// One leadership session of `s`: `run_if_served` against discovery answers `answers`
+/// (path, response) in order; then the LIST of the version chosen (`want`, or none), a
+/// watch, and a stop.
+async fn session(
+    s: Arc<PcrSigner>,
+    h: &mut MockHandle,
+    answers: Vec<(&'static str, http::Response<kube::client::Body>)>,
+    want: Option<&str>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let ctl = tokio::spawn(s.clone().run_if_served(async move {
         let _ = stopped.await;
     }));
     for (path, response) in answers {
-        let (req, body, send) = next(&mut h).await;
+        let (req, body, send) = next(h).await;
         assert_eq!(req.method(), "GET");
         assert_eq!(req.uri().path(), format!("{GV}/{path}"));
         assert_eq!(req.uri().query(), None);
@@ -586,7 +608,7 @@ async fn discover(
     }
     match want {
         Some(v) => {
-            let (req, _, send) = next(&mut h).await;
+            let (req, _, send) = next(h).await;
             assert_eq!(req.method(), "GET");
             assert_eq!(req.uri().path(), format!("{GV}/{v}/podcertificaterequests"));
             let q = req.uri().query().unwrap_or("").to_string();
@@ -600,7 +622,7 @@ async fn discover(
                 &json!({"apiVersion": format!("certificates.k8s.io/{v}"), "kind": "PodCertificateRequestList",
                         "metadata": {"resourceVersion": "1"}, "items": []}),
             ));
-            let (req, _, _parked) = next(&mut h).await;
+            let (req, _, _parked) = next(h).await;
             assert_eq!(req.uri().path(), format!("{GV}/{v}/podcertificaterequests"));
             assert!(req.uri().query().unwrap().contains("watch=true"));
             assert_eq!(
@@ -623,7 +645,6 @@ async fn discover(
             assert!(h.next_request().await.is_none());
         }
     }
-    logs.lines()
 }
 
 fn not_found() -> http::Response<kube::client::Body> {
@@ -686,6 +707,29 @@ async fn discovery_falls_back_to_v1beta1_when_v1_lacks_the_resource() {
             .any(|l| l.contains("signer started") && l.contains("certificates.k8s.io/v1beta1")),
         "{logs:?}"
     );
+}
+
+#[tokio::test]
+async fn each_leadership_session_discovers_again() {
+    // Session 1 on a 1.36 cluster (v1beta1); the control plane is upgraded to 1.37 before
+    // session 2, which uses v1.
+    let (s, mut h) = discovering_signer();
+    let v1 = |with_pcr: bool| {
+        let mut r = vec!["certificatesigningrequests"];
+        if with_pcr {
+            r.push("podcertificaterequests");
+        }
+        resource_list("certificates.k8s.io/v1", &r)
+    };
+    let beta = resource_list("certificates.k8s.io/v1beta1", &["podcertificaterequests"]);
+    session(
+        s.clone(),
+        &mut h,
+        vec![("v1", v1(false)), ("v1beta1", beta)],
+        Some("v1beta1"),
+    )
+    .await;
+    session(s, &mut h, vec![("v1", v1(true))], Some("v1")).await;
 }
 
 #[tokio::test]
