@@ -535,26 +535,28 @@ impl PcrSigner {
     ) {
         let mut shutdown = Box::pin(shutdown);
         let mut failures = 0u32;
-        while !self.api_pinned {
-            match discover(&self.client).await {
-                Ok(Some(ar)) => {
-                    self.set_api(ar);
-                    break;
-                }
-                Ok(None) => {
-                    tracing::info!(
-                        "{} is not served by this cluster; the PodCertificateRequest signer is off",
-                        WANTED.describe()
-                    );
-                    return;
-                }
-                Err(e) => {
-                    failures += 1;
-                    let d = super::backoff::jitter(super::backoff::ceiling(failures), unit());
-                    tracing::warn!(error = %e, retry_in = ?d, "PodCertificateRequest API discovery failed");
-                    tokio::select! {
-                        _ = &mut shutdown => return,
-                        _ = tokio::time::sleep(d) => {}
+        if !self.api_pinned {
+            loop {
+                match discover(&self.client).await {
+                    Ok(Some(ar)) => {
+                        self.set_api(ar);
+                        break;
+                    }
+                    Ok(None) => {
+                        tracing::info!(
+                            "{} is not served by this cluster; the PodCertificateRequest signer is off",
+                            WANTED.describe()
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        let d = super::backoff::jitter(super::backoff::ceiling(failures), unit());
+                        tracing::warn!(error = %e, retry_in = ?d, "PodCertificateRequest API discovery failed");
+                        tokio::select! {
+                            _ = &mut shutdown => return,
+                            _ = tokio::time::sleep(d) => {}
+                        }
                     }
                 }
             }
