@@ -152,7 +152,12 @@ impl Env {
             )
             .await
             .unwrap();
-        let token = tr.status.unwrap().token;
+        // k8s-openapi v1_37: TokenRequestStatus.token is optional.
+        let token = tr
+            .status
+            .unwrap()
+            .token
+            .expect("TokenRequest returned a token");
         let mut config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(kc).unwrap(),
             &Default::default(),
@@ -1936,7 +1941,10 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
         info.sans.uri,
         vec![format!("spiffe://cluster.local/ns/{}/sa/web", env.ns)]
     );
-    assert_eq!(info.spki_der, p.spec.pkix_public_key.0);
+    assert_eq!(
+        info.spki_der,
+        p.spec.pkix_public_key.clone().unwrap_or_default().0
+    );
     let ca = env.store.load_ca(&env.ca).await.unwrap();
     meshca::x509::verify_chain(
         &chain[0],

@@ -324,9 +324,10 @@ pub async fn publish_cluster_trust_bundles(
     }
     let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
     let Some(ar) = ctb::detect(&client).await? else {
-        return Err(meshca::Error::Unsupported(
-            "ClusterTrustBundles: the cluster serves neither certificates.k8s.io/v1beta1 nor v1alpha1 clustertrustbundles (feature gate ClusterTrustBundle and --runtime-config certificates.k8s.io/v1beta1/clustertrustbundles=true, Kubernetes 1.33+)".into(),
-        )
+        return Err(meshca::Error::Unsupported(format!(
+            "ClusterTrustBundles: the cluster serves no {} (served by default from Kubernetes 1.37; on 1.33 to 1.36, feature gate ClusterTrustBundle and --runtime-config certificates.k8s.io/v1beta1/clustertrustbundles=true)",
+            ctb::WANTED.describe()
+        ))
         .into());
     };
     let r = ctb::sync(&client, &ar, &want, None).await?;

@@ -83,8 +83,9 @@ pub struct RunArgs {
     /// The last part of the ClusterTrustBundle names.
     #[arg(long, default_value = meshca::kube::trust_bundles::DEFAULT_SUFFIX)]
     cluster_trust_bundle_suffix: String,
-    /// Also sign PodCertificateRequests (certificates.k8s.io/v1beta1) for meshca.io/<ca>;
-    /// skipped with one log line where the cluster does not serve them.
+    /// Also sign PodCertificateRequests (certificates.k8s.io/v1, else v1beta1, else v1alpha1,
+    /// by discovery) for meshca.io/<ca>; skipped with one log line where the cluster serves
+    /// none of them.
     #[arg(long)]
     pod_certificates: bool,
 }

@@ -653,7 +653,8 @@ fn kube_store_errors_are_one_line_and_exit_codes_hold() {
 
 #[test]
 fn bundle_publish_cluster_trust_bundle_says_when_the_cluster_lacks_the_api() {
-    // The fake serves no certificates.k8s.io group: discovery answers 404 for both versions.
+    // The fake serves no certificates.k8s.io group: discovery answers 404 for all three
+    // versions.
     let fake = Fake::start();
     let cli = Cli::new(fake.port);
     cli.ok(&["init", "--ca", "mesh"]);
@@ -663,20 +664,18 @@ fn bundle_publish_cluster_trust_bundle_says_when_the_cluster_lacks_the_api() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(
-        err.contains("serves neither certificates.k8s.io/v1beta1 nor v1alpha1"),
+        err.contains("serves no certificates.k8s.io v1, v1beta1 or v1alpha1 clustertrustbundles"),
         "{err}"
     );
     let log = fake.log();
     let apis: Vec<&String> = log.iter().filter(|l| l.contains(" /apis/")).collect();
-    assert_eq!(apis.len(), 2, "{apis:?}");
-    assert!(
-        apis[0].starts_with("GET /apis/certificates.k8s.io/v1beta1 "),
-        "{apis:?}"
-    );
-    assert!(
-        apis[1].starts_with("GET /apis/certificates.k8s.io/v1alpha1 "),
-        "{apis:?}"
-    );
+    assert_eq!(apis.len(), 3, "{apis:?}");
+    for (i, v) in ["v1", "v1beta1", "v1alpha1"].iter().enumerate() {
+        assert!(
+            apis[i].starts_with(&format!("GET /apis/certificates.k8s.io/{v} ")),
+            "{apis:?}"
+        );
+    }
     // A suffix the API server would refuse is refused before any request.
     let before = fake.log().len();
     let o = cli.run(&[

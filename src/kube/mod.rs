@@ -12,8 +12,9 @@
 //! - [`trust_bundle_reader`]: a read-only watch of one signer's ClusterTrustBundles.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
 //! - [`trust_bundles`]: one ClusterTrustBundle `meshca.io:<ca>:<suffix>` per CA.
-//! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io/v1beta1`), found through
-//!   discovery and skipped where the API is not served.
+//! - [`pcr`]: the PodCertificateRequest signer (`certificates.k8s.io` v1, v1beta1 or
+//!   v1alpha1), found through discovery and skipped where the API is not served.
+//! - [`discovery`]: which version of an API the cluster serves (v1 first, then older ones).
 //! - [`leader`]: Lease-based leader election, so that only one replica acts.
 //! - [`health`]: whether each controller of the leader has completed its first list
 //!   (`/readyz`, `meshca_controller_ready`).
@@ -35,6 +36,7 @@ pub mod approver;
 pub mod backoff;
 pub mod bundles;
 pub mod csr_client;
+pub mod discovery;
 pub mod health;
 pub mod issuers;
 pub mod leader;

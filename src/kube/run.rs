@@ -380,6 +380,7 @@ pub async fn run(
     drop(signer);
     drop(managed);
     drop(pcr);
+    drop(repair_sink);
     if let Some(t) = ledger_task {
         super::ledger::flush(t, Duration::from_secs(10)).await;
     }
@@ -518,6 +519,15 @@ mod tests {
             let path = req.uri().path().to_string();
             let q = req.uri().query().unwrap_or("").to_string();
             match (req.method().as_str(), path.as_str()) {
+                // Before Kubernetes 1.37: v1 serves CSRs only, so v1beta1 is used.
+                ("GET", "/apis/certificates.k8s.io/v1") => send.send_response(resp(
+                    200,
+                    &json!({"kind": "APIResourceList", "apiVersion": "v1",
+                            "groupVersion": "certificates.k8s.io/v1",
+                            "resources": [{"name": "certificatesigningrequests", "singularName": "",
+                                           "namespaced": false, "kind": "CertificateSigningRequest",
+                                           "verbs": ["get", "list", "watch"]}]}),
+                )),
                 ("GET", "/apis/certificates.k8s.io/v1beta1") => {
                     discovered = true;
                     send.send_response(resp(

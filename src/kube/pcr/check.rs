@@ -1,13 +1,22 @@
 //! Pure checks of a PodCertificateRequest: the key and its proof of possession, the identity
 //! and the one policy decision, and the validity the API server will accept. No I/O.
 //!
-//! What the API server checks itself (`pkg/apis/certificates/validation/validation.go`,
-//! `ValidatePodCertificateRequestCreate`): `pkixPublicKey` parses and is RSA 3072/4096, ECDSA
-//! P-256/P-384/P-521 or Ed25519, and `proofOfPossession` verifies over the ASCII bytes of
-//! `spec.podUID` (Ed25519 over the bytes; ECDSA `VerifyASN1` over their SHA-256; RSA
-//! `VerifyPSS` with SHA-256 over their SHA-256). meshca checks the proof again anyway (a
-//! request never reaches a signature without a verified key), and refuses the key types it
-//! cannot issue for (P-521) or the CA's policy does not allow with `UnsupportedKeyType`.
+//! The key comes in one of two forms (`ValidatePodCertificateRequestCreate` in kubernetes
+//! `pkg/apis/certificates/validation/validation.go` requires exactly one):
+//! - `spec.stubPKCS10Request` (Kubernetes 1.36+, the only form in `certificates.k8s.io/v1`):
+//!   a DER PKCS#10 request made by the kubelet with the pod's key. Its self-signature is the
+//!   proof of possession and its subject public key is the key certified; the rest of it
+//!   (subject, extensions) is ignored, since the identity comes from the pod's service
+//!   account. If `spec.pkixPublicKey` is set as well it must be that same key.
+//! - `spec.pkixPublicKey` with `spec.proofOfPossession` (v1alpha1, v1beta1; deprecated in
+//!   1.36): the proof is a signature over the ASCII bytes of `spec.podUID` (Ed25519 over the
+//!   bytes; ECDSA `VerifyASN1` over their SHA-256; RSA `VerifyPSS` with SHA-256 over their
+//!   SHA-256).
+//!
+//! The API server verifies either proof and the key type (RSA 3072/4096, ECDSA
+//! P-256/P-384/P-521 or Ed25519) at creation. meshca checks them again anyway (a request
+//! never reaches a signature without a verified key), and refuses the key types it cannot
+//! issue for (P-521) or the CA's policy does not allow with `UnsupportedKeyType`.
 //!
 //! What the status update must satisfy (`ValidatePodCertificateRequestStatusUpdate`):
 //! `notBefore`/`notAfter` equal to the leaf's, `notBefore` within 5 minutes of the API
@@ -23,8 +32,9 @@ use crate::identity::{Sans, SpiffeId};
 use crate::issue::{decide, SignRequest};
 use crate::key::{KeyAlgorithm, PublicKeyKind};
 use crate::policy::{FrontEnd, PolicyRequest, Requester, Usages};
-use crate::x509::CertInfo;
-use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
+use crate::x509::{CertInfo, CsrInfo};
+
+use super::Pcr;
 
 /// `Denied` reason for a key type meshca or the CA's policy does not take
 /// (`certificates.PodCertificateRequestConditionUnsupportedKeyType`).
@@ -48,7 +58,8 @@ pub const MIN_LIFETIME: Duration = Duration::from_secs(3600);
 pub const BACKDATE: Duration = Duration::from_secs(60);
 /// `beginRefreshAt` must be this far from `notBefore` and `notAfter`.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(600);
-/// Largest accepted `pkixPublicKey` / `proofOfPossession` (the API's limits).
+/// Largest accepted `pkixPublicKey` / `proofOfPossession` / `stubPKCS10Request` (the API's
+/// limits, `MaxPKIXPublicKeySize` and `MaxStubPKCS10RequestSize`).
 pub const MAX_KEY_BYTES: usize = 10 * 1024;
 
 /// Why a request is refused: the condition to write.
@@ -111,11 +122,11 @@ pub fn suggested_key_type(meta: &CaMeta) -> &'static str {
 fn parse_key(spki: &[u8]) -> Result<(PublicKeyKind, Vec<u8>), Refusal> {
     use x509_parser::prelude::FromDer;
     if spki.is_empty() {
-        // Kubernetes 1.36 deprecates pkixPublicKey for spec.stubPKCS10Request, which the 1.35
-        // types meshca is built with do not carry: an explicit refusal, not a silent wait.
+        // An explicit refusal, not a silent wait. Seen through certificates.k8s.io/v1, a
+        // request created through v1beta1 with the deprecated pkixPublicKey has no key at all.
         return Err(Refusal::denied(
             REASON_BAD_REQUEST,
-            "spec.pkixPublicKey is empty; requests that carry only spec.stubPKCS10Request (Kubernetes 1.36) are not supported by this meshca",
+            "the request carries no key: neither spec.stubPKCS10Request nor spec.pkixPublicKey is set",
         ));
     }
     if spki.len() > MAX_KEY_BYTES {
@@ -166,7 +177,7 @@ pub fn verify_proof_of_possession(
 /// The lifetime to issue: `spec.maxExpirationSeconds` (default 24 h) capped by the CA's
 /// `max_ttl`. The request names a maximum, not a wish, so a shorter certificate is what
 /// Kubernetes permits; under the API's 1-hour minimum nothing acceptable can be issued.
-pub fn lifetime(pcr: &PodCertificateRequest, meta: &CaMeta) -> Result<Duration, Refusal> {
+pub fn lifetime(pcr: &Pcr, meta: &CaMeta) -> Result<Duration, Refusal> {
     let max = match pcr.spec.max_expiration_seconds {
         None => DEFAULT_MAX_EXPIRATION,
         Some(s) if s > 0 => Duration::from_secs(s as u64),
@@ -222,12 +233,170 @@ pub struct Prepared {
     pub requester: String,
 }
 
+/// The key to certify, checked: its kind, its DER SubjectPublicKeyInfo, and the stub CSR
+/// when it came in one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestedKey {
+    /// The key's kind (a type meshca issues for, and the API allows).
+    pub kind: PublicKeyKind,
+    /// DER SubjectPublicKeyInfo.
+    pub spki_der: Vec<u8>,
+    /// `spec.stubPKCS10Request`, when the key came from it (for backends that sign CSRs).
+    pub csr_der: Option<Vec<u8>>,
+}
+
+/// `UnsupportedKeyType` unless meshca issues for `kind` and a kubelet can ask for it.
+fn check_key_type(kind: PublicKeyKind, field: &str, meta: &CaMeta) -> Result<(), Refusal> {
+    if kind.algorithm().is_none() || matches!(kind, PublicKeyKind::Rsa { bits } if bits < 3072) {
+        return Err(Refusal::denied(
+            REASON_UNSUPPORTED_KEY_TYPE,
+            format!(
+                "key type {kind} of {field} is not supported by signer meshca.io/{}; use keyType {}",
+                meta.name,
+                suggested_key_type(meta)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A short name of a public key for messages: its kind and SHA-256 (of the DER SPKI).
+fn key_id(kind: PublicKeyKind, spki: &[u8]) -> String {
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, spki);
+    format!("{kind} key SHA-256 {}", crate::pemutil::hex(d.as_ref()))
+}
+
+/// The key of a request that carries `spec.stubPKCS10Request`: the CSR parses, its key is a
+/// type meshca issues for, its self-signature verifies (the proof of possession), and a
+/// `pkixPublicKey` or `proofOfPossession` sent beside it agrees with it.
+fn stub_key(pcr: &Pcr, meta: &CaMeta) -> Result<RequestedKey, Refusal> {
+    let spec = &pcr.spec;
+    let der = &spec.stub_pkc_s10_request.0;
+    if der.len() > MAX_KEY_BYTES {
+        return Err(Refusal::denied(
+            REASON_BAD_REQUEST,
+            format!(
+                "spec.stubPKCS10Request is {} bytes, over the limit of {MAX_KEY_BYTES}",
+                der.len()
+            ),
+        ));
+    }
+    let info = CsrInfo::from_der(der).map_err(|e| {
+        Refusal::denied(
+            REASON_BAD_REQUEST,
+            format!("spec.stubPKCS10Request is not a DER PKCS#10 certificate request: {e}"),
+        )
+    })?;
+    // The key type first: a P-521 key gets UnsupportedKeyType, not a signature error.
+    check_key_type(info.key, "spec.stubPKCS10Request", meta)?;
+    if !info.signature_valid {
+        return Err(Refusal::denied(
+            REASON_BAD_REQUEST,
+            format!(
+                "spec.stubPKCS10Request's signature does not verify with its own subject public key ({}): no proof of possession",
+                key_id(info.key, &info.spki_der)
+            ),
+        ));
+    }
+    if let Some(pkix) = spec.pkix_public_key.as_ref().filter(|k| !k.0.is_empty()) {
+        if pkix.0 != info.spki_der {
+            let pkix_kind = parse_key(&pkix.0)
+                .map(|(k, _)| k)
+                .unwrap_or(PublicKeyKind::Other);
+            return Err(Refusal::denied(
+                REASON_BAD_REQUEST,
+                format!(
+                    "spec.pkixPublicKey ({}) is not the subject public key of spec.stubPKCS10Request ({})",
+                    key_id(pkix_kind, &pkix.0),
+                    key_id(info.key, &info.spki_der)
+                ),
+            ));
+        }
+    }
+    if let Some(pop) = spec
+        .proof_of_possession
+        .as_ref()
+        .filter(|p| !p.0.is_empty())
+    {
+        // Not sent beside a stub by any kubelet (the API server refuses the pair); a claim in
+        // the request is checked, never ignored.
+        let (kind, raw) = parse_key(&info.spki_der)?;
+        if pop.0.len() > MAX_KEY_BYTES
+            || !verify_proof_of_possession(kind, &raw, &spec.pod_uid, &pop.0)
+        {
+            return Err(Refusal::denied(
+                REASON_BAD_REQUEST,
+                format!(
+                    "spec.proofOfPossession does not verify: it must be a signature by the key of spec.stubPKCS10Request over spec.podUID {:?}",
+                    spec.pod_uid
+                ),
+            ));
+        }
+    }
+    Ok(RequestedKey {
+        kind: info.key,
+        spki_der: info.spki_der,
+        csr_der: Some(der.clone()),
+    })
+}
+
+/// The key of a request that carries `spec.pkixPublicKey` and `spec.proofOfPossession`.
+fn pkix_key(pcr: &Pcr, meta: &CaMeta) -> Result<RequestedKey, Refusal> {
+    let spec = &pcr.spec;
+    let spki = spec
+        .pkix_public_key
+        .as_ref()
+        .map(|k| k.0.as_slice())
+        .unwrap_or_default();
+    let (kind, raw) = parse_key(spki)?;
+    // The key type first: a P-521 key gets UnsupportedKeyType, not a signature error.
+    check_key_type(kind, "spec.pkixPublicKey", meta)?;
+    let pop = spec
+        .proof_of_possession
+        .as_ref()
+        .map(|p| p.0.as_slice())
+        .unwrap_or_default();
+    if pop.len() > MAX_KEY_BYTES || !verify_proof_of_possession(kind, &raw, &spec.pod_uid, pop) {
+        return Err(Refusal::denied(
+            REASON_BAD_REQUEST,
+            format!(
+                "spec.proofOfPossession does not verify: it must be a signature by spec.pkixPublicKey over spec.podUID {:?}",
+                spec.pod_uid
+            ),
+        ));
+    }
+    Ok(RequestedKey {
+        kind,
+        spki_der: spki.to_vec(),
+        csr_der: None,
+    })
+}
+
+/// Whether the request carries no key at all (neither `stubPKCS10Request` nor
+/// `pkixPublicKey`): what a request created with `pkixPublicKey` through v1beta1 looks like
+/// through v1, which does not have that field.
+pub fn lacks_key(pcr: &Pcr) -> bool {
+    pcr.spec.stub_pkc_s10_request.0.is_empty()
+        && pcr
+            .spec
+            .pkix_public_key
+            .as_ref()
+            .is_none_or(|k| k.0.is_empty())
+}
+
+/// The key to certify and its proof of possession, from `spec.stubPKCS10Request` when set,
+/// else from `spec.pkixPublicKey` and `spec.proofOfPossession`. `Err`: the refusal, naming
+/// the field and the value.
+pub fn requested_key(pcr: &Pcr, meta: &CaMeta) -> Result<RequestedKey, Refusal> {
+    if pcr.spec.stub_pkc_s10_request.0.is_empty() {
+        pkix_key(pcr, meta)
+    } else {
+        stub_key(pcr, meta)
+    }
+}
+
 /// Every check before signing. `Err`: the condition to write.
-pub fn prepare(
-    pcr: &PodCertificateRequest,
-    meta: &CaMeta,
-    now: OffsetDateTime,
-) -> Result<Prepared, Refusal> {
+pub fn prepare(pcr: &Pcr, meta: &CaMeta, now: OffsetDateTime) -> Result<Prepared, Refusal> {
     let spec = &pcr.spec;
     if let Some(k) = spec
         .unverified_user_annotations
@@ -239,29 +408,8 @@ pub fn prepare(
             format!("meshca recognises no spec.unverifiedUserAnnotations; got key {k:?}"),
         ));
     }
-    let (kind, raw) = parse_key(&spec.pkix_public_key.0)?;
-    // The key type first: a P-521 key gets UnsupportedKeyType, not a signature error.
-    if kind.algorithm().is_none() || matches!(kind, PublicKeyKind::Rsa { bits } if bits < 3072) {
-        return Err(Refusal::denied(
-            REASON_UNSUPPORTED_KEY_TYPE,
-            format!(
-                "key type {kind} is not supported by signer meshca.io/{}; use keyType {}",
-                meta.name,
-                suggested_key_type(meta)
-            ),
-        ));
-    }
-    if spec.proof_of_possession.0.len() > MAX_KEY_BYTES
-        || !verify_proof_of_possession(kind, &raw, &spec.pod_uid, &spec.proof_of_possession.0)
-    {
-        return Err(Refusal::denied(
-            REASON_BAD_REQUEST,
-            format!(
-                "spec.proofOfPossession does not verify: it must be a signature by spec.pkixPublicKey over spec.podUID {:?}",
-                spec.pod_uid
-            ),
-        ));
-    }
+    let key = requested_key(pcr, meta)?;
+    let kind = key.kind;
     let namespace = pcr.metadata.namespace.clone().unwrap_or_default();
     let sa = spec.service_account_name.clone();
     let requester = Requester::PodServiceAccount {
@@ -312,11 +460,11 @@ pub fn prepare(
     Ok(Prepared {
         ca: meta.name.clone(),
         req: SignRequest {
-            public_key_der: spec.pkix_public_key.0.clone(),
+            public_key_der: key.spki_der,
             key: kind,
             sans,
             ttl: grant.ttl,
-            csr_der: None,
+            csr_der: key.csr_der,
             ekus: grant.ekus,
         },
         sign_at: sign_time(now),
@@ -418,22 +566,46 @@ pub(crate) mod tests {
         pop: &[u8],
         uid: &str,
         max: Option<i32>,
-    ) -> PodCertificateRequest {
+    ) -> Pcr {
+        request(
+            "v1beta1",
+            ns,
+            sa,
+            signer,
+            uid,
+            json!({"maxExpirationSeconds": max, "pkixPublicKey": b64(spki), "proofOfPossession": b64(pop)}),
+        )
+    }
+
+    fn b64(x: &[u8]) -> String {
         use base64::Engine as _;
-        let b = |x: &[u8]| base64::engine::general_purpose::STANDARD.encode(x);
-        serde_json::from_value(json!({
-            "apiVersion": "certificates.k8s.io/v1beta1",
+        base64::engine::general_purpose::STANDARD.encode(x)
+    }
+
+    /// Request `p1` of pod `web-0` in `ns` as read through `version`, its spec completed by
+    /// the fields of `key`.
+    fn request(
+        version: &str,
+        ns: &str,
+        sa: &str,
+        signer: &str,
+        uid: &str,
+        key: serde_json::Value,
+    ) -> Pcr {
+        let mut v = json!({
+            "apiVersion": format!("certificates.k8s.io/{version}"),
             "kind": "PodCertificateRequest",
             "metadata": {"name": "p1", "namespace": ns, "resourceVersion": "7", "uid": "u-1"},
             "spec": {
                 "signerName": signer, "podName": "web-0", "podUID": uid,
                 "serviceAccountName": sa, "serviceAccountUID": "sa-uid",
                 "nodeName": "node-1", "nodeUID": "node-uid",
-                "maxExpirationSeconds": max,
-                "pkixPublicKey": b(spki), "proofOfPossession": b(pop),
             },
-        }))
-        .unwrap()
+        });
+        for (k, x) in key.as_object().unwrap() {
+            v["spec"][k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
     }
 
     fn meta(policy: Policy) -> CaMeta {
@@ -443,6 +615,154 @@ pub(crate) mod tests {
     }
 
     const UID: &str = "0b1e7a0c-5d0e-4f4e-9a57-7d8f0c1e2a3b";
+
+    /// A stub PKCS#10 request as the kubelet makes it (empty subject, no extension), signed
+    /// with a new key of `alg` (`p256`, `p521`, `ed25519`); returns it and the key's DER SPKI.
+    pub(crate) fn stub_csr(alg: &str) -> (Vec<u8>, Vec<u8>) {
+        let a = match alg {
+            "p256" => &rcgen::PKCS_ECDSA_P256_SHA256,
+            "p521" => &rcgen::PKCS_ECDSA_P521_SHA512,
+            "ed25519" => &rcgen::PKCS_ED25519,
+            other => panic!("{other}"),
+        };
+        let kp = rcgen::KeyPair::generate_for(a).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let csr = params.serialize_request(&kp).unwrap();
+        (
+            csr.der().to_vec(),
+            rcgen::PublicKeyData::subject_public_key_info(&kp),
+        )
+    }
+
+    /// A `certificates.k8s.io/v1` request carrying `stubPKCS10Request` (and, when given,
+    /// `pkixPublicKey`, which v1 does not have but a v1beta1 request may carry).
+    pub(crate) fn stub_pcr(
+        ns: &str,
+        sa: &str,
+        signer: &str,
+        csr: &[u8],
+        pkix: Option<&[u8]>,
+        uid: &str,
+    ) -> Pcr {
+        let mut key = json!({"stubPKCS10Request": b64(csr)});
+        if let Some(k) = pkix {
+            key["pkixPublicKey"] = json!(b64(k));
+        }
+        request("v1", ns, sa, signer, uid, key)
+    }
+
+    #[test]
+    fn a_good_stub_request_is_issued_to_the_csrs_key() {
+        let m = meta(Policy::default());
+        let now = OffsetDateTime::now_utc();
+        for alg in ["p256", "ed25519"] {
+            let (csr, spki) = stub_csr(alg);
+            // Alone, and with the same key as pkixPublicKey.
+            for pkix in [None, Some(spki.as_slice())] {
+                let p = stub_pcr("app", "web", "meshca.io/mesh", &csr, pkix, UID);
+                let got = prepare(&p, &m, now).unwrap();
+                assert_eq!(got.req.public_key_der, spki, "{alg}: the CSR's key");
+                assert_eq!(got.req.csr_der.as_deref(), Some(csr.as_slice()));
+                assert_eq!(
+                    got.req.sans.spiffe_id.as_ref().unwrap().to_string(),
+                    "spiffe://cluster.local/ns/app/sa/web"
+                );
+                assert_eq!(got.requester, "system:serviceaccount:app:web");
+            }
+        }
+        // The subject and extensions of the stub are ignored: the identity is the pod's
+        // service account's, whatever the CSR asks for.
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["evil.example".to_string()]).unwrap();
+        let csr = params.serialize_request(&kp).unwrap().der().to_vec();
+        let got = prepare(
+            &stub_pcr("app", "web", "meshca.io/mesh", &csr, None, UID),
+            &m,
+            now,
+        )
+        .unwrap();
+        assert!(got.req.sans.dns.is_empty());
+        assert_eq!(
+            got.req.public_key_der,
+            rcgen::PublicKeyData::subject_public_key_info(&kp)
+        );
+    }
+
+    /// The refusal of `p` by CA `m`, checked to be `Denied` with `reason`: its message.
+    fn denied(p: &Pcr, m: &CaMeta, reason: &str) -> String {
+        let r = prepare(p, m, OffsetDateTime::now_utc()).unwrap_err();
+        assert_eq!((r.condition, r.reason), ("Denied", reason), "{}", r.message);
+        r.message
+    }
+
+    #[test]
+    fn stub_request_refusals_name_the_offending_value() {
+        let m = meta(Policy::default());
+        let (csr, spki) = stub_csr("p256");
+        let fp = |k: &[u8]| {
+            crate::pemutil::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, k).as_ref())
+        };
+        let stub = |csr: &[u8], pkix: Option<&[u8]>| {
+            stub_pcr("app", "web", "meshca.io/mesh", csr, pkix, UID)
+        };
+        // A bad signature (the last byte of the signature flipped): no proof of possession.
+        let mut bad = csr.clone();
+        *bad.last_mut().unwrap() ^= 0x01;
+        assert!(
+            !CsrInfo::from_der(&bad)
+                .expect("still parses")
+                .signature_valid
+        );
+        let msg = denied(&stub(&bad, None), &m, REASON_BAD_REQUEST);
+        assert!(
+            msg.contains("spec.stubPKCS10Request's signature does not verify")
+                && msg.contains(&fp(&spki)),
+            "{msg}"
+        );
+        // pkixPublicKey is another key than the CSR's: both named.
+        let (other, _) = key_and_pop("p256", UID);
+        let msg = denied(&stub(&csr, Some(&other)), &m, REASON_BAD_REQUEST);
+        assert!(
+            msg.contains("spec.pkixPublicKey (ecdsa-p256 key SHA-256 ")
+                && msg.contains(&fp(&other))
+                && msg.contains(&fp(&spki))
+                && msg.contains("is not the subject public key of spec.stubPKCS10Request"),
+            "{msg}"
+        );
+        // A key type meshca does not issue for (P-521): UnsupportedKeyType, suggesting one.
+        let (csr521, _) = stub_csr("p521");
+        let msg = denied(&stub(&csr521, None), &m, REASON_UNSUPPORTED_KEY_TYPE);
+        assert!(
+            msg.contains("key type ecdsa-p521 of spec.stubPKCS10Request")
+                && msg.contains("use keyType ECDSAP256"),
+            "{msg}"
+        );
+        // The CA's policy allows only P-384: the same rules as for pkixPublicKey.
+        let p384 = meta(Policy {
+            allowed_key_algorithms: vec![KeyAlgorithm::EcdsaP384],
+            ..Policy::default()
+        });
+        let msg = denied(&stub(&csr, None), &p384, REASON_UNSUPPORTED_KEY_TYPE);
+        assert!(msg.contains("ECDSAP384"), "{msg}");
+        // Not a CSR at all, and one over the API's size limit.
+        let msg = denied(&stub(b"junk", None), &m, REASON_BAD_REQUEST);
+        assert!(
+            msg.contains("spec.stubPKCS10Request is not a DER PKCS#10"),
+            "{msg}"
+        );
+        let big = vec![0x30; MAX_KEY_BYTES + 1];
+        let msg = denied(&stub(&big, None), &m, REASON_BAD_REQUEST);
+        assert!(msg.contains("10241 bytes"), "{msg}");
+        // A proofOfPossession beside the stub must verify too.
+        let mut p = stub(&csr, None);
+        p.spec.proof_of_possession = Some(k8s_openapi::ByteString(b"not a signature".to_vec()));
+        let msg = denied(&p, &m, REASON_BAD_REQUEST);
+        assert!(
+            msg.contains("spec.proofOfPossession does not verify") && msg.contains(UID),
+            "{msg}"
+        );
+    }
 
     #[test]
     fn a_good_request_gets_its_service_accounts_id_and_a_bounded_lifetime() {
@@ -549,7 +869,8 @@ pub(crate) mod tests {
         .unwrap_err();
         assert_eq!((r.condition, r.reason), ("Denied", REASON_BAD_REQUEST));
         assert!(r.message.contains("another-uid"), "{}", r.message);
-        // No key (a 1.36 request with only stubPKCS10Request): refused, saying so.
+        // No key at all (what a request made with pkixPublicKey through v1beta1 looks like
+        // through v1): refused, saying so.
         let r = prepare(
             &pcr("app", "web", "meshca.io/mesh", b"", &pop, UID, None),
             &m,

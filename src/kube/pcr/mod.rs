@@ -1,20 +1,37 @@
-//! The PodCertificateRequest signer (`certificates.k8s.io/v1beta1`, Kubernetes 1.35 behind the
-//! `PodCertificateRequest` feature gate): `meshca signer run --pod-certificates`.
+//! The PodCertificateRequest signer: `meshca signer run --pod-certificates`.
 //!
-//! The kubelet makes the key in the pod's node, proves possession by signing the pod's UID,
-//! and creates a PodCertificateRequest naming the signer of the pod's `podCertificate`
-//! projected volume. For every request whose `spec.signerName` is `meshca.io/<ca>` for a CA
-//! it serves (the same [`IssuerWatch`] snapshot as the CSR signer, so reloads and rotations
-//! apply), the controller:
+//! PodCertificateRequests are `certificates.k8s.io/v1` from Kubernetes 1.37 (GA), v1beta1 in
+//! 1.35 and 1.36 and v1alpha1 in 1.34 (both behind the `PodCertificateRequest` feature gate).
+//! The version is found through discovery ([`discover`]: v1, then v1beta1, then v1alpha1, the
+//! first whose group version lists `podcertificaterequests`), logged once, and used for the
+//! watch and every `/status` update. Whatever the version, a request is read into one model,
+//! [`Pcr`] (the v1beta1 spec of Kubernetes 1.37, which has every field of every version).
+//! When no version serves the resource, one line is logged and the controller does not
+//! start.
+//!
+//! The kubelet makes the key in the pod's node and creates a PodCertificateRequest naming the
+//! signer of the pod's `podCertificate` projected volume, with the key and its proof of
+//! possession in one of two forms: a stub PKCS#10 request (`spec.stubPKCS10Request`,
+//! Kubernetes 1.36+, the only form in v1) whose self-signature is the proof, or
+//! `spec.pkixPublicKey` with `spec.proofOfPossession`, a signature over the pod's UID
+//! (v1alpha1 and v1beta1). Through v1, a request created with `pkixPublicKey` through
+//! v1beta1 (an older kubelet) shows no key: it is read again through v1beta1 for its key.
+//!
+//! For every request whose `spec.signerName` is `meshca.io/<ca>` for a CA it serves (the
+//! same [`IssuerWatch`] snapshot as the CSR signer, so reloads and rotations apply), the
+//! controller:
 //! 1. leaves alone requests that already carry `Issued`, `Denied` or `Failed` (terminal: the
 //!    API server makes the whole status immutable then);
 //! 2. runs the pure checks of [`check::prepare`]: no unknown `unverifiedUserAnnotations`, a
-//!    key type meshca issues for, the proof of possession, and the one policy decision for
-//!    the identity `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>` with the pod's
-//!    service account as requester ([`crate::policy::FrontEnd::PodCertificate`]);
+//!    key type meshca issues for, the proof of possession (the stub CSR's signature, or the
+//!    signature over the pod's UID; a `pkixPublicKey` beside a stub must be the CSR's key),
+//!    and the one policy decision for the identity
+//!    `spiffe://<td>/ns/<namespace>/sa/<serviceAccountName>` with the pod's service account
+//!    as requester ([`crate::policy::FrontEnd::PodCertificate`]);
 //! 3. signs, checks the leaf's times against the API server's rules
-//!    ([`check::status_times`]), and writes one `/status` update (PUT, carrying the
-//!    resourceVersion it decided on) with the chain, the times and an `Issued` condition;
+//!    ([`check::status_times`]), and writes one `/status` update (PUT through the discovered
+//!    version, carrying the resourceVersion it decided on) with the chain, the times and an
+//!    `Issued` condition;
 //! 4. records the certificate in the ledger (requester `system:serviceaccount:<ns>:<sa>`,
 //!    object `pcr/<ns>/<name>`).
 //!
@@ -24,9 +41,6 @@
 //! `MeshcaRejectedByAPIServer`); the kubelet treats both as final. Transient errors (5xx,
 //! 429, 409 on a non-terminal request, RBAC refusals an operator fixes, a throttled backend)
 //! are retried with per-request backoff with jitter ([`super::backoff`]).
-//!
-//! The API is found through discovery ([`served`]): when `certificates.k8s.io/v1beta1` has
-//! no `podcertificaterequests`, one line is logged and the controller does not start.
 
 pub mod check;
 pub mod status;
@@ -34,14 +48,17 @@ pub mod status;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::certificates::v1beta1::{
+    PodCertificateRequestSpec, PodCertificateRequestStatus,
+};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
 use self::check::Refusal;
 use super::backoff::Backoff;
+use super::discovery::{first_served, Wanted};
 use super::issuers::{self, IssuerWatch};
 use super::ledger::{IssuedRecord, LedgerSink};
 use super::metrics::{Metrics, PcrRefusalLabel};
@@ -51,10 +68,31 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::issue::LedgerEntry;
 
-/// The API group version of PodCertificateRequests meshca serves.
-pub const GROUP_VERSION: &str = "certificates.k8s.io/v1beta1";
+/// A PodCertificateRequest as meshca reads it, whatever the served version: the v1beta1
+/// spec and status of Kubernetes 1.37, a superset of v1 (which has `stubPKCS10Request` but
+/// not the deprecated `pkixPublicKey` and `proofOfPossession`), of the 1.35 v1beta1 and of
+/// v1alpha1. A field a version lacks reads as empty. It is read and written through the
+/// discovered version's [`ApiResource`], so no `apiVersion` is checked on the way in.
+pub type Pcr = kube::core::Object<PodCertificateRequestSpec, PodCertificateRequestStatus>;
+
+/// The API group.
+pub const GROUP: &str = "certificates.k8s.io";
+/// The versions tried by [`discover`], in order: v1 (GA in Kubernetes 1.37), v1beta1 (1.35),
+/// v1alpha1 (1.34).
+pub const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha1"];
 /// The resource name in discovery.
 pub const RESOURCE: &str = "podcertificaterequests";
+/// The version that still carries the deprecated `pkixPublicKey` when v1 is in use.
+pub const LEGACY_VERSION: &str = "v1beta1";
+/// The kind.
+pub const KIND: &str = "PodCertificateRequest";
+/// The PodCertificateRequest API, for discovery.
+pub const WANTED: Wanted = Wanted {
+    group: GROUP,
+    versions: &VERSIONS,
+    plural: RESOURCE,
+    kind: KIND,
+};
 /// `Failed` reason when the API server refuses the update as invalid; the message quotes it.
 pub const REASON_API_REJECTED: &str = super::signer::REASON_API_REJECTED;
 /// The API server's message when the request is already terminal: someone else won.
@@ -63,14 +101,16 @@ pub const ALREADY_TERMINAL: &str =
 /// The API server's message when the writer lacks `sign` on the signer: an RBAC fix, retried.
 pub const NOT_PERMITTED_TO_SIGN: &str = "is not permitted to \"sign\"";
 
-/// Whether the API server serves PodCertificateRequests in [`GROUP_VERSION`]. `Ok(false)`
-/// when the group version or the resource is absent (404, or not listed).
+/// The PodCertificateRequest API the cluster serves: the first of [`VERSIONS`] whose group
+/// version lists `podcertificaterequests`; `Ok(None)` when none does. Errors other than 404
+/// are returned (retry later).
+pub async fn discover(client: &kube::Client) -> Result<Option<ApiResource>> {
+    first_served(client, &WANTED).await
+}
+
+/// Whether the cluster serves PodCertificateRequests in any version ([`discover`]).
 pub async fn served(client: &kube::Client) -> Result<bool> {
-    match client.list_api_group_resources(GROUP_VERSION).await {
-        Ok(list) => Ok(list.resources.iter().any(|r| r.name == RESOURCE)),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(e) => Err(kube_err("discovering certificates.k8s.io/v1beta1", e)),
-    }
+    Ok(discover(client).await?.is_some())
 }
 
 /// The PodCertificateRequest controller's name in `/readyz` and `meshca_controller_ready`.
@@ -91,7 +131,7 @@ pub enum Decision {
 }
 
 /// Classifies a request. Pure.
-pub fn classify(pcr: &PodCertificateRequest, serves: impl Fn(&str) -> bool) -> Decision {
+pub fn classify(pcr: &Pcr, serves: impl Fn(&str) -> bool) -> Decision {
     let Some(ca) = ca_from_signer_name(&pcr.spec.signer_name).filter(|c| serves(c)) else {
         return Decision::NotOurs;
     };
@@ -143,6 +183,11 @@ impl Default for PcrConfig {
 /// The PodCertificateRequest signer.
 pub struct PcrSigner {
     client: kube::Client,
+    /// The served version, set by discovery at the start of each leadership session
+    /// ([`PcrSigner::run_if_served`]) or once by [`PcrSigner::with_api`]; v1 until then.
+    api: std::sync::RwLock<Option<ApiResource>>,
+    /// Set by [`PcrSigner::with_api`]: no discovery.
+    api_pinned: bool,
     issuers: IssuerWatch,
     cfg: PcrConfig,
     metrics: Arc<Metrics>,
@@ -158,11 +203,12 @@ impl std::fmt::Debug for PcrSigner {
         f.debug_struct("PcrSigner")
             .field("cas", &self.issuers.borrow().names())
             .field("cfg", &self.cfg)
+            .field("api", &self.api_resource().api_version)
             .finish()
     }
 }
 
-fn key(pcr: &PodCertificateRequest) -> String {
+fn key(pcr: &Pcr) -> String {
     format!(
         "{}/{}",
         pcr.metadata.namespace.as_deref().unwrap_or_default(),
@@ -192,6 +238,8 @@ impl PcrSigner {
     ) -> Self {
         PcrSigner {
             client,
+            api: std::sync::RwLock::new(None),
+            api_pinned: false,
             issuers,
             cfg,
             metrics,
@@ -214,24 +262,45 @@ impl PcrSigner {
         self
     }
 
+    /// Uses `api` (a version [`discover`] returned) instead of discovering one.
+    pub fn with_api(mut self, api: ApiResource) -> Self {
+        self.set_api(api);
+        self.api_pinned = true;
+        self
+    }
+
+    fn set_api(&self, api: ApiResource) {
+        // A poisoned lock only means a panic elsewhere while writing an Option: take it.
+        *self.api.write().unwrap_or_else(|e| e.into_inner()) = Some(api);
+    }
+
+    /// The version in use: the discovered one, else v1.
+    pub fn api_resource(&self) -> ApiResource {
+        self.api
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| WANTED.resource(VERSIONS[0]))
+    }
+
     fn leading(&self) -> bool {
         *self.leader.borrow()
     }
 
-    fn api(&self, ns: &str) -> Api<PodCertificateRequest> {
-        Api::namespaced(self.client.clone(), ns)
-    }
-
-    /// The one `/status` update (PUT with the resourceVersion read).
-    async fn write(&self, updated: &PodCertificateRequest, what: &str) -> Result<WriteOutcome> {
+    /// The one `/status` update (PUT with the resourceVersion read) through the version in
+    /// use. The body is [`status`]'s, as raw JSON: the spec as read, less what that version
+    /// does not know.
+    async fn write(&self, updated: &DynamicObject, what: &str) -> Result<WriteOutcome> {
         let ns = updated.metadata.namespace.as_deref().unwrap_or_default();
         let name = updated.metadata.name.as_deref().unwrap_or_default();
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), ns, &self.api_resource());
         self.limiter.acquire().await;
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
         };
-        match self.api(ns).replace_status(name, &pp, updated).await {
+        match api.replace_status(name, &pp, updated).await {
             Ok(_) => Ok(WriteOutcome::Written),
             Err(kube::Error::Api(s))
                 if s.code == 409
@@ -256,8 +325,36 @@ impl PcrSigner {
         }
     }
 
-    async fn refuse(&self, pcr: &PodCertificateRequest, r: &Refusal) -> Result<WriteOutcome> {
-        let updated = status::refused(pcr, r, self.clock.now())?;
+    /// A request seen through v1 without any key (v1 has no `pkixPublicKey`) may have been
+    /// created through v1beta1 with the deprecated `pkixPublicKey` and `proofOfPossession`
+    /// (a kubelet older than 1.36): it is read again through v1beta1, for its key only. `None`
+    /// when not needed, or when v1beta1 does not have it (404: not served, or gone); the
+    /// checks then refuse the request for having no key. Other errors are returned (retry).
+    async fn legacy_key_form(&self, pcr: &Pcr) -> Result<Option<Pcr>> {
+        let ar = self.api_resource();
+        if ar.version != VERSIONS[0] || !check::lacks_key(pcr) {
+            return Ok(None);
+        }
+        let ns = pcr.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pcr.metadata.name.as_deref().unwrap_or_default();
+        let api: Api<Pcr> =
+            Api::namespaced_with(self.client.clone(), ns, &WANTED.resource(LEGACY_VERSION));
+        self.limiter.acquire().await;
+        match api.get(name).await {
+            Ok(old) => {
+                tracing::info!(pcr = %key(pcr), "PodCertificateRequest without a key in v1: its key read through certificates.k8s.io/v1beta1");
+                Ok(Some(old))
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(e) => Err(kube_err(
+                "reading the PodCertificateRequest through certificates.k8s.io/v1beta1",
+                e,
+            )),
+        }
+    }
+
+    async fn refuse(&self, pcr: &Pcr, r: &Refusal) -> Result<WriteOutcome> {
+        let updated = status::refused(pcr, &self.api_resource(), r, self.clock.now())?;
         let out = self.write(&updated, "writing a refusal").await?;
         if out == WriteOutcome::Written {
             self.metrics
@@ -273,7 +370,7 @@ impl PcrSigner {
     }
 
     /// Reconciles one request.
-    pub async fn reconcile(&self, pcr: &PodCertificateRequest) -> Result<Action> {
+    pub async fn reconcile(&self, pcr: &Pcr) -> Result<Action> {
         let snapshot = self.issuers.borrow().clone();
         let Decision::Sign { ca } = classify(pcr, |c| snapshot.contains(c)) else {
             return Ok(Action::await_change());
@@ -285,7 +382,8 @@ impl PcrSigner {
             return Ok(Action::await_change());
         };
         let now = self.clock.now();
-        let prepared = match check::prepare(pcr, issuer.meta(), now) {
+        let legacy = self.legacy_key_form(pcr).await?;
+        let prepared = match check::prepare(legacy.as_ref().unwrap_or(pcr), issuer.meta(), now) {
             Ok(p) => p,
             Err(r) => {
                 self.refuse(pcr, &r).await?;
@@ -333,7 +431,14 @@ impl PcrSigner {
                 .map(|i| i.to_string())
                 .unwrap_or_default()
         );
-        let updated = status::issued(pcr, &cert.chain_pem(), &times, &message, now)?;
+        let updated = status::issued(
+            pcr,
+            &self.api_resource(),
+            &cert.chain_pem(),
+            &times,
+            &message,
+            now,
+        )?;
         match self.write(&updated, "writing the certificate").await {
             Ok(WriteOutcome::Written) => {
                 self.metrics.pcrs_issued.inc();
@@ -362,7 +467,7 @@ impl PcrSigner {
     /// [`PcrSigner::reconcile`], resetting the request's backoff after a success. A terminal
     /// error that escaped (a refusal that could not be written as invalid) is logged and not
     /// retried; a retryable one is returned for backoff.
-    pub async fn reconcile_or_log(&self, pcr: &PodCertificateRequest) -> Result<Action> {
+    pub async fn reconcile_or_log(&self, pcr: &Pcr) -> Result<Action> {
         match self.reconcile(pcr).await {
             Ok(a) => {
                 self.backoff.reset(&key(pcr));
@@ -390,14 +495,16 @@ impl PcrSigner {
         }
     }
 
-    /// Runs the controller until `shutdown` completes.
+    /// Runs the controller (through the version in use, [`PcrSigner::api_resource`]) until
+    /// `shutdown` completes.
     pub async fn run(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
     ) {
-        let api: Api<PodCertificateRequest> = Api::all(self.client.clone());
+        let ar = self.api_resource();
+        let api: Api<Pcr> = Api::all_with(self.client.clone(), &ar);
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        let controller = Controller::new(api, self.watcher_config())
+        let controller = Controller::new_with(api, self.watcher_config(), ar)
             .with_config(cfg)
             .reconcile_all_on(issuers::changes(self.issuers.clone()));
         let health = &self.metrics.controllers;
@@ -416,9 +523,12 @@ impl PcrSigner {
         .await;
     }
 
-    /// Feature detection, then [`PcrSigner::run`]: when the API server does not serve
-    /// PodCertificateRequests, one line is logged and this returns at once. Discovery errors
-    /// other than "not served" are retried with backoff until `shutdown`.
+    /// Discovery ([`discover`]), then [`PcrSigner::run`] through the version found, which is
+    /// logged once: when the API server serves PodCertificateRequests in no version, one line
+    /// is logged and this returns at once. Discovery errors other than "not served" are
+    /// retried with backoff until `shutdown`. Called at the start of each leadership
+    /// session, so a cluster upgraded meanwhile (v1beta1 to v1) is followed. A version set by
+    /// [`PcrSigner::with_api`] is used as is.
     pub async fn run_if_served(
         self: Arc<Self>,
         shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
@@ -427,30 +537,38 @@ impl PcrSigner {
         let mut failures = 0u32;
         let health = &self.metrics.controllers;
         health.starting(CONTROLLER_NAME);
-        loop {
-            match served(&self.client).await {
-                Ok(true) => break,
-                Ok(false) => {
-                    health.stopped(CONTROLLER_NAME);
-                    tracing::info!("certificates.k8s.io/v1beta1 podcertificaterequests is not served by this cluster; the PodCertificateRequest signer is off");
-                    return;
-                }
-                Err(e) => {
-                    health.failed(CONTROLLER_NAME, &e.to_string());
-                    failures += 1;
-                    let d = super::backoff::jitter(super::backoff::ceiling(failures), unit());
-                    tracing::warn!(error = %e, retry_in = ?d, "PodCertificateRequest API discovery failed");
-                    tokio::select! {
-                        _ = &mut shutdown => {
-                            health.stopped(CONTROLLER_NAME);
-                            return;
+        if !self.api_pinned {
+            loop {
+                match discover(&self.client).await {
+                    Ok(Some(ar)) => {
+                        self.set_api(ar);
+                        break;
+                    }
+                    Ok(None) => {
+                        health.stopped(CONTROLLER_NAME);
+                        tracing::info!(
+                            "{} is not served by this cluster; the PodCertificateRequest signer is off",
+                            WANTED.describe()
+                        );
+                        return;
+                    }
+                    Err(e) => {
+                        health.failed(CONTROLLER_NAME, &e.to_string());
+                        failures += 1;
+                        let d = super::backoff::jitter(super::backoff::ceiling(failures), unit());
+                        tracing::warn!(error = %e, retry_in = ?d, "PodCertificateRequest API discovery failed");
+                        tokio::select! {
+                            _ = &mut shutdown => {
+                                health.stopped(CONTROLLER_NAME);
+                                return;
+                            }
+                            _ = tokio::time::sleep(d) => {}
                         }
-                        _ = tokio::time::sleep(d) => {}
                     }
                 }
             }
         }
-        tracing::info!("PodCertificateRequest signer started");
+        tracing::info!(api = %self.api_resource().api_version, "PodCertificateRequest signer started");
         self.run(shutdown).await;
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 use time::OffsetDateTime;
 
-use super::check::tests::{key_and_pop, pcr};
+use super::check::tests::{key_and_pop, pcr, stub_csr, stub_pcr};
 use super::check::{
     REASON_BAD_REQUEST, REASON_INVALID_USER_CONFIG, REASON_POLICY, REASON_SIGN_FAILED,
     REASON_UNSUPPORTED_KEY_TYPE,
@@ -15,6 +15,7 @@ use super::check::{
 use super::*;
 use crate::clock::SystemClock;
 use crate::issue::{Issuer, SignRequest};
+use crate::kube::discovery::tests::resource_list;
 use crate::kube::issuers::IssuerSet;
 use crate::kube::signer::tests::local;
 use crate::kube::testutil::{json as resp, mock_client, next, status as api_status};
@@ -23,8 +24,16 @@ use crate::policy::Policy;
 const UID: &str = "5f0c8a1e-9b7d-4c2a-8e6f-1a2b3c4d5e6f";
 const PATH: &str =
     "/apis/certificates.k8s.io/v1beta1/namespaces/app/podcertificaterequests/p1/status";
+const V1_PATH: &str =
+    "/apis/certificates.k8s.io/v1/namespaces/app/podcertificaterequests/p1/status";
 
+/// A signer of CA `mesh` writing through v1beta1 (the requests of [`good`] carry
+/// `pkixPublicKey`, which v1 does not have).
 fn signer(client: kube::Client, iss: Arc<dyn Issuer>) -> PcrSigner {
+    signer_v(client, iss, "v1beta1")
+}
+
+fn signer_v(client: kube::Client, iss: Arc<dyn Issuer>, version: &str) -> PcrSigner {
     PcrSigner::new(
         client,
         IssuerSet::watch_fixed([("mesh".to_string(), iss)].into_iter().collect()),
@@ -34,9 +43,20 @@ fn signer(client: kube::Client, iss: Arc<dyn Issuer>) -> PcrSigner {
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
     )
+    .with_api(WANTED.resource(version))
 }
 
-fn good(max: Option<i32>) -> (PodCertificateRequest, Vec<u8>) {
+/// The spec as read, as a status update must carry it: without the empty
+/// `stubPKCS10Request` the model always has.
+fn spec_as_read(sent: &Pcr) -> serde_json::Value {
+    let mut spec = serde_json::to_value(sent).unwrap()["spec"].clone();
+    if spec["stubPKCS10Request"] == "" {
+        spec.as_object_mut().unwrap().remove("stubPKCS10Request");
+    }
+    spec
+}
+
+fn good(max: Option<i32>) -> (Pcr, Vec<u8>) {
     let (spki, pop) = key_and_pop("p256", UID);
     (
         pcr("app", "web", "meshca.io/mesh", &spki, &pop, UID, max),
@@ -45,9 +65,20 @@ fn good(max: Option<i32>) -> (PodCertificateRequest, Vec<u8>) {
 }
 
 /// Checks the one PUT: method, path, query, precondition, unchanged spec; returns the body.
-fn assert_put(req: &http::Request<()>, body: &serde_json::Value, sent: &PodCertificateRequest) {
+fn assert_put(req: &http::Request<()>, body: &serde_json::Value, sent: &Pcr) {
+    assert_put_at(req, body, sent, PATH, "certificates.k8s.io/v1beta1")
+}
+
+fn assert_put_at(
+    req: &http::Request<()>,
+    body: &serde_json::Value,
+    sent: &Pcr,
+    path: &str,
+    api_version: &str,
+) {
     assert_eq!(req.method(), "PUT");
-    assert_eq!(req.uri().path(), PATH);
+    assert_eq!(req.uri().path(), path);
+    assert_eq!(body["apiVersion"], api_version);
     assert!(
         req.uri()
             .query()
@@ -58,11 +89,7 @@ fn assert_put(req: &http::Request<()>, body: &serde_json::Value, sent: &PodCerti
     );
     assert_eq!(body["metadata"]["resourceVersion"], "7", "the precondition");
     assert_eq!(body["kind"], "PodCertificateRequest");
-    assert_eq!(
-        body["spec"],
-        serde_json::to_value(sent).unwrap()["spec"],
-        "spec unchanged"
-    );
+    assert_eq!(body["spec"], spec_as_read(sent), "spec unchanged");
 }
 
 fn ok(body: &serde_json::Value) -> http::Response<kube::client::Body> {
@@ -170,7 +197,7 @@ async fn a_request_is_signed_in_one_status_update_the_api_server_accepts() {
 }
 
 /// Runs one reconcile of `p` that ends in a refusal; returns the refusal's condition.
-async fn refused(iss: Arc<dyn Issuer>, p: PodCertificateRequest) -> serde_json::Value {
+async fn refused(iss: Arc<dyn Issuer>, p: Pcr) -> serde_json::Value {
     let (client, mut h) = mock_client();
     let s = signer(client, iss);
     let sent = p.clone();
@@ -472,72 +499,70 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
     );
 }
 
-fn resources(names: &[&str]) -> serde_json::Value {
-    json!({
-        "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": GROUP_VERSION,
-        "resources": names.iter().map(|n| json!({
-            "name": n, "singularName": "", "namespaced": !n.starts_with("cluster"), "kind": "X", "verbs": ["get"]
-        })).collect::<Vec<_>>(),
-    })
+/// A sink for the log lines of one test (a `tracing` default for the current thread, which
+/// is the whole of a `#[tokio::test]`).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
-#[tokio::test]
-async fn discovery_finds_the_api_or_skips_the_controller() {
-    // Served, absent (404: the group version is off), and present without the resource
-    // (ClusterTrustBundles only).
-    for (response, want) in [
-        (
-            resp(
-                200,
-                &resources(&["podcertificaterequests", "podcertificaterequests/status"]),
-            ),
-            true,
-        ),
-        (
-            api_status(
-                404,
-                "NotFound",
-                "the server could not find the requested resource",
-            ),
-            false,
-        ),
-        (resp(200, &resources(&["clustertrustbundles"])), false),
-    ] {
-        let (client, mut h) = mock_client();
-        let server = tokio::spawn(async move {
-            let (req, body, send) = next(&mut h).await;
-            assert_eq!(req.method(), "GET");
-            assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-            assert_eq!(req.uri().query(), None);
-            assert!(body.is_null());
-            send.send_response(response);
-        });
-        assert_eq!(served(&client).await.unwrap(), want);
-        server.await.unwrap();
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
     }
-    // Absent: run_if_served returns at once without watching anything.
-    let (client, mut h) = mock_client();
-    let s = Arc::new(signer(client, local("mesh", Policy::default())));
-    let server = tokio::spawn(async move {
-        let (req, _, send) = next(&mut h).await;
-        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-        send.send_response(api_status(404, "NotFound", "not found"));
-        // No further request: the client is dropped (None) or idle (timeout).
-        assert!(matches!(
-            tokio::time::timeout(Duration::from_millis(200), h.next_request()).await,
-            Err(_) | Ok(None)
-        ));
-    });
-    tokio::time::timeout(
-        Duration::from_secs(5),
-        s.run_if_served(std::future::pending()),
-    )
-    .await
-    .expect("returns when the API is absent");
-    server.await.unwrap();
-    // A discovery error is retried; then, served, the controller lists requests across
-    // namespaces with the one signer name as field selector.
-    let (client, mut h) = mock_client();
+}
+
+impl Logs {
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(self.clone())
+                .with_ansi(false)
+                .without_time()
+                .with_max_level(tracing::Level::INFO)
+                .finish(),
+        )
+    }
+
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+const GV: &str = "/apis/certificates.k8s.io";
+
+/// Runs `run_if_served` of a signer for `meshca.io/mesh` against a mock whose discovery
+/// answers `answers` (path, response) in order; then expects the LIST of the version it
+/// chose (`want`, or none), a watch, and stops. Returns the log lines.
+async fn discover(
+    answers: Vec<(&'static str, http::Response<kube::client::Body>)>,
+    want: Option<&str>,
+) -> Vec<String> {
+    let logs = Logs::default();
+    let _g = logs.capture();
+    let (s, mut h) = discovering_signer();
+    session(s, &mut h, answers, want).await;
+    logs.lines()
+}
+
+type MockHandle =
+    tower_test::mock::Handle<http::Request<kube::client::Body>, http::Response<kube::client::Body>>;
+
+/// A signer for `meshca.io/mesh` that discovers its version.
+fn discovering_signer() -> (Arc<PcrSigner>, MockHandle) {
+    let (client, h) = mock_client();
     let s = Arc::new(PcrSigner::new(
         client,
         IssuerSet::watch_fixed(
@@ -557,39 +582,259 @@ async fn discovery_finds_the_api_or_skips_the_controller() {
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
     ));
+    (s, h)
+}
+
+/// One leadership session of `s`: `run_if_served` against discovery answers `answers`
+/// (path, response) in order; then the LIST of the version chosen (`want`, or none), a
+/// watch, and a stop.
+async fn session(
+    s: Arc<PcrSigner>,
+    h: &mut MockHandle,
+    answers: Vec<(&'static str, http::Response<kube::client::Body>)>,
+    want: Option<&str>,
+) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let ctl = tokio::spawn(s.clone().run_if_served(async move {
         let _ = stopped.await;
     }));
-    let (req, _, send) = next(&mut h).await;
-    assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-    send.send_response(api_status(503, "ServiceUnavailable", "starting"));
-    let (req, _, send) = next(&mut h).await;
-    assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-    send.send_response(resp(200, &resources(&["podcertificaterequests"])));
-    let (req, _, send) = next(&mut h).await;
-    assert_eq!(req.method(), "GET");
-    assert_eq!(
-        req.uri().path(),
-        "/apis/certificates.k8s.io/v1beta1/podcertificaterequests"
-    );
-    let q = req.uri().query().unwrap_or("").to_string();
+    for (path, response) in answers {
+        let (req, body, send) = next(h).await;
+        assert_eq!(req.method(), "GET");
+        assert_eq!(req.uri().path(), format!("{GV}/{path}"));
+        assert_eq!(req.uri().query(), None);
+        assert!(body.is_null());
+        send.send_response(response);
+    }
+    match want {
+        Some(v) => {
+            let (req, _, send) = next(h).await;
+            assert_eq!(req.method(), "GET");
+            assert_eq!(req.uri().path(), format!("{GV}/{v}/podcertificaterequests"));
+            let q = req.uri().query().unwrap_or("").to_string();
+            assert!(
+                q.contains("fieldSelector=spec.signerName%3Dmeshca.io%2Fmesh"),
+                "{q}"
+            );
+            assert!(!q.contains("watch=true"), "{q}");
+            send.send_response(resp(
+                200,
+                &json!({"apiVersion": format!("certificates.k8s.io/{v}"), "kind": "PodCertificateRequestList",
+                        "metadata": {"resourceVersion": "1"}, "items": []}),
+            ));
+            let (req, _, _parked) = next(h).await;
+            assert_eq!(req.uri().path(), format!("{GV}/{v}/podcertificaterequests"));
+            assert!(req.uri().query().unwrap().contains("watch=true"));
+            assert_eq!(
+                s.api_resource().api_version,
+                format!("certificates.k8s.io/{v}")
+            );
+            stop.send(()).unwrap();
+            tokio::time::timeout(Duration::from_secs(10), ctl)
+                .await
+                .expect("stops")
+                .unwrap();
+        }
+        None => {
+            tokio::time::timeout(Duration::from_secs(5), ctl)
+                .await
+                .expect("returns when the API is absent")
+                .unwrap();
+            // Nothing else was asked: the client is gone.
+            drop(s);
+            assert!(h.next_request().await.is_none());
+        }
+    }
+}
+
+fn not_found() -> http::Response<kube::client::Body> {
+    api_status(
+        404,
+        "NotFound",
+        "the server could not find the requested resource",
+    )
+}
+
+#[tokio::test]
+async fn discovery_uses_v1_when_served() {
+    let logs = discover(
+        vec![(
+            "v1",
+            resource_list(
+                "certificates.k8s.io/v1",
+                &[
+                    "certificatesigningrequests",
+                    "clustertrustbundles",
+                    "podcertificaterequests",
+                    "podcertificaterequests/status",
+                ],
+            ),
+        )],
+        Some("v1"),
+    )
+    .await;
+    let started: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("signer started"))
+        .collect();
+    assert_eq!(started.len(), 1, "{logs:?}");
+    assert!(started[0].contains("certificates.k8s.io/v1"), "{logs:?}");
+}
+
+#[tokio::test]
+async fn discovery_falls_back_to_v1beta1_when_v1_lacks_the_resource() {
+    // Kubernetes 1.35/1.36: v1 serves CSRs only. A discovery error is retried first.
+    let logs = discover(
+        vec![
+            ("v1", api_status(503, "ServiceUnavailable", "starting")),
+            (
+                "v1",
+                resource_list("certificates.k8s.io/v1", &["certificatesigningrequests"]),
+            ),
+            (
+                "v1beta1",
+                resource_list(
+                    "certificates.k8s.io/v1beta1",
+                    &["clustertrustbundles", "podcertificaterequests"],
+                ),
+            ),
+        ],
+        Some("v1beta1"),
+    )
+    .await;
     assert!(
-        q.contains("fieldSelector=spec.signerName%3Dmeshca.io%2Fmesh"),
-        "{q}"
+        logs.iter()
+            .any(|l| l.contains("signer started") && l.contains("certificates.k8s.io/v1beta1")),
+        "{logs:?}"
     );
-    send.send_response(resp(
-        200,
-        &json!({"apiVersion": GROUP_VERSION, "kind": "PodCertificateRequestList",
-                "metadata": {"resourceVersion": "1"}, "items": []}),
-    ));
-    let (req, _, _parked) = next(&mut h).await;
-    assert!(req.uri().query().unwrap().contains("watch=true"));
-    stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), ctl)
-        .await
-        .expect("stops")
-        .unwrap();
+}
+
+#[tokio::test]
+async fn each_leadership_session_discovers_again() {
+    // Session 1 on a 1.36 cluster (v1beta1); the control plane is upgraded to 1.37 before
+    // session 2, which uses v1.
+    let (s, mut h) = discovering_signer();
+    let v1 = |with_pcr: bool| {
+        let mut r = vec!["certificatesigningrequests"];
+        if with_pcr {
+            r.push("podcertificaterequests");
+        }
+        resource_list("certificates.k8s.io/v1", &r)
+    };
+    let beta = resource_list("certificates.k8s.io/v1beta1", &["podcertificaterequests"]);
+    session(
+        s.clone(),
+        &mut h,
+        vec![("v1", v1(false)), ("v1beta1", beta)],
+        Some("v1beta1"),
+    )
+    .await;
+    session(s, &mut h, vec![("v1", v1(true))], Some("v1")).await;
+}
+
+#[tokio::test]
+async fn discovery_falls_back_to_v1alpha1_when_neither_v1_nor_v1beta1_serves_it() {
+    // Kubernetes 1.34: v1alpha1 only; v1beta1 is absent (404).
+    discover(
+        vec![
+            (
+                "v1",
+                resource_list("certificates.k8s.io/v1", &["certificatesigningrequests"]),
+            ),
+            ("v1beta1", not_found()),
+            (
+                "v1alpha1",
+                resource_list(
+                    "certificates.k8s.io/v1alpha1",
+                    &["clustertrustbundles", "podcertificaterequests"],
+                ),
+            ),
+        ],
+        Some("v1alpha1"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn discovery_turns_the_signer_off_with_one_log_line_when_no_version_serves_it() {
+    let logs = discover(
+        vec![
+            (
+                "v1",
+                resource_list("certificates.k8s.io/v1", &["certificatesigningrequests"]),
+            ),
+            (
+                "v1beta1",
+                resource_list("certificates.k8s.io/v1beta1", &["clustertrustbundles"]),
+            ),
+            ("v1alpha1", not_found()),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(logs.len(), 1, "{logs:?}");
+    assert!(
+        logs[0].contains(
+            "certificates.k8s.io v1, v1beta1 or v1alpha1 podcertificaterequests is not served"
+        ) && logs[0].contains("signer is off"),
+        "{logs:?}"
+    );
+}
+
+/// The leaf of a status update body with an `Issued` condition.
+fn issued_leaf(body: &serde_json::Value) -> crate::x509::CertInfo {
+    assert_eq!(body["status"]["conditions"][0]["type"], "Issued", "{body}");
+    let pem = body["status"]["certificateChain"].as_str().unwrap();
+    let certs = crate::pemutil::parse_certs(pem.as_bytes(), "chain").unwrap();
+    crate::x509::CertInfo::from_der(&certs[0]).unwrap()
+}
+
+#[tokio::test]
+async fn a_stub_request_through_v1_is_issued_to_the_csrs_key() {
+    let (client, mut h) = mock_client();
+    let ca = local("mesh", Policy::default());
+    let s = signer_v(client, ca.clone(), "v1");
+    let (csr, spki) = stub_csr("p256");
+    let p = stub_pcr("app", "web", "meshca.io/mesh", &csr, None, UID);
+    let sent = p.clone();
+    let server = tokio::spawn(async move {
+        let (req, body, send) = next(&mut h).await;
+        assert_put_at(&req, &body, &sent, V1_PATH, "certificates.k8s.io/v1");
+        send.send_response(ok(&body));
+        body
+    });
+    s.reconcile_or_log(&p).await.unwrap();
+    let info = issued_leaf(&server.await.unwrap());
+    assert_eq!(info.spki_der, spki, "issued to the stub CSR's key");
+    assert_eq!(
+        info.sans.uri,
+        vec!["spiffe://cluster.local/ns/app/sa/web".to_string()]
+    );
+    // A stub with a bad signature: Denied through v1, naming the field.
+    let (client, mut h) = mock_client();
+    let s = signer_v(client, ca, "v1");
+    let mut bad = csr.clone();
+    *bad.last_mut().unwrap() ^= 0x01;
+    let p = stub_pcr("app", "web", "meshca.io/mesh", &bad, None, UID);
+    let server = tokio::spawn(async move {
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.uri().path(), V1_PATH);
+        send.send_response(ok(&body));
+        only_condition(&body)
+    });
+    s.reconcile_or_log(&p).await.unwrap();
+    let c = server.await.unwrap();
+    assert_eq!(
+        (c["type"].as_str(), c["reason"].as_str()),
+        (Some("Denied"), Some(REASON_BAD_REQUEST))
+    );
+    assert!(
+        c["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.stubPKCS10Request's signature does not verify"),
+        "{c}"
+    );
 }
 
 #[tokio::test]
@@ -613,7 +858,8 @@ async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
         Arc::new(RateLimiter::new(0.0, 1)),
         crate::kube::leader::always_leader(),
         Arc::new(SystemClock),
-    );
+    )
+    .with_api(WANTED.resource("v1beta1"));
     let server = tokio::spawn(async move {
         let mut akis = Vec::new();
         for _ in 0..2 {
@@ -645,4 +891,74 @@ async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
         new.ca().info().unwrap().subject_key_id,
         "the new key signs"
     );
+}
+
+#[tokio::test]
+async fn a_keyless_v1_request_gets_its_key_from_v1beta1_or_is_denied() {
+    // Created through v1beta1 with pkixPublicKey (a kubelet before 1.36), seen through v1:
+    // no key. It is read again through v1beta1, signed for that key, and written through v1.
+    let (client, mut h) = mock_client();
+    let s = signer_v(client, local("mesh", Policy::default()), "v1");
+    let (legacy, spki) = good(None);
+    let mut seen = serde_json::to_value(&legacy).unwrap();
+    seen["apiVersion"] = json!("certificates.k8s.io/v1");
+    let spec = seen["spec"].as_object_mut().unwrap();
+    spec.remove("pkixPublicKey");
+    spec.remove("proofOfPossession");
+    spec.insert("stubPKCS10Request".into(), serde_json::Value::Null);
+    let seen: Pcr = serde_json::from_value(seen).unwrap();
+    assert!(check::lacks_key(&seen));
+    let sent = seen.clone();
+    let server = tokio::spawn(async move {
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.method(), "GET");
+        assert_eq!(
+            req.uri().path(),
+            "/apis/certificates.k8s.io/v1beta1/namespaces/app/podcertificaterequests/p1"
+        );
+        assert!(body.is_null());
+        send.send_response(ok(&serde_json::to_value(&legacy).unwrap()));
+        let (req, body, send) = next(&mut h).await;
+        assert_put_at(&req, &body, &sent, V1_PATH, "certificates.k8s.io/v1");
+        assert!(!body["spec"]
+            .as_object()
+            .unwrap()
+            .contains_key("pkixPublicKey"));
+        send.send_response(ok(&body));
+        body
+    });
+    s.reconcile_or_log(&seen).await.unwrap();
+    assert_eq!(issued_leaf(&server.await.unwrap()).spki_der, spki);
+    // v1beta1 not served (404): Denied for having no key, saying so.
+    let (client, mut h) = mock_client();
+    let s = signer_v(client, local("mesh", Policy::default()), "v1");
+    let server = tokio::spawn(async move {
+        let (req, _, send) = next(&mut h).await;
+        assert_eq!(req.method(), "GET");
+        send.send_response(not_found());
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.uri().path(), V1_PATH);
+        send.send_response(ok(&body));
+        only_condition(&body)
+    });
+    s.reconcile_or_log(&seen).await.unwrap();
+    let c = server.await.unwrap();
+    assert_eq!(
+        (c["type"].as_str(), c["reason"].as_str()),
+        (Some("Denied"), Some(REASON_BAD_REQUEST))
+    );
+    assert!(
+        c["message"].as_str().unwrap().contains("carries no key"),
+        "{c}"
+    );
+    // A v1beta1 signer never reads twice: the request is refused at once.
+    let (client, mut h) = mock_client();
+    let s = signer(client, local("mesh", Policy::default()));
+    let server = tokio::spawn(async move {
+        let (req, body, send) = next(&mut h).await;
+        assert_eq!(req.method(), "PUT");
+        send.send_response(ok(&body));
+    });
+    s.reconcile_or_log(&seen).await.unwrap();
+    server.await.unwrap();
 }

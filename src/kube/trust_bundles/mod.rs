@@ -1,13 +1,16 @@
-//! ClusterTrustBundles (`certificates.k8s.io`, v1beta1 since Kubernetes 1.33, v1alpha1
-//! before): one per CA, named `meshca.io:<ca>:<suffix>`, with `spec.signerName`
-//! `meshca.io/<ca>` and `spec.trustBundle` the CA's roots (both roots while a rotation is
-//! prepared or active, from [`crate::store::ca_anchors`]).
+//! ClusterTrustBundles (`certificates.k8s.io`: v1, GA and on by default since Kubernetes
+//! 1.37; v1beta1 since 1.33; v1alpha1 before): one per CA, named `meshca.io:<ca>:<suffix>`,
+//! with `spec.signerName` `meshca.io/<ca>` and `spec.trustBundle` the CA's roots (both roots
+//! while a rotation is prepared or active, from [`crate::store::ca_anchors`]).
 //!
 //! - Pure: [`bundle_name`], [`desired`], [`manifest`] and [`plan`] (what to apply, what to
 //!   delete, from the desired objects and the listed ones).
-//! - I/O: [`detect`] (discovery: v1beta1, then v1alpha1), [`sync`] (one list, then a
-//!   server-side apply per changed object and a delete per stale one), [`sync_loop`] (the
-//!   signer's loop: while leading, every interval and at once when the served CAs change).
+//! - I/O: [`detect`] (discovery: v1, then v1beta1, then v1alpha1; the first that lists
+//!   `clustertrustbundles` is used for every request, and logged once), [`sync`] (one list,
+//!   then a server-side apply per changed object and a delete per stale one), [`sync_loop`]
+//!   (the signer's loop: while leading, every interval and at once when the served CAs
+//!   change). The objects are the same in every version (`spec.signerName`,
+//!   `spec.trustBundle`), so only the `apiVersion` and the paths differ.
 //!
 //! API server rules this follows (kubernetes `pkg/apis/certificates/validation/validation.go`,
 //! `ValidateClusterTrustBundle`, and `pkg/apis/core/validation/names.go`,
@@ -31,6 +34,7 @@ use std::time::Duration;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, ListParams};
 use tokio::sync::watch;
 
+use super::discovery::{first_served, Wanted};
 use super::issuers::IssuerWatch;
 use super::ratelimit::RateLimiter;
 use super::{kube_err, LABEL_CA, LABEL_MANAGED_BY, MANAGED_BY};
@@ -40,28 +44,19 @@ use crate::store::{ca_anchors, Store};
 mod plan;
 pub use plan::*;
 
-/// The ClusterTrustBundle API the cluster serves: v1beta1 if it lists `clustertrustbundles`,
-/// else v1alpha1, else `None` (the feature gate is off, or the cluster predates it). Any
-/// error other than 404 is returned (retry later).
+/// The ClusterTrustBundle API, for discovery.
+pub const WANTED: Wanted = Wanted {
+    group: GROUP,
+    versions: &VERSIONS,
+    plural: PLURAL,
+    kind: KIND,
+};
+
+/// The ClusterTrustBundle API the cluster serves: the first of v1, v1beta1 and v1alpha1
+/// ([`VERSIONS`]) that lists `clustertrustbundles`, else `None` (the cluster predates the API,
+/// or has it turned off). Any error other than 404 is returned (retry later).
 pub async fn detect(client: &kube::Client) -> Result<Option<ApiResource>> {
-    for v in VERSIONS {
-        let gv = format!("{GROUP}/{v}");
-        match client.list_api_group_resources(&gv).await {
-            Ok(list) if list.resources.iter().any(|r| r.name == PLURAL) => {
-                return Ok(Some(ApiResource {
-                    group: GROUP.into(),
-                    version: v.into(),
-                    api_version: gv,
-                    kind: KIND.into(),
-                    plural: PLURAL.into(),
-                }))
-            }
-            Ok(_) => {}
-            Err(e) if super::api_code(&e) == Some(404) => {}
-            Err(e) => return Err(kube_err(&format!("discovering {gv}"), e)),
-        }
-    }
-    Ok(None)
+    first_served(client, &WANTED).await
 }
 
 /// What [`sync`] did.
@@ -193,7 +188,8 @@ pub async fn sync_loop(
                     }
                     Ok(None) => {
                         tracing::info!(
-                            "the cluster serves no ClusterTrustBundle API (certificates.k8s.io v1beta1 or v1alpha1): ClusterTrustBundles skipped"
+                            "the cluster serves no ClusterTrustBundle API ({}): ClusterTrustBundles skipped",
+                            WANTED.describe()
                         );
                         return;
                     }
@@ -252,6 +248,7 @@ mod tests {
 
     use super::*;
     use crate::ca::{create_root, CaMaterial, CaSpec};
+    use crate::kube::discovery::tests::resource_list;
     use crate::kube::testutil::{json as resp, mock_client, next, status};
     use crate::store::{LocalStore, Slot};
     use http::{Request, Response};
@@ -262,7 +259,9 @@ mod tests {
     type H = Handle<Request<Body>, Response<Body>>;
 
     const BETA: &str = "certificates.k8s.io/v1beta1";
+    const V1: &str = "certificates.k8s.io/v1";
     const LIST_PATH: &str = "/apis/certificates.k8s.io/v1beta1/clustertrustbundles";
+    const V1_LIST_PATH: &str = "/apis/certificates.k8s.io/v1/clustertrustbundles";
     const LIST_QUERY: &str =
         "&labelSelector=app.kubernetes.io%2Fmanaged-by%3Dmeshca%2Cmeshca.io%2Fca";
 
@@ -286,15 +285,15 @@ mod tests {
         (dir, s)
     }
 
-    fn discovery(gv: &str, resources: &[&str]) -> Response<Body> {
-        let r: Vec<serde_json::Value> = resources
-            .iter()
-            .map(|n| json!({"name": n, "singularName": "", "namespaced": false, "kind": KIND, "verbs": ["get", "list"]}))
-            .collect();
-        resp(
-            200,
-            &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": r}),
-        )
+    /// Answers discovery as a cluster before 1.37 with the API on: v1 lists CSRs only,
+    /// v1beta1 lists ClusterTrustBundles.
+    async fn v1beta1_only(h: &mut H) {
+        let (req, _, send) = next(h).await;
+        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
+        send.send_response(resource_list(V1, &["certificatesigningrequests"]));
+        let (req, _, send) = next(h).await;
+        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
+        send.send_response(resource_list(BETA, &["clustertrustbundles"]));
     }
 
     fn object(name: &str, ca: &str, managed: bool, pem: &str) -> serde_json::Value {
@@ -316,9 +315,14 @@ mod tests {
 
     /// Answers the LIST of meshca's bundles after checking its method, path and query.
     async fn expect_list(h: &mut H, items: Vec<serde_json::Value>) {
+        expect_list_at(h, LIST_PATH, items).await
+    }
+
+    /// [`expect_list`] at `path` (the collection of one version).
+    async fn expect_list_at(h: &mut H, path: &str, items: Vec<serde_json::Value>) {
         let (req, body, send) = next(h).await;
         assert_eq!(req.method(), "GET");
-        assert_eq!(req.uri().path(), LIST_PATH);
+        assert_eq!(req.uri().path(), path);
         assert_eq!(req.uri().query(), Some(LIST_QUERY));
         assert!(body.is_null());
         send.send_response(list(items));
@@ -326,9 +330,14 @@ mod tests {
 
     /// Checks a server-side apply of `name` and returns its body.
     async fn expect_apply(h: &mut H, name: &str, code: u16) -> serde_json::Value {
+        expect_apply_at(h, LIST_PATH, name, code).await
+    }
+
+    /// [`expect_apply`] under the collection `path`.
+    async fn expect_apply_at(h: &mut H, path: &str, name: &str, code: u16) -> serde_json::Value {
         let (req, body, send) = next(h).await;
         assert_eq!(req.method(), "PATCH");
-        assert_eq!(req.uri().path(), format!("{LIST_PATH}/{name}"));
+        assert_eq!(req.uri().path(), format!("{path}/{name}"));
         assert_eq!(req.uri().query(), Some("&force=true&fieldManager=meshca"));
         assert_eq!(
             req.headers()["content-type"],
@@ -444,27 +453,33 @@ mod tests {
         let (_d, store) = store_with(&["ca1"]).await;
         let ca = store.load_ca("ca1").await.unwrap();
         let (client, mut h) = mock_client();
+        // Kubernetes 1.37: v1 serves them (beside CSRs and PodCertificateRequests), and is
+        // used for the list and the apply; no other version is asked about.
         let server = tokio::spawn(async move {
             let (req, _, send) = next(&mut h).await;
             assert_eq!(req.method(), "GET");
-            assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-            send.send_response(discovery(
-                BETA,
-                &["clustertrustbundles", "podcertificaterequests"],
+            assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
+            send.send_response(resource_list(
+                V1,
+                &[
+                    "certificatesigningrequests",
+                    "clustertrustbundles",
+                    "podcertificaterequests",
+                ],
             ));
-            expect_list(&mut h, vec![]).await;
-            let body = expect_apply(&mut h, "meshca.io:ca1:roots", 200).await;
+            expect_list_at(&mut h, V1_LIST_PATH, vec![]).await;
+            let body = expect_apply_at(&mut h, V1_LIST_PATH, "meshca.io:ca1:roots", 200).await;
             (h, body)
         });
-        let ar = detect(&client).await.unwrap().expect("v1beta1 detected");
-        assert_eq!(ar.api_version, BETA);
+        let ar = detect(&client).await.unwrap().expect("v1 detected");
+        assert_eq!(ar.api_version, V1);
         let (want, err) = desired_from_store(&store, &["ca1".into()], DEFAULT_SUFFIX).await;
         assert!(err.is_none());
         let r = sync(&client, &ar, &want, None).await.unwrap();
         assert_eq!(r.applied, vec!["meshca.io:ca1:roots".to_string()]);
         drop(client);
         let (h, body) = server.await.unwrap();
-        assert_eq!(body["apiVersion"], BETA);
+        assert_eq!(body["apiVersion"], V1);
         assert_eq!(body["kind"], "ClusterTrustBundle");
         assert_eq!(body["metadata"]["name"], "meshca.io:ca1:roots");
         assert_eq!(
@@ -625,14 +640,21 @@ mod tests {
     #[tokio::test]
     async fn an_absent_api_is_skipped_after_discovery() {
         let (_d, task, mut h, _stop_tx) = start_loop().await;
-        for (path, code) in [
-            ("/apis/certificates.k8s.io/v1beta1", 404),
-            ("/apis/certificates.k8s.io/v1alpha1", 404),
+        // v1 lists only CSRs (a cluster before 1.37); v1beta1 and v1alpha1 are off.
+        let (req, _, send) = next(&mut h).await;
+        assert_eq!(
+            (req.method().as_str(), req.uri().path()),
+            ("GET", "/apis/certificates.k8s.io/v1")
+        );
+        send.send_response(resource_list(V1, &["certificatesigningrequests"]));
+        for path in [
+            "/apis/certificates.k8s.io/v1beta1",
+            "/apis/certificates.k8s.io/v1alpha1",
         ] {
             let (req, _, send) = next(&mut h).await;
             assert_eq!((req.method().as_str(), req.uri().path()), ("GET", path));
             send.send_response(status(
-                code,
+                404,
                 "NotFound",
                 "the server could not find the requested resource",
             ));
@@ -645,15 +667,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn v1alpha1_is_used_when_v1beta1_does_not_serve_bundles() {
+    async fn v1beta1_is_used_when_v1_does_not_serve_bundles() {
+        let (client, mut h) = mock_client();
+        let server = tokio::spawn(async move {
+            v1beta1_only(&mut h).await;
+            h
+        });
+        let ar = detect(&client).await.unwrap().unwrap();
+        assert_eq!(ar.api_version, BETA);
+        assert_eq!(ar.version, "v1beta1");
+        drop(client);
+        no_more_requests(server.await.unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn v1alpha1_is_used_when_neither_v1_nor_v1beta1_serves_bundles() {
         let (client, mut h) = mock_client();
         let server = tokio::spawn(async move {
             let (req, _, send) = next(&mut h).await;
+            assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1");
+            send.send_response(status(404, "NotFound", "not found"));
+            let (req, _, send) = next(&mut h).await;
             assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-            send.send_response(discovery(BETA, &["podcertificaterequests"]));
+            send.send_response(resource_list(BETA, &["podcertificaterequests"]));
             let (req, _, send) = next(&mut h).await;
             assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1alpha1");
-            send.send_response(discovery(
+            send.send_response(resource_list(
                 "certificates.k8s.io/v1alpha1",
                 &["clustertrustbundles"],
             ));
@@ -680,9 +719,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_write_is_retried_after_a_backoff() {
         let (_d, task, mut h, stop_tx) = start_loop().await;
-        let (req, _, send) = next(&mut h).await;
-        assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
-        send.send_response(discovery(BETA, &["clustertrustbundles"]));
+        v1beta1_only(&mut h).await;
         expect_list(&mut h, vec![]).await;
         let first = expect_apply(&mut h, "meshca.io:ca1:roots", 500).await;
         // Discovery is not repeated; the whole pass is, well before the 1 h interval.
@@ -733,14 +770,15 @@ mod tests {
                     &json!({"apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequestList",
                             "metadata": {"resourceVersion": "1"}, "items": []}),
                 )),
-                ("GET", "/apis/certificates.k8s.io/v1beta1") => {
-                    send.send_response(discovery(BETA, &["clustertrustbundles"]))
-                }
-                ("GET", LIST_PATH) => {
+                ("GET", "/apis/certificates.k8s.io/v1") => send.send_response(resource_list(
+                    V1,
+                    &["certificatesigningrequests", "clustertrustbundles"],
+                )),
+                ("GET", V1_LIST_PATH) => {
                     assert_eq!(q, LIST_QUERY);
                     send.send_response(list(vec![]))
                 }
-                ("PATCH", p) if p == format!("{LIST_PATH}/meshca.io:ca1:roots") => {
+                ("PATCH", p) if p == format!("{V1_LIST_PATH}/meshca.io:ca1:roots") => {
                     assert_eq!(q, "&force=true&fieldManager=meshca");
                     send.send_response(resp(200, &body));
                     break body;

@@ -13,8 +13,9 @@ use crate::error::{Error, Result};
 
 /// The API group.
 pub const GROUP: &str = "certificates.k8s.io";
-/// The versions tried by [`detect`], in order.
-pub const VERSIONS: [&str; 2] = ["v1beta1", "v1alpha1"];
+/// The versions tried by [`detect`], in order: v1 (GA in Kubernetes 1.37), v1beta1 (1.33),
+/// v1alpha1 (1.27).
+pub const VERSIONS: [&str; 3] = ["v1", "v1beta1", "v1alpha1"];
 /// The resource's plural name.
 pub const PLURAL: &str = "clustertrustbundles";
 /// The kind.
@@ -110,7 +111,8 @@ pub fn desired(ca: &str, anchors: &[CertificateDer<'static>], suffix: &str) -> R
     })
 }
 
-/// The server-side apply body of `d` for `api_version` (`certificates.k8s.io/v1beta1`).
+/// The server-side apply body of `d` for `api_version` (`certificates.k8s.io/v1`, or the
+/// older version [`detect`] found).
 pub fn manifest(d: &Desired, api_version: &str) -> serde_json::Value {
     json!({
         "apiVersion": api_version,
