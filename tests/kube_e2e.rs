@@ -2456,3 +2456,178 @@ async fn two_hundred_managed_secrets_are_issued_and_renewed() {
     let data = sample.data.unwrap();
     assert!(openssl_verify(&ca, &data["tls.crt"].0).contains("OK"));
 }
+
+/// The kubelet's own path, under the node's identity: a Node object, a Pod bound to it, and
+/// the PodCertificateRequest created with the node's credentials (`system:node:<name>` in
+/// `system:nodes`), which the Node authorizer and the NodeRestriction admission plugin check.
+/// Through the version the cluster serves first: on 1.37 `certificates.k8s.io/v1` with a
+/// `stubPKCS10Request` (the CSR's signature is the proof of possession); on older releases
+/// v1beta1 or v1alpha1 with `pkixPublicKey` and `proofOfPossession`. The issued chain verifies
+/// with `openssl verify` against the CA and carries the request's key. Its twin, the same node
+/// asking for a pod bound to another node, is refused by the API server.
+#[tokio::test]
+async fn a_node_gets_a_pod_certificate_through_node_restriction() {
+    use kube::api::{ApiResource, DynamicObject};
+    let Some(kc) = kubeconfig() else { return };
+    let node_kc = match std::env::var_os("MESHCA_E2E_NODE_KUBECONFIG") {
+        Some(p) => PathBuf::from(p),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("MESHCA_E2E_NODE_KUBECONFIG is not set (tests/cluster/cluster.sh sets it)")
+        }
+        None => {
+            eprintln!("skipping: MESHCA_E2E_NODE_KUBECONFIG (a kubeconfig of system:node:<name>) is not set");
+            return;
+        }
+    };
+    let node_name =
+        std::env::var("MESHCA_E2E_NODE_NAME").unwrap_or_else(|_| "meshca-e2e-node".into());
+    let mut env = Env::new(&kc, |ns| Policy {
+        allowed_spiffe_ids: vec![format!("spiffe://cluster.local/ns/{ns}/sa/web")],
+        ..Policy::default()
+    })
+    .await;
+    let ar: ApiResource = match meshca::kube::pcr::discover(&env.client).await.unwrap() {
+        Some(ar) => ar,
+        None => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "the e2e cluster serves no PodCertificateRequest API"
+            );
+            eprintln!("skipping: the cluster serves no PodCertificateRequest API");
+            env.cleanup().await;
+            return;
+        }
+    };
+    grant_pod_certificates_component(&mut env).await;
+    env.start_deployed_with(&kc, |c| c.pod_certificates = true)
+        .await;
+
+    // The Node (shared by runs: created once) and a Pod of ServiceAccount `web` bound to it.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    let node = match nodes.get_opt(&node_name).await.unwrap() {
+        Some(n) => n,
+        None => nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": node_name}})).unwrap(),
+            )
+            .await
+            .unwrap(),
+    };
+    let node_uid = node.metadata.uid.unwrap();
+    let sa_api: Api<ServiceAccount> = Api::namespaced(env.client.clone(), &env.ns);
+    let sa = sa_api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let mut uids = Vec::new();
+    for (pod, on) in [
+        ("web-0", node_name.as_str()),
+        ("web-1", "meshca-e2e-other-node"),
+    ] {
+        let p = pods
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": pod},
+                    // NodeRestriction lets a node ask only for a signer whose
+                    // podCertificate volume the pod mounts.
+                    "spec": {"serviceAccountName": "web", "nodeName": on,
+                             "containers": [{"name": "c", "image": "registry.k8s.io/pause:3.10",
+                                             "volumeMounts": [{"name": "cert", "mountPath": "/var/run/meshca"}]}],
+                             "volumes": [{"name": "cert", "projected": {"sources": [{"podCertificate": {
+                                 "signerName": env.signer(), "keyType": "ECDSAP256",
+                                 "credentialBundlePath": "credentialbundle.pem"}}]}}]}
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+        uids.push(p.metadata.uid.unwrap());
+    }
+
+    // The request, as the kubelet makes it, with the node's credentials.
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let request = |pod: &str, pod_uid: &str| {
+        let mut spec = json!({
+            "signerName": env.signer(), "podName": pod, "podUID": pod_uid,
+            "serviceAccountName": "web", "serviceAccountUID": sa.metadata.uid.clone().unwrap(),
+            "nodeName": node_name, "nodeUID": node_uid, "maxExpirationSeconds": 3600,
+        });
+        if ar.version == "v1" {
+            let mut p = rcgen::CertificateParams::default();
+            p.distinguished_name = rcgen::DistinguishedName::new();
+            spec["stubPKCS10Request"] = json!(b64(p.serialize_request(&key).unwrap().der()));
+        } else {
+            use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+            let kp =
+                EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &key.serialize_der())
+                    .unwrap();
+            let rng = aws_lc_rs::rand::SystemRandom::new();
+            spec["pkixPublicKey"] =
+                json!(b64(&rcgen::PublicKeyData::subject_public_key_info(&key)));
+            spec["proofOfPossession"] =
+                json!(b64(kp.sign(&rng, pod_uid.as_bytes()).unwrap().as_ref()));
+        }
+        let obj = json!({"apiVersion": ar.api_version, "kind": "PodCertificateRequest",
+                         "metadata": {"name": format!("{pod}-cert")}, "spec": spec});
+        serde_json::from_value::<DynamicObject>(obj).unwrap()
+    };
+    let node_client = meshca::kube::client(Some(&node_kc)).await.unwrap();
+    let as_node: Api<DynamicObject> = Api::namespaced_with(node_client, &env.ns, &ar);
+    let refused = as_node
+        .create(&PostParams::default(), &request("web-1", &uids[1]))
+        .await;
+    let wanted = request("web-0", &uids[0]);
+    let pp = PostParams::default();
+    Env::once_authorized("create PodCertificateRequest as the node", || {
+        as_node.create(&pp, &wanted)
+    })
+    .await;
+
+    let api: Api<meshca::kube::pcr::Pcr> = Api::namespaced_with(env.client.clone(), &env.ns, &ar);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let p = loop {
+        let p = api.get("web-0-cert").await.unwrap();
+        let done = p
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.status == "True"));
+        if done {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no verdict: {:?}", p.status);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let ca = ca_crt_from_secret(&env).await;
+    let ns = env.ns.clone();
+    env.cleanup().await;
+    let st = p.status.unwrap();
+    let conds = st.conditions.unwrap_or_default();
+    assert!(
+        conds
+            .iter()
+            .any(|c| c.type_ == "Issued" && c.status == "True"),
+        "{conds:?}"
+    );
+    let chain = st.certificate_chain.unwrap();
+    let out = openssl_verify(&ca, chain.as_bytes());
+    assert!(out.contains("chain.pem: OK"), "{out}");
+    let certs = meshca::pemutil::parse_certs(chain.as_bytes(), "certificateChain").unwrap();
+    let info = meshca::x509::CertInfo::from_der(&certs[0]).unwrap();
+    assert_eq!(
+        info.spki_der,
+        rcgen::PublicKeyData::subject_public_key_info(&key),
+        "issued to the request's key"
+    );
+    assert_eq!(info.sans.uri, vec![workload_id(&ns, "web")]);
+    // The twin: a pod bound to another node is not this node's to ask for.
+    let e = refused.expect_err("a node asked for a pod on another node");
+    let code = meshca::kube::api_code(&e);
+    assert!(matches!(code, Some(403) | Some(422)), "{e}");
+}
