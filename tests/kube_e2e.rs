@@ -953,8 +953,23 @@ async fn two_replicas_one_leader_and_no_double_signing_after_the_leader_dies() {
     }
     env.tasks[leader].abort();
     let follower = 1 - leader;
+    // Takeover waits for the Lease to expire (15 s). A second burst after the kill, so the
+    // follower has work even when the leader finished the first one before it died (the real
+    // API server is fast enough for that).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metrics[follower].leader.get() != 1 {
+        assert!(Instant::now() < deadline, "the follower did not take over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut names = names;
+    for i in n..n + 5 {
+        let name = format!("{}-ha-{i}", env.ns);
+        env.create_csr(&name, &pem, &env.signer(), None).await;
+        env.decide(&name, "Approved").await;
+        names.push(name);
+    }
+    let n = names.len();
     for name in &names {
-        // Takeover waits for the Lease to expire (15 s).
         env.wait_csr(name, "a certificate", Duration::from_secs(90), |c| {
             certificate(c).is_some()
         })
@@ -1740,8 +1755,6 @@ async fn ca_rotation_over_the_kube_store_without_a_signer_restart() {
 // over the UID of a real Pod. NodeRestriction only restricts node identities, so the
 // kubeconfig's user (an admin) may create them.
 
-use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
-
 /// Whether the cluster serves PodCertificateRequests; otherwise skip (fail under CI).
 async fn pcr_served(env: &Env) -> bool {
     let served = meshca::kube::pcr::served(&env.client)
@@ -1750,9 +1763,9 @@ async fn pcr_served(env: &Env) -> bool {
     if !served {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
-            "the e2e cluster does not serve certificates.k8s.io/v1beta1 podcertificaterequests"
+            "the e2e cluster serves no PodCertificateRequest API (v1, v1beta1 or v1alpha1)"
         );
-        eprintln!("skipping: the cluster does not serve certificates.k8s.io/v1beta1 podcertificaterequests (Kubernetes 1.35 with --feature-gates=PodCertificateRequest=true --runtime-config=certificates.k8s.io/v1beta1=true)");
+        eprintln!("skipping: the cluster serves no PodCertificateRequest API (v1 on 1.37; before it --feature-gates=PodCertificateRequest=true and --runtime-config for v1beta1 or v1alpha1)");
     }
     served
 }
@@ -1820,64 +1833,117 @@ async fn pod_as(env: &Env, pod: &str, sa: &str) -> (String, String) {
     (p.metadata.uid.unwrap(), acct.metadata.uid.unwrap())
 }
 
-/// Creates a PodCertificateRequest as the kubelet would for `pod` (P-256 key, proof of
-/// possession over the pod UID) or with `key` = (spki, pop) given.
+/// The key and proof of a test PodCertificateRequest.
+#[derive(Clone, Copy, PartialEq)]
+enum PcrKey {
+    /// A P-256 key with a valid proof, as the kubelet makes it.
+    P256,
+    /// A P-521 key (the API server accepts it; meshca does not issue for it).
+    P521,
+    /// A P-256 key whose proof does not verify: over another UID (v1alpha1/v1beta1), or a
+    /// stub CSR with a broken signature (v1).
+    BadProof,
+}
+
+/// The PodCertificateRequest API the cluster serves first (v1 on 1.37, v1alpha1 on 1.34).
+async fn pcr_resource(env: &Env) -> kube::api::ApiResource {
+    meshca::kube::pcr::discover(&env.client)
+        .await
+        .unwrap()
+        .expect("PodCertificateRequests are served")
+}
+
+/// Creates a PodCertificateRequest for `signer` as the kubelet would for `pod`, through the
+/// version the cluster serves: v1 with a `stubPKCS10Request` (the CSR's signature proves
+/// possession), older versions with `pkixPublicKey` and a `proofOfPossession` over the pod's
+/// UID. Returns the request and the key's SubjectPublicKeyInfo.
 #[allow(clippy::too_many_arguments)]
+async fn create_pcr_for(
+    env: &Env,
+    signer: &str,
+    name: &str,
+    pod: &str,
+    sa: &str,
+    uids: &(String, String),
+    key: PcrKey,
+    annotations: Option<serde_json::Value>,
+) -> Result<(meshca::kube::pcr::Pcr, Vec<u8>), kube::Error> {
+    let ar = pcr_resource(env).await;
+    let alg = match key {
+        PcrKey::P521 => &rcgen::PKCS_ECDSA_P521_SHA512,
+        _ => &rcgen::PKCS_ECDSA_P256_SHA256,
+    };
+    let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+    let spki = rcgen::PublicKeyData::subject_public_key_info(&kp);
+    let mut spec = json!({
+        "signerName": signer, "podName": pod, "podUID": uids.0,
+        "serviceAccountName": sa, "serviceAccountUID": uids.1,
+        "nodeName": "meshca-e2e-no-such-node", "nodeUID": "00000000-0000-4000-8000-000000000000",
+        "maxExpirationSeconds": 3600,
+    });
+    if ar.version == "v1" {
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        let mut der = p.serialize_request(&kp).unwrap().der().to_vec();
+        if key == PcrKey::BadProof {
+            // The signature is the DER's last bytes.
+            let n = der.len();
+            der[n - 4] ^= 0x55;
+        }
+        spec["stubPKCS10Request"] = json!(b64(&der));
+    } else {
+        use aws_lc_rs::signature::{
+            EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING, ECDSA_P521_SHA256_ASN1_SIGNING,
+        };
+        let sig_alg = match key {
+            // The API server checks a P-521 proof over the SHA-256 of the UID.
+            PcrKey::P521 => &ECDSA_P521_SHA256_ASN1_SIGNING,
+            _ => &ECDSA_P256_SHA256_ASN1_SIGNING,
+        };
+        let signing = EcdsaKeyPair::from_pkcs8(sig_alg, &kp.serialize_der()).unwrap();
+        let signed_uid = if key == PcrKey::BadProof {
+            "other"
+        } else {
+            uids.0.as_str()
+        };
+        let rng = aws_lc_rs::rand::SystemRandom::new();
+        let pop = signing.sign(&rng, signed_uid.as_bytes()).unwrap();
+        spec["pkixPublicKey"] = json!(b64(&spki));
+        spec["proofOfPossession"] = json!(b64(pop.as_ref()));
+    }
+    if let Some(a) = annotations {
+        spec["unverifiedUserAnnotations"] = a;
+    }
+    let obj: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": ar.api_version, "kind": "PodCertificateRequest",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    let api: Api<kube::api::DynamicObject> = Api::namespaced_with(env.client.clone(), &env.ns, &ar);
+    let created = api.create(&PostParams::default(), &obj).await?;
+    Ok((
+        serde_json::from_value(serde_json::to_value(created).unwrap()).unwrap(),
+        spki,
+    ))
+}
+
+/// [`create_pcr_for`] the test's own signer.
 async fn create_pcr(
     env: &Env,
     name: &str,
     pod: &str,
     sa: &str,
     uids: &(String, String),
-    key: Option<(Vec<u8>, Vec<u8>)>,
+    key: PcrKey,
     annotations: Option<serde_json::Value>,
-) -> Result<PodCertificateRequest, kube::Error> {
-    let (spki, pop) = key.unwrap_or_else(|| p256_and_pop(&uids.0));
-    let api: Api<PodCertificateRequest> = Api::namespaced(env.client.clone(), &env.ns);
-    let mut spec = json!({
-        "signerName": env.signer(), "podName": pod, "podUID": uids.0,
-        "serviceAccountName": sa, "serviceAccountUID": uids.1,
-        "nodeName": "meshca-e2e-no-such-node", "nodeUID": "00000000-0000-4000-8000-000000000000",
-        "maxExpirationSeconds": 3600,
-        "pkixPublicKey": b64(&spki), "proofOfPossession": b64(&pop),
-    });
-    if let Some(a) = annotations {
-        spec["unverifiedUserAnnotations"] = a;
-    }
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap(),
-    )
-    .await
-}
-
-fn p256_and_pop(uid: &str) -> (Vec<u8>, Vec<u8>) {
-    use aws_lc_rs::encoding::AsDer;
-    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
-    let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
-    let spki = kp.public_key().as_der().unwrap().as_ref().to_vec();
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    (
-        spki,
-        kp.sign(&rng, uid.as_bytes()).unwrap().as_ref().to_vec(),
-    )
-}
-
-fn p521_and_pop(uid: &str) -> (Vec<u8>, Vec<u8>) {
-    use aws_lc_rs::encoding::AsDer;
-    use aws_lc_rs::signature::{EcdsaKeyPair, KeyPair, ECDSA_P521_SHA256_ASN1_SIGNING};
-    let kp = EcdsaKeyPair::generate(&ECDSA_P521_SHA256_ASN1_SIGNING).unwrap();
-    let spki = kp.public_key().as_der().unwrap().as_ref().to_vec();
-    let rng = aws_lc_rs::rand::SystemRandom::new();
-    (
-        spki,
-        kp.sign(&rng, uid.as_bytes()).unwrap().as_ref().to_vec(),
-    )
+) -> Result<(meshca::kube::pcr::Pcr, Vec<u8>), kube::Error> {
+    create_pcr_for(env, &env.signer(), name, pod, sa, uids, key, annotations).await
 }
 
 /// Waits for `Issued`, `Denied` or `Failed` on request `name`; returns it and the type.
-async fn wait_pcr(env: &Env, name: &str) -> (PodCertificateRequest, String) {
-    let api: Api<PodCertificateRequest> = Api::namespaced(env.client.clone(), &env.ns);
+async fn wait_pcr(env: &Env, name: &str) -> (meshca::kube::pcr::Pcr, String) {
+    let ar = pcr_resource(env).await;
+    let api: Api<meshca::kube::pcr::Pcr> = Api::namespaced_with(env.client.clone(), &env.ns, &ar);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let p = api.get(name).await.expect("get PodCertificateRequest");
@@ -1902,7 +1968,7 @@ async fn wait_pcr(env: &Env, name: &str) -> (PodCertificateRequest, String) {
     }
 }
 
-fn pcr_condition(p: &PodCertificateRequest) -> (String, String, String) {
+fn pcr_condition(p: &meshca::kube::pcr::Pcr) -> (String, String, String) {
     let c = &p.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
     (c.type_.clone(), c.reason.clone(), c.message.clone())
 }
@@ -1927,7 +1993,7 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
     // Signed: one status update the API server accepted (it checks the times, the key and
     // the "sign" permission), verifying to the CA with the pod's SPIFFE ID.
     let web = pod_as(&env, "web-0", "web").await;
-    create_pcr(&env, "web-0-cert", "web-0", "web", &web, None, None)
+    let (_, web_key) = create_pcr(&env, "web-0-cert", "web-0", "web", &web, PcrKey::P256, None)
         .await
         .expect("create PodCertificateRequest");
     let (p, ty) = wait_pcr(&env, "web-0-cert").await;
@@ -1941,10 +2007,7 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
         info.sans.uri,
         vec![format!("spiffe://cluster.local/ns/{}/sa/web", env.ns)]
     );
-    assert_eq!(
-        info.spki_der,
-        p.spec.pkix_public_key.clone().unwrap_or_default().0
-    );
+    assert_eq!(info.spki_der, web_key, "issued to the request's key");
     let ca = env.store.load_ca(&env.ca).await.unwrap();
     meshca::x509::verify_chain(
         &chain[0],
@@ -1959,7 +2022,7 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
 
     // Denied: an account the CA's policy does not admit, a P-521 key, unknown annotations.
     let db = pod_as(&env, "db-0", "db").await;
-    create_pcr(&env, "db-0-cert", "db-0", "db", &db, None, None)
+    create_pcr(&env, "db-0-cert", "db-0", "db", &db, PcrKey::P256, None)
         .await
         .unwrap();
     let (p, _) = wait_pcr(&env, "db-0-cert").await;
@@ -1982,7 +2045,7 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
         "web-1",
         "web",
         &web1,
-        Some(p521_and_pop(&web1.0)),
+        PcrKey::P521,
         None,
     )
     .await
@@ -1996,25 +2059,32 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
     );
     assert!(msg.contains("ECDSAP256"), "{msg}");
 
-    create_pcr(
+    let (created, _) = create_pcr(
         &env,
         "web-1-annotated",
         "web-1",
         "web",
         &web1,
-        None,
+        PcrKey::P256,
         Some(json!({"example.com/role": "admin"})),
     )
     .await
     .unwrap();
     let (p, _) = wait_pcr(&env, "web-1-annotated").await;
     let (ty, reason, msg) = pcr_condition(&p);
-    assert_eq!(
-        (ty.as_str(), reason.as_str()),
-        ("Denied", "InvalidUnverifiedUserAnnotations"),
-        "{msg}"
-    );
-    assert!(msg.contains("example.com/role"), "{msg}");
+    if pcr_resource(&env).await.version == "v1alpha1" {
+        // v1alpha1 (1.34) has no unverifiedUserAnnotations: the API server drops the field,
+        // so the signer sees a plain request.
+        assert!(created.spec.unverified_user_annotations.is_none());
+        assert_eq!(ty, "Issued", "{msg}");
+    } else {
+        assert_eq!(
+            (ty.as_str(), reason.as_str()),
+            ("Denied", "InvalidUnverifiedUserAnnotations"),
+            "{msg}"
+        );
+        assert!(msg.contains("example.com/role"), "{msg}");
+    }
 
     // The ledger has the certificate, with the service account as requester.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -2045,40 +2115,46 @@ async fn the_api_server_checks_the_proof_of_possession_and_unknown_signers_are_l
     env.start_deployed_with(&kc, |c| c.pod_certificates = true)
         .await;
     let web = pod_as(&env, "web-0", "web").await;
-    // A proof over another UID: refused at create (422), so it never reaches the signer.
+    // A proof that does not verify (over another UID; on v1 a stub CSR with a broken
+    // signature): refused at create (422), so it never reaches the signer.
     let e = create_pcr(
         &env,
         "bad-pop",
         "web-0",
         "web",
         &web,
-        Some(p256_and_pop("other")),
+        PcrKey::BadProof,
         None,
     )
     .await
     .unwrap_err();
     assert_eq!(meshca::kube::api_code(&e), Some(422), "{e}");
-    assert!(e.to_string().contains("proof-of-possession"), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("proof-of-possession") || msg.contains("signature"),
+        "{e}"
+    );
     // A request for an unknown meshca.io signer gets no condition (another meshca may serve
     // it); a control request for the served one, created after it, is issued.
-    let api: Api<PodCertificateRequest> = Api::namespaced(env.client.clone(), &env.ns);
-    let (spki, pop) = p256_and_pop(&web.0);
-    let other = json!({"metadata": {"name": "other-signer"}, "spec": {
-        "signerName": "meshca.io/not-served-here", "podName": "web-0", "podUID": web.0,
-        "serviceAccountName": "web", "serviceAccountUID": web.1,
-        "nodeName": "meshca-e2e-no-such-node", "nodeUID": "00000000-0000-4000-8000-000000000000",
-        "maxExpirationSeconds": 3600, "pkixPublicKey": b64(&spki), "proofOfPossession": b64(&pop)}});
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(other).unwrap(),
+    create_pcr_for(
+        &env,
+        "meshca.io/not-served-here",
+        "other-signer",
+        "web-0",
+        "web",
+        &web,
+        PcrKey::P256,
+        None,
     )
     .await
     .unwrap();
-    create_pcr(&env, "control", "web-0", "web", &web, None, None)
+    create_pcr(&env, "control", "web-0", "web", &web, PcrKey::P256, None)
         .await
         .unwrap();
     assert_eq!(wait_pcr(&env, "control").await.1, "Issued");
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let ar = pcr_resource(&env).await;
+    let api: Api<meshca::kube::pcr::Pcr> = Api::namespaced_with(env.client.clone(), &env.ns, &ar);
     let o = api.get("other-signer").await.unwrap();
     assert!(
         o.status

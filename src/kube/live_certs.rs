@@ -16,7 +16,6 @@
 use std::collections::BTreeSet;
 
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
-use k8s_openapi::api::certificates::v1beta1::PodCertificateRequest;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ListParams};
 use time::OffsetDateTime;
@@ -108,8 +107,9 @@ pub async fn live_certificates(
             });
         }
     }
-    if super::pcr::served(client).await? {
-        let pcrs: Api<PodCertificateRequest> = Api::all(client.clone());
+    // Through the version the cluster serves (v1 on 1.37, v1alpha1 on 1.34, ...).
+    if let Some(ar) = super::pcr::discover(client).await? {
+        let pcrs: Api<super::pcr::Pcr> = Api::all_with(client.clone(), &ar);
         for p in list_all(
             &pcrs,
             ListParams::default(),
