@@ -20,6 +20,15 @@ use crate::kube::signer::tests::local;
 use crate::kube::testutil::{json as resp, mock_client, next, status as api_status};
 use crate::policy::Policy;
 
+/// A policy that opts in to pod certificates for namespace `app` (the requests' namespace).
+fn opted_in() -> Policy {
+    Policy {
+        pod_certificates: true,
+        pod_certificate_namespaces: vec!["app".into()],
+        ..Policy::default()
+    }
+}
+
 const UID: &str = "5f0c8a1e-9b7d-4c2a-8e6f-1a2b3c4d5e6f";
 const PATH: &str =
     "/apis/certificates.k8s.io/v1beta1/namespaces/app/podcertificaterequests/p1/status";
@@ -86,7 +95,7 @@ fn only_condition(body: &serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn a_request_is_signed_in_one_status_update_the_api_server_accepts() {
     let (client, mut h) = mock_client();
-    let ca = local("mesh", Policy::default());
+    let ca = local("mesh", opted_in());
     #[derive(Debug, Default)]
     struct Rec(Mutex<Vec<IssuedRecord>>);
     #[async_trait::async_trait]
@@ -198,7 +207,7 @@ async fn refused(iss: Arc<dyn Issuer>, p: PodCertificateRequest) -> serde_json::
 
 #[tokio::test]
 async fn each_denial_reason_is_written_as_a_denied_condition_naming_the_value() {
-    let mesh = local("mesh", Policy::default());
+    let mesh = local("mesh", opted_in());
     // Unsupported key type (P-521, which the API server accepts).
     let (k, pop) = key_and_pop("p521", UID);
     let c = refused(
@@ -231,7 +240,7 @@ async fn each_denial_reason_is_written_as_a_denied_condition_naming_the_value() 
         "mesh",
         Policy {
             allowed_spiffe_ids: vec!["spiffe://{td}/ns/prod/sa/{sa}".into()],
-            ..Policy::default()
+            ..opted_in()
         },
     );
     let c = refused(prod, good(None).0).await;
@@ -246,6 +255,24 @@ async fn each_denial_reason_is_written_as_a_denied_condition_naming_the_value() 
             .contains("spiffe://cluster.local/ns/app/sa/web"),
         "{c}"
     );
+    // Issue 17: a CA without the pod-certificate opt-in, and one serving another namespace.
+    for (policy, needle) in [
+        (Policy::default(), "CA mesh does not sign pod certificates"),
+        (
+            Policy {
+                pod_certificate_namespaces: vec!["prod".into()],
+                ..opted_in()
+            },
+            "namespace \"app\" is not served pod certificates by CA mesh",
+        ),
+    ] {
+        let c = refused(local("mesh", policy), good(None).0).await;
+        assert_eq!(
+            (c["type"].as_str(), c["reason"].as_str()),
+            (Some("Denied"), Some(REASON_POLICY))
+        );
+        assert!(c["message"].as_str().unwrap().contains(needle), "{c}");
+    }
     // Proof of possession over another UID.
     let (k, pop) = key_and_pop("p256", "not-the-pod");
     let c = refused(
@@ -298,7 +325,7 @@ async fn what_no_retry_fixes_fails_the_request() {
         Policy {
             max_ttl: Duration::from_secs(1800),
             default_ttl: Duration::from_secs(1800),
-            ..Policy::default()
+            ..opted_in()
         },
     );
     let c = refused(tiny, good(None).0).await;
@@ -311,7 +338,7 @@ async fn what_no_retry_fixes_fails_the_request() {
         "{c}"
     );
     // A terminal backend refusal.
-    let meta = local("mesh", Policy::default()).ca().meta.clone();
+    let meta = local("mesh", opted_in()).ca().meta.clone();
     let c = refused(Arc::new(Refusing(meta, false)), good(None).0).await;
     assert_eq!(
         (c["type"].as_str(), c["reason"].as_str()),
@@ -324,7 +351,7 @@ async fn what_no_retry_fixes_fails_the_request() {
     // The API server refuses the certificate as invalid (not "already terminal"): Failed,
     // quoting it.
     let (client, mut h) = mock_client();
-    let s = signer(client, local("mesh", Policy::default()));
+    let s = signer(client, local("mesh", opted_in()));
     let (p, _) = good(None);
     let sent = p.clone();
     let api_message = "PodCertificateRequest.certificates.k8s.io \"p1\" is invalid: status.notBefore: Invalid value: must be set to within 5 minutes of kube-apiserver's current time";
@@ -363,7 +390,7 @@ async fn transient_errors_are_retried_with_backoff_and_write_nothing_terminal() 
         ),
     ] {
         let (client, mut h) = mock_client();
-        let s = signer(client, local("mesh", Policy::default()));
+        let s = signer(client, local("mesh", opted_in()));
         let (p, _) = good(None);
         let sent = p.clone();
         let server = tokio::spawn(async move {
@@ -385,7 +412,7 @@ async fn transient_errors_are_retried_with_backoff_and_write_nothing_terminal() 
     }
     // A throttled backend: retried, no request at all.
     let (client, mut h) = mock_client();
-    let meta = local("mesh", Policy::default()).ca().meta.clone();
+    let meta = local("mesh", opted_in()).ca().meta.clone();
     let s = signer(client, Arc::new(Refusing(meta, true)));
     assert!(crate::kube::retryable(
         &s.reconcile_or_log(&good(None).0).await.unwrap_err()
@@ -405,7 +432,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
         (422, format!("status: Invalid value: {ALREADY_TERMINAL}")),
     ] {
         let (client, mut h) = mock_client();
-        let s = signer(client, local("mesh", Policy::default()));
+        let s = signer(client, local("mesh", opted_in()));
         let server = tokio::spawn(async move {
             let (_, _, send) = next(&mut h).await;
             send.send_response(api_status(code, "Conflict", &msg));
@@ -422,7 +449,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
         server.await.unwrap();
     }
     let (client, mut h) = mock_client();
-    let s = signer(client.clone(), local("mesh", Policy::default()));
+    let s = signer(client.clone(), local("mesh", opted_in()));
     let (p, _) = good(None);
     let mut issued = p.clone();
     issued.status = serde_json::from_value(json!({"conditions": [{
@@ -452,7 +479,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
         IssuerSet::watch_fixed(
             [(
                 "mesh".to_string(),
-                local("mesh", Policy::default()) as Arc<dyn Issuer>,
+                local("mesh", opted_in()) as Arc<dyn Issuer>,
             )]
             .into_iter()
             .collect(),
@@ -517,7 +544,7 @@ async fn discovery_finds_the_api_or_skips_the_controller() {
     }
     // Absent: run_if_served returns at once without watching anything.
     let (client, mut h) = mock_client();
-    let s = Arc::new(signer(client, local("mesh", Policy::default())));
+    let s = Arc::new(signer(client, local("mesh", opted_in())));
     let server = tokio::spawn(async move {
         let (req, _, send) = next(&mut h).await;
         assert_eq!(req.uri().path(), "/apis/certificates.k8s.io/v1beta1");
@@ -543,7 +570,7 @@ async fn discovery_finds_the_api_or_skips_the_controller() {
         IssuerSet::watch_fixed(
             [(
                 "mesh".to_string(),
-                local("mesh", Policy::default()) as Arc<dyn Issuer>,
+                local("mesh", opted_in()) as Arc<dyn Issuer>,
             )]
             .into_iter()
             .collect(),
@@ -595,8 +622,8 @@ async fn discovery_finds_the_api_or_skips_the_controller() {
 #[tokio::test]
 async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
     let (client, mut h) = mock_client();
-    let old = local("mesh", Policy::default());
-    let new = local("mesh", Policy::default());
+    let old = local("mesh", opted_in());
+    let new = local("mesh", opted_in());
     let set = |i: &Arc<crate::issue::LocalIssuer>| {
         Arc::new(IssuerSet::fixed(
             [("mesh".to_string(), i.clone() as Arc<dyn Issuer>)]
