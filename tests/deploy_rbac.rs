@@ -218,6 +218,20 @@ fn check_install(objs: &[Value], managed: &[String]) {
     }
 }
 
+/// Issue 17: the signer's ClusterRole granted every verb on every ClusterTrustBundle. The
+/// sync (src/kube/trust_bundles) lists its bundles by label, applies them (server-side apply:
+/// `patch`, plus `create` for a new one) and deletes stale ones: exactly those verbs.
+#[test]
+fn the_signer_gets_only_the_cluster_trust_bundle_verbs_it_uses() {
+    let base = all("deploy/base");
+    let ctb: Vec<String> = grants(&base, None)
+        .into_iter()
+        .filter(|(g, r, _)| g == "certificates.k8s.io" && r == "clustertrustbundles")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(ctb, ["create", "delete", "list", "patch"]);
+}
+
 #[test]
 fn the_base_install_watches_only_what_it_is_granted() {
     let base = all("deploy/base");
