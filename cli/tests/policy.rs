@@ -1,4 +1,4 @@
-//! `meshca policy check`: the abuse corpus of issue 8, through the binary. Each case is
+//! `meshca policy check`: the abuse corpus of issues 8 and 17, through the binary. Each case is
 //! denied with a reason naming the offending value and has an allowed twin, so a checker
 //! that denies everything fails. Also: the init flags of the new policy keys, and the EKUs a
 //! real issued certificate carries (openssl x509 -text).
@@ -34,6 +34,11 @@ fn mesh_env() -> Env {
         ISTIOD,
         "--managed-namespace",
         "app",
+        "--pod-certificates",
+        "--pod-certificate-namespace",
+        "app",
+        "--allow-ip-range",
+        "10.0.0.0/8",
     ]);
     env
 }
@@ -523,3 +528,113 @@ fn pod_certificate_decisions_bind_to_the_pods_service_account() {
     );
     assert_eq!(code, 1);
 }
+
+fn pod(requester: &str, id: &str) -> Vec<String> {
+    [
+        "--as",
+        "pod-certificate",
+        "--requester",
+        requester,
+        "--spiffe-id",
+        id,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Issue 17: the pod-certificate front end skipped every per-CA opt-in, so the gateway CA
+/// (which opts in to nothing) signed for any pod in any namespace.
+#[test]
+fn pod_certificates_need_the_cas_opt_in_and_a_listed_namespace() {
+    let env = mesh_env();
+    // The issue's repro, and the same pod from a namespace the other CAs do serve otherwise.
+    for (ca, ns) in [("gateway", "evil"), ("ca1", "howto-k8s-mtls-file-based")] {
+        let a = pod(
+            &format!("system:serviceaccount:{ns}:default"),
+            &format!("spiffe://cluster.local/ns/{ns}/sa/default"),
+        );
+        env.denied(
+            ca,
+            &strs(&a),
+            &format!("CA {ca} does not sign pod certificates"),
+        );
+    }
+    // The mesh CA opts in for `app` only.
+    env.denied(
+        "mesh",
+        &strs(&pod(
+            "system:serviceaccount:prod:blue",
+            "spiffe://cluster.local/ns/prod/sa/blue",
+        )),
+        "namespace \"prod\" is not served pod certificates by CA mesh",
+    );
+    env.allowed("mesh", &strs(&pod(BLUE, OWN)));
+}
+
+/// Issue 17: `allow_ip_sans` defaulted to true, so an approved service-account CSR, or a
+/// registration authority's, got any IP. In the cluster an IP SAN needs the CA's ranges.
+#[test]
+fn in_cluster_ip_sans_need_the_cas_ranges() {
+    let env = mesh_env();
+    let howto = "system:serviceaccount:howto-k8s-mtls-file-based:blue";
+    let howto_id = "spiffe://cluster.local/ns/howto-k8s-mtls-file-based/sa/blue";
+    // ca1 lists no range: no IP SAN through the CSR signer or a managed Secret ...
+    let csr = |ip: &str| {
+        [
+            "--as",
+            "csr-signer",
+            "--requester",
+            howto,
+            "--spiffe-id",
+            howto_id,
+            "--ip",
+            ip,
+        ]
+        .map(String::from)
+    };
+    env.denied("ca1", &strs(&csr("10.1.2.3")), "IP SAN 10.1.2.3");
+    env.denied(
+        "ca1",
+        &[
+            "--as",
+            "managed-secret",
+            "--namespace",
+            "howto-k8s-mtls-file-based",
+            "--spiffe-id",
+            howto_id,
+            "--ip",
+            "10.1.2.3",
+        ],
+        "lists no allowed_ip_ranges",
+    );
+    // ... while the local operator keeps allow_ip_sans (twin), and the same CSR without the
+    // IP is signed.
+    env.allowed(
+        "ca1",
+        &["--as", "local", "--spiffe-id", howto_id, "--ip", "10.1.2.3"],
+    );
+    let mut no_ip = csr("10.1.2.3").to_vec();
+    no_ip.truncate(6);
+    env.allowed("ca1", &strs(&no_ip));
+    // The mesh CA allows 10.0.0.0/8: outside it is denied, for istiod as a registration
+    // authority and for a pod; inside it is allowed.
+    for (who, ip) in [(ISTIOD, "192.168.1.1"), (ISTIOD, "10.1.2.3")] {
+        let mut a = signer(who, &["--spiffe-id", OWN, "--ip"]);
+        a.push(ip.into());
+        if ip.starts_with("10.") {
+            env.allowed("mesh", &strs(&a));
+        } else {
+            env.denied("mesh", &strs(&a), "IP SAN 192.168.1.1 is outside CA mesh's");
+        }
+    }
+    for ip in ["192.168.1.1", "10.1.2.3"] {
+        let mut a = pod(BLUE, OWN);
+        a.extend(["--ip".to_string(), ip.to_string()]);
+        if ip.starts_with("10.") {
+            env.allowed("mesh", &strs(&a));
+        } else {
+            env.denied("mesh", &strs(&a), "10.0.0.0/8");
+        }
+    }
+}
+
