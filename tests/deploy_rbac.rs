@@ -280,6 +280,58 @@ fn the_examples_add_a_managed_namespace_together_with_its_role() {
     );
 }
 
+/// Issue 17: deploy/examples/sds-kube-csr mounts the `mesh` bundle's ConfigMap in namespace
+/// mesh, but nothing let the signer write ConfigMaps there.
+#[test]
+fn the_kube_csr_example_lets_the_signer_publish_the_bundle_it_mounts() {
+    let dir = "deploy/examples/sds-kube-csr";
+    let k = docs(&root().join(dir).join("kustomization.yaml")).remove(0);
+    let mut objs = all("deploy/base");
+    for r in strings(k.get("resources")) {
+        let p = root().join(dir).join(&r);
+        if p.is_dir() {
+            objs.extend(all(&format!("{dir}/{r}")));
+        } else {
+            objs.extend(docs(&p));
+        }
+    }
+    for c in strings(k.get("components")) {
+        objs.extend(all(&format!("{dir}/{c}")));
+    }
+    // The sidecar's pod (namespace mesh) mounts <bundle>-trust-bundle ConfigMaps.
+    let deployment_ns = docs(&root().join("deploy/sds/kustomization.yaml")).remove(0);
+    let ns = s(&deployment_ns, &["namespace"]).unwrap().to_string();
+    let mounted: Vec<String> = objs
+        .iter()
+        .filter(|o| s(o, &["kind"]) == Some("Deployment"))
+        .flat_map(|d| {
+            d["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|v| s(&v, &["configMap", "name"]).map(str::to_string))
+        .filter(|n| n.ends_with("-trust-bundle"))
+        .collect();
+    assert_eq!(mounted, ["mesh-trust-bundle"]);
+    let g = grants(&objs, Some(&ns));
+    need(
+        &g,
+        "",
+        "configmaps",
+        &["get", "create", "patch"],
+        &format!("namespace {ns} (the mesh-trust-bundle ConfigMap the example mounts)"),
+    );
+    // Nothing else there: no Secret of that namespace is managed.
+    assert!(
+        g.iter().all(|(_, r, _)| r == "configmaps"),
+        "namespace {ns}: {g:?}"
+    );
+    // The namespace itself is part of the example.
+    assert!(objs.iter().any(|o| s(o, &["kind"]) == Some("Namespace")
+        && s(o, &["metadata", "name"]) == Some(ns.as_str())));
+}
+
 #[test]
 fn the_pod_certificates_component_adds_the_flag_with_exactly_the_rights_it_needs() {
     let base = all("deploy/base");

@@ -638,3 +638,176 @@ fn in_cluster_ip_sans_need_the_cas_ranges() {
     }
 }
 
+/// The repository's files, for the example manifests.
+fn repo(p: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
+fn yaml(p: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo(p)).unwrap();
+    serde_saphyr::from_str_multiple::<serde_json::Value, Vec<serde_json::Value>>(&text)
+        .unwrap()
+        .into_iter()
+        .find(|v| !v.is_null())
+        .unwrap()
+}
+
+fn text(v: &serde_json::Value, path: &[&str]) -> String {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_str()
+        .unwrap_or_else(|| panic!("{path:?} in {v}"))
+        .to_string()
+}
+
+/// `24h`-style TTLs of the examples, in seconds.
+fn hours(ttl: &str) -> String {
+    let h: u64 = ttl.strip_suffix('h').unwrap().parse().unwrap();
+    (h * 3600).to_string()
+}
+
+/// Issue 17: the CA deploy/examples told users to create (`init --ca mesh`, the default policy)
+/// refused both managed-secret.yaml and csr.yaml. The documented CA, deploy/examples/mesh.toml,
+/// is checked here against exactly the requests of the example manifests (read from them, so
+/// a change to either side that breaks the examples fails here); the old CA is the denied
+/// twin.
+#[test]
+fn the_documented_example_ca_allows_exactly_the_example_requests() {
+    const INIT: &str = "meshca --store kube:meshca init --config deploy/examples/mesh.toml";
+    for doc in ["docs/kubernetes.md", "deploy/examples/kustomization.yaml"] {
+        let t = std::fs::read_to_string(repo(doc)).unwrap();
+        assert!(t.contains(INIT), "{doc} does not document `{INIT}`");
+    }
+    let env = Env::new();
+    let cfg = env.path("mesh.toml");
+    std::fs::copy(repo("deploy/examples/mesh.toml"), &cfg).unwrap();
+    env.ok(&["init", "--config", cfg.to_str().unwrap()]);
+    env.ok(&["init", "--ca", "old"]);
+    // (CA, policy check arguments, what the old CA's refusal names when it refuses).
+    let mut requests: Vec<(String, Vec<String>, Option<&str>)> = Vec::new();
+    // deploy/examples/managed-secret.yaml: the Secret's namespace asks.
+    let secret = yaml("deploy/examples/managed-secret.yaml");
+    let ann = |k: &str| text(&secret, &["metadata", "annotations", k]);
+    let mut a: Vec<String> = [
+        "--as",
+        "managed-secret",
+        "--namespace",
+        &text(&secret, &["metadata", "namespace"]),
+        "--spiffe-id",
+        &ann("meshca.io/spiffe-id"),
+        "--expiration-seconds",
+        &hours(&ann("meshca.io/ttl")),
+    ]
+    .map(String::from)
+    .to_vec();
+    for d in ann("meshca.io/dns-names").split(',') {
+        a.extend(["--dns".into(), d.into()]);
+    }
+    requests.push((ann("meshca.io/ca"), a, Some("managed_namespaces")));
+    // deploy/examples/csr.yaml: created and approved by a person (kubeadm's admin user).
+    let csr = yaml("deploy/examples/csr.yaml");
+    use base64::Engine as _;
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(text(&csr, &["spec", "request"]))
+        .unwrap();
+    let csr_file = env.path("csr.pem");
+    std::fs::write(&csr_file, pem).unwrap();
+    let mut a: Vec<String> = [
+        "--as",
+        "csr-signer",
+        "--requester",
+        "kubernetes-admin",
+        "--csr",
+        csr_file.to_str().unwrap(),
+        "--expiration-seconds",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.push(
+        csr["spec"]["expirationSeconds"]
+            .as_u64()
+            .unwrap()
+            .to_string(),
+    );
+    for u in csr["spec"]["usages"].as_array().unwrap() {
+        a.extend(["--usage".into(), u.as_str().unwrap().into()]);
+    }
+    let signer = text(&csr, &["spec", "signerName"]);
+    let ca = signer.strip_prefix("meshca.io/").unwrap().to_string();
+    requests.push((ca, a, Some("not a service account")));
+    // deploy/examples/sds-kube-csr: the sidecar's own account, through the auto-approver
+    // (deploy/components/auto-approve) and then the signer.
+    let patch = yaml("deploy/components/sds-kube-csr/sidecar-patch.yaml");
+    let pod = &patch["spec"]["template"]["spec"];
+    let ns = text(&patch, &["metadata", "namespace"]);
+    let sa = text(pod, &["serviceAccountName"]);
+    let args: Vec<String> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let arg = |k: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {args:?}"))
+            .to_string()
+    };
+    let ca = arg("--signer=meshca.io/");
+    for via in ["auto-approver", "csr-signer"] {
+        let a = [
+            "--as",
+            via,
+            "--requester",
+            &format!("system:serviceaccount:{ns}:{sa}"),
+            "--spiffe-id",
+            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            "--expiration-seconds",
+            &hours(&arg("--ttl=")),
+            "--usage",
+            "digital signature",
+            "--usage",
+            "server auth",
+            "--usage",
+            "client auth",
+        ]
+        .map(String::from)
+        .to_vec();
+        // The old CA signed an approved CSR for the account's own identity, but never
+        // auto-approved it.
+        let old = (via == "auto-approver").then_some("auto_approve");
+        requests.push((ca.clone(), a, old));
+    }
+    // deploy/components/pod-certificates/example-pod.yaml: the pod's account.
+    let p = yaml("deploy/components/pod-certificates/example-pod.yaml");
+    let pc = &p["spec"]["volumes"][0]["projected"]["sources"][0]["podCertificate"];
+    let ns = text(&p, &["metadata", "namespace"]);
+    let sa = text(&p, &["spec", "serviceAccountName"]);
+    let a = [
+        "--as",
+        "pod-certificate",
+        "--requester",
+        &format!("system:serviceaccount:{ns}:{sa}"),
+        "--spiffe-id",
+        &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+        "--expiration-seconds",
+        &pc["maxExpirationSeconds"].as_u64().unwrap().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let signer = text(pc, &["signerName"]);
+    requests.push((
+        signer.strip_prefix("meshca.io/").unwrap().to_string(),
+        a,
+        Some("pod_certificates"),
+    ));
+    assert_eq!(requests.len(), 5);
+    for (ca, a, old_reason) in &requests {
+        assert_eq!(ca, "mesh", "{a:?}");
+        env.allowed(ca, &strs(a));
+        // The twin: the CA the examples used to document refuses it.
+        if let Some(reason) = old_reason {
+            env.denied("old", &strs(a), reason);
+        }
+    }
+}
