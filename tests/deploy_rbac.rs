@@ -203,6 +203,13 @@ fn check_install(objs: &[Value], managed: &[String]) {
         &["create", "get", "patch"],
         "namespace meshca (Lease)",
     );
+    need(
+        &store,
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        "namespace meshca (CaLoadFailed Events on CA Secrets)",
+    );
     for ns in managed {
         assert_ne!(ns, "*", "deploy/ never manages every namespace");
         let g = grants(objs, Some(ns));
