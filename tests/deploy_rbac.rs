@@ -615,11 +615,11 @@ fn the_kube_csr_delete_guard_follows_the_binding_not_a_namespace() {
     let (marker, canaries) = checks.split_first().unwrap();
     // The component re-bound to an account of another namespace: it holds the marker, so
     // the policy matches it as well.
-    objs.extend(docs_of(&format!(
-        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: other}}\n\
-         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: meshca-sds-csr}}\n\
-         subjects: [{{kind: ServiceAccount, name: api, namespace: payments}}]\n"
-    )));
+    objs.extend(docs_of(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: other}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: meshca-sds-csr}\n\
+         subjects: [{kind: ServiceAccount, name: api, namespace: payments}]\n",
+    ));
     for (ns, sa) in [("mesh", "web"), ("payments", "api")] {
         let have = sa_cluster_grants(&objs, ns, sa);
         assert!(

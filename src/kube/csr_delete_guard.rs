@@ -136,8 +136,7 @@ async fn allowed(client: &kube::Client, resource: &str) -> Result<bool> {
 /// Reads what [`check`] needs from the cluster: discovery, the policy and binding by name,
 /// and two access reviews of this client's own user.
 pub async fn find(client: &kube::Client) -> Result<Found> {
-    let mut found = Found::default();
-    found.api_served = match client
+    let api_served = match client
         .list_api_group_resources("admissionregistration.k8s.io/v1")
         .await
     {
@@ -147,6 +146,10 @@ pub async fn find(client: &kube::Client) -> Result<Found> {
             .any(|r| r.name == "validatingadmissionpolicies"),
         Err(e) if super::api_code(&e) == Some(404) => false,
         Err(e) => return Err(kube_err("discovering admissionregistration.k8s.io/v1", e)),
+    };
+    let mut found = Found {
+        api_served,
+        ..Found::default()
     };
     if !found.api_served {
         return Ok(found);
