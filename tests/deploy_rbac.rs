@@ -15,8 +15,13 @@ use serde_json::Value;
 
 fn docs(path: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    docs_of(&text)
+}
+
+/// The documents of a YAML stream.
+fn docs_of(text: &str) -> Vec<Value> {
+    serde_saphyr::from_str_multiple::<Value, Vec<Value>>(text)
+        .unwrap_or_else(|e| panic!("{e}"))
         .into_iter()
         .filter(|v| !v.is_null())
         .collect()
@@ -198,6 +203,13 @@ fn check_install(objs: &[Value], managed: &[String]) {
         &["create", "get", "patch"],
         "namespace meshca (Lease)",
     );
+    need(
+        &store,
+        "events.k8s.io",
+        "events",
+        &["create", "patch"],
+        "namespace meshca (CaLoadFailed Events on CA Secrets)",
+    );
     for ns in managed {
         assert_ne!(ns, "*", "deploy/ never manages every namespace");
         let g = grants(objs, Some(ns));
@@ -216,6 +228,20 @@ fn check_install(objs: &[Value], managed: &[String]) {
             &format!("managed namespace {ns}"),
         );
     }
+}
+
+/// Issue 17: the signer's ClusterRole granted every verb on every ClusterTrustBundle. The
+/// sync (src/kube/trust_bundles) lists its bundles by label, applies them (server-side apply:
+/// `patch`, plus `create` for a new one) and deletes stale ones: exactly those verbs.
+#[test]
+fn the_signer_gets_only_the_cluster_trust_bundle_verbs_it_uses() {
+    let base = all("deploy/base");
+    let ctb: Vec<String> = grants(&base, None)
+        .into_iter()
+        .filter(|(g, r, _)| g == "certificates.k8s.io" && r == "clustertrustbundles")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(ctb, ["create", "delete", "list", "patch"]);
 }
 
 #[test]
@@ -259,6 +285,58 @@ fn the_examples_add_a_managed_namespace_together_with_its_role() {
         s(secret, &["metadata", "labels", "meshca.io/managed"]),
         Some("true")
     );
+}
+
+/// Issue 17: deploy/examples/sds-kube-csr mounts the `mesh` bundle's ConfigMap in namespace
+/// mesh, but nothing let the signer write ConfigMaps there.
+#[test]
+fn the_kube_csr_example_lets_the_signer_publish_the_bundle_it_mounts() {
+    let dir = "deploy/examples/sds-kube-csr";
+    let k = docs(&root().join(dir).join("kustomization.yaml")).remove(0);
+    let mut objs = all("deploy/base");
+    for r in strings(k.get("resources")) {
+        let p = root().join(dir).join(&r);
+        if p.is_dir() {
+            objs.extend(all(&format!("{dir}/{r}")));
+        } else {
+            objs.extend(docs(&p));
+        }
+    }
+    for c in strings(k.get("components")) {
+        objs.extend(all(&format!("{dir}/{c}")));
+    }
+    // The sidecar's pod (namespace mesh) mounts <bundle>-trust-bundle ConfigMaps.
+    let deployment_ns = docs(&root().join("deploy/sds/kustomization.yaml")).remove(0);
+    let ns = s(&deployment_ns, &["namespace"]).unwrap().to_string();
+    let mounted: Vec<String> = objs
+        .iter()
+        .filter(|o| s(o, &["kind"]) == Some("Deployment"))
+        .flat_map(|d| {
+            d["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|v| s(&v, &["configMap", "name"]).map(str::to_string))
+        .filter(|n| n.ends_with("-trust-bundle"))
+        .collect();
+    assert_eq!(mounted, ["mesh-trust-bundle"]);
+    let g = grants(&objs, Some(&ns));
+    need(
+        &g,
+        "",
+        "configmaps",
+        &["get", "create", "patch"],
+        &format!("namespace {ns} (the mesh-trust-bundle ConfigMap the example mounts)"),
+    );
+    // Nothing else there: no Secret of that namespace is managed.
+    assert!(
+        g.iter().all(|(_, r, _)| r == "configmaps"),
+        "namespace {ns}: {g:?}"
+    );
+    // The namespace itself is part of the example.
+    assert!(objs.iter().any(|o| s(o, &["kind"]) == Some("Namespace")
+        && s(o, &["metadata", "name"]) == Some(ns.as_str())));
 }
 
 #[test]
@@ -367,7 +445,10 @@ fn sa_cluster_grants(objs: &[Value], ns: &str, sa: &str) -> BTreeSet<(String, St
         }) {
             for rule in r["rules"].as_array().into_iter().flatten() {
                 assert!(
-                    rule.get("resourceNames").is_none(),
+                    rule.get("resourceNames").is_none()
+                        || !strings(rule.get("resources"))
+                            .iter()
+                            .any(|r| r.starts_with("certificatesigningrequests")),
                     "generated CSR names cannot be listed in resourceNames"
                 );
                 for g in strings(rule.get("apiGroups")) {
@@ -408,6 +489,22 @@ fn the_kube_csr_sidecar_component_grants_exactly_what_the_source_does() {
             v.to_string(),
         )
     })
+    .chain(
+        [
+            ("sds.meshca.io", "kube-csr-sidecars", "use"),
+            (
+                "admissionregistration.k8s.io",
+                "validatingadmissionpolicies",
+                "get",
+            ),
+            (
+                "admissionregistration.k8s.io",
+                "validatingadmissionpolicybindings",
+                "get",
+            ),
+        ]
+        .map(|(g, r, v)| (g.to_string(), r.to_string(), v.to_string())),
+    )
     .collect();
     assert_eq!(have, want);
     // Deleting is limited to the account's own CSRs by an admission policy on spec.username.
@@ -466,5 +563,134 @@ fn the_kube_csr_sidecar_component_grants_exactly_what_the_source_does() {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
+    }
+}
+
+/// `(group, resource, verb)` of each `authorizer.group('G').resource('R').check('V')` in a CEL
+/// expression.
+fn authorizer_checks(expr: &str) -> Vec<(String, String, String)> {
+    let arg = |s: &str, call: &str| -> Option<String> {
+        let rest = s.split_once(&format!("{call}('"))?.1;
+        Some(rest.split_once('\'')?.0.to_string())
+    };
+    expr.split("authorizer.")
+        .skip(1)
+        .filter_map(|c| Some((arg(c, "group")?, arg(c, "resource")?, arg(c, "check")?)))
+        .collect()
+}
+
+/// Issue 17: the admission policy that limits the sidecar's `delete` to its own CSRs matched
+/// only service accounts of namespace `mesh`, so the component bound in another namespace
+/// left `delete` unrestricted. It must match every account bound to the component's
+/// ClusterRole, whatever its namespace: on a right that role grants, not on a namespace.
+#[test]
+fn the_kube_csr_delete_guard_follows_the_binding_not_a_namespace() {
+    let dir = "deploy/components/sds-kube-csr";
+    let mut objs = all(dir);
+    let vap = objs
+        .iter()
+        .find(|o| s(o, &["kind"]) == Some("ValidatingAdmissionPolicy"))
+        .expect("a ValidatingAdmissionPolicy")
+        .clone();
+    assert_eq!(s(&vap, &["spec", "failurePolicy"]), Some("Fail"));
+    let conditions: Vec<String> = vap["spec"]["matchConditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| s(c, &["expression"]).unwrap().to_string())
+        .collect();
+    for c in &conditions {
+        assert!(
+            !c.contains("system:serviceaccount:"),
+            "the guard matches on a namespace's accounts, so the component bound elsewhere is unguarded: {c}"
+        );
+    }
+    // Each condition is a conjunction of authorizer checks: the first is the marker right the
+    // component's ClusterRole grants, the negated ones a right no role in deploy/ grants.
+    let checks: Vec<_> = conditions
+        .iter()
+        .flat_map(|c| authorizer_checks(c))
+        .collect();
+    assert!(!checks.is_empty(), "{conditions:?}");
+    let (marker, canaries) = checks.split_first().unwrap();
+    // The component re-bound to an account of another namespace: it holds the marker, so
+    // the policy matches it as well.
+    objs.extend(docs_of(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: other}\n\
+         roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: meshca-sds-csr}\n\
+         subjects: [{kind: ServiceAccount, name: api, namespace: payments}]\n",
+    ));
+    for (ns, sa) in [("mesh", "web"), ("payments", "api")] {
+        let have = sa_cluster_grants(&objs, ns, sa);
+        assert!(
+            have.contains(marker),
+            "{ns}/{sa} lacks the marker {marker:?}"
+        );
+        assert!(have.contains(&(
+            "certificates.k8s.io".to_string(),
+            "certificatesigningrequests".to_string(),
+            "delete".to_string()
+        )));
+        for c in canaries {
+            assert!(!have.contains(c), "{c:?} is granted by name");
+        }
+    }
+    let mut everything = all("deploy/base");
+    for d in [
+        dir,
+        "deploy/components/auto-approve",
+        "deploy/components/pod-certificates",
+        "deploy/examples",
+    ] {
+        everything.extend(all(d));
+    }
+    for r in everything
+        .iter()
+        .filter(|o| matches!(s(o, &["kind"]), Some("Role" | "ClusterRole")))
+    {
+        for rule in r["rules"].as_array().into_iter().flatten() {
+            for c in canaries {
+                let named = strings(rule.get("apiGroups")).contains(&c.0)
+                    && strings(rule.get("resources")).contains(&c.1);
+                assert!(!named, "the canary {c:?} is granted by {r}");
+            }
+        }
+    }
+    // The sidecar checks the same names at start-up (src/kube/csr_delete_guard.rs).
+    #[cfg(feature = "kube")]
+    {
+        use meshca::kube::csr_delete_guard as g;
+        assert_eq!(
+            marker,
+            &(
+                g::MARKER_GROUP.to_string(),
+                g::MARKER_RESOURCE.to_string(),
+                g::MARKER_VERB.to_string()
+            )
+        );
+        assert_eq!(
+            canaries,
+            &[(
+                g::MARKER_GROUP.to_string(),
+                g::CANARY_RESOURCE.to_string(),
+                g::MARKER_VERB.to_string()
+            )]
+        );
+        assert_eq!(s(&vap, &["metadata", "name"]), Some(g::GUARD));
+        let role = objs
+            .iter()
+            .find(|o| {
+                s(o, &["kind"]) == Some("ClusterRole")
+                    && s(o, &["metadata", "name"]) == Some("meshca-sds-csr")
+            })
+            .unwrap();
+        let names: Vec<String> = role["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| strings(r.get("apiGroups")) == ["admissionregistration.k8s.io"])
+            .flat_map(|r| strings(r.get("resourceNames")))
+            .collect();
+        assert_eq!(names, [g::GUARD]);
     }
 }

@@ -1979,6 +1979,9 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
     // The CA admits the SPIFFE ID of service account `web` of the test namespace only.
     let mut env = Env::new(&kc, |ns| Policy {
         allowed_spiffe_ids: vec![format!("spiffe://cluster.local/ns/{ns}/sa/web")],
+        // The per-CA opt-in to pod certificates, for the test namespace only.
+        pod_certificates: true,
+        pod_certificate_namespaces: vec![ns.to_string()],
         ..Policy::default()
     })
     .await;
@@ -2106,7 +2109,12 @@ async fn pod_certificate_requests_are_signed_or_denied_under_the_deploy_rbac() {
 #[tokio::test]
 async fn the_api_server_checks_the_proof_of_possession_and_unknown_signers_are_left_alone() {
     let Some(kc) = kubeconfig() else { return };
-    let mut env = Env::new(&kc, |_| Policy::default()).await;
+    let mut env = Env::new(&kc, |ns| Policy {
+        pod_certificates: true,
+        pod_certificate_namespaces: vec![ns.to_string()],
+        ..Policy::default()
+    })
+    .await;
     if !pcr_served(&env).await {
         env.cleanup().await;
         return;
@@ -2559,6 +2567,9 @@ async fn a_node_gets_a_pod_certificate_through_node_restriction() {
         std::env::var("MESHCA_E2E_NODE_NAME").unwrap_or_else(|_| "meshca-e2e-node".into());
     let mut env = Env::new(&kc, |ns| Policy {
         allowed_spiffe_ids: vec![format!("spiffe://cluster.local/ns/{ns}/sa/web")],
+        // The per-CA opt-in to pod certificates, for the test namespace only.
+        pod_certificates: true,
+        pod_certificate_namespaces: vec![ns.to_string()],
         ..Policy::default()
     })
     .await;

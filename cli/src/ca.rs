@@ -146,7 +146,13 @@ pub async fn run(ctx: &Ctx, cmd: CaCmd) -> anyhow::Result<()> {
                     if p.allowed_spiffe_ids.is_empty() { "any in trust domain".into() } else { p.allowed_spiffe_ids.join(" ") },
                     if p.allowed_dns.is_empty() { "any".into() } else { p.allowed_dns.join(" ") },
                     if p.allow_wildcard_dns { "allowed" } else { "denied" },
-                    if p.allow_ip_sans { "allowed" } else { "denied" },
+                    if !p.allow_ip_sans {
+                        "denied".to_string()
+                    } else if p.allowed_ip_ranges.is_empty() {
+                        "operator only (none in the cluster)".to_string()
+                    } else {
+                        p.allowed_ip_ranges.iter().map(|r| r.to_string()).collect::<Vec<_>>().join(" ")
+                    },
                 )
             })
         }

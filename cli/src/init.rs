@@ -84,6 +84,19 @@ pub struct InitArgs {
     /// Policy: let `signer run --auto-approve` approve CSRs for this CA (default off).
     #[arg(long)]
     auto_approve: bool,
+    /// Policy: let the PodCertificateRequest signer (`signer run --pod-certificates`) sign
+    /// for this CA (default off); the pods' namespaces must also be listed with
+    /// --pod-certificate-namespace.
+    #[arg(long)]
+    pod_certificates: bool,
+    /// Policy: a namespace whose pods may get pod certificates from this CA (repeatable;
+    /// default none).
+    #[arg(long = "pod-certificate-namespace", value_name = "NS")]
+    pod_certificate_namespaces: Vec<String>,
+    /// Policy: an IP range (CIDR, e.g. 10.0.0.0/8) IP SANs must lie in (repeatable). Without
+    /// one the in-cluster front ends issue no IP SAN.
+    #[arg(long = "allow-ip-range", value_name = "CIDR")]
+    allowed_ip_ranges: Vec<meshca::policy::IpNet>,
     /// Policy: let the auto-approver approve DNS names matched only by a rule without
     /// {ns}/{sa} (e.g. '**.example.com').
     #[arg(long)]
@@ -145,6 +158,9 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
         policy.managed_namespaces = a.managed_namespaces.clone();
         policy.auto_approve = a.auto_approve;
         policy.auto_approve_static_dns = a.auto_approve_static_dns;
+        policy.pod_certificates = a.pod_certificates;
+        policy.pod_certificate_namespaces = a.pod_certificate_namespaces.clone();
+        policy.allowed_ip_ranges = a.allowed_ip_ranges.clone();
         policy.validate()?;
         let parent = match &a.parent {
             Some(p) => Some(store.load_ca(p).await?),

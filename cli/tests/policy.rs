@@ -1,4 +1,4 @@
-//! `meshca policy check`: the abuse corpus of issue 8, through the binary. Each case is
+//! `meshca policy check`: the abuse corpus of issues 8 and 17, through the binary. Each case is
 //! denied with a reason naming the offending value and has an allowed twin, so a checker
 //! that denies everything fails. Also: the init flags of the new policy keys, and the EKUs a
 //! real issued certificate carries (openssl x509 -text).
@@ -34,6 +34,11 @@ fn mesh_env() -> Env {
         ISTIOD,
         "--managed-namespace",
         "app",
+        "--pod-certificates",
+        "--pod-certificate-namespace",
+        "app",
+        "--allow-ip-range",
+        "10.0.0.0/8",
     ]);
     env
 }
@@ -522,4 +527,287 @@ fn pod_certificate_decisions_bind_to_the_pods_service_account() {
         ],
     );
     assert_eq!(code, 1);
+}
+
+fn pod(requester: &str, id: &str) -> Vec<String> {
+    [
+        "--as",
+        "pod-certificate",
+        "--requester",
+        requester,
+        "--spiffe-id",
+        id,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Issue 17: the pod-certificate front end skipped every per-CA opt-in, so the gateway CA
+/// (which opts in to nothing) signed for any pod in any namespace.
+#[test]
+fn pod_certificates_need_the_cas_opt_in_and_a_listed_namespace() {
+    let env = mesh_env();
+    // The issue's repro, and the same pod from a namespace the other CAs do serve otherwise.
+    for (ca, ns) in [("gateway", "evil"), ("ca1", "howto-k8s-mtls-file-based")] {
+        let a = pod(
+            &format!("system:serviceaccount:{ns}:default"),
+            &format!("spiffe://cluster.local/ns/{ns}/sa/default"),
+        );
+        env.denied(
+            ca,
+            &strs(&a),
+            &format!("CA {ca} does not sign pod certificates"),
+        );
+    }
+    // The mesh CA opts in for `app` only.
+    env.denied(
+        "mesh",
+        &strs(&pod(
+            "system:serviceaccount:prod:blue",
+            "spiffe://cluster.local/ns/prod/sa/blue",
+        )),
+        "namespace \"prod\" is not served pod certificates by CA mesh",
+    );
+    env.allowed("mesh", &strs(&pod(BLUE, OWN)));
+}
+
+/// Issue 17: `allow_ip_sans` defaulted to true, so an approved service-account CSR, or a
+/// registration authority's, got any IP. In the cluster an IP SAN needs the CA's ranges.
+#[test]
+fn in_cluster_ip_sans_need_the_cas_ranges() {
+    let env = mesh_env();
+    let howto = "system:serviceaccount:howto-k8s-mtls-file-based:blue";
+    let howto_id = "spiffe://cluster.local/ns/howto-k8s-mtls-file-based/sa/blue";
+    // ca1 lists no range: no IP SAN through the CSR signer or a managed Secret ...
+    let csr = |ip: &str| {
+        [
+            "--as",
+            "csr-signer",
+            "--requester",
+            howto,
+            "--spiffe-id",
+            howto_id,
+            "--ip",
+            ip,
+        ]
+        .map(String::from)
+    };
+    env.denied("ca1", &strs(&csr("10.1.2.3")), "IP SAN 10.1.2.3");
+    env.denied(
+        "ca1",
+        &[
+            "--as",
+            "managed-secret",
+            "--namespace",
+            "howto-k8s-mtls-file-based",
+            "--spiffe-id",
+            howto_id,
+            "--ip",
+            "10.1.2.3",
+        ],
+        "lists no allowed_ip_ranges",
+    );
+    // ... while the local operator keeps allow_ip_sans (twin), and the same CSR without the
+    // IP is signed.
+    env.allowed(
+        "ca1",
+        &["--as", "local", "--spiffe-id", howto_id, "--ip", "10.1.2.3"],
+    );
+    let mut no_ip = csr("10.1.2.3").to_vec();
+    no_ip.truncate(6);
+    env.allowed("ca1", &strs(&no_ip));
+    // The mesh CA allows 10.0.0.0/8: outside it is denied, for istiod as a registration
+    // authority and for a pod; inside it is allowed.
+    for (who, ip) in [(ISTIOD, "192.168.1.1"), (ISTIOD, "10.1.2.3")] {
+        let mut a = signer(who, &["--spiffe-id", OWN, "--ip"]);
+        a.push(ip.into());
+        if ip.starts_with("10.") {
+            env.allowed("mesh", &strs(&a));
+        } else {
+            env.denied("mesh", &strs(&a), "IP SAN 192.168.1.1 is outside CA mesh's");
+        }
+    }
+    for ip in ["192.168.1.1", "10.1.2.3"] {
+        let mut a = pod(BLUE, OWN);
+        a.extend(["--ip".to_string(), ip.to_string()]);
+        if ip.starts_with("10.") {
+            env.allowed("mesh", &strs(&a));
+        } else {
+            env.denied("mesh", &strs(&a), "10.0.0.0/8");
+        }
+    }
+}
+
+/// The repository's files, for the example manifests.
+fn repo(p: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(p)
+}
+
+fn yaml(p: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(repo(p)).unwrap();
+    serde_saphyr::from_str_multiple::<serde_json::Value, Vec<serde_json::Value>>(&text)
+        .unwrap()
+        .into_iter()
+        .find(|v| !v.is_null())
+        .unwrap()
+}
+
+fn text(v: &serde_json::Value, path: &[&str]) -> String {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_str()
+        .unwrap_or_else(|| panic!("{path:?} in {v}"))
+        .to_string()
+}
+
+/// `24h`-style TTLs of the examples, in seconds.
+fn hours(ttl: &str) -> String {
+    let h: u64 = ttl.strip_suffix('h').unwrap().parse().unwrap();
+    (h * 3600).to_string()
+}
+
+/// Issue 17: the CA deploy/examples told users to create (`init --ca mesh`, the default policy)
+/// refused both managed-secret.yaml and csr.yaml. The documented CA, deploy/examples/mesh.toml,
+/// is checked here against exactly the requests of the example manifests (read from them, so
+/// a change to either side that breaks the examples fails here); the old CA is the denied
+/// twin.
+#[test]
+fn the_documented_example_ca_allows_exactly_the_example_requests() {
+    const INIT: &str = "meshca --store kube:meshca init --config deploy/examples/mesh.toml";
+    for doc in ["docs/kubernetes.md", "deploy/examples/kustomization.yaml"] {
+        let t = std::fs::read_to_string(repo(doc)).unwrap();
+        assert!(t.contains(INIT), "{doc} does not document `{INIT}`");
+    }
+    let env = Env::new();
+    let cfg = env.path("mesh.toml");
+    std::fs::copy(repo("deploy/examples/mesh.toml"), &cfg).unwrap();
+    env.ok(&["init", "--config", cfg.to_str().unwrap()]);
+    env.ok(&["init", "--ca", "old"]);
+    // (CA, policy check arguments, what the old CA's refusal names when it refuses).
+    let mut requests: Vec<(String, Vec<String>, Option<&str>)> = Vec::new();
+    // deploy/examples/managed-secret.yaml: the Secret's namespace asks.
+    let secret = yaml("deploy/examples/managed-secret.yaml");
+    let ann = |k: &str| text(&secret, &["metadata", "annotations", k]);
+    let mut a: Vec<String> = [
+        "--as",
+        "managed-secret",
+        "--namespace",
+        &text(&secret, &["metadata", "namespace"]),
+        "--spiffe-id",
+        &ann("meshca.io/spiffe-id"),
+        "--expiration-seconds",
+        &hours(&ann("meshca.io/ttl")),
+    ]
+    .map(String::from)
+    .to_vec();
+    for d in ann("meshca.io/dns-names").split(',') {
+        a.extend(["--dns".into(), d.into()]);
+    }
+    requests.push((ann("meshca.io/ca"), a, Some("managed_namespaces")));
+    // deploy/examples/csr.yaml: created and approved by a person (kubeadm's admin user).
+    let csr = yaml("deploy/examples/csr.yaml");
+    use base64::Engine as _;
+    let pem = base64::engine::general_purpose::STANDARD
+        .decode(text(&csr, &["spec", "request"]))
+        .unwrap();
+    let csr_file = env.path("csr.pem");
+    std::fs::write(&csr_file, pem).unwrap();
+    let mut a: Vec<String> = [
+        "--as",
+        "csr-signer",
+        "--requester",
+        "kubernetes-admin",
+        "--csr",
+        csr_file.to_str().unwrap(),
+        "--expiration-seconds",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.push(
+        csr["spec"]["expirationSeconds"]
+            .as_u64()
+            .unwrap()
+            .to_string(),
+    );
+    for u in csr["spec"]["usages"].as_array().unwrap() {
+        a.extend(["--usage".into(), u.as_str().unwrap().into()]);
+    }
+    let signer = text(&csr, &["spec", "signerName"]);
+    let ca = signer.strip_prefix("meshca.io/").unwrap().to_string();
+    requests.push((ca, a, Some("not a service account")));
+    // deploy/examples/sds-kube-csr: the sidecar's own account, through the auto-approver
+    // (deploy/components/auto-approve) and then the signer.
+    let patch = yaml("deploy/components/sds-kube-csr/sidecar-patch.yaml");
+    let pod = &patch["spec"]["template"]["spec"];
+    let ns = text(&patch, &["metadata", "namespace"]);
+    let sa = text(pod, &["serviceAccountName"]);
+    let args: Vec<String> = pod["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let arg = |k: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(k))
+            .unwrap_or_else(|| panic!("{k} in {args:?}"))
+            .to_string()
+    };
+    let ca = arg("--signer=meshca.io/");
+    for via in ["auto-approver", "csr-signer"] {
+        let a = [
+            "--as",
+            via,
+            "--requester",
+            &format!("system:serviceaccount:{ns}:{sa}"),
+            "--spiffe-id",
+            &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+            "--expiration-seconds",
+            &hours(&arg("--ttl=")),
+            "--usage",
+            "digital signature",
+            "--usage",
+            "server auth",
+            "--usage",
+            "client auth",
+        ]
+        .map(String::from)
+        .to_vec();
+        // The old CA signed an approved CSR for the account's own identity, but never
+        // auto-approved it.
+        let old = (via == "auto-approver").then_some("auto_approve");
+        requests.push((ca.clone(), a, old));
+    }
+    // deploy/components/pod-certificates/example-pod.yaml: the pod's account.
+    let p = yaml("deploy/components/pod-certificates/example-pod.yaml");
+    let pc = &p["spec"]["volumes"][0]["projected"]["sources"][0]["podCertificate"];
+    let ns = text(&p, &["metadata", "namespace"]);
+    let sa = text(&p, &["spec", "serviceAccountName"]);
+    let a = [
+        "--as",
+        "pod-certificate",
+        "--requester",
+        &format!("system:serviceaccount:{ns}:{sa}"),
+        "--spiffe-id",
+        &format!("spiffe://cluster.local/ns/{ns}/sa/{sa}"),
+        "--expiration-seconds",
+        &pc["maxExpirationSeconds"].as_u64().unwrap().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let signer = text(pc, &["signerName"]);
+    requests.push((
+        signer.strip_prefix("meshca.io/").unwrap().to_string(),
+        a,
+        Some("pod_certificates"),
+    ));
+    assert_eq!(requests.len(), 5);
+    for (ca, a, old_reason) in &requests {
+        assert_eq!(ca, "mesh", "{a:?}");
+        env.allowed(ca, &strs(a));
+        // The twin: the CA the examples used to document refuses it.
+        if let Some(reason) = old_reason {
+            env.denied("old", &strs(a), reason);
+        }
+    }
 }

@@ -27,6 +27,8 @@ struct Input {
     managed_namespaces: Vec<String>,
     auto_approve: bool,
     auto_approve_static_dns: bool,
+    pod_certificates: bool,
+    pod_certificate_namespaces: Vec<String>,
     front_end: u8,
     requester: String,
     csr_usages: Option<Vec<String>>,
@@ -46,6 +48,8 @@ fuzz_target!(|inp: Input| {
         managed_namespaces: inp.managed_namespaces,
         auto_approve: inp.auto_approve,
         auto_approve_static_dns: inp.auto_approve_static_dns,
+        pod_certificates: inp.pod_certificates,
+        pod_certificate_namespaces: inp.pod_certificate_namespaces,
         ..Policy::default()
     };
     if policy.validate().is_err() {
@@ -75,10 +79,23 @@ fuzz_target!(|inp: Input| {
         ips: inp.ips.iter().map(|b| std::net::IpAddr::from(*b)).collect(),
     };
     sans.dedup();
-    let (via, requester) = match inp.front_end % 4 {
+    let (via, requester) = match inp.front_end % 5 {
         0 => (FrontEnd::Local, Requester::LocalOperator),
         1 => (FrontEnd::CsrSigner, Requester::kube(inp.requester)),
         2 => (FrontEnd::AutoApprover, Requester::kube(inp.requester)),
+        3 => {
+            let (ns, sa) = inp
+                .requester
+                .split_once(':')
+                .unwrap_or((&inp.requester, ""));
+            (
+                FrontEnd::PodCertificate,
+                Requester::PodServiceAccount {
+                    namespace: ns.to_string(),
+                    name: sa.to_string(),
+                },
+            )
+        }
         _ => (
             FrontEnd::ManagedSecret,
             Requester::SecretNamespace(inp.requester),
@@ -99,10 +116,29 @@ fuzz_target!(|inp: Input| {
     };
     if let Ok(grant) = policy.decide("fuzz", &td, &req) {
         assert!(!inp.wants_ca, "CA:TRUE is never allowed");
-        assert!(grant.ttl <= policy.max_ttl, "the TTL is capped by the policy");
+        assert!(
+            grant.ttl <= policy.max_ttl,
+            "the TTL is capped by the policy"
+        );
         if via == FrontEnd::AutoApprover {
             assert!(policy.auto_approve, "auto-approval needs the CA's opt-in");
-            assert!(sans.ips.is_empty(), "the auto-approver never approves IP SANs");
+            assert!(
+                sans.ips.is_empty(),
+                "the auto-approver never approves IP SANs"
+            );
+        }
+        if via != FrontEnd::Local {
+            // The input lists no allowed_ip_ranges: no IP SAN in the cluster.
+            assert!(
+                sans.ips.is_empty(),
+                "an in-cluster IP SAN needs the CA's ranges"
+            );
+        }
+        if let Requester::PodServiceAccount { namespace, .. } = &requester {
+            assert!(
+                policy.pod_certificates && policy.pod_certificate_namespaces.contains(namespace),
+                "a pod certificate needs the CA's opt-in for its namespace"
+            );
         }
         if let Requester::SecretNamespace(ns) = &requester {
             assert!(

@@ -121,6 +121,9 @@ impl Fake {
         let query = req.uri().query().unwrap_or("").to_string();
         let method = req.method().clone();
         let body = req.into_body();
+        if let Some(r) = delete_guard(method.as_str(), &path, &body) {
+            return r;
+        }
         let rest = path.strip_prefix(CSRS).unwrap_or("");
         let parts: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
         match (method.as_str(), parts.as_slice()) {
@@ -219,6 +222,44 @@ impl Fake {
             ),
         }
     }
+}
+
+/// What `sds serve --source kube-csr` checks at start-up (meshca::kube::csr_delete_guard): the
+/// cluster serves ValidatingAdmissionPolicy, the guard and its binding are installed, and the
+/// sidecar's account holds the marker right (not wildcard rights).
+fn delete_guard(method: &str, path: &str, body: &[u8]) -> Option<Response<RespBody>> {
+    use meshca::kube::csr_delete_guard::{GUARD, MARKER_RESOURCE};
+    const AR: &str = "/apis/admissionregistration.k8s.io/v1";
+    let object = |kind: &str, spec: Value| {
+        json_resp(
+            200,
+            &json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+                    "metadata": {"name": GUARD}, "spec": spec}),
+        )
+    };
+    Some(match (method, path) {
+        ("GET", AR) => json_resp(
+            200,
+            &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "admissionregistration.k8s.io/v1",
+                    "resources": [{"name": "validatingadmissionpolicies", "singularName": "", "namespaced": false,
+                                   "kind": "ValidatingAdmissionPolicy", "verbs": ["get"]}]}),
+        ),
+        ("GET", p) if p == format!("{AR}/validatingadmissionpolicies/{GUARD}") => object(
+            "ValidatingAdmissionPolicy",
+            json!({"failurePolicy": "Fail"}),
+        ),
+        ("GET", p) if p == format!("{AR}/validatingadmissionpolicybindings/{GUARD}") => object(
+            "ValidatingAdmissionPolicyBinding",
+            json!({"policyName": GUARD, "validationActions": ["Deny"]}),
+        ),
+        ("POST", "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews") => {
+            let mut review: Value = serde_json::from_slice(body).ok()?;
+            let allowed = review["spec"]["resourceAttributes"]["resource"] == MARKER_RESOURCE;
+            review["status"] = json!({ "allowed": allowed });
+            json_resp(201, &review)
+        }
+        _ => return None,
+    })
 }
 
 /// Every event of CSR `name`.

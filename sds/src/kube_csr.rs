@@ -85,8 +85,10 @@ impl std::fmt::Debug for KubeCsrSource {
 const BACKOFF_KEY: &str = "csr";
 
 impl KubeCsrSource {
-    /// Connects (kubeconfig or in-cluster) and, for ClusterTrustBundles, waits for the first
-    /// list.
+    /// Connects (kubeconfig or in-cluster), checks that the admission policy limiting the
+    /// sidecar's CSR deletes to its own CSRs is in place
+    /// ([`meshca::kube::csr_delete_guard::verify`]; an error otherwise) and, for
+    /// ClusterTrustBundles, waits for the first list.
     pub async fn connect(cfg: &KubeCsrConfig, metrics: Arc<Metrics>) -> Result<Self, SourceError> {
         let name = format!("kube-csr:{}", cfg.request.signer_name);
         let err = |e: meshca::Error| {
@@ -99,6 +101,11 @@ impl KubeCsrSource {
         };
         cfg.request.validate().map_err(err)?;
         let client = meshca::kube::client(cfg.kubeconfig.as_deref())
+            .await
+            .map_err(err)?;
+        // The sidecar deletes its CSRs: refuse to start where nothing limits that right to
+        // its own CSRs (meshca::kube::csr_delete_guard).
+        meshca::kube::csr_delete_guard::verify(&client)
             .await
             .map_err(err)?;
         Self::with_client(client, cfg, metrics).await.map_err(err)

@@ -7,8 +7,17 @@
 //!   never mixes two generations of a CA.
 //! - [`reload`]: builds the next snapshot from the store. A CA whose stored certificate and
 //!   facts (policy included) are unchanged keeps its issuer (no reconnect for ACM PCA); a
-//!   changed one is loaded afresh; a removed one is dropped. A CA that fails to load keeps its
-//!   previous issuer and the error is logged, so a damaged Secret never stops signing.
+//!   changed one is loaded afresh; a removed one is dropped. Each CA is loaded on its own, so
+//!   one that fails never stops the others, at start-up or later:
+//!   - a CA whose stored content fails to load (an unknown policy key, a bad certificate or
+//!     key) is **not served**, fail closed: it never keeps signing under its previous, maybe
+//!     looser, policy. It is listed in [`IssuerSet::failed`], `meshca_ca_ready{ca}` drops to
+//!     0, `meshca_ca_load_errors_total{ca}` counts it, and the store reports it
+//!     ([`Store::report_ca_load_failure`]: a Warning Event `CaLoadFailed` on the kube
+//!     store's CA Secret) when the failure is new or its reason changed;
+//!   - a transient read error (the API server or the disk, [`super::retryable`]) says nothing
+//!     about the content: a CA already served keeps its issuer (counted and logged), one not
+//!     yet loaded is not served until a later reload succeeds.
 //! - [`watch_loop`]: re-runs [`reload`] whenever a trigger fires (a watch event on the kube
 //!   store's CA Secrets, or a poll tick for the local store) and publishes the new snapshot
 //!   only when something changed.
@@ -38,6 +47,8 @@ pub struct IssuerSet {
     fingerprints: BTreeMap<String, String>,
     /// PEM of each CA's anchors ([`crate::store::ca_anchors`]); absent: the CA's root alone.
     anchors: BTreeMap<String, String>,
+    /// CAs that failed to load and are not served, with the reason.
+    failed: BTreeMap<String, String>,
 }
 
 /// The receiving side: the current snapshot, and a way to wait for the next one.
@@ -64,6 +75,7 @@ impl IssuerSet {
             issuers,
             fingerprints,
             anchors: BTreeMap::new(),
+            failed: BTreeMap::new(),
         }
     }
 
@@ -104,6 +116,11 @@ impl IssuerSet {
         self.anchors.get(name).map(String::as_str)
     }
 
+    /// CAs that failed to load and are not served (name -> one-line reason, no key material).
+    pub fn failed(&self) -> &BTreeMap<String, String> {
+        &self.failed
+    }
+
     /// The fingerprint of CA `name` (SHA-256 over its stored certificate and facts).
     pub fn fingerprint(&self, name: &str) -> Option<&str> {
         self.fingerprints.get(name).map(String::as_str)
@@ -136,9 +153,87 @@ fn record_expiry(metrics: &Metrics, name: &str, ca: &CaMaterial) {
     }
 }
 
+/// What loading one CA came to.
+enum Loaded {
+    /// Served with this issuer and fingerprint.
+    Served(Arc<dyn Issuer>, String),
+    /// Removed from the store (after start-up): no longer served.
+    Removed,
+    /// Not served: its stored content fails to load, or it could not be read and was not
+    /// served before.
+    Failed(Error),
+}
+
+/// Loads CA `n`, reusing the previous issuer when its content is unchanged, or when a
+/// transient error hides the content. `Err` only for a CA named at start-up that does not
+/// exist.
+async fn load_one(
+    store: &dyn Store,
+    n: &str,
+    previous: Option<&IssuerSet>,
+    metrics: &Metrics,
+) -> Result<Loaded> {
+    let kept = |e: &Error| {
+        let p = previous.filter(|_| super::retryable(e))?;
+        Some((p.get(n)?.clone(), p.fingerprint(n)?.to_string()))
+    };
+    let ca = match store.load_ca(n).await {
+        Ok(ca) => ca,
+        Err(Error::UnknownCa(_)) if previous.is_some() => {
+            tracing::warn!(ca = %n, "CA removed from the store: no longer served");
+            return Ok(Loaded::Removed);
+        }
+        Err(e @ Error::UnknownCa(_)) => return Err(e),
+        Err(e) => {
+            return Ok(match kept(&e) {
+                Some((i, fp)) => {
+                    count_error(metrics, n);
+                    tracing::error!(ca = %n, error = %e, "CA could not be read; keeping the loaded one");
+                    Loaded::Served(i, fp)
+                }
+                None => Loaded::Failed(e),
+            })
+        }
+    };
+    let fp = ca_fingerprint(&ca);
+    if let Some(i) = previous
+        .filter(|p| p.fingerprint(n) == Some(fp.as_str()))
+        .and_then(|p| p.get(n))
+    {
+        return Ok(Loaded::Served(i.clone(), fp));
+    }
+    record_expiry(metrics, n, &ca);
+    match load_issuer(store, n).await {
+        Ok(i) => {
+            if previous.is_some() {
+                tracing::info!(ca = %n, fingerprint = %fp, "CA loaded (new or replaced)");
+            }
+            Ok(Loaded::Served(Arc::from(i), fp))
+        }
+        Err(e) => Ok(match kept(&e) {
+            Some((i, old)) => {
+                count_error(metrics, n);
+                tracing::error!(ca = %n, error = %e, "changed CA could not be reached; keeping the loaded one");
+                Loaded::Served(i, old)
+            }
+            None => Loaded::Failed(e),
+        }),
+    }
+}
+
+fn ca_label(n: &str) -> CaLabel {
+    CaLabel { ca: n.to_string() }
+}
+
+fn count_error(metrics: &Metrics, n: &str) {
+    metrics.ca_load_errors.get_or_create(&ca_label(n)).inc();
+}
+
 /// Builds the next snapshot from `store`: every CA (`names` `None`) or the named ones.
-/// `previous` supplies the issuers of unchanged CAs and the fallback for CAs that fail to
-/// load. With no previous snapshot (start-up) any load error is returned.
+/// `previous` supplies the issuers of unchanged CAs (see the module docs for CAs that fail to
+/// load: they are left out and listed in [`IssuerSet::failed`]). Errors: the store cannot
+/// list its CAs, a CA named at start-up does not exist, or nothing at all can be served at
+/// start-up.
 pub async fn reload(
     store: &dyn Store,
     names: Option<&[String]>,
@@ -151,61 +246,26 @@ pub async fn reload(
     };
     let mut next = IssuerSet::default();
     for n in names {
-        let ca = match store.load_ca(&n).await {
-            Ok(ca) => ca,
-            Err(Error::UnknownCa(_)) if previous.is_some() => {
-                tracing::warn!(ca = %n, "CA removed from the store: no longer served");
-                continue;
+        match load_one(store, &n, previous, metrics).await? {
+            Loaded::Served(i, fp) => {
+                metrics.ca_ready.get_or_create(&ca_label(&n)).set(1);
+                next.issuers.insert(n.clone(), i);
+                next.fingerprints.insert(n, fp);
             }
-            Err(e) => match previous.and_then(|p| p.get(&n).map(|i| (i, p))) {
-                Some((i, p)) => {
-                    tracing::error!(ca = %n, error = %e, "CA could not be reloaded; keeping the loaded one");
-                    next.issuers.insert(n.clone(), i.clone());
-                    if let Some(fp) = p.fingerprint(&n) {
-                        next.fingerprints.insert(n.clone(), fp.to_string());
-                    }
-                    continue;
-                }
-                None if previous.is_some() => {
-                    tracing::error!(ca = %n, error = %e, "CA could not be loaded; not served");
-                    continue;
-                }
-                None => return Err(e),
-            },
-        };
-        let fp = ca_fingerprint(&ca);
-        let unchanged = previous
-            .filter(|p| p.fingerprint(&n) == Some(fp.as_str()))
-            .and_then(|p| p.get(&n));
-        let issuer = match unchanged {
-            Some(i) => i.clone(),
-            None => {
-                record_expiry(metrics, &n, &ca);
-                match load_issuer(store, &n).await {
-                    Ok(i) => Arc::from(i),
-                    Err(e) => match previous.and_then(|p| p.get(&n)) {
-                        Some(i) => {
-                            tracing::error!(ca = %n, error = %e, "changed CA could not be loaded; keeping the loaded one");
-                            next.issuers.insert(n.clone(), i.clone());
-                            if let Some(fp) = previous.and_then(|p| p.fingerprint(&n)) {
-                                next.fingerprints.insert(n.clone(), fp.to_string());
-                            }
-                            continue;
-                        }
-                        None if previous.is_some() => {
-                            tracing::error!(ca = %n, error = %e, "CA could not be loaded; not served");
-                            continue;
-                        }
-                        None => return Err(e),
-                    },
-                }
+            Loaded::Removed => {
+                metrics.ca_ready.remove(&ca_label(&n));
             }
-        };
-        if previous.is_some() && unchanged.is_none() {
-            tracing::info!(ca = %n, fingerprint = %fp, "CA loaded (new or replaced)");
+            Loaded::Failed(e) => {
+                count_error(metrics, &n);
+                metrics.ca_ready.get_or_create(&ca_label(&n)).set(0);
+                let reason = e.to_string();
+                tracing::error!(ca = %n, error = %reason, "CA could not be loaded; not served (nothing is issued for it)");
+                if previous.and_then(|p| p.failed.get(&n)) != Some(&reason) {
+                    store.report_ca_load_failure(&n, &reason).await;
+                }
+                next.failed.insert(n, reason);
+            }
         }
-        next.issuers.insert(n.clone(), issuer);
-        next.fingerprints.insert(n, fp);
     }
     for n in next.issuers.keys().cloned().collect::<Vec<_>>() {
         let pem = match crate::store::ca_anchors(store, &n).await {
@@ -221,17 +281,23 @@ pub async fn reload(
         }
     }
     if previous.is_none() && next.is_empty() {
-        return Err(Error::Store(format!(
-            "no CA to serve in {}",
-            store.describe()
-        )));
+        let why: Vec<String> = next
+            .failed
+            .iter()
+            .map(|(n, e)| format!("CA {n}: {e}"))
+            .collect();
+        return Err(Error::Store(if why.is_empty() {
+            format!("no CA to serve in {}", store.describe())
+        } else {
+            format!("no CA to serve in {}: {}", store.describe(), why.join("; "))
+        }));
     }
     Ok(next)
 }
 
 /// Whether two snapshots serve the same CAs with the same fingerprints and anchors.
 fn same(a: &IssuerSet, b: &IssuerSet) -> bool {
-    a.fingerprints == b.fingerprints && a.anchors == b.anchors
+    a.fingerprints == b.fingerprints && a.anchors == b.anchors && a.failed == b.failed
 }
 
 /// Reloads on every item of `triggers` until it ends or `stop` fires, publishing a snapshot
@@ -384,6 +450,155 @@ pub(crate) mod tests {
         assert_eq!(fourth.names(), vec!["a"]);
         // At start-up a missing named CA is an error.
         assert!(reload(&store, Some(&names), None, &m).await.is_err());
+    }
+
+    /// Adds an unknown key to CA `name`'s stored policy (the local store's meta.json).
+    fn break_policy(home: &std::path::Path, name: &str) {
+        let path = home.join("cas").join(name).join("meta.json");
+        let mut meta: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        meta["policy"]["pod_certificate"] = serde_json::json!(true);
+        std::fs::write(&path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    }
+
+    /// Issue 17: one CA that failed to load stopped the signer for every CA at start-up, and
+    /// a changed CA that failed to load kept signing under its previous policy.
+    #[tokio::test]
+    async fn a_ca_that_fails_to_load_is_isolated_and_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        let store = LocalStore::create(&home).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        for n in ["a", "b"] {
+            store
+                .save_ca(&create_root(&CaSpec::root(n), now).unwrap(), false)
+                .await
+                .unwrap();
+        }
+        break_policy(&home, "b");
+        let m = Metrics::new();
+        // Start-up: `a` is served, `b` is not, and says why.
+        let first = reload(&store, None, None, &m).await.unwrap();
+        assert_eq!(first.names(), vec!["a"]);
+        let why = &first.failed()["b"];
+        assert!(why.contains("pod_certificate"), "{why}");
+        let text = m.render();
+        for line in [
+            "meshca_ca_ready{ca=\"a\"} 1",
+            "meshca_ca_ready{ca=\"b\"} 0",
+            "meshca_ca_load_errors_total{ca=\"b\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} not in {text}");
+        }
+        // At run time `a`'s policy is changed into one that fails to load: `a` stops being
+        // served (fail closed), it does not keep its previous issuer.
+        break_policy(&home, "a");
+        let second = reload(&store, None, Some(&first), &m).await.unwrap();
+        assert!(second.is_empty(), "{:?}", second.names());
+        assert_eq!(second.failed().keys().collect::<Vec<_>>(), vec!["a", "b"]);
+        assert!(!same(&first, &second));
+        let text = m.render();
+        assert!(text.contains("meshca_ca_ready{ca=\"a\"} 0"), "{text}");
+        assert!(
+            text.contains("meshca_ca_load_errors_total{ca=\"a\"} 1"),
+            "{text}"
+        );
+        // Fixed: served again.
+        store
+            .save_ca(&create_root(&CaSpec::root("a"), now).unwrap(), true)
+            .await
+            .unwrap();
+        let third = reload(&store, None, Some(&second), &m).await.unwrap();
+        assert_eq!(third.names(), vec!["a"]);
+        assert!(m.render().contains("meshca_ca_ready{ca=\"a\"} 1"));
+        // Nothing at all to serve at start-up is an error naming each CA's failure.
+        break_policy(&home, "a");
+        let e = reload(&store, None, None, &m)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CA a:") && e.contains("CA b:"), "{e}");
+    }
+
+    /// Issue 17, in the cluster: a CA Secret whose policy no longer loads stops the CA and
+    /// publishes one Warning Event on the Secret (not again while the reason is the same).
+    #[tokio::test]
+    async fn a_kube_ca_that_fails_to_reload_gets_an_event_and_is_not_served() {
+        use crate::kube::store::{ca_secret_manifest, KubeStore, ANNOTATION_META};
+        use crate::kube::testutil::{json as resp, mock_client, next};
+        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        let mut secret = ca_secret_manifest(&ca, "meshca").unwrap();
+        let meta = secret["metadata"]["annotations"][ANNOTATION_META]
+            .as_str()
+            .unwrap()
+            .replace(
+                "\"auto_approve\":false",
+                "\"auto_approve\":false,\"bogus\":1",
+            );
+        assert!(meta.contains("bogus"), "{meta}");
+        secret["metadata"]["annotations"][ANNOTATION_META] = serde_json::json!(meta);
+        let (client, mut h) = mock_client();
+        let store = KubeStore::new(client, "meshca");
+        let served = IssuerSet::fixed(
+            [(
+                "mesh".to_string(),
+                Arc::new(crate::issue::LocalIssuer::new(ca).unwrap()) as Arc<dyn Issuer>,
+            )]
+            .into_iter()
+            .collect(),
+        );
+        let server = tokio::spawn(async move {
+            for round in 0..2 {
+                let (req, _, send) = next(&mut h).await;
+                assert_eq!(req.method(), "GET");
+                assert_eq!(
+                    req.uri().path(),
+                    "/api/v1/namespaces/meshca/secrets/meshca-ca-mesh"
+                );
+                send.send_response(resp(200, &secret));
+                if round == 1 {
+                    break;
+                }
+                let (req, ev, send) = next(&mut h).await;
+                assert_eq!(req.method(), "POST");
+                assert_eq!(
+                    req.uri().path(),
+                    "/apis/events.k8s.io/v1/namespaces/meshca/events"
+                );
+                assert_eq!(ev["type"], "Warning");
+                assert_eq!(ev["reason"], "CaLoadFailed");
+                assert_eq!(ev["regarding"]["kind"], "Secret");
+                assert_eq!(ev["regarding"]["name"], "meshca-ca-mesh");
+                let note = ev["note"].as_str().unwrap();
+                assert!(
+                    note.contains("CA mesh is not served") && note.contains("bogus"),
+                    "{note}"
+                );
+                send.send_response(resp(201, &ev));
+            }
+            // The same failure again: no second Event.
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), h.next_request())
+                    .await
+                    .is_err()
+            );
+        });
+        let m = Metrics::new();
+        let names = vec!["mesh".to_string()];
+        let next_set = reload(&store, Some(&names), Some(&served), &m)
+            .await
+            .unwrap();
+        assert!(
+            next_set.is_empty(),
+            "fail closed: the old issuer is not kept"
+        );
+        assert!(next_set.failed()["mesh"].contains("bogus"));
+        let again = reload(&store, Some(&names), Some(&next_set), &m)
+            .await
+            .unwrap();
+        assert!(same(&next_set, &again));
+        server.await.unwrap();
+        assert!(m.render().contains("meshca_ca_ready{ca=\"mesh\"} 0"));
     }
 
     #[tokio::test]

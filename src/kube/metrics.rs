@@ -113,6 +113,10 @@ pub struct Metrics {
     pub ca_reloads: Counter,
     /// CA notAfter as Unix time.
     pub ca_expiry: Family<CaLabel, Gauge>,
+    /// Per CA: 1 while it is served, 0 while it fails to load (nothing is issued for it).
+    pub ca_ready: Family<CaLabel, Gauge>,
+    /// Per CA: loads that failed (start-up and reloads).
+    pub ca_load_errors: Family<CaLabel, Counter>,
     /// 1 while leading.
     pub leader: Gauge,
     /// PodCertificateRequests issued.
@@ -152,6 +156,8 @@ impl Metrics {
             controller_ready: Family::default(),
             ca_reloads: Counter::default(),
             ca_expiry: Family::default(),
+            ca_ready: Family::default(),
+            ca_load_errors: Family::default(),
             leader: Gauge::default(),
             pcrs_issued: Counter::default(),
             pcrs_refused: Family::default(),
@@ -240,6 +246,16 @@ impl Metrics {
             "ca_expiry_timestamp_seconds",
             "notAfter of each loaded CA (Unix time)",
             m.ca_expiry.clone(),
+        );
+        registry.register(
+            "ca_ready",
+            "1 while the CA is served, 0 while it fails to load (nothing is issued for it)",
+            m.ca_ready.clone(),
+        );
+        registry.register(
+            "ca_load_errors",
+            "Loads of a CA that failed, at start-up or on a reload",
+            m.ca_load_errors.clone(),
         );
         registry.register("leader", "1 while this replica leads", m.leader.clone());
         registry.register(

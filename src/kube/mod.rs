@@ -9,6 +9,8 @@
 //!   and `ca.crt`, and renewed at 2/3 of their lifetime.
 //! - [`csr_client`]: the workload side of a CSR (`sds serve --source kube-csr`): key in memory,
 //!   create, watch until signed or refused, delete.
+//! - [`csr_delete_guard`]: the kube-csr sidecar's start-up check that the admission policy
+//!   limiting its CSR `delete` right to its own CSRs is installed and applies to it.
 //! - [`trust_bundle_reader`]: a read-only watch of one signer's ClusterTrustBundles.
 //! - [`bundles`]: trust-bundle ConfigMaps (key `ca.crt`) kept in sync in target namespaces.
 //! - [`trust_bundles`]: one ClusterTrustBundle `meshca.io:<ca>:<suffix>` per CA.
@@ -36,6 +38,7 @@ pub mod approver;
 pub mod backoff;
 pub mod bundles;
 pub mod csr_client;
+pub mod csr_delete_guard;
 pub mod discovery;
 pub mod health;
 pub mod issuers;

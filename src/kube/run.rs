@@ -496,7 +496,11 @@ mod tests {
         use crate::kube::pcr::check::tests::{key_and_pop, pcr};
         let dir = tempfile::tempdir().unwrap();
         let store = LocalStore::create(dir.path().join("home")).unwrap();
-        let ca = create_root(&CaSpec::root("mesh"), time::OffsetDateTime::now_utc()).unwrap();
+        let mut spec = CaSpec::root("mesh");
+        // The CA opts in to pod certificates for the request's namespace.
+        spec.policy.pod_certificates = true;
+        spec.policy.pod_certificate_namespaces = vec!["app".into()];
+        let ca = create_root(&spec, time::OffsetDateTime::now_utc()).unwrap();
         store.save_ca(&ca, false).await.unwrap();
         let (client, mut h) = mock_client();
         let mut cfg = RunConfig::new(Arc::new(store));

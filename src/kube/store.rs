@@ -43,6 +43,9 @@ pub const LABEL_LEDGER: &str = "meshca.io/ledger";
 const LEDGER_SHARD_LIMIT: usize = 900_000;
 const LEDGER_MAX_CONFLICTS: u32 = 20;
 
+/// Event reason on a CA Secret whose CA failed to load and is not served.
+pub const EVENT_CA_LOAD_FAILED: &str = "CaLoadFailed";
+
 /// The Secret name of a CA.
 pub fn ca_secret_name(ca: &str) -> String {
     format!("meshca-ca-{ca}")
@@ -381,6 +384,37 @@ impl Store for KubeStore {
             .await
             .map_err(|e| kube_err("reading a CA Secret", e))?;
         Ok(s.is_some())
+    }
+
+    async fn report_ca_load_failure(&self, name: &str, reason: &str) {
+        use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+        let recorder = Recorder::new(
+            self.client.clone(),
+            Reporter {
+                controller: "meshca-signer".into(),
+                instance: Some(crate::store::host_name()),
+            },
+        );
+        let secret = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            name: Some(ca_secret_name(name)),
+            namespace: Some(self.namespace.clone()),
+            ..Default::default()
+        };
+        let ev = Event {
+            type_: EventType::Warning,
+            reason: EVENT_CA_LOAD_FAILED.into(),
+            note: Some(super::signer::truncate(
+                &format!("CA {name} is not served (nothing is issued for it): {reason}"),
+                1000,
+            )),
+            action: "Load".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&ev, &secret).await {
+            tracing::warn!(ca = %name, error = %e, "could not publish an Event");
+        }
     }
 
     async fn load_ca(&self, name: &str) -> Result<CaMaterial> {

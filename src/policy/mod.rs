@@ -15,15 +15,19 @@
 //! - a managed Secret in namespace X binds `{ns}` to X and `{sa}` to the service account of the
 //!   SPIFFE ID it asks for, which must be in X; the CA must list X in `managed_namespaces`;
 //! - a pod's service account (a PodCertificateRequest's namespace and
-//!   `spec.serviceAccountName`) binds `{ns}`/`{sa}` to itself and may only get its own ID;
+//!   `spec.serviceAccountName`) binds `{ns}`/`{sa}` to itself and may only get its own ID; the
+//!   CA must say `pod_certificates = true` and list the namespace in
+//!   `pod_certificate_namespaces` (the PodCertificateRequest API has no approval step, so this
+//!   opt-in is the only gate);
 //! - the local operator (who holds the CA key) binds `{ns}`/`{sa}` from the requested ID.
 //!
 //! **In-cluster defaults.** For the Kubernetes front ends an empty `allowed_spiffe_ids`
 //! means `spiffe://{td}/ns/{ns}/sa/{sa}` and an empty `allowed_dns` means `{sa}.{ns}.svc` and
 //! `{sa}.{ns}.svc.cluster.local` (for the local operator, empty lists allow anything in the
-//! trust domain). The auto-approver additionally requires `auto_approve = true`, never
-//! approves IP SANs, and approves a DNS name matched only by a rule without `{ns}`/`{sa}`
-//! only with `auto_approve_static_dns = true`.
+//! trust domain). An IP SAN must lie in `allowed_ip_ranges`; in the cluster an empty list means
+//! no IP SAN (for the local operator, any). The auto-approver additionally requires
+//! `auto_approve = true`, never approves IP SANs, and approves a DNS name matched only by a
+//! rule without `{ns}`/`{sa}` only with `auto_approve_static_dns = true`.
 //!
 //! Patterns: see [`pattern`]. Usages: see [`usage`].
 
@@ -38,6 +42,7 @@ use crate::error::{Error, Result};
 use crate::identity::{Sans, TrustDomain};
 use crate::key::{KeyAlgorithm, PublicKeyKind, MIN_RSA_BITS};
 
+pub use ipnet::IpNet;
 pub use pattern::Bindings;
 pub use usage::{Ekus, Usages, ALLOWED_USAGES};
 
@@ -65,8 +70,11 @@ pub struct Policy {
     pub allowed_dns: Vec<String>,
     /// Whether wildcard DNS SANs (`*.example.com`) may be issued at all.
     pub allow_wildcard_dns: bool,
-    /// Whether IP SANs may be issued (never by auto-approval).
+    /// Whether IP SANs may be issued at all (never by auto-approval).
     pub allow_ip_sans: bool,
+    /// IP ranges (CIDR, e.g. `10.0.0.0/8`) every IP SAN must lie in. Empty: the in-cluster
+    /// front ends issue no IP SAN; the local operator any (within `allow_ip_sans`).
+    pub allowed_ip_ranges: Vec<IpNet>,
     /// Whether every certificate must carry a SPIFFE ID.
     pub require_spiffe_id: bool,
     /// Longest TTL a certificate may have.
@@ -84,6 +92,12 @@ pub struct Policy {
     pub managed_namespaces: Vec<String>,
     /// Whether `signer run --auto-approve` may approve CSRs for this CA. Default off.
     pub auto_approve: bool,
+    /// Whether the PodCertificateRequest signer (`signer run --pod-certificates`) signs for
+    /// this CA at all. Default off. The pod's namespace must also be listed in
+    /// `pod_certificate_namespaces`.
+    pub pod_certificates: bool,
+    /// Namespaces whose pods may get a pod certificate from this CA. Default none.
+    pub pod_certificate_namespaces: Vec<String>,
     /// Whether the auto-approver may approve DNS names matched only by a rule without
     /// `{ns}`/`{sa}` (e.g. `**.example.com`). Default off.
     pub auto_approve_static_dns: bool,
@@ -96,6 +110,7 @@ impl Default for Policy {
             allowed_dns: Vec::new(),
             allow_wildcard_dns: false,
             allow_ip_sans: true,
+            allowed_ip_ranges: Vec::new(),
             require_spiffe_id: false,
             max_ttl: DEFAULT_MAX_TTL,
             default_ttl: DEFAULT_TTL,
@@ -103,6 +118,8 @@ impl Default for Policy {
             registration_authorities: Vec::new(),
             managed_namespaces: Vec::new(),
             auto_approve: false,
+            pod_certificates: false,
+            pod_certificate_namespaces: Vec::new(),
             auto_approve_static_dns: false,
         }
     }
@@ -349,7 +366,12 @@ impl Policy {
                 None => Binding::Unbound,
             },
             Requester::PodServiceAccount { namespace, name } => match requester.service_account() {
-                Some((ns, sa)) => Binding::Account(ns, sa),
+                Some((ns, sa)) => {
+                    if let Some(d) = self.pod_certificate_gate(ca, ns) {
+                        return Err(d);
+                    }
+                    Binding::Account(ns, sa)
+                }
                 None => {
                     return Err(Denial::new(format!(
                         "the pod's service account {namespace:?}/{name:?} is incomplete"
@@ -511,15 +533,62 @@ impl Policy {
                 return Err(denial);
             }
         }
-        if let Some(ip) = req.sans.ips.first() {
-            if via == FrontEnd::AutoApprover {
-                return Err(Denial::new(format!("IP SAN {ip} is never auto-approved")));
-            }
-            if !self.allow_ip_sans {
-                return Err(Denial::new(format!("IP SAN {ip} is not allowed")));
-            }
+        for ip in &req.sans.ips {
+            self.ip_allowed(ca, via, *ip)?;
         }
         Ok(Grant { ttl, ekus })
+    }
+
+    /// Whether IP SAN `ip` may be issued through `via`: never by the auto-approver, never
+    /// without `allow_ip_sans`, and inside `allowed_ip_ranges` (which the in-cluster front ends
+    /// require: an empty list there means no IP SAN).
+    fn ip_allowed(
+        &self,
+        ca: &str,
+        via: FrontEnd,
+        ip: std::net::IpAddr,
+    ) -> std::result::Result<(), Denial> {
+        if via == FrontEnd::AutoApprover {
+            return Err(Denial::new(format!("IP SAN {ip} is never auto-approved")));
+        }
+        if !self.allow_ip_sans {
+            return Err(Denial::new(format!("IP SAN {ip} is not allowed")));
+        }
+        if self.allowed_ip_ranges.is_empty() {
+            if via.in_cluster() {
+                return Err(Denial::new(format!(
+                    "IP SAN {ip} is not allowed in the cluster: CA {ca}'s policy lists no allowed_ip_ranges"
+                )));
+            }
+            return Ok(());
+        }
+        if self.allowed_ip_ranges.iter().any(|r| r.contains(&ip)) {
+            return Ok(());
+        }
+        Err(Denial::new(format!(
+            "IP SAN {ip} is outside CA {ca}'s allowed_ip_ranges ({})",
+            self.allowed_ip_ranges
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
+    }
+
+    /// `Some` when CA `ca` does not sign pod certificates for namespace `ns`: the CA has no
+    /// `pod_certificates = true`, or does not list `ns` in `pod_certificate_namespaces`.
+    pub fn pod_certificate_gate(&self, ca: &str, ns: &str) -> Option<Denial> {
+        if !self.pod_certificates {
+            return Some(Denial::new(format!(
+                "CA {ca} does not sign pod certificates (its policy has no pod_certificates = true); namespace {ns:?} asked"
+            )));
+        }
+        if !self.pod_certificate_namespaces.iter().any(|n| n == ns) {
+            return Some(Denial::new(format!(
+                "namespace {ns:?} is not served pod certificates by CA {ca}: it is not in the policy's pod_certificate_namespaces"
+            )));
+        }
+        None
     }
 
     /// Whether DNS name `d` matches one of `rules` (the auto-approver: one that binds the
@@ -579,7 +648,16 @@ impl Policy {
                 ));
             }
         }
-        for ns in &self.managed_namespaces {
+        let namespaces = self
+            .managed_namespaces
+            .iter()
+            .map(|ns| ("managed namespace", ns))
+            .chain(
+                self.pod_certificate_namespaces
+                    .iter()
+                    .map(|ns| ("pod certificate namespace", ns)),
+            );
+        for (what, ns) in namespaces {
             let ok = !ns.is_empty()
                 && ns.len() <= 63
                 && ns
@@ -588,7 +666,7 @@ impl Policy {
             if !ok {
                 return Err(Error::invalid(
                     "policy",
-                    format!("managed namespace {ns:?} is not a Kubernetes namespace name"),
+                    format!("{what} {ns:?} is not a Kubernetes namespace name"),
                 ));
             }
         }
@@ -949,7 +1027,11 @@ mod tests {
             name: "web".into(),
         };
         let own = sans(Some("spiffe://cluster.local/ns/app/sa/web"), &[]);
-        let p = Policy::default();
+        let p = Policy {
+            pod_certificates: true,
+            pod_certificate_namespaces: vec!["app".into()],
+            ..Policy::default()
+        };
         assert!(ask(&p, FrontEnd::PodCertificate, &web, &own, None).is_ok());
         for other in [
             "spiffe://cluster.local/ns/app/sa/db",
@@ -1034,7 +1116,7 @@ mod tests {
         assert!(d.key_type);
         let only384 = Policy {
             allowed_key_algorithms: vec![KeyAlgorithm::EcdsaP384],
-            ..Policy::default()
+            ..p.clone()
         };
         assert!(denied(req(PublicKeyKind::Ed25519, &only384), "ed25519").key_type);
         assert!(req(PublicKeyKind::Ecdsa { bits: 384 }, &only384).is_ok());
@@ -1042,6 +1124,136 @@ mod tests {
             "pod-certificate".parse::<FrontEnd>().unwrap(),
             FrontEnd::PodCertificate
         );
+    }
+
+    /// Issue 17: every served CA signed a PodCertificateRequest for any pod in any namespace.
+    #[test]
+    fn pod_certificates_are_opt_in_per_ca_and_namespace() {
+        let web = Requester::PodServiceAccount {
+            namespace: "app".into(),
+            name: "web".into(),
+        };
+        let own = sans(Some("spiffe://cluster.local/ns/app/sa/web"), &[]);
+        let d = denied(
+            ask(
+                &Policy::default(),
+                FrontEnd::PodCertificate,
+                &web,
+                &own,
+                None,
+            ),
+            "CA c",
+        );
+        assert!(d.reason.contains("pod_certificates"), "{}", d.reason);
+        assert!(d.reason.contains("\"app\""), "{}", d.reason);
+        // A namespace list alone is not the opt-in.
+        let listed = Policy {
+            pod_certificate_namespaces: vec!["app".into()],
+            ..Policy::default()
+        };
+        denied(
+            ask(&listed, FrontEnd::PodCertificate, &web, &own, None),
+            "pod_certificates = true",
+        );
+        // Opted in, but not for this namespace.
+        let other = Policy {
+            pod_certificates: true,
+            pod_certificate_namespaces: vec!["prod".into()],
+            ..Policy::default()
+        };
+        let d = denied(
+            ask(&other, FrontEnd::PodCertificate, &web, &own, None),
+            "namespace \"app\"",
+        );
+        assert!(d.reason.contains("CA c"), "{}", d.reason);
+        assert!(
+            d.reason.contains("pod_certificate_namespaces"),
+            "{}",
+            d.reason
+        );
+        // Opted in for it: allowed. Other front ends ignore the pod-certificate keys.
+        let on = Policy {
+            pod_certificates: true,
+            pod_certificate_namespaces: vec!["app".into()],
+            ..Policy::default()
+        };
+        assert!(ask(&on, FrontEnd::PodCertificate, &web, &own, None).is_ok());
+        let csr = Requester::kube("system:serviceaccount:app:web");
+        assert!(ask(&Policy::default(), FrontEnd::CsrSigner, &csr, &own, None).is_ok());
+        // Namespaces are checked when the policy loads.
+        let bad = Policy {
+            pod_certificate_namespaces: vec!["App".into()],
+            ..on.clone()
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("\"App\""));
+    }
+
+    /// Issue 17: `allow_ip_sans` defaulted to true, so any in-cluster requester got any IP.
+    #[test]
+    fn in_cluster_ip_sans_need_allowed_ranges() {
+        let blue = Requester::kube("system:serviceaccount:app:blue");
+        let mut s = sans(Some("spiffe://cluster.local/ns/app/sa/blue"), &[]);
+        s.ips.push("10.1.2.3".parse().unwrap());
+        let d = denied(
+            ask(&Policy::default(), FrontEnd::CsrSigner, &blue, &s, None),
+            "IP SAN 10.1.2.3",
+        );
+        assert!(d.reason.contains("allowed_ip_ranges"), "{}", d.reason);
+        // The local operator keeps `allow_ip_sans`.
+        assert!(local(&Policy::default(), &s, None).is_ok());
+        // Listed ranges: inside allowed through every in-cluster front end but the
+        // auto-approver; outside denied naming the IP, for the local operator too.
+        let ranged = Policy {
+            allowed_ip_ranges: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            managed_namespaces: vec!["app".into()],
+            pod_certificates: true,
+            pod_certificate_namespaces: vec!["app".into()],
+            ..Policy::default()
+        };
+        let pod = Requester::PodServiceAccount {
+            namespace: "app".into(),
+            name: "blue".into(),
+        };
+        let ns = Requester::SecretNamespace("app".into());
+        for (via, who) in [
+            (FrontEnd::CsrSigner, &blue),
+            (FrontEnd::ManagedSecret, &ns),
+            (FrontEnd::PodCertificate, &pod),
+        ] {
+            assert!(ask(&ranged, via, who, &s, None).is_ok(), "{via:?}");
+            let mut out = s.clone();
+            out.ips.push("192.168.1.1".parse().unwrap());
+            let d = denied(ask(&ranged, via, who, &out, None), "IP SAN 192.168.1.1");
+            assert!(d.reason.contains("10.0.0.0/8, fd00::/8"), "{}", d.reason);
+        }
+        let mut out = s.clone();
+        out.ips = vec!["fe80::1".parse().unwrap()];
+        denied(
+            local(&ranged, &out, None),
+            "IP SAN fe80::1 is outside CA c's",
+        );
+        let aa = Policy {
+            auto_approve: true,
+            ..ranged.clone()
+        };
+        denied(
+            ask(&aa, FrontEnd::AutoApprover, &blue, &s, None),
+            "IP SAN 10.1.2.3 is never auto-approved",
+        );
+        // allow_ip_sans = false still wins.
+        let off = Policy {
+            allow_ip_sans: false,
+            ..ranged
+        };
+        denied(
+            ask(&off, FrontEnd::CsrSigner, &blue, &s, None),
+            "IP SAN 10.1.2.3 is not allowed",
+        );
+        // A range that is not a CIDR fails to load, naming it.
+        let e = toml::from_str::<Policy>("allowed_ip_ranges = [\"10.0.0.0/33\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("allowed_ip_ranges"), "{e}");
     }
 
     #[test]

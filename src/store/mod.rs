@@ -147,6 +147,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         let _ = (spec, anchors);
         Ok(0)
     }
+    /// Reports that CA `name` failed to load and is not served (`reason`: one line, never key
+    /// material), where the store's users look: the kube store publishes a Warning Event on
+    /// the CA's Secret. Best effort; the default does nothing (the caller logs the failure).
+    async fn report_ca_load_failure(&self, name: &str, reason: &str) {
+        let _ = (name, reason);
+    }
     /// The error of a store without rotation support.
     fn no_rotation(&self) -> Error {
         Error::Unsupported(format!(

@@ -532,6 +532,15 @@ pub(crate) mod tests {
     use super::*;
     use crate::ca::{create_root, CaSpec};
     use crate::policy::Policy;
+
+    /// A policy that opts in to pod certificates for namespace `app` (the requests' namespace).
+    fn opted_in() -> Policy {
+        Policy {
+            pod_certificates: true,
+            pod_certificate_namespaces: vec!["app".into()],
+            ..Policy::default()
+        }
+    }
     use serde_json::json;
 
     /// A key of `alg` and its proof of possession over `uid`, made with aws-lc-rs the way the
@@ -654,7 +663,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_good_stub_request_is_issued_to_the_csrs_key() {
-        let m = meta(Policy::default());
+        let m = meta(opted_in());
         let now = OffsetDateTime::now_utc();
         for alg in ["p256", "ed25519"] {
             let (csr, spki) = stub_csr(alg);
@@ -698,7 +707,7 @@ pub(crate) mod tests {
 
     #[test]
     fn stub_request_refusals_name_the_offending_value() {
-        let m = meta(Policy::default());
+        let m = meta(opted_in());
         let (csr, spki) = stub_csr("p256");
         let fp = |k: &[u8]| {
             crate::pemutil::hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, k).as_ref())
@@ -741,7 +750,7 @@ pub(crate) mod tests {
         // The CA's policy allows only P-384: the same rules as for pkixPublicKey.
         let p384 = meta(Policy {
             allowed_key_algorithms: vec![KeyAlgorithm::EcdsaP384],
-            ..Policy::default()
+            ..opted_in()
         });
         let msg = denied(&stub(&csr, None), &p384, REASON_UNSUPPORTED_KEY_TYPE);
         assert!(msg.contains("ECDSAP384"), "{msg}");
@@ -766,7 +775,7 @@ pub(crate) mod tests {
 
     #[test]
     fn a_good_request_gets_its_service_accounts_id_and_a_bounded_lifetime() {
-        let m = meta(Policy::default());
+        let m = meta(opted_in());
         for alg in ["p256", "ed25519"] {
             let (spki, pop) = key_and_pop(alg, UID);
             let p = pcr("app", "web", "meshca.io/mesh", &spki, &pop, UID, Some(7200));
@@ -789,7 +798,7 @@ pub(crate) mod tests {
         // maxExpirationSeconds over the policy: capped at max_ttl.
         let short = meta(Policy {
             max_ttl: Duration::from_secs(2 * 3600),
-            ..Policy::default()
+            ..opted_in()
         });
         let (spki, pop) = key_and_pop("p256", UID);
         let p = pcr(
@@ -812,7 +821,7 @@ pub(crate) mod tests {
 
     #[test]
     fn refusals_name_the_condition_the_reason_and_the_value() {
-        let m = meta(Policy::default());
+        let m = meta(opted_in());
         let now = OffsetDateTime::now_utc();
         let (spki, pop) = key_and_pop("p256", UID);
         // P-521: the API server takes it, meshca does not.
@@ -839,7 +848,7 @@ pub(crate) mod tests {
         // suggested (through the one decision).
         let p384 = meta(Policy {
             allowed_key_algorithms: vec![KeyAlgorithm::EcdsaP384],
-            ..Policy::default()
+            ..opted_in()
         });
         let r = prepare(
             &pcr("app", "web", "meshca.io/mesh", &spki, &pop, UID, None),
@@ -890,7 +899,7 @@ pub(crate) mod tests {
         // Policy: the CA's rules do not admit this service account's ID.
         let only_prod = meta(Policy {
             allowed_spiffe_ids: vec!["spiffe://{td}/ns/prod/sa/{sa}".into()],
-            ..Policy::default()
+            ..opted_in()
         });
         let r = prepare(
             &pcr("app", "web", "meshca.io/mesh", &spki, &pop, UID, None),
@@ -918,7 +927,7 @@ pub(crate) mod tests {
         let tiny = meta(Policy {
             max_ttl: Duration::from_secs(1800),
             default_ttl: Duration::from_secs(1800),
-            ..Policy::default()
+            ..opted_in()
         });
         let r = prepare(
             &pcr("app", "web", "meshca.io/mesh", &spki, &pop, UID, None),
@@ -1000,7 +1009,7 @@ pub(crate) mod tests {
             &sign("max")
         ));
         // And the whole check accepts it.
-        let m = meta(Policy::default());
+        let m = meta(opted_in());
         let p = pcr(
             "app",
             "web",

@@ -21,6 +21,15 @@ use crate::kube::signer::tests::local;
 use crate::kube::testutil::{json as resp, mock_client, next, status as api_status};
 use crate::policy::Policy;
 
+/// A policy that opts in to pod certificates for namespace `app` (the requests' namespace).
+fn opted_in() -> Policy {
+    Policy {
+        pod_certificates: true,
+        pod_certificate_namespaces: vec!["app".into()],
+        ..Policy::default()
+    }
+}
+
 const UID: &str = "5f0c8a1e-9b7d-4c2a-8e6f-1a2b3c4d5e6f";
 const PATH: &str =
     "/apis/certificates.k8s.io/v1beta1/namespaces/app/podcertificaterequests/p1/status";
@@ -113,7 +122,7 @@ fn only_condition(body: &serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn a_request_is_signed_in_one_status_update_the_api_server_accepts() {
     let (client, mut h) = mock_client();
-    let ca = local("mesh", Policy::default());
+    let ca = local("mesh", opted_in());
     #[derive(Debug, Default)]
     struct Rec(Mutex<Vec<IssuedRecord>>);
     #[async_trait::async_trait]
@@ -225,7 +234,7 @@ async fn refused(iss: Arc<dyn Issuer>, p: Pcr) -> serde_json::Value {
 
 #[tokio::test]
 async fn each_denial_reason_is_written_as_a_denied_condition_naming_the_value() {
-    let mesh = local("mesh", Policy::default());
+    let mesh = local("mesh", opted_in());
     // Unsupported key type (P-521, which the API server accepts).
     let (k, pop) = key_and_pop("p521", UID);
     let c = refused(
@@ -258,7 +267,7 @@ async fn each_denial_reason_is_written_as_a_denied_condition_naming_the_value() 
         "mesh",
         Policy {
             allowed_spiffe_ids: vec!["spiffe://{td}/ns/prod/sa/{sa}".into()],
-            ..Policy::default()
+            ..opted_in()
         },
     );
     let c = refused(prod, good(None).0).await;
@@ -273,6 +282,24 @@ async fn each_denial_reason_is_written_as_a_denied_condition_naming_the_value() 
             .contains("spiffe://cluster.local/ns/app/sa/web"),
         "{c}"
     );
+    // Issue 17: a CA without the pod-certificate opt-in, and one serving another namespace.
+    for (policy, needle) in [
+        (Policy::default(), "CA mesh does not sign pod certificates"),
+        (
+            Policy {
+                pod_certificate_namespaces: vec!["prod".into()],
+                ..opted_in()
+            },
+            "namespace \"app\" is not served pod certificates by CA mesh",
+        ),
+    ] {
+        let c = refused(local("mesh", policy), good(None).0).await;
+        assert_eq!(
+            (c["type"].as_str(), c["reason"].as_str()),
+            (Some("Denied"), Some(REASON_POLICY))
+        );
+        assert!(c["message"].as_str().unwrap().contains(needle), "{c}");
+    }
     // Proof of possession over another UID.
     let (k, pop) = key_and_pop("p256", "not-the-pod");
     let c = refused(
@@ -325,7 +352,7 @@ async fn what_no_retry_fixes_fails_the_request() {
         Policy {
             max_ttl: Duration::from_secs(1800),
             default_ttl: Duration::from_secs(1800),
-            ..Policy::default()
+            ..opted_in()
         },
     );
     let c = refused(tiny, good(None).0).await;
@@ -338,7 +365,7 @@ async fn what_no_retry_fixes_fails_the_request() {
         "{c}"
     );
     // A terminal backend refusal.
-    let meta = local("mesh", Policy::default()).ca().meta.clone();
+    let meta = local("mesh", opted_in()).ca().meta.clone();
     let c = refused(Arc::new(Refusing(meta, false)), good(None).0).await;
     assert_eq!(
         (c["type"].as_str(), c["reason"].as_str()),
@@ -351,7 +378,7 @@ async fn what_no_retry_fixes_fails_the_request() {
     // The API server refuses the certificate as invalid (not "already terminal"): Failed,
     // quoting it.
     let (client, mut h) = mock_client();
-    let s = signer(client, local("mesh", Policy::default()));
+    let s = signer(client, local("mesh", opted_in()));
     let (p, _) = good(None);
     let sent = p.clone();
     let api_message = "PodCertificateRequest.certificates.k8s.io \"p1\" is invalid: status.notBefore: Invalid value: must be set to within 5 minutes of kube-apiserver's current time";
@@ -390,7 +417,7 @@ async fn transient_errors_are_retried_with_backoff_and_write_nothing_terminal() 
         ),
     ] {
         let (client, mut h) = mock_client();
-        let s = signer(client, local("mesh", Policy::default()));
+        let s = signer(client, local("mesh", opted_in()));
         let (p, _) = good(None);
         let sent = p.clone();
         let server = tokio::spawn(async move {
@@ -412,7 +439,7 @@ async fn transient_errors_are_retried_with_backoff_and_write_nothing_terminal() 
     }
     // A throttled backend: retried, no request at all.
     let (client, mut h) = mock_client();
-    let meta = local("mesh", Policy::default()).ca().meta.clone();
+    let meta = local("mesh", opted_in()).ca().meta.clone();
     let s = signer(client, Arc::new(Refusing(meta, true)));
     assert!(crate::kube::retryable(
         &s.reconcile_or_log(&good(None).0).await.unwrap_err()
@@ -432,7 +459,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
         (422, format!("status: Invalid value: {ALREADY_TERMINAL}")),
     ] {
         let (client, mut h) = mock_client();
-        let s = signer(client, local("mesh", Policy::default()));
+        let s = signer(client, local("mesh", opted_in()));
         let server = tokio::spawn(async move {
             let (_, _, send) = next(&mut h).await;
             send.send_response(api_status(code, "Conflict", &msg));
@@ -449,7 +476,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
         server.await.unwrap();
     }
     let (client, mut h) = mock_client();
-    let s = signer(client.clone(), local("mesh", Policy::default()));
+    let s = signer(client.clone(), local("mesh", opted_in()));
     let (p, _) = good(None);
     let mut issued = p.clone();
     issued.status = serde_json::from_value(json!({"conditions": [{
@@ -479,7 +506,7 @@ async fn a_lost_race_terminal_foreign_and_follower_requests_are_left_alone() {
         IssuerSet::watch_fixed(
             [(
                 "mesh".to_string(),
-                local("mesh", Policy::default()) as Arc<dyn Issuer>,
+                local("mesh", opted_in()) as Arc<dyn Issuer>,
             )]
             .into_iter()
             .collect(),
@@ -568,7 +595,7 @@ fn discovering_signer() -> (Arc<PcrSigner>, MockHandle) {
         IssuerSet::watch_fixed(
             [(
                 "mesh".to_string(),
-                local("mesh", Policy::default()) as Arc<dyn Issuer>,
+                local("mesh", opted_in()) as Arc<dyn Issuer>,
             )]
             .into_iter()
             .collect(),
@@ -792,7 +819,7 @@ fn issued_leaf(body: &serde_json::Value) -> crate::x509::CertInfo {
 #[tokio::test]
 async fn a_stub_request_through_v1_is_issued_to_the_csrs_key() {
     let (client, mut h) = mock_client();
-    let ca = local("mesh", Policy::default());
+    let ca = local("mesh", opted_in());
     let s = signer_v(client, ca.clone(), "v1");
     let (csr, spki) = stub_csr("p256");
     let p = stub_pcr("app", "web", "meshca.io/mesh", &csr, None, UID);
@@ -840,8 +867,8 @@ async fn a_stub_request_through_v1_is_issued_to_the_csrs_key() {
 #[tokio::test]
 async fn a_replaced_ca_signs_the_next_request_without_a_restart() {
     let (client, mut h) = mock_client();
-    let old = local("mesh", Policy::default());
-    let new = local("mesh", Policy::default());
+    let old = local("mesh", opted_in());
+    let new = local("mesh", opted_in());
     let set = |i: &Arc<crate::issue::LocalIssuer>| {
         Arc::new(IssuerSet::fixed(
             [("mesh".to_string(), i.clone() as Arc<dyn Issuer>)]
@@ -898,7 +925,7 @@ async fn a_keyless_v1_request_gets_its_key_from_v1beta1_or_is_denied() {
     // Created through v1beta1 with pkixPublicKey (a kubelet before 1.36), seen through v1:
     // no key. It is read again through v1beta1, signed for that key, and written through v1.
     let (client, mut h) = mock_client();
-    let s = signer_v(client, local("mesh", Policy::default()), "v1");
+    let s = signer_v(client, local("mesh", opted_in()), "v1");
     let (legacy, spki) = good(None);
     let mut seen = serde_json::to_value(&legacy).unwrap();
     seen["apiVersion"] = json!("certificates.k8s.io/v1");
@@ -931,7 +958,7 @@ async fn a_keyless_v1_request_gets_its_key_from_v1beta1_or_is_denied() {
     assert_eq!(issued_leaf(&server.await.unwrap()).spki_der, spki);
     // v1beta1 not served (404): Denied for having no key, saying so.
     let (client, mut h) = mock_client();
-    let s = signer_v(client, local("mesh", Policy::default()), "v1");
+    let s = signer_v(client, local("mesh", opted_in()), "v1");
     let server = tokio::spawn(async move {
         let (req, _, send) = next(&mut h).await;
         assert_eq!(req.method(), "GET");
@@ -953,7 +980,7 @@ async fn a_keyless_v1_request_gets_its_key_from_v1beta1_or_is_denied() {
     );
     // A v1beta1 signer never reads twice: the request is refused at once.
     let (client, mut h) = mock_client();
-    let s = signer(client, local("mesh", Policy::default()));
+    let s = signer(client, local("mesh", opted_in()));
     let server = tokio::spawn(async move {
         let (req, body, send) = next(&mut h).await;
         assert_eq!(req.method(), "PUT");

@@ -23,9 +23,11 @@
 //! `meshca.io/*`) on create and update.
 //!
 //! Every object carries `app.kubernetes.io/managed-by: meshca` and `meshca.io/ca: <ca>`. A
-//! sync deletes only objects with both labels whose CA is one it publishes and whose name it
-//! no longer wants (an old suffix): another deployment's CAs and hand-made bundles are never
-//! touched. A CA that is no longer served keeps its last ClusterTrustBundle (workloads may
+//! sync deletes only objects with both labels whose CA is one it publishes, whose
+//! `spec.signerName` is that CA's (`meshca.io/<ca>`) and whose name starts with
+//! `meshca.io:<ca>:`, and only those it no longer wants (an old suffix) ([`owned_by`]):
+//! another deployment's CAs, other signers' bundles and hand-made bundles are never touched,
+//! even when they carry meshca's labels. A CA that is no longer served keeps its last ClusterTrustBundle (workloads may
 //! still trust it); delete it by hand.
 
 use std::sync::Arc;
@@ -448,6 +450,36 @@ mod tests {
         assert!(p.apply.is_empty());
     }
 
+    /// Issue 17: prune deleted any bundle carrying meshca's labels, whatever its signer name
+    /// or object name. Both must be the CA's own.
+    #[test]
+    fn prune_checks_the_signer_name_and_the_name_prefix_not_only_labels() {
+        let ca = create_root(&CaSpec::root("ca1"), time::OffsetDateTime::now_utc()).unwrap();
+        let d = desired("ca1", std::slice::from_ref(&ca.cert), "roots").unwrap();
+        let e = |name: &str, signer: Option<&str>| Existing {
+            name: name.into(),
+            ca: Some("ca1".into()),
+            managed: true,
+            signer: signer.map(str::to_string),
+            pem: Some("x".into()),
+        };
+        let p = plan(
+            std::slice::from_ref(&d),
+            &[
+                // Labelled ca1, but another signer's bundle (or none).
+                e("example.com:team:roots", Some("example.com/team")),
+                e("meshca.io:ca10:roots", Some("meshca.io/ca10")),
+                e("cluster-roots", None),
+                // The signer matches, the name does not carry the prefix.
+                e("ca1-roots", Some("meshca.io/ca1")),
+                e("meshca.io:ca1", Some("meshca.io/ca1")),
+                // Its own, stale: deleted.
+                e("meshca.io:ca1:old", Some("meshca.io/ca1")),
+            ],
+        );
+        assert_eq!(p.delete, vec!["meshca.io:ca1:old".to_string()]);
+    }
+
     #[tokio::test]
     async fn a_missing_bundle_is_created_by_server_side_apply() {
         let (_d, store) = store_with(&["ca1"]).await;
@@ -575,6 +607,19 @@ mod tests {
                     object("meshca.io:ca1:roots", "ca1", true, &pem),
                     object("meshca.io:ca1:by-hand", "ca1", false, &pem),
                     object("meshca.io:other:roots", "other", true, &pem),
+                    // Issue 17: labelled as ca1's, but another signer's, or not named
+                    // meshca.io:ca1:<suffix>.
+                    {
+                        let mut o = object("example.com:team:roots", "ca1", true, &pem);
+                        o["spec"]["signerName"] = json!("example.com/team");
+                        o
+                    },
+                    {
+                        let mut o = object("team-roots", "ca1", true, &pem);
+                        o["spec"].as_object_mut().unwrap().remove("signerName");
+                        o
+                    },
+                    object("ca1-roots", "ca1", true, &pem),
                 ],
             )
             .await;
@@ -590,7 +635,11 @@ mod tests {
             ));
             h
         });
-        let r = sync(&client, &beta(), &want, None).await.unwrap();
+        // A delete the mock does not expect would wait for an answer forever.
+        let r = tokio::time::timeout(Duration::from_secs(10), sync(&client, &beta(), &want, None))
+            .await
+            .expect("no request beyond the one delete (a bundle it does not own was deleted?)")
+            .unwrap();
         assert_eq!(r.deleted, vec!["meshca.io:ca1:roots".to_string()]);
         assert_eq!(r.unchanged, 1);
         drop(client);

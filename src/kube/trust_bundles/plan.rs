@@ -170,9 +170,23 @@ pub struct Plan {
     pub unchanged: usize,
 }
 
+/// Whether `e` is a ClusterTrustBundle meshca published for CA `ca`: both labels
+/// (`app.kubernetes.io/managed-by: meshca`, `meshca.io/ca: <ca>`), `spec.signerName`
+/// `meshca.io/<ca>` and a name under `meshca.io:<ca>:`. Labels alone are not enough: anyone
+/// who may write a bundle may set them.
+pub fn owned_by(e: &Existing, ca: &str) -> bool {
+    let prefix = bundle_name(ca, "");
+    e.managed
+        && e.ca.as_deref() == Some(ca)
+        && e.signer.as_deref() == Some(signer_name(ca).as_str())
+        && e.name.len() > prefix.len()
+        && e.name.starts_with(&prefix)
+}
+
 /// Compares the desired objects with the listed ones: apply what is missing or differs
-/// (content, signer or labels), delete meshca's objects of the desired CAs under another
-/// name. Objects of other CAs, or without both labels, are left alone.
+/// (content, signer or labels), delete the desired CAs' own objects ([`owned_by`]) under
+/// another name. Objects of other CAs or signers, named otherwise, or without both labels,
+/// are left alone.
 pub fn plan(desired: &[Desired], existing: &[Existing]) -> Plan {
     let mut p = Plan::default();
     for d in desired {
@@ -191,7 +205,7 @@ pub fn plan(desired: &[Desired], existing: &[Existing]) -> Plan {
     let cas: BTreeSet<&str> = desired.iter().map(|d| d.ca.as_str()).collect();
     let names: BTreeSet<&str> = desired.iter().map(|d| d.name.as_str()).collect();
     for e in existing {
-        let ours = e.managed && e.ca.as_deref().is_some_and(|c| cas.contains(c));
+        let ours = cas.iter().any(|c| owned_by(e, c));
         if ours && !names.contains(e.name.as_str()) {
             p.delete.push(e.name.clone());
         }
