@@ -82,6 +82,27 @@ fn text(o: &Output) -> String {
 }
 
 impl Cluster {
+    /// Runs `f` with the admin's CSR API on a current-thread runtime.
+    fn with_client<F, Fut>(&self, f: F)
+    where
+        F: FnOnce(kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let config = kube::Config::from_custom_kubeconfig(
+                kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap(),
+                &Default::default(),
+            )
+            .await
+            .unwrap();
+            f(kube::Api::all(kube::Client::try_from(config).unwrap())).await
+        })
+    }
+
     fn kubectl_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
         let mut c = Command::new(&self.kubectl);
         c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
@@ -239,30 +260,46 @@ fn b64(b: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(b)
 }
 
-/// Creates approved CSRs `names` for `signer` (one kubectl create, one approve).
+/// Creates approved CSRs `names` for `signer`, labelled `label`: all created, then all
+/// approved, 32 requests at a time (kubectl would approve one by one behind its client-side
+/// rate limit, so the burst would trickle in).
 fn create_approved(c: &Cluster, names: &[String], signer: &str, pem: &str, label: &str) {
-    let items: Vec<Value> = names
-        .iter()
-        .map(|n| {
-            json!({
-                "apiVersion": "certificates.k8s.io/v1", "kind": "CertificateSigningRequest",
-                "metadata": {"name": n, "labels": {"meshca-e2e-install": label}},
-                "spec": {"request": b64(pem.as_bytes()), "signerName": signer,
-                         "usages": ["digital signature", "server auth", "client auth"]},
+    use futures::{StreamExt, TryStreamExt};
+    use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
+    use kube::api::{Patch, PatchParams, PostParams};
+    c.with_client(|api| async move {
+        futures::stream::iter(names)
+            .map(|n| {
+                let csr: CertificateSigningRequest = serde_json::from_value(json!({
+                    "metadata": {"name": n, "labels": {"meshca-e2e-install": label}},
+                    "spec": {"request": b64(pem.as_bytes()), "signerName": signer,
+                             "usages": ["digital signature", "server auth", "client auth"]},
+                }))
+                .unwrap();
+                let api = api.clone();
+                async move { api.create(&PostParams::default(), &csr).await }
             })
-        })
-        .collect();
-    let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
-    let o = c.kubectl_in(
-        &["create", "-f", "-"],
-        Some(serde_json::to_string(&list).unwrap().as_bytes()),
-    );
-    assert!(o.status.success(), "create CSRs: {}", text(&o));
-    for chunk in names.chunks(50) {
-        let mut args = vec!["certificate", "approve"];
-        args.extend(chunk.iter().map(String::as_str));
-        c.kubectl(&args);
-    }
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("create CSRs");
+        let approve = json!({"status": {"conditions": [{
+            "type": "Approved", "status": "True", "reason": "E2ETest", "message": "approved by the e2e test",
+        }]}});
+        futures::stream::iter(names)
+            .map(|n| {
+                let api = api.clone();
+                let approve = approve.clone();
+                async move {
+                    api.patch_approval(n, &PatchParams::default(), &Patch::Merge(&approve))
+                        .await
+                }
+            })
+            .buffer_unordered(32)
+            .try_collect::<Vec<_>>()
+            .await
+            .expect("approve CSRs");
+    });
 }
 
 /// name -> has a certificate, for the CSRs labelled `label`.
@@ -411,10 +448,16 @@ fn exactly_once(what: &str, counts: &BTreeMap<String, usize>, names: &[String]) 
 /// Waits until every CSR in `names` has its ledger entry (the ledger is written in batches
 /// after the certificate).
 fn wait_ledger(c: &Cluster, prefix: &str, names: &[String]) -> BTreeMap<String, usize> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(60);
     loop {
         let l = ledger_entries(c, prefix);
-        if names.iter().all(|n| l.contains_key(n)) || Instant::now() > deadline {
+        let missing = names.iter().filter(|n| !l.contains_key(*n)).count();
+        if missing == 0 || Instant::now() > deadline {
+            eprintln!(
+                "{prefix}: ledger waited {:?}, {missing} CSRs without an entry",
+                start.elapsed()
+            );
             return l;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -459,7 +502,9 @@ fn failover_round(
         signal(&replicas[leader], "-CONT");
         std::thread::sleep(Duration::from_secs(5));
     }
+    let t = Instant::now();
     let writes = status_writes(c, prefix);
+    eprintln!("{prefix}: audit log read in {:?}", t.elapsed());
     let ledger = wait_ledger(c, prefix, &names);
     eprintln!(
         "{how}: {leader_id} stopped, {new_leader} led after {took_over:?}, all 200 signed {stall:?} after the stop"
@@ -599,20 +644,13 @@ fn install_from_deploy_then_sign_and_fail_over_under_the_deploy_service_account(
         assert!(!log.contains("panicked"), "{}: {log}", r.identity);
     }
     drop(replicas);
-    for label in [
-        "e2e-install-first",
-        "e2e-install-kill",
-        "e2e-install-stop",
-        "e2e-install-restart",
-    ] {
-        let _ = c.kubectl_in(
-            &[
-                "delete",
-                "csr",
-                "-l",
-                &format!("meshca-e2e-install={label}"),
-            ],
-            None,
-        );
-    }
+    // One deletecollection (kubectl would delete them one by one behind its rate limit).
+    c.with_client(|api| async move {
+        let _ = api
+            .delete_collection(
+                &kube::api::DeleteParams::default(),
+                &kube::api::ListParams::default().labels("meshca-e2e-install"),
+            )
+            .await;
+    });
 }
