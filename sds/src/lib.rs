@@ -31,6 +31,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod authority;
 #[cfg(feature = "kube")]
 pub mod kube_csr;
 pub mod metrics;
@@ -481,9 +482,13 @@ impl Server {
                     sockets.push(path.clone());
                     bound.push(Bound::Unix(path.clone()));
                     let mut b = builder;
+                    // gRPC C-core and grpc-java send the socket path as `:authority`, which
+                    // h2 alone refuses: see [`authority`].
+                    let incoming = UnixListenerStream::new(listener)
+                        .map(|c| c.map(authority::UnixAuthorityFix::new));
                     tokio::spawn(async move {
                         b.add_service(svc)
-                            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+                            .serve_with_incoming_shutdown(incoming, signal)
                             .await
                     })
                 }
