@@ -70,8 +70,9 @@ pub struct ServeArgs {
     /// [default: the CA's trust domain, else cluster.local].
     #[arg(long)]
     trust_domain: Option<TrustDomain>,
-    /// Trust bundle served as ROOTCA [default: the CA's root]. Every bundle of the home is
-    /// also served under its own name.
+    /// Trust bundle served as ROOTCA [default: the CA's root, plus the other root while the
+    /// CA is rotated, from prepare until prune]. Every bundle of the home is also served
+    /// under its own name.
     #[arg(long, conflicts_with = "cert_file")]
     bundle: Option<String>,
     /// Lifetime of the workload certificate, e.g. 24h [default: the CA policy's default].

@@ -160,7 +160,8 @@ pub enum SourceConfig {
         home: PathBuf,
         /// CA name.
         ca: String,
-        /// Trust bundle served as `ROOTCA` (default: the CA's root).
+        /// Trust bundle served as `ROOTCA` (default: the CA's root, plus the other root while
+        /// the CA is rotated).
         bundle: Option<String>,
         /// Identity of the certificate.
         sans: Sans,

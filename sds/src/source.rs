@@ -191,7 +191,8 @@ pub const SDS_CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 impl LocalCaSource {
     /// A source issuing `sans` from CA `ca` in `home`; `bundle` names the trust bundle
-    /// served as `ROOTCA` (default: the CA's own root).
+    /// served as `ROOTCA` (default: the CA's own root, and while it is rotated the other
+    /// side's root too, as in every bundle holding it).
     pub fn new(
         home: &Path,
         ca: &str,
@@ -321,14 +322,12 @@ impl CertSource for LocalCaSource {
                     .await
                     .map_err(|e| self.err(e))?
             }
-            None => {
-                let ca = self
-                    .store
-                    .load_ca(&self.ca)
-                    .await
-                    .map_err(|e| self.err(e))?;
-                meshca::bundle::anchors_of(&ca)
-            }
+            // The CA's root plus, during a rotation, the other side's: from prepare until
+            // prune the same roots as a bundle naming the CA, so a renewal from the new CA
+            // never arrives together with the loss of trust in the old one.
+            None => meshca::store::ca_anchors(&self.store, &self.ca)
+                .await
+                .map_err(|e| self.err(e))?,
         };
         let mut named_bundles = BTreeMap::new();
         if self.serve_named_bundles {

@@ -4,7 +4,8 @@
 //! one in-process meshca SDS server issuing from CA `ca1`. A client holding a certificate
 //! from the old `ca1` sends a request every 100 ms through `prepare` and `activate --now`:
 //! none may fail. After activate Envoy serves a certificate of the new CA; a client
-//! re-issued from the new CA is accepted; after prune the old-CA client is refused.
+//! re-issued from the new CA is accepted; after prune the old-CA client is refused. Run
+//! twice: with `--bundle mesh` and with `--ca` alone.
 //!
 //! Without `MESHCA_ENVOY_BIN` the test prints a skip reason, or fails when `CI=true`.
 
@@ -72,16 +73,27 @@ impl Traffic {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_traffic_has_zero_failed_requests() {
+    rotation_under_traffic(true).await;
+}
+
+/// `sds serve --ca ca1` without `--bundle`: ROOTCA must follow the rotation as a bundle
+/// naming the CA does (both roots from prepare until prune).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_traffic_with_ca_alone_has_zero_failed_requests() {
+    rotation_under_traffic(false).await;
+}
+
+async fn rotation_under_traffic(with_bundle: bool) {
     let Some(bin) = envoy_bin() else { return };
     let home = Home::new().await;
     // A long TTL: only the rotation makes the server renew.
-    let (server, envoy, port) = server_and_envoy(
-        &bin,
-        &home,
-        local_source(&home, Some(Duration::from_secs(3600))),
-        false,
-    )
-    .await;
+    let mut source = local_source(&home, Some(Duration::from_secs(3600)));
+    if !with_bundle {
+        if let meshca_sds::SourceConfig::LocalCa { bundle, .. } = &mut source {
+            *bundle = None;
+        }
+    }
+    let (server, envoy, port) = server_and_envoy(&bin, &home, source, false).await;
 
     // The client trusts what the rotation publishes (the bundle file it re-exports).
     let out_dir = home.tmp().join("pub");
