@@ -32,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod authority;
+pub mod fswatch;
 #[cfg(feature = "kube")]
 pub mod kube_csr;
 pub mod metrics;
@@ -557,9 +558,12 @@ impl Server {
             )));
         }
         let reload = Arc::new(Notify::new());
-        background.push(tokio::spawn(
-            rotator.run(reload.clone(), shutdown_rx.clone()),
-        ));
+        let watch = rotator.start_watching();
+        background.push(tokio::spawn(rotator.run(
+            reload.clone(),
+            watch,
+            shutdown_rx.clone(),
+        )));
         Ok(Server {
             bound,
             metrics_addr,
