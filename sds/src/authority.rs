@@ -473,9 +473,12 @@ mod tests {
         f
     }
 
+    /// Type, flags, stream, decoded headers (on END_HEADERS) and payload of one frame.
+    type Frame = (u8, u8, u32, Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>);
+
     /// Splits h2's input into frames and decodes every header block with a fresh decoder
     /// per connection (as h2 would, with its table).
-    fn h2_view(bytes: &[u8]) -> Vec<(u8, u8, u32, Vec<(Vec<u8>, Vec<u8>)>, Vec<u8>)> {
+    fn h2_view(bytes: &[u8]) -> Vec<Frame> {
         assert_eq!(&bytes[..PREFACE.len()], PREFACE);
         let mut rest = &bytes[PREFACE.len()..];
         let mut dec = loona_hpack::Decoder::new();
