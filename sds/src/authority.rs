@@ -51,6 +51,9 @@ const OUT_FRAME: usize = 16 * 1024;
 const TABLE_SIZE: usize = 4096;
 /// Read size from the socket.
 const READ_CHUNK: usize = 8 * 1024;
+/// [`AuthorityRewriter::push`] stops once its output holds this much: HPACK can expand a
+/// few bytes into a 4 KiB header, so the output is bounded by this, not by the input.
+pub const OUT_HIGH_WATER: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -153,12 +156,20 @@ impl AuthorityRewriter {
         self.rewritten
     }
 
+    /// Whether input is held that [`AuthorityRewriter::push`] may turn into output without
+    /// more input.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
     /// Whether the connection passes through unchanged from here on.
     pub fn is_passthrough(&self) -> bool {
         self.state == State::Passthrough
     }
 
-    /// Feeds bytes the client sent; appends to `out` what h2 should read.
+    /// Feeds bytes the client sent; appends to `out` what h2 should read. Stops once `out`
+    /// holds [`OUT_HIGH_WATER`] bytes, keeping the rest of the input: call again (with more
+    /// input, or none) once `out` has been consumed.
     pub fn push(&mut self, input: &[u8], out: &mut Vec<u8>) {
         if self.state == State::Passthrough {
             out.extend_from_slice(input);
@@ -206,6 +217,9 @@ impl AuthorityRewriter {
                     self.state = State::Frames;
                 }
                 State::Frames => {
+                    if out.len() >= OUT_HIGH_WATER {
+                        return;
+                    }
                     if self.skip > 0 {
                         let n = self.skip.min(self.pending.len());
                         if n == 0 {
@@ -405,6 +419,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for UnixAuthorityFix<T> {
             }
             if this.eof {
                 return Poll::Ready(Ok(()));
+            }
+            if this.fix.has_pending() {
+                // Input held back at the output bound, or an incomplete frame.
+                this.fix.push(&[], &mut this.out);
+                if !this.out.is_empty() {
+                    continue;
+                }
             }
             if this.fix.is_passthrough() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -682,6 +703,50 @@ mod tests {
                 assert_eq!(out, c, "chunk {chunk}");
             }
         }
+    }
+
+    #[test]
+    fn hpack_expansion_is_bounded_per_push() {
+        // One 4 KiB header entered once, then referenced from many 1-byte blocks: each block
+        // decodes to 4 KiB, so 8 KiB of input would become megabytes at once.
+        let mut enc = loona_hpack::Encoder::new();
+        let big = vec![b'v'; 4000];
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &enc.encode([(&b"x-big"[..], big.as_slice())]),
+        ));
+        let mut n = 0u32;
+        while input.len() < 64 * 1024 {
+            n += 1;
+            input.extend(frame(HEADERS, END_HEADERS, 1 + 2 * n, &[0xbe]));
+        }
+        let mut r = AuthorityRewriter::new();
+        let mut h2 = Vec::new();
+        let mut peak = 0;
+        for c in input.chunks(READ_CHUNK) {
+            let mut out = Vec::new();
+            r.push(c, &mut out);
+            peak = peak.max(out.len());
+            h2.extend(out);
+            while r.has_pending() {
+                let mut out = Vec::new();
+                r.push(&[], &mut out);
+                if out.is_empty() {
+                    break;
+                }
+                peak = peak.max(out.len());
+                h2.extend(out);
+            }
+        }
+        assert!(peak <= OUT_HIGH_WATER + 2 * OUT_FRAME, "peak {peak}");
+        let frames = h2_view(&h2);
+        assert_eq!(frames.len() as u32, n + 1);
+        assert!(frames
+            .iter()
+            .all(|f| f.3 == vec![(b"x-big".to_vec(), big.clone())]));
     }
 
     #[test]
