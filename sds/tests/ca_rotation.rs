@@ -8,44 +8,20 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use meshca::rotation::Request;
-use meshca::store::rotate::{run_phase, RotateOptions};
+use meshca::store::rotate::RotateOptions;
 use meshca::store::Store;
 use meshca_sds::SourceConfig;
 
 /// The SHA-256 fingerprints of a validation_context secret's anchors.
 fn anchors(s: &Secret) -> Vec<String> {
-    let Some(secret::Type::ValidationContext(v)) = &s.r#type else {
-        panic!("{} is not a bundle", s.name)
-    };
-    let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) =
-        &v.trusted_ca.as_ref().unwrap().specifier
-    else {
-        panic!("trusted_ca is not inline bytes")
-    };
-    let mut f: Vec<_> = meshca::pemutil::parse_certs(b, "bundle")
-        .unwrap()
+    let mut f: Vec<_> = bundle_certs(s)
         .iter()
         .map(|c| meshca::pemutil::fingerprint_sha256(c))
         .collect();
     f.sort();
     f
-}
-
-fn leaf_aki(s: &Secret) -> Option<String> {
-    let Some(secret::Type::TlsCertificate(t)) = &s.r#type else {
-        panic!("{} is not a certificate", s.name)
-    };
-    let Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b)) =
-        &t.certificate_chain.as_ref().unwrap().specifier
-    else {
-        panic!("chain is not inline bytes")
-    };
-    let certs = meshca::pemutil::parse_certs(b, "chain").unwrap();
-    meshca::x509::CertInfo::from_der(&certs[0])
-        .unwrap()
-        .authority_key_id
 }
 
 async fn root_fp(home: &Home) -> String {
@@ -81,9 +57,8 @@ async fn ca_alone_serves_both_roots_from_prepare_until_prune() {
     let first = next_of(&mut s, "ROOTCA").await;
     assert_eq!(anchors(&first), vec![old.clone()]);
 
-    let now = time::OffsetDateTime::now_utc();
     let opts = RotateOptions::default();
-    run_phase(&home.store, "ca1", Request::Prepare, &opts, now)
+    home.rotate_ca1(Request::Prepare, opts.clone())
         .await
         .unwrap();
     let prepared = next_of(&mut s, "ROOTCA").await;
@@ -102,15 +77,9 @@ async fn ca_alone_serves_both_roots_from_prepare_until_prune() {
         renew_now: true,
         ..Default::default()
     };
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Activate,
-        &now_opts,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Activate, now_opts.clone())
+        .await
+        .unwrap();
     assert_eq!(root_fp(&home).await, next);
     // activate --now: `default` comes from the new CA while ROOTCA still trusts both.
     let (mut default, mut rootca) = (None, None);
@@ -135,7 +104,10 @@ async fn ca_alone_serves_both_roots_from_prepare_until_prune() {
         .subject_key_id
         .unwrap();
     let default = default.expect("activate --now renews `default`");
-    assert_eq!(leaf_aki(&default).as_deref(), Some(new_ski.as_str()));
+    assert_eq!(
+        leaf_info(&default).authority_key_id.as_deref(),
+        Some(new_ski.as_str())
+    );
     if let Some(r) = rootca {
         assert_eq!(anchors(&r), both, "after activate: still old and new root");
     }
@@ -145,15 +117,9 @@ async fn ca_alone_serves_both_roots_from_prepare_until_prune() {
         force: true,
         ..Default::default()
     };
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Prune,
-        &forced,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Prune, forced.clone())
+        .await
+        .unwrap();
     let pruned = next_of(&mut s, "ROOTCA").await;
     assert_eq!(
         anchors(&pruned),

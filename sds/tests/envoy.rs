@@ -602,20 +602,11 @@ async fn envoy_google_grpc_over_unix_socket() {
     let ca1 = home.tmp().join("ca1.pem");
     std::fs::write(&ca1, home.root_pem("ca1").await).unwrap();
     let (c1, k1) = home.client_cert("ca1", "client1").await;
-    let mut last = Err(String::new());
-    for _ in 0..100 {
-        last = curl(port, &ca1, &c1, &k1).await;
-        if last.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert_eq!(
-        last.as_deref(),
-        Ok("hello from envoy\n"),
-        "envoy log:\n{}",
-        envoy.log_tail()
-    );
+    let served = eventually_async(20, || async {
+        curl(port, &ca1, &c1, &k1).await.as_deref() == Ok("hello from envoy\n")
+    })
+    .await;
+    assert!(served, "envoy log:\n{}", envoy.log_tail());
     let stats = envoy.stats("^sds\\.").await;
     for s in ["default", "ROOTCA"] {
         assert!(

@@ -18,7 +18,7 @@ use std::time::Duration;
 use common::envoy::*;
 use common::*;
 use meshca::rotation::Request;
-use meshca::store::rotate::{run_phase, RotateOptions};
+use meshca::store::rotate::RotateOptions;
 use meshca::store::Store;
 
 const OK: &str = "hello from envoy\n";
@@ -122,8 +122,7 @@ async fn rotation_under_traffic(with_bundle: bool) {
         out_dir: Some(out_dir.clone()),
         ..Default::default()
     };
-    let now = time::OffsetDateTime::now_utc();
-    run_phase(&home.store, "ca1", Request::Prepare, &opts, now)
+    home.rotate_ca1(Request::Prepare, opts.clone())
         .await
         .unwrap();
     assert_eq!(
@@ -154,15 +153,9 @@ async fn rotation_under_traffic(with_bundle: bool) {
         out_dir: Some(out_dir.clone()),
         ..Default::default()
     };
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Activate,
-        &opts_now,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Activate, opts_now.clone())
+        .await
+        .unwrap();
     let new_ca = home.store.load_ca("ca1").await.unwrap();
     let new_ski = new_ca.info().unwrap().subject_key_id.unwrap();
     assert_ne!(old_ski, new_ski);
@@ -205,31 +198,20 @@ async fn rotation_under_traffic(with_bundle: bool) {
 
     // prune is refused while the old server certificate is live in the ledger; forced, the
     // old root leaves ROOTCA and the old-CA client is refused.
-    let e = run_phase(
-        &home.store,
-        "ca1",
-        Request::Prune,
-        &opts,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = home
+        .rotate_ca1(Request::Prune, opts.clone())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("prune refused"), "{e}");
     let forced = RotateOptions {
         force: true,
         out_dir: Some(out_dir.clone()),
         ..Default::default()
     };
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Prune,
-        &forced,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Prune, forced.clone())
+        .await
+        .unwrap();
     let refused = eventually_async(20, || async {
         curl(port, &ca_file, &old_c, &old_k).await.is_err()
     })

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use meshca::rotation::Request;
-use meshca::store::rotate::{run_phase, RotateOptions};
+use meshca::store::rotate::RotateOptions;
 use meshca_sds::{Listen, ServeConfig, Server, SourceConfig};
 
 /// Far longer than any test: a change that arrives came through the watch.
@@ -79,15 +79,9 @@ async fn local_store_changes_reach_open_streams_without_polling() {
         1
     );
 
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Prepare,
-        &RotateOptions::default(),
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Prepare, RotateOptions::default())
+        .await
+        .unwrap();
     let r = next(&mut s, &names, "ca rotate --phase prepare").await;
     assert_eq!(r.name, "ROOTCA");
     assert_eq!(bundle_len(&r), 2, "old and new root");
@@ -109,15 +103,21 @@ fn rd(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_changed_in_place_reaches_open_streams_without_polling() {
-    let home = Home::new().await;
+/// A directory of plain files (no symlinks): tls.crt and tls.key from ca1, ca.crt = ca1.
+async fn plain_dir(home: &Home) -> std::path::PathBuf {
     let dir = home.tmp().join("plain");
     std::fs::create_dir_all(&dir).unwrap();
     let (c, k) = home.client_cert("ca1", "w1").await;
     std::fs::write(dir.join("tls.crt"), rd(&c)).unwrap();
     std::fs::write(dir.join("tls.key"), rd(&k)).unwrap();
     std::fs::write(dir.join("ca.crt"), home.root_pem("ca1").await).unwrap();
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_changed_in_place_reaches_open_streams_without_polling() {
+    let home = Home::new().await;
+    let dir = plain_dir(&home).await;
     let (server, mut client) = start_unpolled(&home, files_source(&dir)).await;
     let names = ["default", "ROOTCA"];
     let mut s = open(&mut client, &names).await;
@@ -146,12 +146,7 @@ async fn a_file_changed_in_place_reaches_open_streams_without_polling() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_replaced_by_rename_reach_open_streams_without_polling() {
     let home = Home::new().await;
-    let dir = home.tmp().join("plain");
-    std::fs::create_dir_all(&dir).unwrap();
-    let (c, k) = home.client_cert("ca1", "w1").await;
-    std::fs::write(dir.join("tls.crt"), rd(&c)).unwrap();
-    std::fs::write(dir.join("tls.key"), rd(&k)).unwrap();
-    std::fs::write(dir.join("ca.crt"), home.root_pem("ca1").await).unwrap();
+    let dir = plain_dir(&home).await;
     let (server, mut client) = start_unpolled(&home, files_source(&dir)).await;
     let names = ["default"];
     let mut s = open(&mut client, &names).await;
