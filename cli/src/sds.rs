@@ -47,8 +47,8 @@ pub struct ServeArgs {
     /// kube-csr: the signer to ask, meshca.io/<ca>.
     #[arg(long, value_name = "SIGNER", conflicts_with_all = ["ca", "cert_file"])]
     signer: Option<String>,
-    /// kube-csr: ROOTCA from this PEM file, re-read every poll (e.g. the ca.crt of a mounted
-    /// <bundle>-trust-bundle ConfigMap).
+    /// kube-csr: ROOTCA from this PEM file, re-read when its directory changes (e.g. the
+    /// ca.crt of a mounted <bundle>-trust-bundle ConfigMap).
     #[arg(long, value_name = "PATH", conflicts_with_all = ["ca", "cert_file"])]
     trust_bundle_file: Option<PathBuf>,
     /// kube-csr: ROOTCA from the ClusterTrustBundles of --signer (read-only list/watch).
@@ -70,8 +70,9 @@ pub struct ServeArgs {
     /// [default: the CA's trust domain, else cluster.local].
     #[arg(long)]
     trust_domain: Option<TrustDomain>,
-    /// Trust bundle served as ROOTCA [default: the CA's root]. Every bundle of the home is
-    /// also served under its own name.
+    /// Trust bundle served as ROOTCA [default: the CA's root, plus the other root while the
+    /// CA is rotated, from prepare until prune]. Every bundle of the home is also served
+    /// under its own name.
     #[arg(long, conflicts_with = "cert_file")]
     bundle: Option<String>,
     /// Lifetime of the workload certificate, e.g. 24h [default: the CA policy's default].
@@ -109,7 +110,9 @@ pub struct ServeArgs {
     /// validation context, and push each new revocation.
     #[arg(long, conflicts_with = "cert_file")]
     crl: bool,
-    /// How often the home or the files are checked for changes.
+    /// How often the home or the files are re-read where they cannot be watched (NFS and
+    /// other network file systems). Watched sources are re-read on every change, and every
+    /// max(this, 60s) as a safety net.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     poll_interval: Duration,
     /// Mutual TLS on every tcp: listener: this server's certificate chain (PEM, leaf first).

@@ -1,8 +1,8 @@
 //! The `kube-csr` source (cargo feature `kube`): the workload certificate comes from the
 //! cluster's signer through a `certificates.k8s.io/v1` CSR made under the pod's own
 //! service-account token ([`meshca::kube::csr_client`]); no CA key and no workload key ever
-//! touch a disk. `ROOTCA` comes from a mounted trust-bundle ConfigMap (`ca.crt`, re-read on
-//! every poll) or from the signer's ClusterTrustBundles (a read-only watch).
+//! touch a disk. `ROOTCA` comes from a mounted trust-bundle ConfigMap (`ca.crt`, re-read when
+//! its directory changes) or from the signer's ClusterTrustBundles (a read-only watch).
 //!
 //! Renewal follows the rotator ([`crate::rotation`]: `--renew-at` with jitter). A `Denied` or
 //! `Failed` CSR is quoted (condition, reason, message) in the log and in
@@ -31,7 +31,7 @@ use crate::source::{CertSource, Material, SourceError, WorkloadCert};
 #[derive(Clone, Debug)]
 pub enum TrustConfig {
     /// A PEM file, e.g. the `ca.crt` of a mounted `<bundle>-trust-bundle` ConfigMap; re-read
-    /// on every poll (a ConfigMap volume swaps its `..data` symlink atomically).
+    /// when its directory changes (a ConfigMap volume swaps its `..data` symlink atomically).
     File(PathBuf),
     /// The ClusterTrustBundles whose `spec.signerName` is `signer`, optionally narrowed by a
     /// label selector.
@@ -246,6 +246,15 @@ impl CertSource for KubeCsrSource {
 
     fn expected_identity(&self) -> Option<&Sans> {
         Some(&self.request.sans)
+    }
+
+    /// The trust-bundle file's directory (a mounted ConfigMap swaps its `..data` symlink
+    /// there). ClusterTrustBundles come through their own API watch, and are polled from it.
+    fn watch_spec(&self) -> crate::fswatch::WatchSpec {
+        match &self.trust {
+            Trust::File(p) => crate::fswatch::WatchSpec::parents_of([p.as_path()]),
+            Trust::Cluster(_) => crate::fswatch::WatchSpec::default(),
+        }
     }
 }
 

@@ -31,6 +31,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod authority;
+pub mod fswatch;
 #[cfg(feature = "kube")]
 pub mod kube_csr;
 pub mod metrics;
@@ -159,7 +161,8 @@ pub enum SourceConfig {
         home: PathBuf,
         /// CA name.
         ca: String,
-        /// Trust bundle served as `ROOTCA` (default: the CA's root).
+        /// Trust bundle served as `ROOTCA` (default: the CA's root, plus the other root while
+        /// the CA is rotated).
         bundle: Option<String>,
         /// Identity of the certificate.
         sans: Sans,
@@ -481,9 +484,13 @@ impl Server {
                     sockets.push(path.clone());
                     bound.push(Bound::Unix(path.clone()));
                     let mut b = builder;
+                    // gRPC C-core and grpc-java send the socket path as `:authority`, which
+                    // h2 alone refuses: see [`authority`].
+                    let incoming = UnixListenerStream::new(listener)
+                        .map(|c| c.map(authority::UnixAuthorityFix::new));
                     tokio::spawn(async move {
                         b.add_service(svc)
-                            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+                            .serve_with_incoming_shutdown(incoming, signal)
                             .await
                     })
                 }
@@ -551,9 +558,12 @@ impl Server {
             )));
         }
         let reload = Arc::new(Notify::new());
-        background.push(tokio::spawn(
-            rotator.run(reload.clone(), shutdown_rx.clone()),
-        ));
+        let watch = rotator.start_watching();
+        background.push(tokio::spawn(rotator.run(
+            reload.clone(),
+            watch,
+            shutdown_rx.clone(),
+        )));
         Ok(Server {
             bound,
             metrics_addr,

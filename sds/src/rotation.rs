@@ -1,6 +1,7 @@
-//! The rotation loop: polls a [`CertSource`], renews the workload certificate at a fraction
-//! of its lifetime (with jitter), verifies what it gets and publishes a new [`Snapshot`]
-//! through `tokio::sync::watch` only when something changed.
+//! The rotation loop: re-reads a [`CertSource`] when what it reads changes (watched, see
+//! [`crate::fswatch`]; polled where it cannot be watched), renews the workload certificate
+//! at a fraction of its lifetime (with jitter), verifies what it gets and publishes a new
+//! [`Snapshot`] through `tokio::sync::watch` only when something changed.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::{watch, Notify};
 
+use crate::fswatch::{Watching, DEBOUNCE, WATCHED_POLL};
 use crate::metrics::Metrics;
 use crate::secrets::{
     bundle_entry, certificate_entry, validation_entry, Snapshot, DEFAULT_NAME, ROOTCA_NAME,
@@ -22,7 +24,10 @@ pub struct RotationConfig {
     pub renew_at: f64,
     /// Renewal is pulled earlier by up to this fraction of the renewal time (default 0.1).
     pub jitter: f64,
-    /// How often the source is re-read for bundle or file changes (default 2 s).
+    /// How often the source is re-read for bundle or file changes where it cannot be
+    /// watched (default 2 s). While it is watched, it is re-read on every change and, as a
+    /// safety net, every [`WATCHED_POLL`](crate::fswatch::WATCHED_POLL) or this, whichever
+    /// is longer.
     pub poll_interval: Duration,
     /// Longest wait between retries after a failure (default 60 s).
     pub max_backoff: Duration,
@@ -227,13 +232,56 @@ impl Rotator {
         Ok(())
     }
 
-    /// Runs until `shutdown` is set. `reload` forces a renewal (SIGHUP).
-    pub async fn run(mut self, reload: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    /// Starts watching what the source reads. `None` (logged with the reason) when the source
+    /// cannot be watched: then [`Rotator::run`] polls it every `poll_interval`.
+    pub fn start_watching(&self) -> Option<(Arc<Notify>, Watching)> {
+        let spec = self.source.watch_spec();
+        let source = self.source.describe();
+        if spec.dirs.is_empty() {
+            tracing::info!(source = %source, poll_interval = ?self.cfg.poll_interval, "polling the source");
+            return None;
+        }
+        let changed = Arc::new(Notify::new());
+        match crate::fswatch::start(&spec, changed.clone()) {
+            Ok(w) => {
+                tracing::info!(
+                    source = %source,
+                    dirs = ?w.dirs,
+                    safety_poll = ?self.cfg.poll_interval.max(WATCHED_POLL),
+                    "watching the source for changes"
+                );
+                Some((changed, w))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    source = %source,
+                    reason = %e,
+                    poll_interval = ?self.cfg.poll_interval,
+                    "cannot watch the source for changes; polling it instead"
+                );
+                None
+            }
+        }
+    }
+
+    /// Runs until `shutdown` is set. `reload` forces a renewal (SIGHUP). With `watch` (from
+    /// [`Rotator::start_watching`]) the source is re-read [`DEBOUNCE`] after each change and
+    /// polled only as a safety net.
+    pub async fn run(
+        mut self,
+        reload: Arc<Notify>,
+        watch: Option<(Arc<Notify>, Watching)>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut failures: u32 = 0;
         let mut force = false;
+        let (changed, poll) = match &watch {
+            Some((c, _)) => (c.clone(), self.cfg.poll_interval.max(WATCHED_POLL)),
+            None => (Arc::new(Notify::new()), self.cfg.poll_interval),
+        };
         loop {
             let wait = if failures == 0 {
-                let mut w = self.cfg.poll_interval;
+                let mut w = poll;
                 if let Some(d) = self.deadline {
                     let until = d - OffsetDateTime::now_utc();
                     if until < time::Duration::ZERO {
@@ -252,6 +300,11 @@ impl Rotator {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = reload.notified() => { force = true; }
+                _ = changed.notified() => {
+                    // Let writes that come together (a rotation step, a cert and its key)
+                    // land before reading.
+                    tokio::time::sleep(DEBOUNCE).await;
+                }
                 _ = crate::stopped(&mut shutdown) => return,
             }
             match self.step(force).await {
@@ -357,7 +410,7 @@ mod tests {
         let mut rot = Rotator::new(Box::new(source), cfg, tx, Arc::new(Metrics::default()));
         rot.step(true).await.unwrap();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(rot.run(Arc::new(Notify::new()), stop_rx));
+        let task = tokio::spawn(rot.run(Arc::new(Notify::new()), None, stop_rx));
         tokio::time::sleep(Duration::from_millis(550)).await;
         stop_tx.send(true).unwrap();
         task.await.unwrap();

@@ -117,6 +117,12 @@ pub trait CertSource: Send + Sync + std::fmt::Debug {
 
     /// The identity every workload certificate from this source must carry, if known.
     fn expected_identity(&self) -> Option<&Sans>;
+
+    /// The directories whose changes are changes of this source (watched instead of
+    /// polled; see [`crate::fswatch`]). Empty: the source is polled.
+    fn watch_spec(&self) -> crate::fswatch::WatchSpec {
+        crate::fswatch::WatchSpec::default()
+    }
 }
 
 /// Checks a workload certificate before it is published: the key matches the leaf, the
@@ -191,7 +197,8 @@ pub const SDS_CRL_VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 impl LocalCaSource {
     /// A source issuing `sans` from CA `ca` in `home`; `bundle` names the trust bundle
-    /// served as `ROOTCA` (default: the CA's own root).
+    /// served as `ROOTCA` (default: the CA's own root, and while it is rotated the other
+    /// side's root too, as in every bundle holding it).
     pub fn new(
         home: &Path,
         ca: &str,
@@ -321,14 +328,12 @@ impl CertSource for LocalCaSource {
                     .await
                     .map_err(|e| self.err(e))?
             }
-            None => {
-                let ca = self
-                    .store
-                    .load_ca(&self.ca)
-                    .await
-                    .map_err(|e| self.err(e))?;
-                meshca::bundle::anchors_of(&ca)
-            }
+            // The CA's root plus, during a rotation, the other side's: from prepare until
+            // prune the same roots as a bundle naming the CA, so a renewal from the new CA
+            // never arrives together with the loss of trust in the old one.
+            None => meshca::store::ca_anchors(&self.store, &self.ca)
+                .await
+                .map_err(|e| self.err(e))?,
         };
         let mut named_bundles = BTreeMap::new();
         if self.serve_named_bundles {
@@ -394,11 +399,24 @@ impl CertSource for LocalCaSource {
     fn expected_identity(&self) -> Option<&Sans> {
         Some(&self.sans)
     }
+
+    /// The whole home: CAs, bundles, rotation records and revocations. The ledger (which
+    /// this source appends to on every issuance) and the lock files are not changes.
+    fn watch_spec(&self) -> crate::fswatch::WatchSpec {
+        crate::fswatch::WatchSpec {
+            dirs: vec![(self.store.home().to_path_buf(), true)],
+            ignore: ["ledger.jsonl", ".lock", ".rotation.lock"]
+                .into_iter()
+                .map(Into::into)
+                .collect(),
+        }
+    }
 }
 
 /// Serves PEM files: a certificate chain, its key and a CA bundle. Works with a mounted
 /// Kubernetes Secret, whose files are symlinks through `..data` that Kubernetes swaps
-/// atomically: paths are re-resolved and re-read on every poll.
+/// atomically: paths are re-resolved and re-read on every change of their directories
+/// (or every poll where they cannot be watched).
 #[derive(Debug)]
 pub struct FileSource {
     cert: PathBuf,
@@ -482,6 +500,16 @@ impl CertSource for FileSource {
 
     fn expected_identity(&self) -> Option<&Sans> {
         self.expected.as_ref()
+    }
+
+    /// The directories of the three files (and of their symlink targets): a file changed in
+    /// place, replaced by rename, or a `..data` symlink swap all show there.
+    fn watch_spec(&self) -> crate::fswatch::WatchSpec {
+        crate::fswatch::WatchSpec::parents_of([
+            self.cert.as_path(),
+            self.key.as_path(),
+            self.ca.as_path(),
+        ])
     }
 }
 

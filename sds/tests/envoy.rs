@@ -573,3 +573,59 @@ async fn envoy_gets_secrets_over_mtls_and_a_client_off_the_allow_list_is_refused
     drop(envoy_a);
     server.shutdown().await.unwrap();
 }
+
+/// Envoy's `google_grpc` client (gRPC C-core) over the Unix socket: it sends the
+/// percent-encoded socket path as `:authority`, which h2 alone refuses with PROTOCOL_ERROR
+/// (Envoy then logs `StreamSecrets gRPC config stream ... closed: 13, Stream removed`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_google_grpc_over_unix_socket() {
+    let Some(bin) = envoy_bin() else { return };
+    let home = Home::new().await;
+    let sock = home.tmp().join("sds.sock");
+    let mut cfg = ServeConfig::new(local_source(&home, None), vec![Listen::Unix(sock.clone())]);
+    cfg.rotation.poll_interval = Duration::from_millis(200);
+    let server = Server::start(cfg).await.unwrap();
+    let port = free_port();
+    let b = bootstrap(false, &Listen::Unix(sock.clone()), port);
+    let google = format!(
+        "google_grpc: {{ target_uri: \"unix:{}\", stat_prefix: meshca_sds }}",
+        sock.display()
+    );
+    assert_eq!(
+        b.matches("envoy_grpc: { cluster_name: meshca_sds }")
+            .count(),
+        2
+    );
+    let b = b.replace("envoy_grpc: { cluster_name: meshca_sds }", &google);
+    let envoy = Envoy::start(&bin, home.tmp(), &b);
+
+    let ca1 = home.tmp().join("ca1.pem");
+    std::fs::write(&ca1, home.root_pem("ca1").await).unwrap();
+    let (c1, k1) = home.client_cert("ca1", "client1").await;
+    let served = eventually_async(20, || async {
+        curl(port, &ca1, &c1, &k1).await.as_deref() == Ok("hello from envoy\n")
+    })
+    .await;
+    assert!(served, "envoy log:\n{}", envoy.log_tail());
+    let stats = envoy.stats("^sds\\.").await;
+    for s in ["default", "ROOTCA"] {
+        assert!(
+            stat(&stats, &format!("sds.{s}.update_success")) >= 1,
+            "{stats:?}"
+        );
+        assert_eq!(
+            stat(&stats, &format!("sds.{s}.update_rejected")),
+            0,
+            "{stats:?}"
+        );
+    }
+    assert!(
+        !std::fs::read_to_string(&envoy.log)
+            .unwrap_or_default()
+            .contains("Stream removed"),
+        "log:\n{}",
+        envoy.log_tail()
+    );
+    drop(envoy);
+    server.shutdown().await.unwrap();
+}

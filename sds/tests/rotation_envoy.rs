@@ -4,7 +4,8 @@
 //! one in-process meshca SDS server issuing from CA `ca1`. A client holding a certificate
 //! from the old `ca1` sends a request every 100 ms through `prepare` and `activate --now`:
 //! none may fail. After activate Envoy serves a certificate of the new CA; a client
-//! re-issued from the new CA is accepted; after prune the old-CA client is refused.
+//! re-issued from the new CA is accepted; after prune the old-CA client is refused. Run
+//! twice: with `--bundle mesh` and with `--ca` alone.
 //!
 //! Without `MESHCA_ENVOY_BIN` the test prints a skip reason, or fails when `CI=true`.
 
@@ -17,7 +18,7 @@ use std::time::Duration;
 use common::envoy::*;
 use common::*;
 use meshca::rotation::Request;
-use meshca::store::rotate::{run_phase, RotateOptions};
+use meshca::store::rotate::RotateOptions;
 use meshca::store::Store;
 
 const OK: &str = "hello from envoy\n";
@@ -72,16 +73,27 @@ impl Traffic {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotation_under_traffic_has_zero_failed_requests() {
+    rotation_under_traffic(true).await;
+}
+
+/// `sds serve --ca ca1` without `--bundle`: ROOTCA must follow the rotation as a bundle
+/// naming the CA does (both roots from prepare until prune).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_under_traffic_with_ca_alone_has_zero_failed_requests() {
+    rotation_under_traffic(false).await;
+}
+
+async fn rotation_under_traffic(with_bundle: bool) {
     let Some(bin) = envoy_bin() else { return };
     let home = Home::new().await;
     // A long TTL: only the rotation makes the server renew.
-    let (server, envoy, port) = server_and_envoy(
-        &bin,
-        &home,
-        local_source(&home, Some(Duration::from_secs(3600))),
-        false,
-    )
-    .await;
+    let mut source = local_source(&home, Some(Duration::from_secs(3600)));
+    if !with_bundle {
+        if let meshca_sds::SourceConfig::LocalCa { bundle, .. } = &mut source {
+            *bundle = None;
+        }
+    }
+    let (server, envoy, port) = server_and_envoy(&bin, &home, source, false).await;
 
     // The client trusts what the rotation publishes (the bundle file it re-exports).
     let out_dir = home.tmp().join("pub");
@@ -110,8 +122,7 @@ async fn rotation_under_traffic_has_zero_failed_requests() {
         out_dir: Some(out_dir.clone()),
         ..Default::default()
     };
-    let now = time::OffsetDateTime::now_utc();
-    run_phase(&home.store, "ca1", Request::Prepare, &opts, now)
+    home.rotate_ca1(Request::Prepare, opts.clone())
         .await
         .unwrap();
     assert_eq!(
@@ -142,15 +153,9 @@ async fn rotation_under_traffic_has_zero_failed_requests() {
         out_dir: Some(out_dir.clone()),
         ..Default::default()
     };
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Activate,
-        &opts_now,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Activate, opts_now.clone())
+        .await
+        .unwrap();
     let new_ca = home.store.load_ca("ca1").await.unwrap();
     let new_ski = new_ca.info().unwrap().subject_key_id.unwrap();
     assert_ne!(old_ski, new_ski);
@@ -193,31 +198,20 @@ async fn rotation_under_traffic_has_zero_failed_requests() {
 
     // prune is refused while the old server certificate is live in the ledger; forced, the
     // old root leaves ROOTCA and the old-CA client is refused.
-    let e = run_phase(
-        &home.store,
-        "ca1",
-        Request::Prune,
-        &opts,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = home
+        .rotate_ca1(Request::Prune, opts.clone())
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("prune refused"), "{e}");
     let forced = RotateOptions {
         force: true,
         out_dir: Some(out_dir.clone()),
         ..Default::default()
     };
-    run_phase(
-        &home.store,
-        "ca1",
-        Request::Prune,
-        &forced,
-        time::OffsetDateTime::now_utc(),
-    )
-    .await
-    .unwrap();
+    home.rotate_ca1(Request::Prune, forced.clone())
+        .await
+        .unwrap();
     let refused = eventually_async(20, || async {
         curl(port, &ca_file, &old_c, &old_k).await.is_err()
     })

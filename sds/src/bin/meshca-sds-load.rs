@@ -14,8 +14,8 @@
 //!   client vanishes; twice, with the server's RSS after each batch (a leak shows as growth);
 //! - rotation: sends SIGHUP (forced renewal) and times until every stream has the new
 //!   certificate (p50, p99, all), several rounds;
-//! - with `--ca-rotation` the streams subscribe to `ROOTCA` instead, the server polls the
-//!   home every 2 s (the `sds serve` default), and each round runs `meshca ca rotate ca1
+//! - with `--ca-rotation` the streams subscribe to `ROOTCA` instead, the server watches the
+//!   home (as `sds serve` does; the 2 s poll is only its fallback), and each round runs `meshca ca rotate ca1
 //!   --phase prepare` in-process and times until every stream has the new bundle (then
 //!   activate and prune reset the CA for the next round).
 //!
@@ -691,7 +691,7 @@ async fn run(opts: Opts) {
                     .collect();
                 lat.sort();
                 let what = if opts.ca_rotation {
-                    "CA rotation (prepare to new ROOTCA, 2 s poll)"
+                    "CA rotation (prepare to new ROOTCA, watched home)"
                 } else {
                     "rotation"
                 };

@@ -29,6 +29,22 @@ pub struct Home {
 }
 
 impl Home {
+    /// Runs a phase of `meshca ca rotate ca1` now, with `opts`.
+    pub async fn rotate_ca1(
+        &self,
+        phase: meshca::rotation::Request,
+        opts: meshca::store::rotate::RotateOptions,
+    ) -> meshca::Result<meshca::store::rotate::PhaseReport> {
+        meshca::store::rotate::run_phase(
+            &self.store,
+            "ca1",
+            phase,
+            &opts,
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+    }
+
     /// A home with CAs `ca1` and `ca2` and the bundle `mesh` = [ca1].
     pub async fn new() -> Home {
         let dir = tempfile::tempdir().unwrap();
@@ -165,8 +181,8 @@ pub fn decode(any: &Any) -> Secret {
     Secret::decode(any.value.as_slice()).unwrap()
 }
 
-/// The leaf serial of a tls_certificate secret.
-pub fn leaf_serial(s: &Secret) -> String {
+/// The parsed leaf of a tls_certificate secret.
+pub fn leaf_info(s: &Secret) -> meshca::x509::CertInfo {
     let Some(secret::Type::TlsCertificate(t)) = &s.r#type else {
         panic!("{} is not a certificate", s.name)
     };
@@ -176,11 +192,16 @@ pub fn leaf_serial(s: &Secret) -> String {
         panic!("chain is not inline bytes")
     };
     let certs = meshca::pemutil::parse_certs(b, "chain").unwrap();
-    meshca::x509::CertInfo::from_der(&certs[0]).unwrap().serial
+    meshca::x509::CertInfo::from_der(&certs[0]).unwrap()
 }
 
-/// The anchors count of a validation_context secret.
-pub fn bundle_len(s: &Secret) -> usize {
+/// The leaf serial of a tls_certificate secret.
+pub fn leaf_serial(s: &Secret) -> String {
+    leaf_info(s).serial
+}
+
+/// The anchors of a validation_context secret.
+pub fn bundle_certs(s: &Secret) -> Vec<rustls_pki_types::CertificateDer<'static>> {
     let Some(secret::Type::ValidationContext(v)) = &s.r#type else {
         panic!("{} is not a bundle", s.name)
     };
@@ -189,7 +210,12 @@ pub fn bundle_len(s: &Secret) -> usize {
     else {
         panic!("trusted_ca is not inline bytes")
     };
-    meshca::pemutil::parse_certs(b, "bundle").unwrap().len()
+    meshca::pemutil::parse_certs(b, "bundle").unwrap()
+}
+
+/// The anchors count of a validation_context secret.
+pub fn bundle_len(s: &Secret) -> usize {
+    bundle_certs(s).len()
 }
 
 /// A state-of-the-world stream: send requests, receive responses with a timeout.
