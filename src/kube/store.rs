@@ -59,6 +59,10 @@ pub fn bundle_spec_name(bundle: &str) -> String {
 pub struct KubeStore {
     client: kube::Client,
     namespace: String,
+    /// The day and index of the first ledger shard not yet seen full. Shards only grow, so
+    /// every shard below it is still full: an append starts there instead of reading (~900 kB
+    /// each) every full shard of the day first. Shared by clones (they write the same ledger).
+    ledger_hint: std::sync::Arc<std::sync::Mutex<(String, u32)>>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -179,6 +183,7 @@ impl KubeStore {
         KubeStore {
             client,
             namespace: namespace.into(),
+            ledger_hint: Default::default(),
         }
     }
 
@@ -248,7 +253,14 @@ impl KubeStore {
         };
         let api = self.configmaps();
         let mut conflicts = 0;
-        let mut n = 0;
+        let mut n = {
+            let hint = self.ledger_hint.lock().unwrap_or_else(|e| e.into_inner());
+            if hint.0 == day {
+                hint.1
+            } else {
+                0
+            }
+        };
         while n < LEDGER_MAX_SHARDS_PER_DAY {
             let name = self.ledger_shard(&day, n);
             let current = api
@@ -294,7 +306,10 @@ impl KubeStore {
                 }
             };
             match result {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    *self.ledger_hint.lock().unwrap_or_else(|e| e.into_inner()) = (day, n);
+                    return Ok(());
+                }
                 Err(e) if api_code(&e) == Some(409) && conflicts < LEDGER_MAX_CONFLICTS => {
                     conflicts += 1
                 }
@@ -702,8 +717,18 @@ mod tests {
                     send.send_response(resp(200, &body));
                 }
             }
+            // The next append starts at shard 1: the full shard 0 is not read again.
+            let (req, _, send) = next(&mut h).await;
+            assert!(req.uri().path().ends_with("-1"), "{}", req.uri());
+            send.send_response(resp(200, &json!({"apiVersion":"v1","kind":"ConfigMap",
+                "metadata":{"name":"x-1","resourceVersion":"20"},"data":{"ledger.jsonl":"old\nnew\n"}})));
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PUT");
+            assert_eq!(body["data"]["ledger.jsonl"], "old\nnew\nmore\n");
+            send.send_response(resp(200, &body));
         });
         store.append_ledger("new\n").await.unwrap();
+        store.append_ledger("more\n").await.unwrap();
         server.await.unwrap();
     }
 }
