@@ -844,8 +844,18 @@ mod tests {
                     send.send_response(resp(200, &body));
                 }
             }
+            // The next append starts at shard 1: the full shard 0 is not read again.
+            let (req, _, send) = next(&mut h).await;
+            assert!(req.uri().path().ends_with("-1"), "{}", req.uri());
+            send.send_response(resp(200, &json!({"apiVersion":"v1","kind":"ConfigMap",
+                "metadata":{"name":"x-1","resourceVersion":"20"},"data":{"ledger.jsonl":"old\nnew\n"}})));
+            let (req, body, send) = next(&mut h).await;
+            assert_eq!(req.method(), "PUT");
+            assert_eq!(body["data"]["ledger.jsonl"], "old\nnew\nmore\n");
+            send.send_response(resp(200, &body));
         });
         store.append_ledger("new\n").await.unwrap();
+        store.append_ledger("more\n").await.unwrap();
         server.await.unwrap();
     }
 }
