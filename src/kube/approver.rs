@@ -76,19 +76,22 @@ pub fn evaluate(csr: &CertificateSigningRequest, issuer: &dyn Issuer, mode: TtlM
     }
 }
 
-/// Writes a verdict through `/approval`.
+/// Writes a verdict through `/approval`. Returns the CSR as the API server returned it when an
+/// approval was written (its new resourceVersion and the `Approved` condition), so the signer
+/// can sign it in the same reconcile instead of waiting for the watch event and a second
+/// place in the queue.
 pub async fn write(
     signer: &Signer,
     csr: &CertificateSigningRequest,
     verdict: &Verdict,
-) -> Result<WriteOutcome> {
+) -> Result<Option<CertificateSigningRequest>> {
     let name = csr.metadata.name.as_deref().unwrap_or_default();
     let (ty, reason, message) = match verdict {
         Verdict::Approve(m) => ("Approved", REASON_APPROVED, m),
         Verdict::Deny(m) => ("Denied", REASON_DENIED, m),
         Verdict::Leave(m) => {
             tracing::info!(csr = name, "{m}");
-            return Ok(WriteOutcome::LostRace);
+            return Ok(None);
         }
     };
     let patch = json!({
@@ -100,13 +103,12 @@ pub async fn write(
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
-    let out = classify_write(
-        signer
-            .api()
-            .patch_approval(name, &pp, &Patch::Merge(&patch))
-            .await,
-        "writing an approval",
-    )?;
+    let response = signer
+        .api()
+        .patch_approval(name, &pp, &Patch::Merge(&patch))
+        .await;
+    let returned = response.as_ref().ok().cloned();
+    let out = classify_write(response, "writing an approval")?;
     match (&out, verdict) {
         (WriteOutcome::Written, Verdict::Approve(_)) => {
             signer.metrics.csrs_approved.inc();
@@ -120,7 +122,10 @@ pub async fn write(
             signer.metrics.csr_conflicts.inc();
         }
     }
-    Ok(out)
+    Ok(match (out, verdict) {
+        (WriteOutcome::Written, Verdict::Approve(_)) => returned,
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -288,5 +293,56 @@ mod tests {
         s.reconcile(&csr).await.unwrap();
         server.await.unwrap();
         assert_eq!(s.metrics().csrs_denied.get(), 1);
+    }
+
+    /// An approval is followed, in the same reconcile, by the signature: on the object the
+    /// approval returned (its resourceVersion), not after a watch event and a second pass
+    /// through the queue.
+    #[tokio::test]
+    async fn an_approved_csr_is_signed_in_the_same_reconcile() {
+        let (client, mut h) = mock_client();
+        let cfg = SignerConfig {
+            auto_approve: true,
+            ..SignerConfig::default()
+        };
+        let on = Policy {
+            auto_approve: true,
+            ..Policy::default()
+        };
+        let s = signer_with(client, &[("mesh", issuer("mesh", on))], cfg);
+        // blue (the requester csr_obj sets) asks for its own SPIFFE ID.
+        let csr = csr_obj(
+            "c1",
+            "meshca.io/mesh",
+            &csr_pem(
+                &["spiffe://cluster.local/ns/app/sa/blue"],
+                KeyAlgorithm::EcdsaP256,
+            ),
+            &[],
+            None,
+        );
+        let mut approved = serde_json::to_value(&csr).unwrap();
+        approved["metadata"]["resourceVersion"] = json!("43");
+        approved["status"]["conditions"] = json!([{
+            "type": "Approved", "status": "True", "reason": REASON_APPROVED, "message": "ok",
+        }]);
+        let server = tokio::spawn(async move {
+            let (req, body, send) = next(&mut h).await;
+            assert!(req.uri().path().ends_with("/c1/approval"), "{}", req.uri());
+            assert_eq!(body["status"]["conditions"][0]["type"], "Approved");
+            send.send_response(resp(200, &approved));
+            let (req, body, send) = next(&mut h).await;
+            assert!(req.uri().path().ends_with("/c1/status"), "{}", req.uri());
+            assert_eq!(body["metadata"]["resourceVersion"], "43");
+            assert!(body["status"]["certificate"].as_str().is_some());
+            send.send_response(resp(200, &approved));
+        });
+        s.reconcile(&csr).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the status write follows the approval in the same reconcile")
+            .unwrap();
+        assert_eq!(s.metrics().csrs_approved.get(), 1);
+        assert_eq!(s.metrics().csrs_signed.get(), 1);
     }
 }

@@ -491,7 +491,6 @@ impl Signer {
     /// Reconciles one CSR.
     pub async fn reconcile(&self, csr: &CertificateSigningRequest) -> Result<Action> {
         let started = std::time::Instant::now();
-        let name = csr.metadata.name.as_deref().unwrap_or_default();
         // One snapshot of the CAs for the whole decision.
         let snapshot = self.issuers.borrow().clone();
         let decision = classify(csr, |c| snapshot.contains(c));
@@ -508,12 +507,32 @@ impl Signer {
                     return Ok(Action::await_change());
                 };
                 let verdict = super::approver::evaluate(csr, issuer.as_ref(), self.cfg.ttl_mode);
-                super::approver::write(self, csr, &verdict).await?;
-                return Ok(Action::await_change());
+                let Some(approved) = super::approver::write(self, csr, &verdict).await? else {
+                    return Ok(Action::await_change());
+                };
+                // Approved just now: sign the object the approval returned, in this reconcile.
+                // Everything is checked again on it (classify, then `prepare`'s decision).
+                return match classify(&approved, |c| snapshot.contains(c)) {
+                    Decision::Sign { ca } => self.sign(&approved, ca, &snapshot, started).await,
+                    _ => Ok(Action::await_change()),
+                };
             }
             Decision::Sign { ca } => ca,
         };
         self.metrics.csr_reconciles.inc();
+        self.sign(csr, ca, &snapshot, started).await
+    }
+
+    /// Signs approved CSR `csr` with CA `ca` of `snapshot` (after [`prepare`]'s checks) and
+    /// writes the certificate; `started` is when its reconcile began.
+    async fn sign(
+        &self,
+        csr: &CertificateSigningRequest,
+        ca: String,
+        snapshot: &issuers::IssuerSet,
+        started: std::time::Instant,
+    ) -> Result<Action> {
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
         if !self.leading() {
             return Ok(Action::await_change());
         }
