@@ -192,7 +192,16 @@ async fn requester_clients(
             )
             .await
             .unwrap_or_else(|e| fatal("token request", e));
-        out.push(token_client(kc, &tr.status.unwrap().token).await);
+        out.push(
+            token_client(
+                kc,
+                tr.status
+                    .and_then(|s| s.token)
+                    .as_deref()
+                    .unwrap_or_default(),
+            )
+            .await,
+        );
     }
     out
 }

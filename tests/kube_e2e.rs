@@ -169,6 +169,13 @@ impl Env {
         kube::Client::try_from(config).unwrap()
     }
 
+    /// Starts a controller replica that also manages the test namespace's Secrets.
+    fn start_managing_its_namespace(&mut self) {
+        let mut cfg = self.config();
+        cfg.managed_namespaces = vec![self.ns.clone()];
+        self.start(cfg);
+    }
+
     /// Starts a controller replica (as the kubeconfig's user); returns its index.
     fn start(&mut self, cfg: RunConfig) -> usize {
         self.start_as(self.client.clone(), cfg)
@@ -1045,9 +1052,7 @@ fn filled(s: &Secret) -> bool {
 async fn a_refused_renewal_keeps_the_credential_and_says_why() {
     let Some(kc) = kubeconfig() else { return };
     let mut env = Env::new(&kc, admin_policy).await;
-    let mut cfg = env.config();
-    cfg.managed_namespaces = vec![env.ns.clone()];
-    env.start(cfg);
+    env.start_managing_its_namespace();
     create_managed(&env, "web-tls", &format!("web.{}.svc", env.ns)).await;
     let before = wait_secret(&env, "web-tls", "a certificate", filled).await;
     // Now ask for something the policy refuses (a wildcard).
@@ -1111,9 +1116,7 @@ async fn a_refused_renewal_keeps_the_credential_and_says_why() {
 async fn a_replaced_ca_is_used_without_a_restart() {
     let Some(kc) = kubeconfig() else { return };
     let mut env = Env::new(&kc, admin_policy).await;
-    let mut cfg = env.config();
-    cfg.managed_namespaces = vec![env.ns.clone()];
-    env.start(cfg);
+    env.start_managing_its_namespace();
     let old = env.store.load_ca(&env.ca).await.unwrap();
     let old_ski = old.info().unwrap().subject_key_id;
     let first = format!("{}-before", env.ns);
@@ -2478,9 +2481,7 @@ async fn a_managed_secret_in_a_namespace_the_ca_does_not_serve_is_refused() {
 async fn two_hundred_managed_secrets_are_issued_and_renewed() {
     let Some(kc) = kubeconfig() else { return };
     let mut env = Env::new(&kc, admin_policy).await;
-    let mut cfg = env.config();
-    cfg.managed_namespaces = vec![env.ns.clone()];
-    env.start(cfg);
+    env.start_managing_its_namespace();
     let api: Api<Secret> = Api::namespaced(env.client.clone(), &env.ns);
     let n = 200;
     for i in 0..n {

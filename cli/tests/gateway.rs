@@ -5,6 +5,8 @@
 //! the gateway CA its `ca.crt` holds both roots. openssl and curl are Debian packages that
 //! .ci/run installs.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -34,14 +36,6 @@ fn secret_data(yaml: &str, key: &str) -> String {
         .decode(v["data"][key].as_str().unwrap())
         .unwrap();
     String::from_utf8(b).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Kill(std::process::Child);
@@ -112,7 +106,7 @@ fn gateway_ca_secret_is_the_root_and_curl_reaches_the_gateway() {
     assert_eq!(g["metadata"]["name"], "gateway-tls");
     assert!(secret_data(&gw_yaml, "tls.key").contains("PRIVATE KEY"));
 
-    let port = free_port();
+    let port = common::free_port();
     let server = Kill(
         Command::new("openssl")
             .args(["s_server", "-quiet", "-www", "-accept"])

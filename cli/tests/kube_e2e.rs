@@ -189,14 +189,6 @@ fn signal(r: &Replica, sig: &str) {
     assert!(st.success(), "kill {sig} {}", r.identity);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_replica(kubeconfig: &Path, ca: &str, identity: &str, dir: &Path) -> Replica {
     let log = dir.join(format!("{identity}.log"));
     let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
@@ -210,7 +202,7 @@ fn start_replica(kubeconfig: &Path, ca: &str, identity: &str, dir: &Path) -> Rep
             "--ca",
             ca,
             "--metrics-addr",
-            &format!("127.0.0.1:{}", free_port()),
+            &format!("127.0.0.1:{}", common::free_port()),
             "--lease-namespace",
             "meshca",
             "--identity",

@@ -31,14 +31,6 @@ impl Drop for Running {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -77,7 +69,7 @@ fn serve_runs_reports_health_and_stops_on_sigterm() {
     let o = env.run(&["init", "--ca", "ca1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let sock = env.path("run/sds.sock");
-    let port = free_port();
+    let port = common::free_port();
     let log = std::fs::File::create(env.path("sds.log")).unwrap();
     let child = env
         .cmd(&[
@@ -232,7 +224,7 @@ fn exits_within(child: &mut Running, secs: u64) -> Option<std::process::ExitStat
 fn non_loopback_tcp_without_mtls_refuses_to_start() {
     let env = Env::new();
     assert!(env.run(&["init", "--ca", "ca1"]).status.success());
-    let port = free_port();
+    let port = common::free_port();
     let mut child = Running(
         env.cmd(&[
             "sds",
@@ -349,7 +341,7 @@ fn mtls_serve_checked_with_openssl_s_client() {
     ]);
     issue(&["--dns", "gw.example", "--name", "bysubject"]);
     let ca = env.path("home/cas/ca1/ca.crt");
-    let port = free_port();
+    let port = common::free_port();
     let log = std::fs::File::create(env.path("sds.log")).unwrap();
     let p = |s: &str| env.path(s).display().to_string();
     let child = env

@@ -245,9 +245,8 @@ mod tests {
         ));
     }
 
-    #[tokio::test]
-    async fn auto_approve_writes_through_the_approval_subresource() {
-        let (client, mut h) = mock_client();
+    /// A signer with auto-approval on, serving CA `mesh` whose policy opts in to it.
+    fn auto_approving_signer(client: kube::Client) -> crate::kube::signer::Signer {
         let cfg = SignerConfig {
             auto_approve: true,
             ..SignerConfig::default()
@@ -256,7 +255,13 @@ mod tests {
             auto_approve: true,
             ..Policy::default()
         };
-        let s = signer_with(client, &[("mesh", issuer("mesh", on))], cfg);
+        signer_with(client, &[("mesh", issuer("mesh", on))], cfg)
+    }
+
+    #[tokio::test]
+    async fn auto_approve_writes_through_the_approval_subresource() {
+        let (client, mut h) = mock_client();
+        let s = auto_approving_signer(client);
         let csr = csr_obj(
             "c1",
             "meshca.io/mesh",
@@ -301,15 +306,7 @@ mod tests {
     #[tokio::test]
     async fn an_approved_csr_is_signed_in_the_same_reconcile() {
         let (client, mut h) = mock_client();
-        let cfg = SignerConfig {
-            auto_approve: true,
-            ..SignerConfig::default()
-        };
-        let on = Policy {
-            auto_approve: true,
-            ..Policy::default()
-        };
-        let s = signer_with(client, &[("mesh", issuer("mesh", on))], cfg);
+        let s = auto_approving_signer(client);
         // blue (the requester csr_obj sets) asks for its own SPIFFE ID.
         let csr = csr_obj(
             "c1",

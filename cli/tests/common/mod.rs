@@ -93,3 +93,12 @@ pub fn openssl_csr(env: &Env, name: &str, keyspec: &[&str], addext: &[&str]) -> 
 
 /// openssl genpkey options for an ECDSA P-256 key.
 pub const P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
