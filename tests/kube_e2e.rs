@@ -2719,3 +2719,107 @@ async fn a_node_gets_a_pod_certificate_through_node_restriction() {
     let code = meshca::kube::api_code(&e);
     assert!(matches!(code, Some(403) | Some(422)), "{e}");
 }
+
+/// The kube-csr sidecar's delete guard on the real API server: deploy/'s
+/// ValidatingAdmissionPolicy (matched through the marker permission of ClusterRole
+/// `meshca-sds-csr`, not through a namespace) lets ServiceAccount `b`, bound to that role in
+/// a namespace other than `mesh`, delete only its own CSRs: `a`'s is refused naming its owner,
+/// its own is deleted. The sidecar's start-up check (`csr_delete_guard::verify`) passes under
+/// `b`'s token once the policy is installed.
+#[tokio::test]
+async fn a_kube_csr_sidecar_may_delete_only_its_own_csrs_in_any_namespace() {
+    use kube::api::{ApiResource, DynamicObject};
+    let Some(kc) = kubeconfig() else { return };
+    let mut env = Env::new(&kc, |_| Policy::default()).await;
+    // The policy and its binding, as deploy/components/sds-kube-csr installs them
+    // (cluster-scoped, fixed names: applied, so every run and test may do it).
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text =
+        std::fs::read_to_string(root.join("deploy/components/sds-kube-csr/delete-own-csrs.yaml"))
+            .unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_str_multiple(&text).unwrap();
+    for d in docs.into_iter().filter(|d| !d.is_null()) {
+        let kind = d["kind"].as_str().unwrap().to_string();
+        let ar = ApiResource {
+            group: "admissionregistration.k8s.io".into(),
+            version: "v1".into(),
+            api_version: "admissionregistration.k8s.io/v1".into(),
+            plural: match kind.as_str() {
+                "ValidatingAdmissionPolicy" => "validatingadmissionpolicies".into(),
+                _ => "validatingadmissionpolicybindings".into(),
+            },
+            kind,
+        };
+        let name = d["metadata"]["name"].as_str().unwrap().to_string();
+        Api::<DynamicObject>::all_with(env.client.clone(), &ar)
+            .patch(
+                &name,
+                &PatchParams::apply("meshca-e2e").force(),
+                &Patch::Apply(&d),
+            )
+            .await
+            .expect("apply the delete guard");
+    }
+    let rules = cluster_role_rules("deploy/components/sds-kube-csr/rbac.yaml");
+    let a = env.sa_client(&kc, "a").await;
+    env.grant("a", rules.clone()).await;
+    let b = env.sa_client(&kc, "b").await;
+    env.grant("b", rules).await;
+
+    let csr_as = |who: &kube::Client, name: &str| {
+        let who = who.clone();
+        let name = name.to_string();
+        let signer = env.signer();
+        let label = env.ns.clone();
+        async move {
+            let csr: CertificateSigningRequest = serde_json::from_value(json!({
+                "metadata": {"name": name, "labels": {LABEL: label}},
+                "spec": {"request": b64(csr_pem(&["x.example.com"]).as_bytes()),
+                         "signerName": signer, "usages": ["digital signature", "client auth"]},
+            }))
+            .unwrap();
+            Api::<CertificateSigningRequest>::all(who)
+                .create(&PostParams::default(), &csr)
+                .await
+        }
+    };
+    // The new RBAC and the new policy take a moment to apply: until b's delete of a's CSR is
+    // refused, each try uses a fresh CSR of a's.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
+    let refusal = loop {
+        n += 1;
+        let victim = format!("{}-a-{n}", env.ns);
+        Env::once_authorized("create a CSR as a", || csr_as(&a, &victim)).await;
+        match Api::<CertificateSigningRequest>::all(b.clone())
+            .delete(&victim, &DeleteParams::default())
+            .await
+        {
+            Err(e) if meshca::kube::api_code(&e) != Some(403) || Instant::now() > deadline => {
+                break e
+            }
+            Err(_) => {}
+            Ok(_) => assert!(
+                Instant::now() < deadline,
+                "b deleted a's CSR {victim}: the guard never applied"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let own = format!("{}-b-own", env.ns);
+    Env::once_authorized("create a CSR as b", || csr_as(&b, &own)).await;
+    let own_delete = Api::<CertificateSigningRequest>::all(b.clone())
+        .delete(&own, &DeleteParams::default())
+        .await;
+    let guard = meshca::kube::csr_delete_guard::verify(&b).await;
+    let ns = env.ns.clone();
+    env.cleanup().await;
+    let msg = refusal.to_string();
+    assert!(
+        msg.contains("may delete only its own CSRs")
+            && msg.contains(&format!("system:serviceaccount:{ns}:a")),
+        "{msg}"
+    );
+    assert!(own_delete.is_ok(), "b deletes its own CSR: {own_delete:?}");
+    assert!(guard.is_ok(), "the sidecar's start-up check: {guard:?}");
+}
