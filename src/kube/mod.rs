@@ -259,3 +259,12 @@ pub(crate) mod testutil {
         Some((Request::from_parts(parts, ()), v, send))
     }
 }
+
+/// What a controller's reconcile answers when its replica does not lead at that instant.
+/// Controllers run only in a leader session, so this is a Lease renewal that failed for a
+/// moment (an API server restart, say) while the session went on: the object is looked at
+/// again shortly. Waiting for its next change instead would leave an approved CSR unsigned
+/// until something touched it again (seen once in the API server restart e2e round).
+pub(crate) fn not_leading() -> kube::runtime::controller::Action {
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
+}

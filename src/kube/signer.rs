@@ -500,8 +500,11 @@ impl Signer {
             }
             Decision::Pending { ca } => {
                 self.metrics.csr_reconciles.inc();
-                if !self.cfg.auto_approve || !self.leading() {
+                if !self.cfg.auto_approve {
                     return Ok(Action::await_change());
+                }
+                if !self.leading() {
+                    return Ok(super::not_leading());
                 }
                 let Some(issuer) = snapshot.get(&ca) else {
                     return Ok(Action::await_change());
@@ -534,7 +537,7 @@ impl Signer {
     ) -> Result<Action> {
         let name = csr.metadata.name.as_deref().unwrap_or_default();
         if !self.leading() {
-            return Ok(Action::await_change());
+            return Ok(super::not_leading());
         }
         let Some(issuer) = snapshot.get(&ca) else {
             return Ok(Action::await_change());
@@ -563,7 +566,7 @@ impl Signer {
         };
         // Fencing: leadership may have been lost while signing.
         if !self.leading() {
-            return Ok(Action::await_change());
+            return Ok(super::not_leading());
         }
         let patch = json!({
             "metadata": { "resourceVersion": csr.metadata.resource_version },
@@ -639,7 +642,7 @@ impl Signer {
             Err(e) => {
                 self.backoff.reset(name);
                 if !self.leading() {
-                    return Ok(Action::await_change());
+                    return Ok(super::not_leading());
                 }
                 let reason = match &e {
                     Error::Backend {

@@ -376,7 +376,7 @@ impl PcrSigner {
             return Ok(Action::await_change());
         };
         if !self.leading() {
-            return Ok(Action::await_change());
+            return Ok(super::not_leading());
         }
         let Some(issuer) = snapshot.get(&ca) else {
             return Ok(Action::await_change());
@@ -418,7 +418,7 @@ impl PcrSigner {
             };
         // Fencing: leadership may have been lost while signing.
         if !self.leading() {
-            return Ok(Action::await_change());
+            return Ok(super::not_leading());
         }
         let message = format!(
             "issued by CA {ca}, serial {}, for {}",
