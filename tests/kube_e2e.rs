@@ -2766,23 +2766,8 @@ async fn a_kube_csr_sidecar_may_delete_only_its_own_csrs_in_any_namespace() {
     let b = env.sa_client(&kc, "b").await;
     env.grant("b", rules).await;
 
-    let csr_as = |who: &kube::Client, name: &str| {
-        let who = who.clone();
-        let name = name.to_string();
-        let signer = env.signer();
-        let label = env.ns.clone();
-        async move {
-            let csr: CertificateSigningRequest = serde_json::from_value(json!({
-                "metadata": {"name": name, "labels": {LABEL: label}},
-                "spec": {"request": b64(csr_pem(&["x.example.com"]).as_bytes()),
-                         "signerName": signer, "usages": ["digital signature", "client auth"]},
-            }))
-            .unwrap();
-            Api::<CertificateSigningRequest>::all(who)
-                .create(&PostParams::default(), &csr)
-                .await
-        }
-    };
+    let pem = csr_pem(&["x.example.com"]);
+    let signer = env.signer();
     // The new RBAC and the new policy take a moment to apply: until b's delete of a's CSR is
     // refused, each try uses a fresh CSR of a's.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -2790,7 +2775,10 @@ async fn a_kube_csr_sidecar_may_delete_only_its_own_csrs_in_any_namespace() {
     let refusal = loop {
         n += 1;
         let victim = format!("{}-a-{n}", env.ns);
-        Env::once_authorized("create a CSR as a", || csr_as(&a, &victim)).await;
+        Env::once_authorized("create a CSR as a", || {
+            env.create_csr_as(&a, &victim, &pem, &signer, None)
+        })
+        .await;
         match Api::<CertificateSigningRequest>::all(b.clone())
             .delete(&victim, &DeleteParams::default())
             .await
@@ -2807,7 +2795,10 @@ async fn a_kube_csr_sidecar_may_delete_only_its_own_csrs_in_any_namespace() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let own = format!("{}-b-own", env.ns);
-    Env::once_authorized("create a CSR as b", || csr_as(&b, &own)).await;
+    Env::once_authorized("create a CSR as b", || {
+        env.create_csr_as(&b, &own, &pem, &signer, None)
+    })
+    .await;
     let own_delete = Api::<CertificateSigningRequest>::all(b.clone())
         .delete(&own, &DeleteParams::default())
         .await;

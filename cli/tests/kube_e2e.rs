@@ -94,13 +94,8 @@ impl Cluster {
             .build()
             .unwrap();
         rt.block_on(async {
-            let config = kube::Config::from_custom_kubeconfig(
-                kube::config::Kubeconfig::read_from(&self.kubeconfig).unwrap(),
-                &Default::default(),
-            )
-            .await
-            .unwrap();
-            f(kube::Api::all(kube::Client::try_from(config).unwrap())).await
+            let client = meshca::kube::client(Some(&self.kubeconfig)).await.unwrap();
+            f(kube::Api::all(client)).await
         })
     }
 

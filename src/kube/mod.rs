@@ -189,6 +189,15 @@ pub(crate) fn rfc3339(t: time::OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// What a controller's reconcile answers when its replica does not lead at that instant.
+/// Controllers run only in a leader session, so this is a Lease renewal that failed for a
+/// moment (an API server restart, say) while the session went on: the object is looked at
+/// again shortly. Waiting for its next change instead would leave an approved CSR unsigned
+/// until something touched it again (seen once in the API server restart e2e round).
+pub(crate) fn not_leading() -> kube::runtime::controller::Action {
+    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
+}
+
 #[cfg(test)]
 pub(crate) mod testutil {
     //! A tower-test mock API server: scripted request/response pairs.
@@ -258,13 +267,4 @@ pub(crate) mod testutil {
         };
         Some((Request::from_parts(parts, ()), v, send))
     }
-}
-
-/// What a controller's reconcile answers when its replica does not lead at that instant.
-/// Controllers run only in a leader session, so this is a Lease renewal that failed for a
-/// moment (an API server restart, say) while the session went on: the object is looked at
-/// again shortly. Waiting for its next change instead would leave an approved CSR unsigned
-/// until something touched it again (seen once in the API server restart e2e round).
-pub(crate) fn not_leading() -> kube::runtime::controller::Action {
-    kube::runtime::controller::Action::requeue(std::time::Duration::from_secs(2))
 }
