@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::Resource as _;
@@ -632,7 +632,7 @@ impl Managed {
             wc = wc.labels(&sel);
         }
         let name = controller_name(namespace.as_deref());
-        let controller = Controller::new(api, wc)
+        let controller = super::relist::controller(api, wc, ())
             .with_config(ControllerConfig::default().concurrency(8))
             .reconcile_all_on(issuers::changes(self.issuers.clone()));
         let health = &self.metrics.controllers;

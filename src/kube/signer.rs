@@ -37,13 +37,14 @@ use std::time::Duration;
 use base64::Engine as _;
 use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::watcher;
 use serde_json::json;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::backoff::Backoff;
+use super::in_doubt::{InDoubt, Settled};
 use super::issuers::{self, IssuerWatch};
 use super::ledger::{IssuedRecord, LedgerSink};
 use super::metrics::{Metrics, ReasonLabel};
@@ -51,8 +52,10 @@ use super::ratelimit::RateLimiter;
 use super::{ca_from_signer_name, kube_err, FIELD_MANAGER};
 use crate::clock::Clock;
 use crate::error::{Error, Result};
+use crate::issue::IssuedCert;
 use crate::issue::{check_csr, CsrOptions, Issuer, LedgerEntry, SignRequest};
 use crate::policy::FrontEnd;
+use crate::x509::CertInfo;
 
 /// The CSR controller's name in `/readyz` and `meshca_controller_ready`.
 pub const CONTROLLER_NAME: &str = "csr-signer";
@@ -144,6 +147,7 @@ pub struct Signer {
     pub(super) clock: Arc<dyn Clock>,
     backoff: Backoff,
     ledger: Option<LedgerSink>,
+    in_doubt: InDoubt,
 }
 
 impl std::fmt::Debug for Signer {
@@ -365,6 +369,15 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     format!("{}...", &s[..end])
 }
 
+/// The key of a CSR in [`InDoubt`]: its uid (its name when the object has none).
+fn csr_uid(csr: &CertificateSigningRequest) -> &str {
+    csr.metadata
+        .uid
+        .as_deref()
+        .or(csr.metadata.name.as_deref())
+        .unwrap_or_default()
+}
+
 /// What a write attempt came to.
 #[derive(Debug, PartialEq, Eq)]
 pub enum WriteOutcome {
@@ -424,6 +437,7 @@ impl Signer {
             clock,
             backoff: Backoff::new(),
             ledger: None,
+            in_doubt: InDoubt::default(),
         }
     }
 
@@ -495,9 +509,11 @@ impl Signer {
         let snapshot = self.issuers.borrow().clone();
         let decision = classify(csr, |c| snapshot.contains(c));
         let ca = match decision {
-            Decision::NotOurs | Decision::AlreadySigned | Decision::Terminal(_) => {
-                return Ok(Action::await_change())
+            Decision::AlreadySigned => {
+                self.settle_in_doubt(csr).await;
+                return Ok(Action::await_change());
             }
+            Decision::NotOurs | Decision::Terminal(_) => return Ok(Action::await_change()),
             Decision::Pending { ca } => {
                 self.metrics.csr_reconciles.inc();
                 if !self.cfg.auto_approve {
@@ -550,19 +566,21 @@ impl Signer {
             }
             Err(Err(e)) => return Err(e),
         };
-        let now = self.clock.now();
-        let cert = match issuer.sign(&req, now).await {
-            Ok(c) => c,
-            Err(e @ Error::Build(_)) => {
-                // The CA cannot sign this (expired CA, unsupported key): retrying will not help.
-                let rej = Rejection {
-                    reason: REASON_SIGN_FAILED,
-                    message: e.to_string(),
-                };
-                self.fail(csr, &rej).await?;
-                return Ok(Action::await_change());
+        let uid = csr_uid(csr);
+        // A certificate whose earlier write may have taken effect is sent again, not signed
+        // anew ([`super::in_doubt`]).
+        let (cert, now) = match self.in_doubt.resend(uid, &ca) {
+            Some(p) => {
+                tracing::info!(csr = name, serial = %p.cert.info.serial_hex(), "sending again the certificate whose last write may have taken effect");
+                (Some(p.cert), p.issued_at)
             }
-            Err(e) => return Err(e),
+            None => {
+                let now = self.clock.now();
+                (self.sign_new(csr, &req, issuer.as_ref(), now).await?, now)
+            }
+        };
+        let Some(cert) = cert else {
+            return Ok(Action::await_change());
         };
         // Fencing: leadership may have been lost while signing.
         if !self.leading() {
@@ -585,6 +603,7 @@ impl Signer {
         );
         let written = match written {
             Err(e) if !super::retryable(&e) => {
+                self.in_doubt.forget(uid);
                 // The API server refuses this certificate (400/422 other than "already set"):
                 // say so on the CSR instead of leaving it pending forever.
                 let rej = Rejection {
@@ -594,38 +613,115 @@ impl Signer {
                 self.fail(csr, &rej).await?;
                 return Ok(Action::await_change());
             }
-            other => other?,
+            Err(e) => {
+                // No answer, or a 5xx/409/429: the write may have been committed.
+                self.in_doubt.put(uid, &ca, cert, now);
+                return Err(e);
+            }
+            Ok(w) => w,
         };
         match written {
             WriteOutcome::Written => {
-                self.metrics.csrs_signed.inc();
+                self.in_doubt.forget(uid);
                 self.metrics
                     .sign_duration
                     .observe(started.elapsed().as_secs_f64());
-                if let Some(created) = &csr.metadata.creation_timestamp {
-                    let created_ms = created.0.as_millisecond();
-                    let now_ms =
-                        (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-                    // creationTimestamp has one-second resolution; clamp at zero.
-                    self.metrics
-                        .issue_latency
-                        .observe(((now_ms - created_ms).max(0)) as f64 / 1000.0);
-                }
-                tracing::info!(csr = name, ca = %ca, serial = %cert.info.serial_hex(), sans = ?cert.info.sans, not_after = %cert.info.not_after, "signed CSR");
-                if let Some(l) = &self.ledger {
-                    l.record(IssuedRecord {
-                        entry: LedgerEntry::for_cert(&ca, &cert, now),
-                        requester: csr.spec.username.clone().unwrap_or_default(),
-                        object: format!("csr/{name}"),
-                    })
-                    .await;
-                }
+                self.delivered(csr, &ca, &cert);
+                self.record(csr, &ca, &cert, now).await;
             }
             WriteOutcome::LostRace => {
+                // Kept if in doubt: the CSR, once seen with a certificate, settles it.
                 self.metrics.csr_conflicts.inc();
             }
         }
         Ok(Action::await_change())
+    }
+
+    /// Signs `req` for `csr` with `issuer`; `None` when the CA cannot sign it (the CSR is
+    /// failed, quoting why).
+    async fn sign_new(
+        &self,
+        csr: &CertificateSigningRequest,
+        req: &crate::issue::SignRequest,
+        issuer: &dyn Issuer,
+        now: OffsetDateTime,
+    ) -> Result<Option<IssuedCert>> {
+        match issuer.sign(req, now).await {
+            Ok(c) => Ok(Some(c)),
+            Err(e @ Error::Build(_)) => {
+                // The CA cannot sign this (expired CA, unsupported key): retrying will not help.
+                let rej = Rejection {
+                    reason: REASON_SIGN_FAILED,
+                    message: e.to_string(),
+                };
+                self.fail(csr, &rej).await?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Counts and logs a certificate written onto `csr`.
+    fn delivered(&self, csr: &CertificateSigningRequest, ca: &str, cert: &IssuedCert) {
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        self.metrics.csrs_signed.inc();
+        if let Some(created) = &csr.metadata.creation_timestamp {
+            let created_ms = created.0.as_millisecond();
+            let now_ms = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+            // creationTimestamp has one-second resolution; clamp at zero.
+            self.metrics
+                .issue_latency
+                .observe(((now_ms - created_ms).max(0)) as f64 / 1000.0);
+        }
+        tracing::info!(csr = name, ca = %ca, serial = %cert.info.serial_hex(), sans = ?cert.info.sans, not_after = %cert.info.not_after, "signed CSR");
+    }
+
+    /// Records `cert`, issued by `ca` at `issued_at` for `csr`, in the ledger.
+    async fn record(
+        &self,
+        csr: &CertificateSigningRequest,
+        ca: &str,
+        cert: &IssuedCert,
+        issued_at: OffsetDateTime,
+    ) {
+        if let Some(l) = &self.ledger {
+            l.record(IssuedRecord {
+                entry: LedgerEntry::for_cert(ca, cert, issued_at),
+                requester: csr.spec.username.clone().unwrap_or_default(),
+                object: format!("csr/{}", csr.metadata.name.as_deref().unwrap_or_default()),
+            })
+            .await;
+        }
+    }
+
+    /// `csr` carries a certificate: if this replica kept one whose write was in doubt, the
+    /// CSR says whether that write took effect; a delivered one is counted and recorded.
+    async fn settle_in_doubt(&self, csr: &CertificateSigningRequest) {
+        if self.in_doubt.is_empty() {
+            return;
+        }
+        let Some(serial) = csr
+            .status
+            .as_ref()
+            .and_then(|s| s.certificate.as_ref())
+            .and_then(|c| crate::pemutil::parse_certs(&c.0, "status.certificate").ok())
+            .and_then(|chain| chain.first().and_then(|l| CertInfo::from_der(l).ok()))
+            .map(|i| i.serial_hex())
+        else {
+            return;
+        };
+        let name = csr.metadata.name.as_deref().unwrap_or_default();
+        match self.in_doubt.settle(csr_uid(csr), &serial) {
+            Settled::Nothing => {}
+            Settled::Delivered(p) => {
+                tracing::info!(csr = name, serial = %serial, "a write in doubt had taken effect: recording its certificate");
+                self.delivered(csr, &p.ca, &p.cert);
+                self.record(csr, &p.ca, &p.cert, p.issued_at).await;
+            }
+            Settled::Superseded(p) => {
+                tracing::info!(csr = name, serial = %p.cert.info.serial_hex(), on_csr = %serial, "a write in doubt had not taken effect; another certificate is on the CSR");
+            }
+        }
     }
 
     /// [`Signer::reconcile`], then the error policy's half that needs I/O: a terminal error
@@ -676,7 +772,7 @@ impl Signer {
     ) {
         let api = self.api();
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        let controller = Controller::new(api, self.cfg.watcher_config())
+        let controller = super::relist::controller(api, self.cfg.watcher_config(), ())
             .with_config(cfg)
             // A CA created, replaced or removed: look at every CSR again.
             .reconcile_all_on(issuers::changes(self.issuers.clone()));
@@ -712,6 +808,17 @@ pub(crate) mod tests {
         let mut spec = CaSpec::root(name);
         spec.policy = policy;
         Arc::new(LocalIssuer::new(create_root(&spec, OffsetDateTime::now_utc()).unwrap()).unwrap())
+    }
+
+    /// A ledger that keeps what it is given, for tests to read.
+    #[derive(Debug, Default)]
+    pub(crate) struct Rec(pub(crate) Mutex<Vec<IssuedRecord>>);
+    #[async_trait::async_trait]
+    impl super::super::ledger::LedgerWriter for Rec {
+        async fn append(&self, r: &[IssuedRecord]) -> Result<()> {
+            self.0.lock().unwrap().extend_from_slice(r);
+            Ok(())
+        }
     }
 
     pub(crate) fn issuer(name: &str, policy: Policy) -> Arc<dyn Issuer> {
@@ -1270,15 +1377,6 @@ pub(crate) mod tests {
             ))
         };
         let (tx, rx) = watch::channel(set(&old));
-        #[derive(Debug, Default)]
-        struct Rec(Mutex<Vec<IssuedRecord>>);
-        #[async_trait::async_trait]
-        impl super::super::ledger::LedgerWriter for Rec {
-            async fn append(&self, r: &[IssuedRecord]) -> Result<()> {
-                self.0.lock().unwrap().extend_from_slice(r);
-                Ok(())
-            }
-        }
         let rec = Arc::new(Rec::default());
         let metrics = Arc::new(Metrics::new());
         let (sink, task) = LedgerSink::spawn(rec.clone(), metrics.clone());
@@ -1337,6 +1435,80 @@ pub(crate) mod tests {
         assert_eq!(got[0].object, "csr/c1");
         assert_eq!(got[1].object, "csr/c2");
         assert_eq!(got[0].entry.ca, "mesh");
+    }
+
+    /// A status write answered 503 may have been committed (seen on a real API server killed
+    /// mid-write): the retry sends the same certificate, not a new one, and once the CSR shows
+    /// it, it goes into the ledger; a CSR showing another writer's certificate records nothing.
+    #[tokio::test]
+    async fn a_write_in_doubt_is_sent_again_unchanged_and_recorded_once_the_csr_shows_it() {
+        let (client, mut h) = mock_client();
+        let rec = Arc::new(Rec::default());
+        let metrics = Arc::new(Metrics::new());
+        let (sink, task) = LedgerSink::spawn(rec.clone(), metrics.clone());
+        let s = signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        )
+        .with_ledger(sink);
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
+        let server = tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for answer in [
+                status(503, "ServiceUnavailable", "apiserver is shutting down"),
+                status(409, "Conflict", "the object has been modified"),
+                status(503, "ServiceUnavailable", "apiserver is shutting down"),
+            ] {
+                let (_, body, send) = next(&mut h).await;
+                sent.push(body["status"]["certificate"].as_str().unwrap().to_string());
+                send.send_response(answer);
+            }
+            sent
+        });
+        let csr = |name: &str, uid: &str| {
+            let mut c = csr_obj(name, "meshca.io/mesh", &pem, &["Approved"], None);
+            c.metadata.uid = Some(uid.into());
+            c
+        };
+        let with_cert = |mut c: CertificateSigningRequest, chain_b64: &str| {
+            c.status.as_mut().unwrap().certificate = Some(k8s_openapi::ByteString(
+                base64::engine::general_purpose::STANDARD
+                    .decode(chain_b64)
+                    .unwrap(),
+            ));
+            c
+        };
+        // 503: in doubt. The retry sends the same certificate and loses the race to it.
+        assert!(s.reconcile(&csr("c1", "u1")).await.is_err());
+        s.reconcile(&csr("c1", "u1")).await.unwrap();
+        // Another CSR, in doubt too.
+        assert!(s.reconcile(&csr("c2", "u2")).await.is_err());
+        let sent = server.await.unwrap();
+        assert_eq!(
+            sent[0], sent[1],
+            "the certificate in doubt is sent again, not re-signed"
+        );
+        assert_ne!(sent[0], sent[2]);
+        // c1 shows the certificate in doubt: delivered, recorded. c2 shows another writer's.
+        s.reconcile(&with_cert(csr("c1", "u1"), &sent[0]))
+            .await
+            .unwrap();
+        s.reconcile(&with_cert(csr("c2", "u2"), &sent[0]))
+            .await
+            .unwrap();
+        assert!(s.in_doubt.is_empty());
+        let serial = |b: &str| {
+            let pem = base64::engine::general_purpose::STANDARD.decode(b).unwrap();
+            let der = crate::pemutil::parse_certs(&pem, "c").unwrap().remove(0);
+            crate::x509::CertInfo::from_der(&der).unwrap().serial_hex()
+        };
+        drop(s);
+        super::super::ledger::flush(task, Duration::from_secs(10)).await;
+        let got = rec.0.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].object, "csr/c1");
+        assert_eq!(got[0].entry.serial, serial(&sent[0]));
     }
 
     #[tokio::test]

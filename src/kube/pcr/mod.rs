@@ -52,7 +52,7 @@ use k8s_openapi::api::certificates::v1beta1::{
     PodCertificateRequestSpec, PodCertificateRequestStatus,
 };
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
-use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
+use kube::runtime::controller::{Action, Config as ControllerConfig};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
@@ -504,7 +504,7 @@ impl PcrSigner {
         let ar = self.api_resource();
         let api: Api<Pcr> = Api::all_with(self.client.clone(), &ar);
         let cfg = ControllerConfig::default().concurrency(self.cfg.concurrency.max(1));
-        let controller = Controller::new_with(api, self.watcher_config(), ar)
+        let controller = super::relist::controller(api, self.watcher_config(), ar)
             .with_config(cfg)
             .reconcile_all_on(issuers::changes(self.issuers.clone()));
         let health = &self.metrics.controllers;

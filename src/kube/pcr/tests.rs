@@ -123,16 +123,7 @@ fn only_condition(body: &serde_json::Value) -> serde_json::Value {
 async fn a_request_is_signed_in_one_status_update_the_api_server_accepts() {
     let (client, mut h) = mock_client();
     let ca = local("mesh", opted_in());
-    #[derive(Debug, Default)]
-    struct Rec(Mutex<Vec<IssuedRecord>>);
-    #[async_trait::async_trait]
-    impl crate::kube::ledger::LedgerWriter for Rec {
-        async fn append(&self, r: &[IssuedRecord]) -> Result<()> {
-            self.0.lock().unwrap().extend_from_slice(r);
-            Ok(())
-        }
-    }
-    let rec = Arc::new(Rec::default());
+    let rec = Arc::new(crate::kube::signer::tests::Rec::default());
     let (sink, task) =
         LedgerSink::spawn(rec.clone(), Arc::new(crate::kube::metrics::Metrics::new()));
     let s = signer(client, ca.clone()).with_ledger(sink);
