@@ -3,7 +3,7 @@
 //! issued for.
 //!
 //! Writes are batched by one background task ([`LedgerSink`]): a reconcile hands its record
-//! over, and the task appends everything queued in one read-modify-write of the current
+//! over, and the task appends everything queued within [`LINGER`] in one write of the current
 //! shard, so a burst of 1,000 CSRs costs a handful of ConfigMap updates rather than 1,000
 //! conflicting ones. The ledger never drops a record: a batch that cannot be written is
 //! retried with backoff (each failed attempt counted in `meshca_ledger_write_failures_total`)
@@ -29,6 +29,9 @@ use crate::store::Store;
 pub const MAX_BATCH: usize = 500;
 /// Most records queued; [`LedgerSink::record`] waits beyond.
 pub const QUEUE: usize = 4 * MAX_BATCH;
+/// How long the writer waits after the first record of a batch for more of the same burst:
+/// 1,000 CSRs at 200/s make about 25 shard writes instead of one per record in flight.
+pub const LINGER: Duration = Duration::from_millis(200);
 /// Longest wait between two attempts at one batch.
 const RETRY_CAP: Duration = Duration::from_secs(30);
 
@@ -129,6 +132,15 @@ async fn write_loop(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        if batch.len() < MAX_BATCH {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut attempt = 0;
         loop {
             attempt += 1;

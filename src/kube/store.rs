@@ -13,7 +13,8 @@
 //! A CA is created with a plain create (so two concurrent `init`s cannot both win) and
 //! replaced with server-side apply (field manager `meshca`, forced) carrying the
 //! resourceVersion it was read at as a precondition. The ledger is sharded
-//! by day and by size (each shard stays under 900 kB of the 1 MiB object limit); appends use
+//! by day and by size (each shard stays under 256 kB, a quarter of the 1 MiB object limit: every
+//! append rewrites the whole shard, so its size is the cost of each write); appends use
 //! optimistic concurrency (resourceVersion) and retry on conflict, so no line is lost.
 
 use std::collections::BTreeMap;
@@ -40,7 +41,7 @@ pub const ANNOTATION_META: &str = "meshca.io/meta";
 pub const LABEL_BUNDLE_SPEC: &str = "meshca.io/bundle-spec";
 /// Label of ledger shards.
 pub const LABEL_LEDGER: &str = "meshca.io/ledger";
-const LEDGER_SHARD_LIMIT: usize = 900_000;
+const LEDGER_SHARD_LIMIT: usize = 256_000;
 const LEDGER_MAX_CONFLICTS: u32 = 20;
 
 /// Event reason on a CA Secret whose CA failed to load and is not served.
@@ -61,9 +62,19 @@ pub fn bundle_spec_name(bundle: &str) -> String {
 pub struct KubeStore {
     client: kube::Client,
     namespace: String,
-    /// The last ledger shard appended to (day, index): appends start there instead of
-    /// reading every full shard of the day again.
-    ledger_hint: std::sync::Arc<std::sync::Mutex<Option<(String, u32)>>>,
+    /// The last ledger shard appended to: appends start there instead of reading every full
+    /// shard of the day again, and without reading it again at all while no one else wrote it.
+    ledger_hint: std::sync::Arc<std::sync::Mutex<Option<LedgerTail>>>,
+}
+
+/// The ledger shard this store last wrote.
+#[derive(Clone)]
+struct LedgerTail {
+    day: String,
+    n: u32,
+    /// The shard as the API server returned it from that write (its resourceVersion the
+    /// precondition of the next one); `None` once a conflict says someone else wrote it.
+    shard: Option<ConfigMap>,
 }
 
 impl std::fmt::Debug for KubeStore {
@@ -262,18 +273,27 @@ impl KubeStore {
         };
         let api = self.configmaps();
         let mut conflicts = 0;
-        let mut n = {
+        let (mut n, mut cached) = {
             let hint = self.ledger_hint.lock().unwrap_or_else(|p| p.into_inner());
-            hint.as_ref()
-                .filter(|(d, _)| *d == day)
-                .map_or(0, |(_, n)| *n)
+            match hint.as_ref().filter(|t| t.day == day) {
+                Some(t) => (t.n, t.shard.clone()),
+                None => (0, None),
+            }
         };
         loop {
             let name = self.ledger_shard(&day, n);
-            let current = api
-                .get_opt(&name)
-                .await
-                .map_err(|e| kube_err("reading the ledger", e))?;
+            // The copy from this store's own last write, while it is the shard in question:
+            // one request per append instead of two (a conflict re-reads it).
+            let current = match cached
+                .take()
+                .filter(|cm| cm.metadata.name.as_deref() == Some(name.as_str()))
+            {
+                Some(cm) => Some(cm),
+                None => api
+                    .get_opt(&name)
+                    .await
+                    .map_err(|e| kube_err("reading the ledger", e))?,
+            };
             let result = match current {
                 None => {
                     let cm: ConfigMap = serde_json::from_value(json!({
@@ -289,7 +309,6 @@ impl KubeStore {
                         &cm,
                     )
                     .await
-                    .map(|_| ())
                 }
                 Some(mut cm) => {
                     let data = cm.data.get_or_insert_with(BTreeMap::new);
@@ -309,12 +328,16 @@ impl KubeStore {
                         &cm,
                     )
                     .await
-                    .map(|_| ())
                 }
             };
             match result {
-                Ok(()) => {
-                    *self.ledger_hint.lock().unwrap_or_else(|p| p.into_inner()) = Some((day, n));
+                Ok(written) => {
+                    *self.ledger_hint.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(LedgerTail {
+                            day,
+                            n,
+                            shard: Some(written),
+                        });
                     return Ok(());
                 }
                 Err(e) if api_code(&e) == Some(409) && conflicts < LEDGER_MAX_CONFLICTS => {
@@ -739,6 +762,11 @@ mod tests {
     }
 
     /// Issue 17: the ledger stopped at 64 full shards a day, losing every later record.
+    fn today() -> String {
+        let d = time::OffsetDateTime::now_utc().date();
+        format!("{:04}{:02}{:02}", d.year(), u8::from(d.month()), d.day())
+    }
+
     #[tokio::test]
     async fn ledger_append_goes_past_64_full_shards_a_day() {
         let (client, mut h) = mock_client();
@@ -775,40 +803,63 @@ mod tests {
         server.await.unwrap();
     }
 
-    /// A second append starts at the shard the first one wrote to.
+    /// A second append starts at the shard the first one wrote to, from the copy that write
+    /// returned (no read); a conflict reads the shard again.
     #[tokio::test]
-    async fn ledger_append_remembers_the_days_last_shard() {
+    async fn ledger_append_remembers_the_days_last_shard_and_its_content() {
         let (client, mut h) = mock_client();
         let store = KubeStore::new(client, "meshca");
+        let shard = move |n: u32, rv: &str, text: &str| {
+            json!({"apiVersion":"v1","kind":"ConfigMap",
+            "metadata":{"name":format!("meshca-ledger-{}-{n}", today()),"resourceVersion":rv},
+            "data":{"ledger.jsonl":text}})
+        };
+        let (full, old) = (
+            shard(0, "1", &"a".repeat(LEDGER_SHARD_LIMIT)),
+            shard(1, "1", "old\n"),
+        );
         let server = tokio::spawn(async move {
-            for (n, full) in [(0, true), (1, false), (1, false)] {
-                let (req, _, send) = next(&mut h).await;
-                assert!(
-                    req.uri().path().ends_with(&format!("-{n}")),
-                    "{}",
-                    req.uri()
-                );
-                let text = if full {
-                    "a".repeat(LEDGER_SHARD_LIMIT)
-                } else {
-                    "old\n".into()
-                };
-                send.send_response(resp(
-                    200,
-                    &json!({"apiVersion":"v1","kind":"ConfigMap",
-                    "metadata":{"name":format!("x-{n}"),"resourceVersion":"1"},
-                    "data":{"ledger.jsonl":text}}),
+            let mut seen = Vec::new();
+            let mut answer = |req: http::Request<()>, body: serde_json::Value| {
+                seen.push(format!(
+                    "{} {}",
+                    req.method(),
+                    req.uri().path().rsplit('-').next().unwrap()
                 ));
-                if !full {
-                    let (req, body, send) = next(&mut h).await;
-                    assert_eq!(req.method(), "PUT");
-                    send.send_response(resp(200, &body));
-                }
-            }
+                body
+            };
+            // First append: shard 0 is full, shard 1 is read and written.
+            let (req, b, send) = next(&mut h).await;
+            answer(req, b);
+            send.send_response(resp(200, &full));
+            let (req, b, send) = next(&mut h).await;
+            answer(req, b);
+            send.send_response(resp(200, &old));
+            let (req, mut b, send) = next(&mut h).await;
+            let b2 = answer(req, b.clone());
+            assert_eq!(b2["data"]["ledger.jsonl"], "old\na\n");
+            b["metadata"]["resourceVersion"] = json!("2");
+            send.send_response(resp(200, &b));
+            // Second append: written at once, on top of the first write, with its version.
+            let (req, b, send) = next(&mut h).await;
+            let b = answer(req, b);
+            assert_eq!(b["data"]["ledger.jsonl"], "old\na\nb\n");
+            assert_eq!(b["metadata"]["resourceVersion"], "2");
+            send.send_response(status(409, "Conflict", "the object has been modified"));
+            // The conflict: read again, then write on top of what someone else wrote.
+            let (req, b, send) = next(&mut h).await;
+            answer(req, b);
+            send.send_response(resp(200, &shard(1, "3", "old\nother\n")));
+            let (req, b, send) = next(&mut h).await;
+            let b = answer(req, b);
+            assert_eq!(b["data"]["ledger.jsonl"], "old\nother\nb\n");
+            send.send_response(resp(200, &b));
+            seen
         });
         store.append_ledger("a\n").await.unwrap();
         store.append_ledger("b\n").await.unwrap();
-        server.await.unwrap();
+        let seen = server.await.unwrap();
+        assert_eq!(seen, ["GET 0", "GET 1", "PUT 1", "PUT 1", "GET 1", "PUT 1"]);
         assert!(store
             .append_ledger(&"x".repeat(LEDGER_SHARD_LIMIT + 1))
             .await
