@@ -461,6 +461,32 @@ fn a_feature_that_is_off_grants_nothing_for_it() {
 }
 
 #[test]
+fn the_chart_owns_no_secret_and_keeps_the_namespace_it_creates() {
+    let Some(h) = Helm::new() else { return };
+    for values in [json!({}), all_on()] {
+        let objs = docs(&h.template(&values));
+        assert!(
+            objs.iter().all(|o| o["kind"] != "Secret"),
+            "{values}: the chart renders a Secret, which `helm uninstall` would delete"
+        );
+        let ns: Vec<&Value> = objs.iter().filter(|o| o["kind"] == "Namespace").collect();
+        if values["namespace"]["create"] == true {
+            assert_eq!(ns.len(), 1, "{values}");
+            assert_eq!(
+                ns[0]["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+                "a Namespace the chart creates must survive uninstall (it holds the CA Secrets)"
+            );
+            assert_eq!(
+                ns[0]["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+                "restricted"
+            );
+        } else {
+            assert!(ns.is_empty(), "{values}");
+        }
+    }
+}
+
+#[test]
 fn helm_lint_strict_passes_for_default_and_every_feature_on() {
     let Some(h) = Helm::new() else { return };
     let all = h.values("all-on", &all_on());
