@@ -1001,6 +1001,12 @@ fn helm_install_sign_upgrade_uninstall_on_a_real_control_plane() {
             "{verb} {res} in {user_ns:?} denied after install"
         );
     }
+    let out = String::from_utf8(d.run("can-i", false).stdout).unwrap();
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["yes", "yes"],
+        "{out}"
+    );
     d.run("first-certificate", true);
     wait_for("managed Secret filled", Duration::from_secs(60), || {
         let s = c.json(&["get", "secret", "web-tls", "-n", &apps]);
@@ -1173,6 +1179,10 @@ fn helm_install_sign_upgrade_uninstall_on_a_real_control_plane() {
         "{args:?}"
     );
     assert!(on_signer("sign"), "sign on the signer gone");
+    // The rollout: the old pod gets SIGTERM (and releases the Lease), the new one starts.
+    cluster::signal(&signer, "-TERM");
+    let st = signer.child.wait().unwrap();
+    assert!(st.success(), "signer exit after SIGTERM: {st}");
     drop(signer);
     signer = start_chart_signer(&sa_kc, &args, &ns, "helm-replica-b", &logs);
     let csr2 = format!("{release}-web-2");
