@@ -8,188 +8,24 @@
 //! write). Without them it prints why and returns; with `CI=true` it fails. It installs into
 //! the fixed namespace `meshca` that deploy/ names, so it is one test, run in order.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Cluster {
-    kubeconfig: PathBuf,
-    kubectl: PathBuf,
-    dir: PathBuf,
-}
-
-fn cluster() -> Option<Cluster> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    match (
-        var("MESHCA_E2E_KUBECONFIG"),
-        var("MESHCA_E2E_KUBECTL"),
-        var("MESHCA_E2E_CLUSTER_DIR"),
-    ) {
-        (Some(kubeconfig), Some(kubectl), Some(dir)) => Some(Cluster {
-            kubeconfig,
-            kubectl,
-            dir,
-        }),
-        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "MESHCA_E2E_KUBECONFIG, MESHCA_E2E_KUBECTL and MESHCA_E2E_CLUSTER_DIR are not set: with CI=true this test needs the control plane that .ci/run starts (tests/cluster/cluster.sh)"
-        ),
-        _ => {
-            eprintln!("skipping: start tests/cluster/cluster.sh and source its env.sh (MESHCA_E2E_KUBECONFIG, MESHCA_E2E_KUBECTL, MESHCA_E2E_CLUSTER_DIR) to run the installed-signer e2e test");
-            None
-        }
-    }
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `to` relative to directory `from` (both made canonical).
-fn relative(from: &Path, to: &Path) -> PathBuf {
-    let from = from.canonicalize().unwrap();
-    let to = to.canonicalize().unwrap();
-    let common = from
-        .components()
-        .zip(to.components())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let mut out = PathBuf::new();
-    for _ in from.components().skip(common) {
-        out.push("..");
-    }
-    for c in to.components().skip(common) {
-        out.push(c);
-    }
-    out
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-impl Cluster {
-    /// Runs `f` with the admin's CSR API on a current-thread runtime.
-    fn with_client<F, Fut>(&self, f: F)
-    where
-        F: FnOnce(kube::Api<k8s_openapi::api::certificates::v1::CertificateSigningRequest>) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let client = meshca::kube::client(Some(&self.kubeconfig)).await.unwrap();
-            f(kube::Api::all(client)).await
-        })
-    }
-
-    fn kubectl_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = Command::new(&self.kubectl);
-        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        c.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("kubectl");
-        if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input).unwrap();
-        }
-        child.wait_with_output().unwrap()
-    }
-
-    /// kubectl, which must succeed; its stdout.
-    fn kubectl(&self, args: &[&str]) -> String {
-        let o = self.kubectl_in(args, None);
-        assert!(o.status.success(), "kubectl {args:?}: {}", text(&o));
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        serde_json::from_str(&self.kubectl(&a)).unwrap()
-    }
-
-    /// `meshca` as the admin (the operator), with the kube store in namespace `meshca`.
-    fn meshca(&self, args: &[&str]) -> String {
-        let o = Command::new(env!("CARGO_BIN_EXE_meshca"))
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["--store", "kube:meshca"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "meshca {args:?}: {}", text(&o));
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    /// A kubeconfig that authenticates as ServiceAccount `ns/sa` with a token from the
-    /// TokenRequest API (`kubectl create token`), against the same API server.
-    fn service_account_kubeconfig(&self, ns: &str, sa: &str, out: &Path) {
-        let token = self.kubectl(&["create", "token", sa, "-n", ns, "--duration=1h"]);
-        let view = self.json(&["config", "view", "--raw", "--minify"]);
-        let cluster = &view["clusters"][0]["cluster"];
-        let kc = json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{"name": "e2e", "cluster": cluster}],
-            "users": [{"name": sa, "user": {"token": token.trim()}}],
-            "contexts": [{"name": "e2e", "context": {"cluster": "e2e", "user": sa}}],
-            "current-context": "e2e",
-        });
-        std::fs::write(out, serde_json::to_vec(&kc).unwrap()).unwrap();
-    }
-}
-
-/// A `meshca signer run` replica, killed when dropped.
-struct Replica {
-    child: Child,
-    identity: String,
-    log: PathBuf,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        // A stopped process must be continued to die of SIGKILL promptly.
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn signal(r: &Replica, sig: &str) {
-    let st = Command::new("kill")
-        .args([sig, &r.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success(), "kill {sig} {}", r.identity);
-}
+use cluster::{b64, csr_pem, relative, repo, signal, text, Cluster, Replica};
 
 fn start_replica(kubeconfig: &Path, ca: &str, identity: &str, dir: &Path) -> Replica {
-    let log = dir.join(format!("{identity}.log"));
-    let child = Command::new(env!("CARGO_BIN_EXE_meshca"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args([
+    let metrics = format!("127.0.0.1:{}", common::free_port());
+    Replica::spawn(
+        kubeconfig,
+        &[
             "--store",
             "kube:meshca",
             "signer",
@@ -197,7 +33,7 @@ fn start_replica(kubeconfig: &Path, ca: &str, identity: &str, dir: &Path) -> Rep
             "--ca",
             ca,
             "--metrics-addr",
-            &format!("127.0.0.1:{}", common::free_port()),
+            &metrics,
             "--lease-namespace",
             "meshca",
             "--identity",
@@ -206,45 +42,10 @@ fn start_replica(kubeconfig: &Path, ca: &str, identity: &str, dir: &Path) -> Rep
             "15s",
             "--renew-grace",
             "5s",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    Replica {
-        child,
-        identity: identity.to_string(),
-        log,
-    }
-}
-
-fn csr_pem(dir: &Path, dns: &str) -> String {
-    let key = dir.join("csr.key");
-    let csr = dir.join("csr.pem");
-    let o = common::openssl(&[
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        key.to_str().unwrap(),
-        "-subj",
-        "/",
-        "-addext",
-        &format!("subjectAltName=DNS:{dns}"),
-        "-out",
-        csr.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "openssl req: {}", text(&o));
-    std::fs::read_to_string(csr).unwrap()
-}
-
-fn b64(b: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(b)
+        ],
+        identity,
+        dir,
+    )
 }
 
 /// Creates approved CSRs `names` for `signer`, labelled `label`: all created, then all
@@ -553,7 +354,9 @@ fn failover_round(
 
 #[test]
 fn install_from_deploy_then_sign_and_fail_over_under_the_deploy_service_account() {
-    let Some(c) = cluster() else { return };
+    let Some(c) = Cluster::from_env("the installed-signer e2e test") else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let t0 = Instant::now();
     let phase = |what: &str| eprintln!("[{:>6.1} s] {what}", t0.elapsed().as_secs_f64());
