@@ -1446,7 +1446,9 @@ async fn delete_ctbs(client: &kube::Client, ar: &kube::api::ApiResource, ca: &st
 /// Under the controller's ServiceAccount with deploy/'s RBAC: `bundle publish
 /// --cluster-trust-bundle` (the library call it makes) creates `meshca.io:<ca>:cli` with the
 /// CA's root; the signer's sync (suffix `roots`) creates `meshca.io:<ca>:roots` and prunes the
-/// `cli` one; after `ca rotate --phase prepare` (local store) the bundle holds both roots.
+/// `cli` one; the kube-csr sidecar's reader, under a workload account with the sds-kube-csr
+/// RBAC, reads the root, and after `ca rotate --phase prepare` (local store) the bundle and the
+/// reader hold both roots.
 #[tokio::test]
 async fn cluster_trust_bundle_is_published_and_holds_both_roots_during_a_rotation() {
     use meshca::kube::trust_bundles as ctb;
@@ -1513,6 +1515,40 @@ async fn cluster_trust_bundle_is_published_and_holds_both_roots_during_a_rotatio
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    // The kube-csr sidecar's reader (`sds serve --source kube-csr --cluster-trust-bundle`),
+    // under a workload account with exactly deploy/components/sds-kube-csr's RBAC, sees it.
+    let web = env.sa_client(&kc, "web").await;
+    env.grant(
+        "web",
+        cluster_role_rules("deploy/components/sds-kube-csr/rbac.yaml"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reader = loop {
+        match meshca::kube::trust_bundle_reader::TrustBundleReader::start(
+            web.clone(),
+            &env.signer(),
+            None,
+            Duration::from_secs(10),
+        )
+        .await
+        {
+            Ok(r) => break r,
+            // The new binding may take a moment to apply.
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("retrying the reader: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("reader as {}/web: {e}", env.ns),
+        }
+    };
+    let anchors = |r: &meshca::kube::trust_bundle_reader::TrustBundleReader| {
+        r.anchors()
+            .map(|a| a.iter().map(|c| c.as_ref().to_vec()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    assert_eq!(anchors(&reader), vec![root.cert.as_ref().to_vec()]);
+
     // Rotation prepare: the next root joins, the active one stays.
     meshca::store::rotate::run_phase(
         local.as_ref(),
@@ -1541,6 +1577,17 @@ async fn cluster_trust_bundle_is_published_and_holds_both_roots_during_a_rotatio
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // The sidecar's reader follows through its watch: both roots, in the bundle's order.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while anchors(&reader) != want {
+        assert!(
+            Instant::now() < deadline,
+            "the reader holds {} anchors",
+            anchors(&reader).len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(reader);
     let ca = env.ca.clone();
     env.cleanup().await;
     delete_ctbs(&meshca::kube::client(Some(&kc)).await.unwrap(), &ar, &ca).await;
