@@ -10,13 +10,14 @@
 //! until something changed it again (found by the e2e API server restart round).
 //!
 //! [`controller`] builds the same controller from the same watcher and store, but holds the
-//! relist's objects back until `InitDone`, when the store has them ([`hold_relist`]).
+//! relist's objects back until `InitDone`, when the store has them ([`hold_relist`]). It also
+//! drops `metadata.managedFields` before the cache: no reconcile reads them.
 
 use futures::{stream, Stream, StreamExt};
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{Controller, WatchStreamExt};
-use kube::{Api, Resource};
+use kube::{Api, Resource, ResourceExt};
 
 /// A [`Controller`] for `api`/`wc` whose relist triggers wait for the relist to complete.
 pub fn controller<K>(api: Api<K>, wc: watcher::Config, dyntype: K::DynamicType) -> Controller<K>
@@ -26,8 +27,27 @@ where
 {
     let writer = Writer::new(dyntype.clone());
     let reader = writer.as_reader();
-    let events = watcher::watcher(api, wc).reflect(writer);
-    Controller::for_stream_with(hold_relist(events), reader, dyntype)
+    let triggers = cache(watcher::watcher(api, wc), writer);
+    Controller::for_stream_with(triggers, reader, dyntype)
+}
+
+/// Feeds `events` into `writer`'s cache without their managedFields (no reconcile reads
+/// them; they are often a large part of an object) and returns the objects to reconcile
+/// ([`hold_relist`]).
+pub fn cache<K, S>(
+    events: S,
+    writer: Writer<K>,
+) -> impl Stream<Item = Result<K, watcher::Error>> + Send
+where
+    K: Resource + Clone + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+    S: Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+{
+    hold_relist(
+        events
+            .modify(|o| o.managed_fields_mut().clear())
+            .reflect(writer),
+    )
 }
 
 /// The objects to reconcile from a reflected watch stream (each event already applied to the
@@ -68,6 +88,7 @@ mod tests {
     fn csr(name: &str) -> CertificateSigningRequest {
         let mut c = CertificateSigningRequest::default();
         c.metadata.name = Some(name.into());
+        c.metadata.managed_fields = Some(vec![Default::default()]);
         c
     }
 
@@ -90,7 +111,7 @@ mod tests {
             Ok(Event::InitDone),
             Ok(Event::Delete(csr("a"))),
         ];
-        let out = hold_relist(stream::iter(events).reflect(writer));
+        let out = cache(stream::iter(events), writer);
         tokio::pin!(out);
         let mut seen = Vec::new();
         while let Some(o) = out.next().await {
@@ -106,7 +127,13 @@ mod tests {
         // The relist removed b from the store; the delete removed a.
         assert!(reader.get(&ObjectRef::new("b")).is_none());
         assert!(reader.get(&ObjectRef::new("a")).is_none());
-        assert!(reader.get(&ObjectRef::new("c")).is_some());
+        let c = reader.get(&ObjectRef::new("c")).unwrap();
+        assert!(c
+            .metadata
+            .managed_fields
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty());
     }
 
     /// The same stream through kube-runtime's own trigger path emits every listed object
