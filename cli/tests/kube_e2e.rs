@@ -12,7 +12,6 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -74,13 +73,7 @@ fn relative(from: &Path, to: &Path) -> PathBuf {
     out
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use common::text;
 
 impl Cluster {
     /// Runs `f` with the admin's CSR API on a current-thread runtime.
@@ -100,20 +93,7 @@ impl Cluster {
     }
 
     fn kubectl_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = Command::new(&self.kubectl);
-        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        c.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("kubectl");
-        if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input).unwrap();
-        }
-        child.wait_with_output().unwrap()
+        common::kubectl_output(&self.kubectl, &self.kubeconfig, args, stdin)
     }
 
     /// kubectl, which must succeed; its stdout.
