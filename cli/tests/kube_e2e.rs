@@ -54,26 +54,7 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `to` relative to directory `from` (both made canonical).
-fn relative(from: &Path, to: &Path) -> PathBuf {
-    let from = from.canonicalize().unwrap();
-    let to = to.canonicalize().unwrap();
-    let common = from
-        .components()
-        .zip(to.components())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let mut out = PathBuf::new();
-    for _ in from.components().skip(common) {
-        out.push("..");
-    }
-    for c in to.components().skip(common) {
-        out.push(c);
-    }
-    out
-}
-
-use common::text;
+use common::{relative, text};
 
 impl Cluster {
     /// Runs `f` with the admin's CSR API on a current-thread runtime.

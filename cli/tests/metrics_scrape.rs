@@ -506,3 +506,49 @@ fn the_running_signer_and_sds_server_pass_promtool_check_metrics() {
     }
     check_metrics(&promtool, "meshca sds serve's /metrics", &sds);
 }
+
+/// deploy/ with the prometheus component, as a user's overlay builds it with kustomize: the
+/// PrometheusRule holds rules.yaml's groups, and the ServiceMonitor selects the signer's
+/// metrics Service by labels it carries, on a port it has.
+#[test]
+fn the_prometheus_component_builds_with_kustomize() {
+    let Some(cluster) = cluster() else { return };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    // kustomize takes only relative paths, so the overlay lives in the target directory.
+    let overlay = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let deploy = relative(overlay.path(), &repo.join("deploy"));
+    std::fs::write(
+        overlay.path().join("kustomization.yaml"),
+        format!(
+            "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - {d}\ncomponents:\n  - {d}/components/prometheus\n",
+            d = deploy.display()
+        ),
+    )
+    .unwrap();
+    let rendered = cluster.kubectl(&["kustomize", overlay.path().to_str().unwrap()], None);
+    let docs: Vec<Value> = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&rendered).unwrap();
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in {rendered}"))
+    };
+    let rules: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(repo.join("deploy/prometheus/rules.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(find("PrometheusRule")["spec"], rules);
+    let (sm, svc) = (find("ServiceMonitor"), find("Service"));
+    assert_eq!(sm["metadata"]["namespace"], svc["metadata"]["namespace"]);
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&svc["metadata"]["labels"][k], v, "Service label {k}");
+    }
+    let port = &sm["spec"]["endpoints"][0]["port"];
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| &p["name"] == port),
+        "{svc}"
+    );
+}

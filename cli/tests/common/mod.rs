@@ -135,3 +135,23 @@ pub fn kubectl_output(
     }
     child.wait_with_output().unwrap()
 }
+
+/// `to` relative to directory `from` (both made canonical): kustomize takes only relative
+/// paths, so a test's overlay refers to deploy/ this way.
+pub fn relative(from: &Path, to: &Path) -> PathBuf {
+    let from = from.canonicalize().unwrap();
+    let to = to.canonicalize().unwrap();
+    let common = from
+        .components()
+        .zip(to.components())
+        .take_while(|(a, b)| a == b)
+        .count();
+    let mut out = PathBuf::new();
+    for _ in from.components().skip(common) {
+        out.push("..");
+    }
+    for c in to.components().skip(common) {
+        out.push(c);
+    }
+    out
+}
