@@ -112,7 +112,7 @@ fn serve_runs_reports_health_and_stops_on_sigterm() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("meshca_sds_cert_expiry_timestamp_seconds "),
+        metrics.contains("meshca_sds_certificate_expiration_timestamp_seconds{name=\"default\"} "),
         "{metrics}"
     );
     sigterm(running.0.id());

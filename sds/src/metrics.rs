@@ -78,8 +78,11 @@ pub struct Metrics {
     pub bundle_updates: AtomicU64,
     /// Source load or verification failures.
     pub source_errors: AtomicU64,
-    /// notAfter of the served workload certificate, Unix seconds (0: none).
+    /// notAfter of the served workload certificate (`default`), Unix seconds (0: none).
     pub cert_expiry: AtomicI64,
+    /// When the served workload certificate's renewal (or, for a file source, its re-read)
+    /// is due, Unix seconds (0: none). A renewal that fails leaves it in the past.
+    pub cert_renewal: AtomicI64,
     /// TLS clients whose certificate verified but is not on the allow-list.
     pub clients_refused: AtomicU64,
     /// TLS handshakes that failed or timed out (refused clients included).
@@ -130,11 +133,26 @@ impl Metrics {
             "SDS streams currently open.",
             self.streams_open.load(Ordering::Relaxed),
         );
-        gauge(
-            "meshca_sds_cert_expiry_timestamp_seconds",
-            "notAfter of the served workload certificate (Unix time).",
-            self.cert_expiry.load(Ordering::Relaxed),
-        );
+        // The workload certificate, named as cert-manager names its certificates' series;
+        // absent until there is one.
+        for (name, help, v) in [
+            (
+                "meshca_sds_certificate_expiration_timestamp_seconds",
+                "notAfter of the served workload certificate (Unix time).",
+                &self.cert_expiry,
+            ),
+            (
+                "meshca_sds_certificate_renewal_timestamp_seconds",
+                "When the served workload certificate's renewal is due (Unix time; in the past while renewing fails).",
+                &self.cert_renewal,
+            ),
+        ] {
+            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+            let v = v.load(Ordering::Relaxed);
+            if v > 0 {
+                s.push_str(&format!("{name}{{name=\"{}\"}} {v}\n", crate::DEFAULT_NAME));
+            }
+        }
         let mut counter = |name: &str, help: &str, v: u64| {
             s.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
@@ -311,14 +329,25 @@ mod tests {
         let m = Metrics::default();
         m.pushes.add(Mode::Delta, 3);
         m.nacks.add(Mode::Sotw, 1);
+        assert!(
+            !m.render()
+                .contains("meshca_sds_certificate_expiration_timestamp_seconds{"),
+            "no series before there is a certificate"
+        );
         m.cert_expiry.store(1234, Ordering::Relaxed);
+        m.cert_renewal.store(1000, Ordering::Relaxed);
         let t = m.render();
         assert!(
             t.contains("meshca_sds_pushes_total{mode=\"delta\"} 3\n"),
             "{t}"
         );
         assert!(t.contains("meshca_sds_nacks_total{mode=\"sotw\"} 1\n"));
-        assert!(t.contains("meshca_sds_cert_expiry_timestamp_seconds 1234\n"));
+        assert!(t.contains(
+            "meshca_sds_certificate_expiration_timestamp_seconds{name=\"default\"} 1234\n"
+        ));
+        assert!(
+            t.contains("meshca_sds_certificate_renewal_timestamp_seconds{name=\"default\"} 1000\n")
+        );
         for n in [
             "streams_open",
             "acks_total",

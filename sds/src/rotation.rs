@@ -140,6 +140,16 @@ impl Rotator {
         }
     }
 
+    /// Shows the current certificate's renewal time in the metrics. Only a new deadline from
+    /// a certificate moves it: a declined or failed renewal leaves it in the past.
+    fn publish_renewal(&self) {
+        if let Some(d) = self.deadline {
+            self.metrics
+                .cert_renewal
+                .store(d.unix_timestamp(), Ordering::Relaxed);
+        }
+    }
+
     fn refused(&self, message: String) -> SourceError {
         SourceError {
             source_name: self.source.describe(),
@@ -194,6 +204,7 @@ impl Rotator {
                 if !same_cert {
                     self.deadline =
                         Some(w.renew_deadline(self.cfg.renew_at, random_unit(), self.cfg.jitter));
+                    self.publish_renewal();
                     tracing::info!(
                         serial = %w.info.serial,
                         not_after = %w.info.not_after,
@@ -206,6 +217,7 @@ impl Rotator {
                     // A file source re-read the same certificate: nothing to renew here.
                     self.deadline =
                         Some(w.renew_deadline(self.cfg.renew_at, random_unit(), self.cfg.jitter));
+                    self.publish_renewal();
                 }
             }
         }
@@ -407,8 +419,18 @@ mod tests {
             renew_at: 0.1,
             ..RotationConfig::default()
         };
-        let mut rot = Rotator::new(Box::new(source), cfg, tx, Arc::new(Metrics::default()));
+        let metrics = Arc::new(Metrics::default());
+        let mut rot = Rotator::new(Box::new(source), cfg, tx, metrics.clone());
         rot.step(true).await.unwrap();
+        let due = metrics.cert_renewal.load(Ordering::Relaxed);
+        assert!(
+            due > 0 && due < now.unix_timestamp(),
+            "renewal due in the past: {due}"
+        );
+        assert_eq!(
+            metrics.cert_expiry.load(Ordering::Relaxed),
+            w.cert.info.not_after.unix_timestamp()
+        );
         let (stop_tx, stop_rx) = watch::channel(false);
         let task = tokio::spawn(rot.run(Arc::new(Notify::new()), None, stop_rx));
         tokio::time::sleep(Duration::from_millis(550)).await;
@@ -419,5 +441,8 @@ mod tests {
             (2..=10).contains(&n),
             "{n} loads in 550 ms with a 100 ms poll"
         );
+        // The declined renewals moved the next attempt, not the time the renewal became due
+        // (what the overdue-renewal alert reads).
+        assert_eq!(metrics.cert_renewal.load(Ordering::Relaxed), due);
     }
 }

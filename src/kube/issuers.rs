@@ -11,8 +11,8 @@
 //!   one that fails never stops the others, at start-up or later:
 //!   - a CA whose stored content fails to load (an unknown policy key, a bad certificate or
 //!     key) is **not served**, fail closed: it never keeps signing under its previous, maybe
-//!     looser, policy. It is listed in [`IssuerSet::failed`], `meshca_ca_ready{ca}` drops to
-//!     0, `meshca_ca_load_errors_total{ca}` counts it, and the store reports it
+//!     looser, policy. It is listed in [`IssuerSet::failed`], `meshca_ca_ready_status{ca}` moves
+//!     to `condition="False"`, `meshca_ca_load_errors_total{ca}` counts it, and the store reports it
 //!     ([`Store::report_ca_load_failure`]: a Warning Event `CaLoadFailed` on the kube
 //!     store's CA Secret) when the failure is new or its reason changed;
 //!   - a transient read error (the API server or the disk, [`super::retryable`]) says nothing
@@ -145,7 +145,7 @@ pub fn ca_fingerprint(ca: &CaMaterial) -> String {
 fn record_expiry(metrics: &Metrics, name: &str, ca: &CaMaterial) {
     if let Ok(info) = ca.info() {
         metrics
-            .ca_expiry
+            .ca_expiration
             .get_or_create(&CaLabel {
                 ca: name.to_string(),
             })
@@ -248,22 +248,29 @@ pub async fn reload(
     for n in names {
         match load_one(store, &n, previous, metrics).await? {
             Loaded::Served(i, fp) => {
-                metrics.ca_ready.get_or_create(&ca_label(&n)).set(1);
+                metrics.set_ca_ready(&n, true);
                 next.issuers.insert(n.clone(), i);
                 next.fingerprints.insert(n, fp);
             }
-            Loaded::Removed => {
-                metrics.ca_ready.remove(&ca_label(&n));
-            }
+            Loaded::Removed => {}
             Loaded::Failed(e) => {
                 count_error(metrics, &n);
-                metrics.ca_ready.get_or_create(&ca_label(&n)).set(0);
+                metrics.set_ca_ready(&n, false);
                 let reason = e.to_string();
                 tracing::error!(ca = %n, error = %reason, "CA could not be loaded; not served (nothing is issued for it)");
                 if previous.and_then(|p| p.failed.get(&n)) != Some(&reason) {
                     store.report_ca_load_failure(&n, &reason).await;
                 }
                 next.failed.insert(n, reason);
+            }
+        }
+    }
+    // A CA listed before and gone from the store now (not listed, or named and missing)
+    // leaves no series behind.
+    if let Some(p) = previous {
+        for n in p.issuers.keys().chain(p.failed.keys()) {
+            if !next.issuers.contains_key(n) && !next.failed.contains_key(n) {
+                metrics.forget_ca(n);
             }
         }
     }
@@ -442,12 +449,31 @@ pub(crate) mod tests {
             &a2.cert,
             "the replaced CA signs from now on"
         );
+        // Removed from the store while every CA is listed: `b` is no longer served and its
+        // series are gone (no stale expiry or readiness).
+        let text = m.render();
+        for series in [
+            "meshca_ca_expiration_timestamp_seconds{ca=\"b\"}",
+            "meshca_ca_ready_status{ca=\"b\",condition=\"True\"} 1",
+        ] {
+            assert!(text.contains(series), "{series} not in {text}");
+        }
+        std::fs::remove_dir_all(dir.path().join("home/cas/b")).unwrap();
+        let without_b = reload(&store, None, Some(&third), &m).await.unwrap();
+        assert_eq!(without_b.names(), vec!["a"]);
+        let text = m.render();
+        assert!(!text.contains("ca=\"b\""), "stale series of b: {text}");
+        assert!(
+            text.contains("meshca_ca_ready_status{ca=\"a\",condition=\"True\"} 1"),
+            "{text}"
+        );
         // Removed (named explicitly, so it is looked up and found missing).
         let names = vec!["a".to_string(), "gone".to_string()];
         let fourth = reload(&store, Some(&names), Some(&third), &m)
             .await
             .unwrap();
         assert_eq!(fourth.names(), vec!["a"]);
+        assert!(!m.render().contains("ca=\"gone\""));
         // At start-up a missing named CA is an error.
         assert!(reload(&store, Some(&names), None, &m).await.is_err());
     }
@@ -484,8 +510,10 @@ pub(crate) mod tests {
         assert!(why.contains("pod_certificate"), "{why}");
         let text = m.render();
         for line in [
-            "meshca_ca_ready{ca=\"a\"} 1",
-            "meshca_ca_ready{ca=\"b\"} 0",
+            "meshca_ca_ready_status{ca=\"a\",condition=\"True\"} 1",
+            "meshca_ca_ready_status{ca=\"a\",condition=\"False\"} 0",
+            "meshca_ca_ready_status{ca=\"b\",condition=\"True\"} 0",
+            "meshca_ca_ready_status{ca=\"b\",condition=\"False\"} 1",
             "meshca_ca_load_errors_total{ca=\"b\"} 1",
         ] {
             assert!(text.contains(line), "{line} not in {text}");
@@ -498,7 +526,10 @@ pub(crate) mod tests {
         assert_eq!(second.failed().keys().collect::<Vec<_>>(), vec!["a", "b"]);
         assert!(!same(&first, &second));
         let text = m.render();
-        assert!(text.contains("meshca_ca_ready{ca=\"a\"} 0"), "{text}");
+        assert!(
+            text.contains("meshca_ca_ready_status{ca=\"a\",condition=\"False\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("meshca_ca_load_errors_total{ca=\"a\"} 1"),
             "{text}"
@@ -510,7 +541,9 @@ pub(crate) mod tests {
             .unwrap();
         let third = reload(&store, None, Some(&second), &m).await.unwrap();
         assert_eq!(third.names(), vec!["a"]);
-        assert!(m.render().contains("meshca_ca_ready{ca=\"a\"} 1"));
+        assert!(m
+            .render()
+            .contains("meshca_ca_ready_status{ca=\"a\",condition=\"True\"} 1"));
         // Nothing at all to serve at start-up is an error naming each CA's failure.
         break_policy(&home, "a");
         let e = reload(&store, None, None, &m)
@@ -598,7 +631,9 @@ pub(crate) mod tests {
             .unwrap();
         assert!(same(&next_set, &again));
         server.await.unwrap();
-        assert!(m.render().contains("meshca_ca_ready{ca=\"mesh\"} 0"));
+        assert!(m
+            .render()
+            .contains("meshca_ca_ready_status{ca=\"mesh\",condition=\"False\"} 1"));
     }
 
     #[tokio::test]

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use super::backoff::Backoff;
 use super::issuers::{self, IssuerWatch};
 use super::ledger::{IssuedRecord, LedgerSink};
-use super::metrics::Metrics;
+use super::metrics::{CertSeries, Metrics};
 use super::ratelimit::RateLimiter;
 use super::{FIELD_MANAGER_ERROR, FIELD_MANAGER_MANAGED};
 use crate::clock::Clock;
@@ -134,26 +134,37 @@ pub fn parse_annotations(ann: &BTreeMap<String, String>) -> Option<Result<Manage
     })())
 }
 
-/// When the Secret's current certificate must be replaced: `now` when it is missing, unreadable,
-/// for other SANs, or not issued by the CA's current key (`ca_ski`, the CA's subject key
-/// identifier, compared with the leaf's authority key identifier: a CA re-created under the
-/// same name keeps its DN but not its key); else at 2/3 of its lifetime (which may be in the
-/// past: the caller renews when the result is not after `now`).
-pub fn renewal_time(
+/// What a managed Secret's certificate shows: its notAfter, when it must be replaced, and
+/// whether it is ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CertStatus {
+    /// notAfter of the leaf in `tls.crt` (`None`: missing or unreadable).
+    pub not_after: Option<OffsetDateTime>,
+    /// When it must be replaced (see [`renewal_time`]).
+    pub renew_at: OffsetDateTime,
+    /// The certificate is for what the Secret asks for, from the CA's current key, and not
+    /// expired (cert-manager's Ready condition: a renewal that is merely due stays ready).
+    pub ready: bool,
+}
+
+/// The pure decision behind [`renewal_time`] and the managed-Secret metrics. `req` `None`:
+/// the annotations do not parse, so nothing can match.
+pub fn cert_status(
     tls_crt: Option<&[u8]>,
-    req: &ManagedRequest,
+    req: Option<&ManagedRequest>,
     ca_ski: Option<&str>,
     now: OffsetDateTime,
-) -> OffsetDateTime {
-    let Some(crt) = tls_crt else { return now };
-    let Ok(certs) = crate::pemutil::parse_certs(crt, "tls.crt") else {
-        return now;
+) -> CertStatus {
+    let info = tls_crt
+        .and_then(|crt| crate::pemutil::parse_certs(crt, "tls.crt").ok())
+        .and_then(|certs| certs.first().and_then(|leaf| CertInfo::from_der(leaf).ok()));
+    let due_now = CertStatus {
+        not_after: info.as_ref().map(|i| i.not_after),
+        renew_at: now,
+        ready: false,
     };
-    let Some(leaf) = certs.first() else {
-        return now;
-    };
-    let Ok(info) = CertInfo::from_der(leaf) else {
-        return now;
+    let (Some(info), Some(req)) = (info, req) else {
+        return due_now;
     };
     let want_uri: Vec<String> = req.sans.spiffe_id.iter().map(|s| s.to_string()).collect();
     let mut want_dns: Vec<String> = req
@@ -174,12 +185,30 @@ pub fn renewal_time(
         || have_dns != want_dns
         || ca_ski.is_some_and(|ski| info.authority_key_id.as_deref() != Some(ski))
     {
-        return now;
+        return due_now;
     }
     // meshca backdates notBefore for clock skew; the lifetime that matters starts at issuance
     // (otherwise a short TTL would always look due and be re-issued in a loop).
     let start = (info.not_before + crate::profile::BACKDATE).min(info.not_after);
-    start + (info.not_after - start) * 2 / 3
+    CertStatus {
+        not_after: Some(info.not_after),
+        renew_at: start + (info.not_after - start) * 2 / 3,
+        ready: info.not_after > now,
+    }
+}
+
+/// When the Secret's current certificate must be replaced: `now` when it is missing, unreadable,
+/// for other SANs, or not issued by the CA's current key (`ca_ski`, the CA's subject key
+/// identifier, compared with the leaf's authority key identifier: a CA re-created under the
+/// same name keeps its DN but not its key); else at 2/3 of its lifetime (which may be in the
+/// past: the caller renews when the result is not after `now`).
+pub fn renewal_time(
+    tls_crt: Option<&[u8]>,
+    req: &ManagedRequest,
+    ca_ski: Option<&str>,
+    now: OffsetDateTime,
+) -> OffsetDateTime {
+    cert_status(tls_crt, Some(req), ca_ski, now).renew_at
 }
 
 /// The apply body for a managed Secret. With `resource_version` the apply is conditional: the
@@ -391,6 +420,7 @@ impl Managed {
         let key = secret_key(s);
         let parsed = parse_annotations(ann);
         if parsed.is_none() {
+            self.forget(s);
             return Ok(Action::await_change());
         }
         if !*self.leader.borrow() {
@@ -398,9 +428,20 @@ impl Managed {
         }
         // One snapshot of the CAs for the whole decision.
         let snapshot = self.issuers.borrow().clone();
+        let crt = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get("tls.crt"))
+            .map(|b| b.0.as_slice());
         let req = match parsed {
             Some(Ok(r)) => r,
             Some(Err(e)) => {
+                let ca = ann.get(ANN_CA).map(|c| c.trim()).unwrap_or_default();
+                if snapshot.contains(ca) {
+                    self.record(s, ca, cert_status(crt, None, None, self.clock.now()));
+                } else {
+                    self.forget(s);
+                }
                 let fp = request_fingerprint(ann, None);
                 if lock(&self.refused).get(&key) == Some(&fp) {
                     return Ok(Action::await_change());
@@ -411,6 +452,7 @@ impl Managed {
         };
         let Some(issuer) = snapshot.get(&req.ca).cloned() else {
             // Another meshca signer may serve it.
+            self.forget(s);
             return Ok(Action::await_change());
         };
         if let Some(until) = lock(&self.not_before).get(&key).copied() {
@@ -424,12 +466,9 @@ impl Managed {
             .ca_certificate()
             .and_then(|c| CertInfo::from_der(c).ok())
             .and_then(|i| i.subject_key_id);
-        let crt = s
-            .data
-            .as_ref()
-            .and_then(|d| d.get("tls.crt"))
-            .map(|b| b.0.as_slice());
-        let due = renewal_time(crt, &req, ca_ski.as_deref(), now);
+        let status = cert_status(crt, Some(&req), ca_ski.as_deref(), now);
+        self.record(s, &req.ca, status);
+        let due = status.renew_at;
         // `ca.crt`: the CA's anchors, both roots while a rotation overlaps.
         let want_ca_crt = snapshot.anchors_pem(&req.ca).map(str::to_string);
         if due > now {
@@ -542,17 +581,41 @@ impl Managed {
                 tracing::warn!(secret = %key, error = %e, "could not remove the error annotation");
             }
         }
-        let next = renewal_time(
+        let issued = cert_status(
             Some(w.cert.chain_pem().as_bytes()),
-            &req,
+            Some(&req),
             ca_ski.as_deref(),
             now,
         );
+        self.record(s, &req.ca, issued);
         Ok(Action::requeue(
-            Duration::try_from(next - now)
+            Duration::try_from(issued.renew_at - now)
                 .unwrap_or(MAX_RECHECK)
                 .clamp(Duration::from_secs(1), MAX_RECHECK),
         ))
+    }
+
+    /// Shows `status` in the metrics as Secret `s`'s certificate from CA `ca`.
+    fn record(&self, s: &Secret, ca: &str, status: CertStatus) {
+        self.metrics.managed_certs.set(
+            s.metadata.namespace.as_deref().unwrap_or_default(),
+            s.metadata.name.as_deref().unwrap_or_default(),
+            CertSeries {
+                ca: ca.to_string(),
+                not_after: status.not_after.map(OffsetDateTime::unix_timestamp),
+                renewal: status.renew_at.unix_timestamp(),
+                ready: status.ready,
+            },
+            self.clock.now().unix_timestamp(),
+        );
+    }
+
+    /// Removes Secret `s` from the metrics (not managed, or not by this signer).
+    fn forget(&self, s: &Secret) {
+        self.metrics.managed_certs.remove(
+            s.metadata.namespace.as_deref().unwrap_or_default(),
+            s.metadata.name.as_deref().unwrap_or_default(),
+        );
     }
 
     /// Re-applies a valid credential with `ca.crt` set to `want` when it differs (a rotation
@@ -635,6 +698,10 @@ impl Managed {
         let controller = super::relist::controller(api, wc, ())
             .with_config(ControllerConfig::default().concurrency(8))
             .reconcile_all_on(issuers::changes(self.issuers.clone()));
+        // A Secret deleted (or unlabelled) leaves this cache: its series go with it.
+        self.metrics
+            .managed_certs
+            .watch_store(namespace.clone(), controller.store());
         let health = &self.metrics.controllers;
         super::health::run_controller(&name, health, controller, shutdown, |c| {
             c.run(
@@ -720,6 +787,21 @@ mod tests {
             crate::kube::leader::always_leader(),
             Arc::new(crate::clock::SystemClock),
         )
+    }
+
+    /// What a Secret asking `mesh` for web.app.svc asks for, and a certificate `iss` issued
+    /// for it at `now`.
+    async fn web_app_svc(
+        iss: &dyn crate::issue::Issuer,
+        now: OffsetDateTime,
+    ) -> (ManagedRequest, crate::issue::Workload) {
+        let req = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "web.app.svc")]))
+            .unwrap()
+            .unwrap();
+        let w = issue_workload(iss, &req.sans, None, req.key, now)
+            .await
+            .unwrap();
+        (req, w)
     }
 
     fn ski(iss: &crate::issue::LocalIssuer) -> String {
@@ -880,6 +962,121 @@ mod tests {
         // Next look: at 2/3 of the 24 h default lifetime, about 16 h away (capped at 6 h).
         assert_eq!(action, Action::requeue(MAX_RECHECK));
         assert_eq!(m.metrics.managed_issued.get(), 1);
+        // The metrics show the new certificate: its notAfter, renewal at 2/3, ready.
+        let info = crate::x509::CertInfo::from_der(&chain[0]).unwrap();
+        let series = m.metrics.managed_certs.get("app", "web-tls").unwrap();
+        assert_eq!(series.ca, "mesh");
+        assert_eq!(series.not_after, Some(info.not_after.unix_timestamp()));
+        let issued = info.not_before + crate::profile::BACKDATE;
+        let due: OffsetDateTime = issued + (info.not_after - issued) * 2 / 3;
+        assert_eq!(series.renewal, due.unix_timestamp());
+        assert!(series.ready);
+        let text = m.metrics.render();
+        let labels = "namespace=\"app\",name=\"web-tls\",ca=\"mesh\"";
+        for line in [
+            format!(
+                "meshca_managed_secret_expiration_timestamp_seconds{{{labels}}} {}",
+                info.not_after.unix_timestamp()
+            ),
+            format!(
+                "meshca_managed_secret_renewal_timestamp_seconds{{{labels}}} {}",
+                due.unix_timestamp()
+            ),
+            format!("meshca_managed_secret_ready_status{{{labels},condition=\"True\"}} 1"),
+            format!("meshca_managed_secret_ready_status{{{labels},condition=\"False\"}} 0"),
+        ] {
+            assert!(text.contains(&line), "{line} not in {text}");
+        }
+    }
+
+    /// Issue 19: the series of a managed Secret that is deleted, stops being managed, or moves
+    /// to a CA this signer does not serve must go (no stale series), and all of them when the
+    /// replica stops leading.
+    #[tokio::test]
+    async fn managed_secret_series_leave_with_the_secret() {
+        let (client, _h) = mock_client();
+        let iss = local("mesh", serves_app());
+        let now = OffsetDateTime::now_utc();
+        let (_, w) = web_app_svc(iss.as_ref(), now).await;
+        let b = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
+        let secret = |name: &str, annotations: serde_json::Value| -> Secret {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "app", "annotations": annotations},
+                "data": {"tls.crt": b(&w.cert.chain_pem()), "tls.key": b(&w.key.to_pkcs8_pem()),
+                         "ca.crt": b(&crate::pemutil::certs_to_pem([&w.cert.root]))},
+            }))
+            .unwrap()
+        };
+        let m = managed(client, iss);
+        let ok = json!({ANN_CA: "mesh", ANN_DNS_NAMES: "web.app.svc"});
+        let (a, c) = (secret("a", ok.clone()), secret("c", ok.clone()));
+        // Not due, nothing written: only the metrics change.
+        m.reconcile(&a).await.unwrap();
+        m.reconcile(&c).await.unwrap();
+        let text = m.metrics.render();
+        assert!(
+            text.contains("name=\"a\",ca=\"mesh\",condition=\"True\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("name=\"c\""), "{text}");
+        // The controller's cache holds `a` and `c`; `c` is deleted: its series go at the next
+        // scrape, `a`'s stay.
+        let (store, mut writer) = kube::runtime::reflector::store::<Secret>();
+        writer.apply_watcher_event(&watcher::Event::Apply(a.clone()));
+        writer.apply_watcher_event(&watcher::Event::Apply(c.clone()));
+        m.metrics
+            .managed_certs
+            .watch_store(Some("app".into()), store);
+        assert!(m.metrics.render().contains("name=\"c\""));
+        writer.apply_watcher_event(&watcher::Event::Delete(c.clone()));
+        let text = m.metrics.render();
+        assert!(
+            !text.contains("name=\"c\""),
+            "stale series of a deleted Secret: {text}"
+        );
+        assert!(text.contains("name=\"a\""), "{text}");
+        // `a` no longer names a CA (unmanaged), then names a CA served elsewhere.
+        m.reconcile(&secret("a", json!({ANN_DNS_NAMES: "web.app.svc"})))
+            .await
+            .unwrap();
+        assert!(m.metrics.managed_certs.get("app", "a").is_none());
+        m.reconcile(&a).await.unwrap();
+        assert!(m.metrics.managed_certs.get("app", "a").is_some());
+        m.reconcile(&secret(
+            "a",
+            json!({ANN_CA: "elsewhere", ANN_DNS_NAMES: "web.app.svc"}),
+        ))
+        .await
+        .unwrap();
+        assert!(m.metrics.managed_certs.get("app", "a").is_none());
+        // Stepping down clears every series.
+        m.reconcile(&a).await.unwrap();
+        assert!(m.metrics.render().contains("name=\"a\""));
+        m.metrics.managed_certs.clear();
+        assert!(!m
+            .metrics
+            .render()
+            .contains("meshca_managed_secret_ready_status{"));
+    }
+
+    #[test]
+    fn an_overdue_renewal_keeps_the_time_it_became_due() {
+        let series = |not_after, renewal| CertSeries {
+            ca: "mesh".into(),
+            not_after: Some(not_after),
+            renewal,
+            ready: true,
+        };
+        // Due at 100, retried at 200 and 300: still shown as due since 100.
+        let first = CertSeries::after(None, series(1000, 100), 100);
+        let retried = CertSeries::after(Some(&first), series(1000, 200), 200);
+        assert_eq!(retried.renewal, 100);
+        // A new certificate: its own renewal time.
+        let renewed = CertSeries::after(Some(&retried), series(2000, 900), 300);
+        assert_eq!(renewed.renewal, 900);
+        // Not due yet: the computed time, even when an earlier one was recorded.
+        let later = CertSeries::after(Some(&first), series(1000, 500), 300);
+        assert_eq!(later.renewal, 500);
     }
 
     /// The defect: `ca.crt` held the issuing root only and was written only with a new
@@ -906,12 +1103,7 @@ mod tests {
             .unwrap();
         let iss = first.get("mesh").unwrap().clone();
         // A filled Secret, not due, whose ca.crt is the one root.
-        let req = parse_annotations(&ann(&[(ANN_CA, "mesh"), (ANN_DNS_NAMES, "web.app.svc")]))
-            .unwrap()
-            .unwrap();
-        let w = issue_workload(iss.as_ref(), &req.sans, None, req.key, now)
-            .await
-            .unwrap();
+        let (_, w) = web_app_svc(iss.as_ref(), now).await;
         let b = |t: &str| base64::engine::general_purpose::STANDARD.encode(t);
         let (crt, key) = (w.cert.chain_pem(), w.key.to_pkcs8_pem());
         let one_root = crate::pemutil::certs_to_pem([ca.root()]);
@@ -1098,6 +1290,14 @@ mod tests {
         assert!(msg.contains("wildcard DNS name *.app.svc"), "{msg}");
         assert_eq!(m.metrics.managed_failed.get(), 1);
         assert_eq!(m.metrics.managed_issued.get(), 0);
+        // The metrics: the kept certificate's notAfter, due, not ready (not what it asks for).
+        let series = m.metrics.managed_certs.get("app", "w").unwrap();
+        assert_eq!(
+            series.not_after,
+            Some(w.cert.info.not_after.unix_timestamp())
+        );
+        assert!(series.renewal <= OffsetDateTime::now_utc().unix_timestamp());
+        assert!(!series.ready);
     }
 
     #[tokio::test]

@@ -364,6 +364,7 @@ pub async fn run(
             session.shutdown().await;
         }
         metrics.controllers.clear();
+        metrics.managed_certs.clear();
         metrics.leader.set(0);
         tracing::info!("controllers stopped");
     }
@@ -476,7 +477,7 @@ mod tests {
         let text = metrics.render();
         assert!(
             text.contains(&format!(
-                "meshca_ca_expiry_timestamp_seconds{{ca=\"mesh\"}} {not_after}"
+                "meshca_ca_expiration_timestamp_seconds{{ca=\"mesh\"}} {not_after}"
             )),
             "{text}"
         );

@@ -4,7 +4,6 @@
 //! `#[path = "common/cluster.rs"] mod cluster;` by the test binaries that use a cluster.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
@@ -20,32 +19,8 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `to` relative to directory `from` (both made canonical).
-pub fn relative(from: &Path, to: &Path) -> PathBuf {
-    let from = from.canonicalize().unwrap();
-    let to = to.canonicalize().unwrap();
-    let common = from
-        .components()
-        .zip(to.components())
-        .take_while(|(a, b)| a == b)
-        .count();
-    let mut out = PathBuf::new();
-    for _ in from.components().skip(common) {
-        out.push("..");
-    }
-    for c in to.components().skip(common) {
-        out.push(c);
-    }
-    out
-}
-
-pub fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+#[allow(unused_imports)] // each test binary uses a different subset
+pub use crate::common::{relative, text};
 
 impl Cluster {
     /// The cluster of `.ci/run` (its env.sh), or None with the reason printed (a panic with
@@ -93,20 +68,14 @@ impl Cluster {
     }
 
     pub fn kubectl_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = Command::new(&self.kubectl);
-        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
-        c.stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("kubectl");
-        if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input).unwrap();
-        }
-        child.wait_with_output().unwrap()
+        crate::common::kubectl_output(&self.kubectl, &self.kubeconfig, args, stdin)
+    }
+
+    /// kubectl with `stdin` as its input, which must succeed; its stdout.
+    pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> String {
+        let o = self.kubectl_in(args, Some(stdin.as_bytes()));
+        assert!(o.status.success(), "kubectl {args:?}: {}", text(&o));
+        String::from_utf8(o.stdout).unwrap()
     }
 
     /// kubectl, which must succeed; its stdout.
