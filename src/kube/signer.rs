@@ -44,7 +44,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::backoff::Backoff;
-use super::in_doubt::{InDoubt, Settled};
+use super::in_doubt::{InDoubt, Settled, Written};
 use super::issuers::{self, IssuerWatch};
 use super::ledger::{IssuedRecord, LedgerSink};
 use super::metrics::{Metrics, ReasonLabel};
@@ -148,6 +148,7 @@ pub struct Signer {
     backoff: Backoff,
     ledger: Option<LedgerSink>,
     in_doubt: InDoubt,
+    written: Written,
 }
 
 impl std::fmt::Debug for Signer {
@@ -438,6 +439,7 @@ impl Signer {
             backoff: Backoff::new(),
             ledger: None,
             in_doubt: InDoubt::default(),
+            written: Written::default(),
         }
     }
 
@@ -510,10 +512,17 @@ impl Signer {
         let decision = classify(csr, |c| snapshot.contains(c));
         let ca = match decision {
             Decision::AlreadySigned => {
+                self.written.seen(csr_uid(csr));
                 self.settle_in_doubt(csr).await;
                 return Ok(Action::await_change());
             }
             Decision::NotOurs | Decision::Terminal(_) => return Ok(Action::await_change()),
+            // Signed here already; the cache has an older version ([`Written`]).
+            Decision::Pending { .. } | Decision::Sign { .. }
+                if self.written.pending(csr_uid(csr)) =>
+            {
+                return Ok(Action::await_change())
+            }
             Decision::Pending { ca } => {
                 self.metrics.csr_reconciles.inc();
                 if !self.cfg.auto_approve {
@@ -623,6 +632,7 @@ impl Signer {
         match written {
             WriteOutcome::Written => {
                 self.in_doubt.forget(uid);
+                self.written.mark(uid);
                 self.metrics
                     .sign_duration
                     .observe(started.elapsed().as_secs_f64());
@@ -1509,6 +1519,32 @@ pub(crate) mod tests {
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].object, "csr/c1");
         assert_eq!(got[0].entry.serial, serial(&sent[0]));
+    }
+
+    /// The cache lags the signer's own write: a reconcile of the version it signed from (still
+    /// without a certificate) writes nothing and signs nothing.
+    #[tokio::test]
+    async fn a_csr_signed_here_is_not_signed_again_from_a_stale_cached_version() {
+        let (client, mut h) = mock_client();
+        let s = signer_with(
+            client,
+            &[("mesh", issuer("mesh", Policy::default()))],
+            SignerConfig::default(),
+        );
+        let pem = csr_pem(&["blue.app.svc"], KeyAlgorithm::EcdsaP256);
+        let mut csr = csr_obj("c1", "meshca.io/mesh", &pem, &["Approved"], None);
+        csr.metadata.uid = Some("u1".into());
+        let server = tokio::spawn(async move {
+            let (_, body, send) = next(&mut h).await;
+            send.send_response(resp(200, &body));
+            // No second request comes.
+            let again = tokio::time::timeout(Duration::from_millis(300), next(&mut h)).await;
+            assert!(again.is_err(), "a second status write was sent");
+        });
+        s.reconcile(&csr).await.unwrap();
+        s.reconcile(&csr).await.unwrap();
+        server.await.unwrap();
+        assert_eq!(s.metrics.csrs_signed.get(), 1);
     }
 
     #[tokio::test]
