@@ -18,6 +18,7 @@
 //! - `ca_reloads_total`: new snapshots of the served CAs (a CA created, replaced or removed);
 //! - `ca_expiry_timestamp_seconds{ca}`: notAfter of each loaded CA, as a Unix time;
 //! - `leader` 1 while this replica leads;
+//! - `istio_ca_issued_total{ca}`, `istio_ca_refused_total{reason}` (`meshca istio-ca serve`);
 //! - `controller_ready{controller}`: 1 once a controller of the leader's session has
 //!   completed its first list, 0 while it cannot (see [`super::health`]).
 //!
@@ -123,6 +124,11 @@ pub struct Metrics {
     pub pcrs_issued: Counter,
     /// PodCertificateRequests denied or failed, by condition and reason.
     pub pcrs_refused: Family<PcrRefusalLabel, Counter>,
+    /// Certificates issued through Istio's CA API, by CA.
+    pub istio_issued: Family<CaLabel, Counter>,
+    /// Istio CA requests refused, by reason (`unauthenticated`, `denied`, `invalid`,
+    /// `unavailable`).
+    pub istio_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -161,6 +167,8 @@ impl Metrics {
             leader: Gauge::default(),
             pcrs_issued: Counter::default(),
             pcrs_refused: Family::default(),
+            istio_issued: Family::default(),
+            istio_refused: Family::default(),
         };
         registry.register(
             "csr_reconciles",
@@ -267,6 +275,16 @@ impl Metrics {
             "pod_certificate_requests_refused",
             "PodCertificateRequests denied or failed, by condition and reason",
             m.pcrs_refused.clone(),
+        );
+        registry.register(
+            "istio_ca_issued",
+            "Certificates issued through Istio's CA API, by CA",
+            m.istio_issued.clone(),
+        );
+        registry.register(
+            "istio_ca_refused",
+            "Istio CA requests refused, by reason",
+            m.istio_refused.clone(),
         );
         Metrics { registry, ..m }
     }

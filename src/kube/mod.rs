@@ -42,6 +42,7 @@ pub mod csr_delete_guard;
 pub mod discovery;
 pub mod health;
 pub mod issuers;
+pub mod istio_auth;
 pub mod leader;
 pub mod ledger;
 pub mod ledger_repair;

@@ -1,0 +1,119 @@
+//! `meshca istio-ca serve`: Istio's CA API (`istio.v1.auth.IstioCertificateService`) for
+//! istio-agent and ztunnel (`CA_ADDR`), backed by meshca CAs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use meshca::kube::istio_auth::KubeIstioAuth;
+use meshca::kube::ledger::{LedgerSink, LedgerWriter, StoreLedger};
+use meshca::kube::metrics::Metrics;
+use meshca_sds::istio_ca::{IstioCaConfig, IstioCaServer, IstioTls};
+
+use crate::common::{usage, Ctx};
+
+#[derive(Subcommand, Debug)]
+pub enum IstioCaCmd {
+    /// Serve IstioCertificateService/CreateCertificate: ServiceAccount tokens checked with
+    /// TokenReview (or the client's current certificate), every request through the CA's policy.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// CA to issue from (repeatable). The first answers requests without CertSigner metadata;
+    /// istio-agent's ISTIO_META_CERT_SIGNER=meshca.io/<ca> selects another.
+    #[arg(long = "ca", value_name = "NAME", required = true)]
+    cas: Vec<String>,
+    /// TCP address to listen on. Without --tls-cert it must be a loopback address.
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: SocketAddr,
+    /// Server certificate chain (PEM), leaf first. Clients may then renew with their current
+    /// meshca certificate (mutual TLS).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Server private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Audience the ServiceAccount tokens must carry.
+    #[arg(long, default_value = meshca::istio::DEFAULT_AUDIENCE)]
+    audience: String,
+    /// This cluster's ID: a request whose ClusterID metadata names another is refused.
+    #[arg(long, default_value = meshca::istio::DEFAULT_CLUSTER_ID)]
+    cluster_id: String,
+    /// How long a successful TokenReview is reused for the same token ("0s": never).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    token_cache_ttl: Duration,
+    /// Address of /healthz, /readyz and /metrics ("off" to disable).
+    #[arg(long, default_value = "off")]
+    metrics_addr: String,
+}
+
+pub async fn run(ctx: &Ctx, cmd: IstioCaCmd) -> anyhow::Result<()> {
+    let IstioCaCmd::Serve(a) = cmd;
+    let metrics_addr = match a.metrics_addr.as_str() {
+        "off" | "" => None,
+        s => Some(
+            s.parse::<SocketAddr>()
+                .map_err(|e| usage(format!("--metrics-addr {s:?}: {e}")))?,
+        ),
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(dup) = a.cas.iter().find(|c| !seen.insert(c.as_str())) {
+        return Err(usage(format!("--ca {dup} is given twice")));
+    }
+    let store: Arc<dyn meshca::store::Store> = Arc::from(ctx.store(false).await?);
+    let mut issuers = Vec::with_capacity(a.cas.len());
+    for name in &a.cas {
+        let i = meshca::store::load_issuer(store.as_ref(), name).await?;
+        i.meta().policy.validate()?;
+        issuers.push(Arc::from(i));
+    }
+    let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
+    let auth = Arc::new(KubeIstioAuth::new(client, a.token_cache_ttl));
+    let ledger: Arc<dyn LedgerWriter> = match crate::kube_store::kube_namespace(ctx) {
+        Some(ns) => Arc::new(crate::kube_store::open(ns, ctx.kubeconfig.as_deref()).await?),
+        None => Arc::new(StoreLedger(store.clone())),
+    };
+    let metrics = Arc::new(Metrics::new());
+    metrics.set_ready(true);
+    let (sink, ledger_task) = LedgerSink::spawn(ledger, metrics.clone());
+    let server = IstioCaServer::start(IstioCaConfig {
+        listen: a.listen,
+        tls: a.tls_cert.map(|cert| IstioTls {
+            cert,
+            key: a.tls_key.unwrap_or_default(),
+        }),
+        issuers,
+        auth: auth.clone(),
+        pods: auth,
+        audience: a.audience,
+        cluster_id: a.cluster_id,
+        ledger: Some(sink),
+        metrics: metrics.clone(),
+    })
+    .await?;
+    // Tests and scripts read the bound address from this line.
+    eprintln!("meshca: istio-ca listening on {}", server.local_addr());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_task = metrics_addr.map(|addr| {
+        let mut rx = stop_rx.clone();
+        tokio::spawn(meshca::kube::metrics::serve(
+            metrics.clone(),
+            addr,
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            },
+        ))
+    });
+    meshca_sds::shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    server.shutdown().await?;
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    meshca::kube::ledger::flush(ledger_task, Duration::from_secs(10)).await;
+    Ok(())
+}

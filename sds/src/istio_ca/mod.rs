@@ -1,0 +1,492 @@
+//! Istio's CA API served by meshca (`meshca istio-ca serve`): istio-agent and ztunnel with
+//! `CA_ADDR` pointed here get their workload certificates from a meshca CA.
+//!
+//! Each `CreateCertificate` call:
+//! 1. checks the `ClusterID` metadata (when sent) against this server's cluster ID;
+//! 2. authenticates the caller: the `authorization: Bearer <token>` metadata reviewed by the
+//!    API server for the configured audience, or else the client certificate of a mutual TLS
+//!    connection (issued by a served CA: renewal);
+//! 3. picks the CA (`CertSigner` metadata: `meshca.io/<ca>`; else the first served CA);
+//! 4. for `ImpersonatedIdentity` metadata (ztunnel), looks up a pod of that account on the
+//!    caller's node when the CA lists the caller in `istio_node_agents`;
+//! 5. asks the one policy decision ([`meshca::issue::decide_csr`], front end `istio-ca`) with
+//!    the authenticated requester, signs, records the certificate in the ledger and answers the
+//!    chain leaf first, root last.
+//!
+//! Refusals are gRPC statuses: `Unauthenticated` (no or bad credentials, wrong cluster),
+//! `PermissionDenied` (policy, naming the offending value), `InvalidArgument` (unreadable CSR
+//! or metadata), `Unavailable` (the API server could not be asked). Tokens are never logged;
+//! a token's hash prefix correlates log lines.
+//!
+//! Transport: mutual TLS is offered (client certificates optional, verified against the served
+//! CAs), or plaintext on a loopback address only, as for SDS.
+
+pub mod proto;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use meshca::identity::SpiffeId;
+use meshca::issue::{CsrOptions, Issuer, LedgerEntry};
+use meshca::istio::{
+    select_ca, AuthError, Caller, PodDirectory, TokenAuthenticator, TokenHash, CERT_SIGNER,
+    IMPERSONATED_IDENTITY,
+};
+use meshca::kube::ledger::{IssuedRecord, LedgerSink};
+use meshca::kube::metrics::{CaLabel, Metrics, ReasonLabel};
+use meshca::policy::FrontEnd;
+use meshca::x509::CertInfo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status};
+
+use crate::ServeError;
+use proto::{
+    IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService,
+    IstioCertificateServiceServer,
+};
+
+/// The server's own certificate for TLS.
+#[derive(Clone, Debug)]
+pub struct IstioTls {
+    /// Server certificate chain, leaf first (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+}
+
+/// What `meshca istio-ca serve` runs.
+#[derive(Clone)]
+pub struct IstioCaConfig {
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+    /// TLS (required unless `listen` is a loopback address).
+    pub tls: Option<IstioTls>,
+    /// The CAs served; the first answers requests without `CertSigner`.
+    pub issuers: Vec<Arc<dyn Issuer>>,
+    /// Token reviews.
+    pub auth: Arc<dyn TokenAuthenticator>,
+    /// Pod lookups for impersonation.
+    pub pods: Arc<dyn PodDirectory>,
+    /// The token audience required.
+    pub audience: String,
+    /// This cluster's ID (a request's `ClusterID` metadata must match it when sent).
+    pub cluster_id: String,
+    /// Where issued certificates are recorded (`None`: nowhere, tests only).
+    pub ledger: Option<LedgerSink>,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for IstioCaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IstioCaConfig")
+            .field("listen", &self.listen)
+            .field("tls", &self.tls)
+            .field(
+                "cas",
+                &self
+                    .issuers
+                    .iter()
+                    .map(|i| &i.meta().name)
+                    .collect::<Vec<_>>(),
+            )
+            .field("audience", &self.audience)
+            .field("cluster_id", &self.cluster_id)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Handler {
+    issuers: Vec<Arc<dyn Issuer>>,
+    names: Vec<String>,
+    auth: Arc<dyn TokenAuthenticator>,
+    pods: Arc<dyn PodDirectory>,
+    audience: String,
+    cluster_id: String,
+    ledger: Option<LedgerSink>,
+    metrics: Arc<Metrics>,
+}
+
+/// A refusal: the gRPC status and the metric reason.
+fn refuse(h: &Handler, reason: &str, status: Status) -> Status {
+    h.metrics
+        .istio_refused
+        .get_or_create(&ReasonLabel {
+            reason: reason.to_string(),
+        })
+        .inc();
+    status
+}
+
+impl Handler {
+    async fn authenticate(
+        &self,
+        req: &Request<IstioCertificateRequest>,
+        issuer: &dyn Issuer,
+    ) -> Result<(Caller, String), Status> {
+        if let Some(v) = req.metadata().get("authorization") {
+            let v = v
+                .to_str()
+                .map_err(|_| Status::unauthenticated("the authorization metadata is not text"))?;
+            let token = v
+                .strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .ok_or_else(|| {
+                    Status::unauthenticated("the authorization metadata is not \"Bearer <token>\"")
+                })?;
+            let hash = TokenHash::of(token);
+            return match self.auth.review(token, &self.audience).await {
+                Ok(c) => {
+                    tracing::debug!(token = ?hash, caller = ?c, "token reviewed");
+                    let user = format!("system:serviceaccount:{}:{}", c.namespace, c.name);
+                    Ok((c, user))
+                }
+                Err(AuthError::Rejected(r)) => {
+                    tracing::info!(token = ?hash, reason = %r, "token rejected");
+                    Err(Status::unauthenticated(r))
+                }
+                Err(AuthError::Unavailable(r)) => {
+                    tracing::warn!(token = ?hash, reason = %r, "token review failed");
+                    Err(Status::unavailable(r))
+                }
+            };
+        }
+        // Renewal: the client's current certificate, already verified by the TLS handshake
+        // against the served CAs.
+        let certs = req
+            .extensions()
+            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
+            .and_then(|i| i.peer_certs())
+            .ok_or_else(|| {
+            Status::unauthenticated(
+                "no credentials: send \"authorization: Bearer <ServiceAccount token>\" or a client certificate",
+            )
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("empty client certificate chain"))?;
+        let info = CertInfo::from_der(leaf)
+            .map_err(|e| Status::unauthenticated(format!("client certificate: {e}")))?;
+        let [uri] = info.sans.uri.as_slice() else {
+            return Err(Status::unauthenticated(format!(
+                "the client certificate carries {} URI SANs, not one SPIFFE ID",
+                info.sans.uri.len()
+            )));
+        };
+        let id = SpiffeId::parse(uri).map_err(|e| {
+            Status::unauthenticated(format!("client certificate URI SAN {uri:?}: {e}"))
+        })?;
+        if id.trust_domain() != &issuer.meta().trust_domain {
+            return Err(Status::unauthenticated(format!(
+                "client certificate identity {id} is outside CA {}'s trust domain {}",
+                issuer.meta().name,
+                issuer.meta().trust_domain
+            )));
+        }
+        let c = Caller::from_spiffe_id(&id).ok_or_else(|| {
+            Status::unauthenticated(format!(
+                "client certificate identity {id} is not spiffe://<td>/ns/<ns>/sa/<sa>"
+            ))
+        })?;
+        let user = format!("spiffe:{id}");
+        Ok((c, user))
+    }
+
+    async fn create(
+        &self,
+        req: Request<IstioCertificateRequest>,
+    ) -> Result<IstioCertificateResponse, Status> {
+        if let Some(v) = req.metadata().get("clusterid") {
+            let v = v.to_str().unwrap_or("");
+            if v != self.cluster_id {
+                return Err(refuse(
+                    self,
+                    "unauthenticated",
+                    Status::unauthenticated(format!(
+                        "ClusterID {v:?} is not this server's cluster {:?}",
+                        self.cluster_id
+                    )),
+                ));
+            }
+        }
+        let body = req.get_ref();
+        let ca = select_ca(body.metadata_str(CERT_SIGNER), &self.names, &self.names[0])
+            .map_err(|e| refuse(self, "invalid", Status::invalid_argument(e)))?;
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.meta().name == ca)
+            .ok_or_else(|| Status::internal("selected CA missing"))?
+            .clone();
+        let (caller, user) = self
+            .authenticate(&req, issuer.as_ref())
+            .await
+            .map_err(|s| {
+                let reason = if s.code() == tonic::Code::Unavailable {
+                    "unavailable"
+                } else {
+                    "unauthenticated"
+                };
+                refuse(self, reason, s)
+            })?;
+        let body = req.into_inner();
+        let requester = match body.metadata_str(IMPERSONATED_IDENTITY) {
+            None => caller.requester(),
+            Some(target) => {
+                let target = SpiffeId::parse(target).map_err(|e| {
+                    refuse(
+                        self,
+                        "invalid",
+                        Status::invalid_argument(format!("{IMPERSONATED_IDENTITY}: {e}")),
+                    )
+                })?;
+                // The pod lookup only for an agent the policy lists: nobody else makes meshca
+                // list pods.
+                let listed = issuer
+                    .meta()
+                    .policy
+                    .istio_node_agents
+                    .contains(&caller.account());
+                let pod = match (listed, caller.node.as_deref(), target.k8s_workload()) {
+                    (true, Some(node), Some((ns, sa))) => {
+                        self.pods.pod_on_node(ns, sa, node).await.map_err(|e| {
+                            tracing::warn!(error = %e, "pod lookup failed");
+                            refuse(self, "unavailable", Status::unavailable(e))
+                        })?
+                    }
+                    _ => None,
+                };
+                caller
+                    .impersonating(&target, pod)
+                    .map_err(|e| refuse(self, "invalid", Status::invalid_argument(e)))?
+            }
+        };
+        let csr_der = pem::parse(body.csr.as_bytes())
+            .ok()
+            .filter(|p| p.tag() == "CERTIFICATE REQUEST" || p.tag() == "NEW CERTIFICATE REQUEST")
+            .ok_or_else(|| {
+                refuse(
+                    self,
+                    "invalid",
+                    Status::invalid_argument("csr is not a PEM CERTIFICATE REQUEST"),
+                )
+            })?
+            .into_contents();
+        let ttl = match body.validity_duration {
+            0 => None,
+            s if s > 0 => Some(std::time::Duration::from_secs(s as u64)),
+            s => {
+                return Err(refuse(
+                    self,
+                    "invalid",
+                    Status::invalid_argument(format!("validity_duration {s} is negative")),
+                ))
+            }
+        };
+        let opts = CsrOptions {
+            via: FrontEnd::IstioCa,
+            requester: requester.clone(),
+            override_sans: None,
+            ttl,
+            kube_usages: None,
+        };
+        let signed = match meshca::issue::decide_csr(issuer.meta(), &csr_der, &opts) {
+            Err(e) => {
+                return Err(refuse(
+                    self,
+                    "invalid",
+                    Status::invalid_argument(format!("csr: {e}")),
+                ))
+            }
+            Ok(Err(d)) => {
+                tracing::info!(caller = ?caller, ca, reason = %d.reason, "Istio CA request denied");
+                return Err(refuse(
+                    self,
+                    "denied",
+                    Status::permission_denied(format!("CA {ca}: {}", d.reason)),
+                ));
+            }
+            Ok(Ok(sign)) => sign,
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let cert = issuer.sign(&signed, now).await.map_err(|e| {
+            tracing::error!(ca, error = %e, "signing failed");
+            refuse(
+                self,
+                "unavailable",
+                Status::unavailable(format!("CA {ca} could not sign: {e}")),
+            )
+        })?;
+        if let Some(l) = &self.ledger {
+            l.record(IssuedRecord {
+                entry: LedgerEntry::for_cert(ca, &cert, now),
+                requester: user,
+                object: format!("istio-ca/{requester}"),
+            })
+            .await;
+        }
+        self.metrics
+            .istio_issued
+            .get_or_create(&CaLabel { ca: ca.to_string() })
+            .inc();
+        tracing::info!(caller = ?caller, ca, serial = %cert.info.serial_hex(), sans = ?cert.info.sans.uri, "issued through Istio's CA API");
+        let mut chain = vec![meshca::pemutil::certs_to_pem([&cert.leaf])];
+        chain.extend(
+            cert.intermediates
+                .iter()
+                .chain(std::iter::once(&cert.root))
+                .map(|c| meshca::pemutil::certs_to_pem([c])),
+        );
+        Ok(IstioCertificateResponse { cert_chain: chain })
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for Handler {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        self.create(request).await.map(Response::new)
+    }
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct IstioCaServer {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+fn tls_config(
+    tls: &IstioTls,
+    issuers: &[Arc<dyn Issuer>],
+) -> Result<Arc<rustls::ServerConfig>, ServeError> {
+    let err = |m: String| ServeError::Config(format!("TLS: {m}"));
+    let chain = meshca::pemutil::parse_certs(
+        &meshca::fsutil::read_limited(&tls.cert).map_err(|e| err(e.to_string()))?,
+        &tls.cert.display().to_string(),
+    )
+    .map_err(|e| err(e.to_string()))?;
+    let key_text = zeroize::Zeroizing::new(
+        String::from_utf8(meshca::fsutil::read_limited(&tls.key).map_err(|e| err(e.to_string()))?)
+            .map_err(|_| err(format!("{}: not PEM text", tls.key.display())))?,
+    );
+    let key = meshca::key::PrivateKey::from_pem(&key_text, &tls.key.display().to_string())
+        .map_err(|e| err(e.to_string()))?;
+    let key_der = {
+        use rustls::pki_types::pem::PemObject;
+        PrivateKeyDer::from_pem_slice(key.to_pkcs8_pem().as_bytes())
+            .map_err(|_| err(format!("{}: unreadable private key", tls.key.display())))?
+    };
+    // Client certificates are optional (token clients send none) and must chain to a served CA.
+    let mut roots = rustls::RootCertStore::empty();
+    for i in issuers {
+        if let Some(c) = i.ca_certificate() {
+            roots
+                .add(CertificateDer::from(c.to_vec()))
+                .map_err(|e| err(format!("CA {}: {e}", i.meta().name)))?;
+        }
+    }
+    let builder = if roots.is_empty() {
+        rustls::ServerConfig::builder().with_no_client_auth()
+    } else {
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        rustls::ServerConfig::builder().with_client_cert_verifier(verifier)
+    };
+    let mut cfg = builder.with_single_cert(chain, key_der).map_err(|e| {
+        err(format!(
+            "{} and {} do not form a usable server certificate: {e}",
+            tls.cert.display(),
+            tls.key.display()
+        ))
+    })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+impl IstioCaServer {
+    /// Binds and starts serving.
+    pub async fn start(cfg: IstioCaConfig) -> Result<IstioCaServer, ServeError> {
+        if cfg.issuers.is_empty() {
+            return Err(ServeError::Config("no CA to serve".into()));
+        }
+        if cfg.tls.is_none() && crate::transport::is_exposed(&cfg.listen) {
+            return Err(ServeError::Config(format!(
+                "{} is not a loopback address: Istio's CA API needs TLS there (--tls-cert and --tls-key)",
+                cfg.listen
+            )));
+        }
+        let tls = cfg
+            .tls
+            .as_ref()
+            .map(|t| tls_config(t, &cfg.issuers))
+            .transpose()?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                addr: cfg.listen.to_string(),
+                source,
+            })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ServeError::Config(e.to_string()))?;
+        let handler = Arc::new(Handler {
+            names: cfg.issuers.iter().map(|i| i.meta().name.clone()).collect(),
+            issuers: cfg.issuers,
+            auth: cfg.auth,
+            pods: cfg.pods,
+            audience: cfg.audience,
+            cluster_id: cfg.cluster_id,
+            ledger: cfg.ledger,
+            metrics: cfg.metrics,
+        });
+        let svc = IstioCertificateServiceServer::new(handler);
+        let (stop, rx) = watch::channel(false);
+        let mut rx2 = rx.clone();
+        let signal = async move { crate::stopped(&mut rx2).await };
+        let router = tonic::transport::Server::builder().add_service(svc);
+        let task = match tls {
+            Some(config) => {
+                let incoming = crate::transport::tls_incoming(
+                    listener,
+                    config,
+                    Arc::new(crate::metrics::Metrics::default()),
+                    rx,
+                );
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, signal))
+            }
+            None => tokio::spawn(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal),
+            ),
+        };
+        Ok(IstioCaServer { addr, stop, task })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets calls in flight finish, and returns.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(ServeError::Transport {
+                addr: self.addr.to_string(),
+                source,
+            }),
+            Err(e) => Err(ServeError::Config(format!("Istio CA server task: {e}"))),
+        }
+    }
+}
