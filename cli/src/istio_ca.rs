@@ -94,7 +94,12 @@ pub async fn run(ctx: &Ctx, cmd: IstioCaCmd) -> anyhow::Result<()> {
         ledger: Some(sink),
         metrics: metrics.clone(),
     })
-    .await?;
+    .await
+    .map_err(|e| match e {
+        meshca_sds::ServeError::Config(m) => usage(m),
+        e if e.is_user_error() => usage(e.to_string()),
+        e => anyhow::Error::new(e),
+    })?;
     // Tests and scripts read the bound address from this line.
     eprintln!("meshca: istio-ca listening on {}", server.local_addr());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
