@@ -734,3 +734,250 @@ fn ztunnel_impersonation_only_for_listed_agents_and_pods_on_their_node() {
     imp(&zt, "c", "c2").unwrap();
     p.kubectl(&["delete", "namespace", &ns, &sys, "--wait=false"]);
 }
+
+/// A `meshca signer run` (the admin's kubeconfig: the signer's own RBAC is kube_e2e's
+/// subject), killed when dropped.
+struct Signer(Child);
+
+impl Drop for Signer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The workload CSR istio-agent sends (RSA 2048 by default, empty subject, the SPIFFE ID in a
+/// critical SAN extension), PEM.
+fn agent_csr(env: &Env, name: &str, id: &str) -> Vec<u8> {
+    let key = env.path(&format!("{name}.key"));
+    let csr = env.path(&format!("{name}.csr"));
+    common::openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        key.to_str().unwrap(),
+    ]);
+    common::openssl(&[
+        "req",
+        "-new",
+        "-key",
+        key.to_str().unwrap(),
+        "-subj",
+        "/",
+        "-addext",
+        &format!("subjectAltName=critical,URI:{id}"),
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    std::fs::read(csr).unwrap()
+}
+
+/// What istiod's RA (EXTERNAL_CA=ISTIOD_RA_KUBERNETES_API) does for one workload, under the
+/// token of `kubeconfig`: create the CSR (generateName csr-workload-, the four usages,
+/// expirationSeconds = the requested lifetime, signerName = K8S_SIGNER or the pod's
+/// ISTIO_META_CERT_SIGNER), approve it itself, wait for the certificate, delete the CSR.
+/// `Ok(certificate PEM)` or `Err(the Failed/Denied condition message)`.
+fn ra_sign(kubeconfig: &Path, csr_pem: Vec<u8>, signer: &str, id: &str) -> Result<String, String> {
+    use k8s_openapi::api::certificates::v1::{
+        CertificateSigningRequest, CertificateSigningRequestCondition,
+        CertificateSigningRequestSpec,
+    };
+    use kube::api::{DeleteParams, ObjectMeta, PostParams};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = meshca::kube::client(Some(kubeconfig)).await.unwrap();
+        let api: kube::Api<CertificateSigningRequest> = kube::Api::all(client);
+        let csr = CertificateSigningRequest {
+            metadata: ObjectMeta {
+                generate_name: Some("csr-workload-".into()),
+                ..Default::default()
+            },
+            spec: CertificateSigningRequestSpec {
+                request: k8s_openapi::ByteString(csr_pem),
+                signer_name: signer.into(),
+                usages: Some(
+                    [
+                        "digital signature",
+                        "key encipherment",
+                        "server auth",
+                        "client auth",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                ),
+                expiration_seconds: Some(86400),
+                ..Default::default()
+            },
+            status: None,
+        };
+        let mut created = api.create(&PostParams::default(), &csr).await.unwrap();
+        let name = created.metadata.name.clone().unwrap();
+        let msg = format!("CSR ({name}) for the certificate ({id}) is approved");
+        created
+            .status
+            .get_or_insert_with(Default::default)
+            .conditions = Some(vec![CertificateSigningRequestCondition {
+            type_: "Approved".into(),
+            status: "True".into(),
+            reason: Some(msg.clone()),
+            message: Some(msg),
+            ..Default::default()
+        }]);
+        api.replace_subresource("approval", &name, &PostParams::default(), &created)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let out = loop {
+            let c = api.get(&name).await.unwrap();
+            let st = c.status.unwrap_or_default();
+            if let Some(cert) = st.certificate {
+                break Ok(String::from_utf8(cert.0).unwrap());
+            }
+            if let Some(f) = st
+                .conditions
+                .unwrap_or_default()
+                .into_iter()
+                .find(|c| c.type_ == "Failed" || c.type_ == "Denied")
+            {
+                break Err(f.message.unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "CSR {name} not signed in 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = api.delete(&name, &DeleteParams::default()).await;
+        out
+    })
+}
+
+#[test]
+fn ra_mode_istiod_signs_through_the_csr_api_with_one_ca_and_two() {
+    let Some(p) = peers() else { return };
+    let env = Env::new();
+    let sys = unique("istio-e2e-ra-sys");
+    let istiod = format!("system:serviceaccount:{sys}:istiod");
+    let (root1, root2) = cas(&env, &["--registration-authority", &istiod]);
+    let ns = unique("istio-e2e-ra");
+    p.namespace(&sys);
+    p.namespace(&ns);
+    p.service_account(&sys, "istiod");
+    p.service_account(&ns, "rogue");
+    // istiod's rights in RA mode (its Helm chart's ClusterRole): create and approve CSRs for
+    // its K8S_SIGNER and the per-pod ISTIO_META_CERT_SIGNERs. The same for an ordinary
+    // account, to show that it is the CA's registration_authorities that decides.
+    let role = format!("{sys}-csr");
+    p.apply(&json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+        "metadata": {"name": role},
+        "rules": [
+            {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"],
+             "verbs": ["create", "get", "list", "watch", "delete"]},
+            {"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests/approval"],
+             "verbs": ["update"]},
+            {"apiGroups": ["certificates.k8s.io"], "resources": ["signers"],
+             "resourceNames": ["meshca.io/ca1", "meshca.io/ca2"], "verbs": ["approve"]}]}));
+    p.apply(
+        &json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+        "metadata": {"name": role},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"kind": "ServiceAccount", "name": "istiod", "namespace": sys},
+                     {"kind": "ServiceAccount", "name": "rogue", "namespace": ns}]}),
+    );
+    let istiod_kc = env.path("istiod.kubeconfig");
+    p.sa_kubeconfig(&sys, "istiod", &istiod_kc);
+    let rogue_kc = env.path("rogue.kubeconfig");
+    p.sa_kubeconfig(&ns, "rogue", &rogue_kc);
+    let log = env.path("signer.log");
+    let _signer = Signer(
+        env.cmd(&[
+            "--kubeconfig",
+            p.kubeconfig.to_str().unwrap(),
+            "signer",
+            "run",
+            "--ca",
+            "ca1",
+            "--ca",
+            "ca2",
+            "--leader-elect=false",
+            "--metrics-addr",
+            "off",
+            "--cluster-trust-bundles=false",
+            "--bundle-resync",
+            "0s",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap(),
+    );
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/{ns}/sa/{sa}");
+
+    // One CA: K8S_SIGNER=meshca.io/ca1 for workload blue.
+    let blue = ra_sign(
+        &istiod_kc,
+        agent_csr(&env, "blue", &id("blue")),
+        "meshca.io/ca1",
+        &id("blue"),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\nsigner log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let san = verify_leaf(&env, &blue, &root1, "blue");
+    assert!(san.contains(&format!("URI:{}", id("blue"))), "{san}");
+    // Two CAs: green's pod sets ISTIO_META_CERT_SIGNER=meshca.io/ca2.
+    let green = ra_sign(
+        &istiod_kc,
+        agent_csr(&env, "green", &id("green")),
+        "meshca.io/ca2",
+        &id("green"),
+    )
+    .unwrap();
+    let san = verify_leaf(&env, &green, &root2, "green");
+    assert!(san.contains(&format!("URI:{}", id("green"))), "{san}");
+    // Denied twin: an account that is not a registration authority, with the same RBAC,
+    // asking for blue's identity.
+    let e = ra_sign(
+        &rogue_kc,
+        agent_csr(&env, "rogue", &id("blue")),
+        "meshca.io/ca1",
+        &id("blue"),
+    )
+    .unwrap_err();
+    assert!(
+        e.contains(&id("blue")) && e.contains(&format!("{ns}:rogue")),
+        "{e}"
+    );
+    p.kubectl(&["delete", "namespace", &ns, &sys, "--wait=false"]);
+    p.kubectl(&["delete", "clusterrolebinding,clusterrole", &role]);
+}
+
+/// The leaf of a CSR's certificate verifies against `root` (openssl); its SAN line.
+fn verify_leaf(env: &Env, cert_pem: &str, root: &Path, name: &str) -> String {
+    let leaf = env.path(&format!("{name}.crt"));
+    let first = pem::parse_many(cert_pem).unwrap().remove(0);
+    std::fs::write(&leaf, pem::encode(&first)).unwrap();
+    let o = common::openssl(&[
+        "verify",
+        "-CAfile",
+        root.to_str().unwrap(),
+        leaf.to_str().unwrap(),
+    ]);
+    assert!(text(&o).contains(": OK"), "{}", text(&o));
+    let o = common::openssl(&[
+        "x509",
+        "-in",
+        leaf.to_str().unwrap(),
+        "-noout",
+        "-ext",
+        "subjectAltName",
+    ]);
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
