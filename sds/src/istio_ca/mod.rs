@@ -490,3 +490,220 @@ impl IstioCaServer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+    use meshca::istio::{AuthError, Caller};
+
+    /// Accepts the token "good:<ns>:<sa>" (bound to node n1), refuses "expired", and cannot
+    /// reach the API server for "down".
+    #[derive(Debug)]
+    struct Fake;
+
+    #[async_trait::async_trait]
+    impl TokenAuthenticator for Fake {
+        async fn review(&self, token: &str, audience: &str) -> Result<Caller, AuthError> {
+            assert_eq!(audience, "istio-ca");
+            match token.strip_prefix("good:").and_then(|r| r.split_once(':')) {
+                Some((ns, sa)) => Ok(Caller {
+                    namespace: ns.into(),
+                    name: sa.into(),
+                    node: Some("n1".into()),
+                    pod: Some("p".into()),
+                }),
+                None if token == "down" => Err(AuthError::Unavailable("connection refused".into())),
+                None => Err(AuthError::Rejected("token has expired".into())),
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl PodDirectory for Fake {
+        async fn pod_on_node(
+            &self,
+            ns: &str,
+            sa: &str,
+            node: &str,
+        ) -> Result<Option<String>, String> {
+            Ok((ns == "app" && sa == "b" && node == "n1").then(|| "b-1".to_string()))
+        }
+    }
+
+    fn handler(node_agents: &[&str]) -> Handler {
+        let now = time::OffsetDateTime::now_utc();
+        let mut ca = meshca::ca::create_root(&meshca::ca::CaSpec::root("ca1"), now).unwrap();
+        ca.meta.policy.istio_node_agents = node_agents.iter().map(|s| s.to_string()).collect();
+        let issuer: Arc<dyn Issuer> = Arc::new(meshca::issue::LocalIssuer::new(ca).unwrap());
+        Handler {
+            names: vec!["ca1".into()],
+            issuers: vec![issuer],
+            auth: Arc::new(Fake),
+            pods: Arc::new(Fake),
+            audience: "istio-ca".into(),
+            cluster_id: "Kubernetes".into(),
+            ledger: None,
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    fn csr(id: &str) -> String {
+        let key = meshca::key::KeyAlgorithm::EcdsaP256.generate().unwrap();
+        let sans = meshca::identity::Sans {
+            spiffe_id: Some(SpiffeId::parse(id).unwrap()),
+            ..Default::default()
+        };
+        let der = meshca::issue::local::csr_for(&key, &sans, &Default::default()).unwrap();
+        pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der))
+    }
+
+    fn req(
+        token: Option<&str>,
+        csr: String,
+        ttl: i64,
+        meta: &[(&str, &str)],
+    ) -> Request<IstioCertificateRequest> {
+        let fields = meta
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(v.to_string())),
+                    },
+                )
+            })
+            .collect();
+        let mut r = Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: ttl,
+            metadata: (!meta.is_empty()).then_some(Struct { fields }),
+        });
+        if let Some(t) = token {
+            r.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        r
+    }
+
+    const A: &str = "spiffe://cluster.local/ns/app/sa/a";
+    const B: &str = "spiffe://cluster.local/ns/app/sa/b";
+
+    #[tokio::test]
+    async fn statuses_name_what_was_wrong() {
+        let h = handler(&["istio-system/ztunnel"]);
+        let ok = h
+            .create(req(Some("good:app:a"), csr(A), 3600, &[]))
+            .await
+            .unwrap();
+        assert_eq!(ok.cert_chain.len(), 2);
+        let leaf = pem::parse(&ok.cert_chain[0]).unwrap();
+        let info = CertInfo::from_der(leaf.contents()).unwrap();
+        assert_eq!(info.sans.uri, vec![A.to_string()]);
+        assert_eq!(
+            (info.not_after - info.not_before).whole_seconds(),
+            3600 + meshca::profile::BACKDATE.as_secs() as i64
+        );
+
+        let cases: Vec<(Request<IstioCertificateRequest>, tonic::Code, &str)> = vec![
+            (
+                req(Some("good:app:a"), csr(B), 0, &[]),
+                tonic::Code::PermissionDenied,
+                "sa/b",
+            ),
+            (
+                req(Some("expired"), csr(A), 0, &[]),
+                tonic::Code::Unauthenticated,
+                "expired",
+            ),
+            (
+                req(Some("down"), csr(A), 0, &[]),
+                tonic::Code::Unavailable,
+                "connection refused",
+            ),
+            (
+                req(None, csr(A), 0, &[]),
+                tonic::Code::Unauthenticated,
+                "no credentials",
+            ),
+            (
+                req(Some("good:app:a"), "junk".into(), 0, &[]),
+                tonic::Code::InvalidArgument,
+                "PEM",
+            ),
+            (
+                req(Some("good:app:a"), csr(A), -5, &[]),
+                tonic::Code::InvalidArgument,
+                "-5",
+            ),
+            (
+                req(
+                    Some("good:app:a"),
+                    csr(A),
+                    0,
+                    &[("CertSigner", "meshca.io/nope")],
+                ),
+                tonic::Code::InvalidArgument,
+                "meshca.io/nope",
+            ),
+            (
+                req(
+                    Some("good:app:a"),
+                    csr(A),
+                    0,
+                    &[("ImpersonatedIdentity", "not a uri")],
+                ),
+                tonic::Code::InvalidArgument,
+                "ImpersonatedIdentity",
+            ),
+            // Impersonation: an unlisted caller; the listed one for a pod on another node.
+            (
+                req(
+                    Some("good:app:a"),
+                    csr(B),
+                    0,
+                    &[("ImpersonatedIdentity", B)],
+                ),
+                tonic::Code::PermissionDenied,
+                "istio_node_agents",
+            ),
+            (
+                req(
+                    Some("good:istio-system:ztunnel"),
+                    csr("spiffe://cluster.local/ns/app/sa/c"),
+                    0,
+                    &[("ImpersonatedIdentity", "spiffe://cluster.local/ns/app/sa/c")],
+                ),
+                tonic::Code::PermissionDenied,
+                "app/c has no pod on node \"n1\"",
+            ),
+        ];
+        for (i, (r, code, needle)) in cases.into_iter().enumerate() {
+            let e = h.create(r).await.unwrap_err();
+            assert_eq!(e.code(), code, "case {i}: {e:?}");
+            assert!(e.message().contains(needle), "case {i}: {}", e.message());
+        }
+        // The allowed twin of the impersonation denials: the listed agent, b has a pod on n1.
+        let ok = h
+            .create(req(
+                Some("good:istio-system:ztunnel"),
+                csr(B),
+                0,
+                &[("ImpersonatedIdentity", B)],
+            ))
+            .await
+            .unwrap();
+        let leaf = pem::parse(&ok.cert_chain[0]).unwrap();
+        assert_eq!(
+            CertInfo::from_der(leaf.contents()).unwrap().sans.uri,
+            vec![B.to_string()]
+        );
+        let mut r = req(Some("good:app:a"), csr(A), 0, &[]);
+        r.metadata_mut()
+            .insert("clusterid", "other".parse().unwrap());
+        let e = h.create(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated);
+        assert!(e.message().contains("\"other\""), "{}", e.message());
+    }
+}
