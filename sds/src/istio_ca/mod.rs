@@ -326,7 +326,18 @@ impl Handler {
             l.record(IssuedRecord {
                 entry: LedgerEntry::for_cert(ca, &cert, now),
                 requester: user,
-                object: format!("istio-ca/{requester}"),
+                object: match (&requester, requester.service_account()) {
+                    (
+                        meshca::policy::Requester::IstioImpersonation {
+                            agent_namespace,
+                            agent_name,
+                            ..
+                        },
+                        Some((ns, sa)),
+                    ) => format!("istio-ca/{ns}/{sa} via {agent_namespace}/{agent_name}"),
+                    (_, Some((ns, sa))) => format!("istio-ca/{ns}/{sa}"),
+                    _ => "istio-ca".to_string(),
+                },
             })
             .await;
         }
