@@ -18,7 +18,9 @@ CONCURRENCY="${CONCURRENCY:-64}"
 JITTER="${JITTER:-2s}"
 ACCOUNTS="${ACCOUNTS:-10}"
 OUT="${OUT:-$(mktemp -d /tmp/meshca-istio-bench.XXXXXX)}"
-NS=meshca-bench-istio
+# A namespace of its own per run: without a controller-manager a deleted namespace never
+# finishes terminating.
+NS="meshca-bench-istio-$(date +%s)"
 mkdir -p "$OUT/tokens" "$OUT/home"
 
 CLUSTER_STARTED=""
@@ -64,6 +66,8 @@ seq 0 $((COUNT - 1)) | xargs -P 8 -I{} bash -c '
   t="$("$0" --kubeconfig "$1" -n "$2" create token "sa-$a" --audience istio-ca --duration=1h)"
   printf "%s\nspiffe://cluster.local/ns/%s/sa/sa-%s\n" "$t" "$2" "$a" >"$3/tokens/{}.token"
 ' "$MESHCA_E2E_KUBECTL" "$KC" "$NS" "$OUT"
+made="$(find "$OUT/tokens" -name '*.token' -size +0 | wc -l)"
+[[ "$made" -eq "$COUNT" ]] || { echo "only $made of $COUNT tokens were made" >&2; exit 1; }
 
 MESHCA_HOME="$OUT/home" "$MESHCA" init --ca bench-istio >/dev/null
 MESHCA_HOME="$OUT/home" "$MESHCA" --kubeconfig "$OUT/server.kubeconfig" --log-level warn \

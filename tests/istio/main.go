@@ -180,6 +180,12 @@ func bench(o *opts, n, concurrency int, jitter time.Duration, tokenDir string) {
 				return
 			}
 			lines := strings.SplitN(strings.TrimSpace(string(tok)), "\n", 2)
+			if len(lines) != 2 {
+				mu.Lock()
+				errs = append(errs, fmt.Sprintf("token %d: not <token>\\n<SPIFFE ID>", i))
+				mu.Unlock()
+				return
+			}
 			oo := *o
 			oo.spiffe = lines[1]
 			t0 := time.Now()
