@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
+use futures::stream::BoxStream;
+use meshca::kube::issuers;
 use meshca::kube::istio_auth::KubeIstioAuth;
 use meshca::kube::ledger::{LedgerSink, LedgerWriter, StoreLedger};
 use meshca::kube::metrics::Metrics;
@@ -49,6 +51,11 @@ pub struct ServeArgs {
     /// Address of /healthz, /readyz and /metrics ("off" to disable).
     #[arg(long, default_value = "off")]
     metrics_addr: String,
+    /// How often the local store is re-read for CA changes ("0s": load once). The kube store
+    /// is watched instead. The roots that client certificates (mTLS renewal) must chain to
+    /// stay those loaded at start.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    ca_reload: Duration,
 }
 
 pub async fn run(ctx: &Ctx, cmd: IstioCaCmd) -> anyhow::Result<()> {
@@ -65,20 +72,54 @@ pub async fn run(ctx: &Ctx, cmd: IstioCaCmd) -> anyhow::Result<()> {
         return Err(usage(format!("--ca {dup} is given twice")));
     }
     let store: Arc<dyn meshca::store::Store> = Arc::from(ctx.store(false).await?);
-    let mut issuers = Vec::with_capacity(a.cas.len());
-    for name in &a.cas {
-        let i = meshca::store::load_issuer(store.as_ref(), name).await?;
-        i.meta().policy.validate()?;
-        issuers.push(Arc::from(i));
-    }
-    let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
-    let auth = Arc::new(KubeIstioAuth::new(client, a.token_cache_ttl));
-    let ledger: Arc<dyn LedgerWriter> = match crate::kube_store::kube_namespace(ctx) {
-        Some(ns) => Arc::new(crate::kube_store::open(ns, ctx.kubeconfig.as_deref()).await?),
-        None => Arc::new(StoreLedger(store.clone())),
-    };
     let metrics = Arc::new(Metrics::new());
+    // The same snapshots as the signer's: a CA replaced in the store (rotation) is served
+    // without a restart, one that fails to load is not served.
+    let first = issuers::reload(store.as_ref(), Some(&a.cas), None, &metrics).await?;
+    for name in &a.cas {
+        match first.get(name) {
+            Some(i) => i.meta().policy.validate()?,
+            None => {
+                let why = first.failed().get(name).cloned().unwrap_or_default();
+                return Err(usage(format!("CA {name} cannot be served: {why}")));
+            }
+        }
+    }
+    let (issuers_tx, issuers_rx) = tokio::sync::watch::channel(Arc::new(first));
+    let client = meshca::kube::client(ctx.kubeconfig.as_deref()).await?;
+    let auth = Arc::new(KubeIstioAuth::new(client.clone(), a.token_cache_ttl));
+    let (ledger, triggers): (Arc<dyn LedgerWriter>, Option<BoxStream<'static, ()>>) =
+        match crate::kube_store::kube_namespace(ctx) {
+            Some(ns) => (
+                Arc::new(crate::kube_store::open(ns, ctx.kubeconfig.as_deref()).await?),
+                Some(Box::pin(issuers::kube_triggers(
+                    client,
+                    ns,
+                    meshca::kube::run::KUBE_SAFETY_POLL,
+                ))),
+            ),
+            None => (
+                Arc::new(StoreLedger(store.clone())),
+                (!a.ca_reload.is_zero()).then(|| {
+                    Box::pin(issuers::poll_triggers(a.ca_reload)) as BoxStream<'static, ()>
+                }),
+            ),
+        };
     metrics.set_ready(true);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let reload_task = triggers.map(|t| {
+        tokio::spawn(issuers::watch_loop(
+            store.clone(),
+            Some(a.cas.clone()),
+            metrics.clone(),
+            issuers_tx,
+            t,
+            until_stopped(stop_rx.clone()),
+        ))
+    });
     let (sink, ledger_task) = LedgerSink::spawn(ledger, metrics.clone());
     let server = IstioCaServer::start(IstioCaConfig {
         listen: a.listen,
@@ -86,7 +127,8 @@ pub async fn run(ctx: &Ctx, cmd: IstioCaCmd) -> anyhow::Result<()> {
             cert,
             key: a.tls_key.unwrap_or_default(),
         }),
-        issuers,
+        cas: a.cas.clone(),
+        issuers: issuers_rx,
         auth: auth.clone(),
         pods: auth,
         audience: a.audience,
@@ -102,21 +144,20 @@ pub async fn run(ctx: &Ctx, cmd: IstioCaCmd) -> anyhow::Result<()> {
     })?;
     // Tests and scripts read the bound address from this line.
     eprintln!("meshca: istio-ca listening on {}", server.local_addr());
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_task = metrics_addr.map(|addr| {
-        let mut rx = stop_rx.clone();
         tokio::spawn(meshca::kube::metrics::serve(
             metrics.clone(),
             addr,
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            },
+            until_stopped(stop_rx.clone()),
         ))
     });
     meshca_sds::shutdown_signal().await;
     let _ = stop_tx.send(true);
     server.shutdown().await?;
     if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    if let Some(t) = reload_task {
         let _ = t.await;
     }
     meshca::kube::ledger::flush(ledger_task, Duration::from_secs(10)).await;

@@ -577,7 +577,7 @@ fn ca_addr_mode_token_then_mtls_renewal_two_cas_and_denials() {
 fn expired_and_wrong_audience_tokens_are_refused() {
     let Some(p) = peers() else { return };
     let env = Env::new();
-    let (_root1, _) = cas(&env, &[]);
+    let (root1, _) = cas(&env, &[]);
     let kc = p.server_kubeconfig(&env);
     // Plaintext on loopback (the transport rule of SDS); a non-loopback address needs TLS.
     let o = env.run(&[
@@ -592,7 +592,7 @@ fn expired_and_wrong_audience_tokens_are_refused() {
     ]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("not a loopback address"), "{}", text(&o));
-    let server = Server::start(&env, &kc, &["--ca", "ca1"]);
+    let server = Server::start(&env, &kc, &["--ca", "ca1", "--ca-reload", "200ms"]);
     let ns = unique("istio-e2e-tok");
     p.namespace(&ns);
     p.service_account(&ns, "a");
@@ -633,6 +633,31 @@ fn expired_and_wrong_audience_tokens_are_refused() {
     std::fs::write(env.path("junk.token"), "not-a-jwt").unwrap();
     let e = run(&env.path("junk.token"), "j").unwrap_err();
     assert!(e.starts_with("code=Unauthenticated"), "{e}");
+
+    // CA ca1 replaced in the store (a new key and root): the running server issues from the
+    // new one without a restart.
+    let old_root = std::fs::read_to_string(&root1).unwrap();
+    env.ok(&["init", "--ca", "ca1", "--force"]);
+    let new_root = env.path("ca1.new.pem");
+    std::fs::write(&new_root, env.ok(&["ca", "show", "ca1", "--pem"])).unwrap();
+    assert_ne!(std::fs::read_to_string(&new_root).unwrap(), old_root);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let chain = run(&right, "reload").unwrap();
+        let last = pem::parse_many(&chain).unwrap().pop().unwrap();
+        if pem::encode(&last)
+            == pem::encode(&pem::parse(std::fs::read(&new_root).unwrap()).unwrap())
+        {
+            verify(&env, &chain, &new_root, "reload");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still issuing from the old ca1:\n{}",
+            server.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     p.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
 

@@ -110,7 +110,10 @@ async fn envoy_serves_a_certificate_from_istios_ca_api_and_accepts_its_clients()
     let ca = IstioCaServer::start(IstioCaConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         tls: None,
-        issuers: vec![issuer],
+        cas: vec!["ca1".into()],
+        issuers: meshca::kube::issuers::IssuerSet::watch_fixed(
+            [("ca1".to_string(), issuer)].into(),
+        ),
         auth: Arc::new(Tokens),
         pods: Arc::new(Tokens),
         audience: "istio-ca".into(),

@@ -33,6 +33,7 @@ use meshca::istio::{
     select_ca, AuthError, Caller, PodDirectory, TokenAuthenticator, TokenHash, CERT_SIGNER,
     IMPERSONATED_IDENTITY,
 };
+use meshca::kube::issuers::IssuerWatch;
 use meshca::kube::ledger::{IssuedRecord, LedgerSink};
 use meshca::kube::metrics::{CaLabel, Metrics, ReasonLabel};
 use meshca::policy::FrontEnd;
@@ -64,8 +65,11 @@ pub struct IstioCaConfig {
     pub listen: SocketAddr,
     /// TLS (required unless `listen` is a loopback address).
     pub tls: Option<IstioTls>,
-    /// The CAs served; the first answers requests without `CertSigner`.
-    pub issuers: Vec<Arc<dyn Issuer>>,
+    /// The CAs served, by name; the first answers requests without `CertSigner`.
+    pub cas: Vec<String>,
+    /// The current issuers of those CAs (reloaded when the store changes: a rotated CA is
+    /// picked up without a restart).
+    pub issuers: IssuerWatch,
     /// Token reviews.
     pub auth: Arc<dyn TokenAuthenticator>,
     /// Pod lookups for impersonation.
@@ -85,14 +89,7 @@ impl std::fmt::Debug for IstioCaConfig {
         f.debug_struct("IstioCaConfig")
             .field("listen", &self.listen)
             .field("tls", &self.tls)
-            .field(
-                "cas",
-                &self
-                    .issuers
-                    .iter()
-                    .map(|i| &i.meta().name)
-                    .collect::<Vec<_>>(),
-            )
+            .field("cas", &self.cas)
             .field("audience", &self.audience)
             .field("cluster_id", &self.cluster_id)
             .finish_non_exhaustive()
@@ -100,7 +97,7 @@ impl std::fmt::Debug for IstioCaConfig {
 }
 
 struct Handler {
-    issuers: Vec<Arc<dyn Issuer>>,
+    issuers: IssuerWatch,
     names: Vec<String>,
     auth: Arc<dyn TokenAuthenticator>,
     pods: Arc<dyn PodDirectory>,
@@ -217,12 +214,20 @@ impl Handler {
         let body = req.get_ref();
         let ca = select_ca(body.metadata_str(CERT_SIGNER), &self.names, &self.names[0])
             .map_err(|e| refuse(self, "invalid", Status::invalid_argument(e)))?;
-        let issuer = self
-            .issuers
-            .iter()
-            .find(|i| i.meta().name == ca)
-            .ok_or_else(|| Status::internal("selected CA missing"))?
-            .clone();
+        // One snapshot for the whole request: never two generations of a CA.
+        let set = self.issuers.borrow().clone();
+        let issuer = set.get(ca).cloned().ok_or_else(|| {
+            let why = set
+                .failed()
+                .get(ca)
+                .map(String::as_str)
+                .unwrap_or("it is not in the store");
+            refuse(
+                self,
+                "unavailable",
+                Status::unavailable(format!("CA {ca} is not served now: {why}")),
+            )
+        })?;
         let (caller, user) = self
             .authenticate(&req, issuer.as_ref())
             .await
@@ -377,7 +382,8 @@ pub struct IstioCaServer {
 
 fn tls_config(
     tls: &IstioTls,
-    issuers: &[Arc<dyn Issuer>],
+    cas: &[String],
+    issuers: &IssuerWatch,
 ) -> Result<Arc<rustls::ServerConfig>, ServeError> {
     let err = |m: String| ServeError::Config(format!("TLS: {m}"));
     let chain = meshca::pemutil::parse_certs(
@@ -396,13 +402,23 @@ fn tls_config(
         PrivateKeyDer::from_pem_slice(key.to_pkcs8_pem().as_bytes())
             .map_err(|_| err(format!("{}: unreadable private key", tls.key.display())))?
     };
-    // Client certificates are optional (token clients send none) and must chain to a served CA.
+    // Client certificates are optional (token clients send none) and must chain to a served
+    // CA's anchors (its root, plus the other side of a rotation in progress), as loaded at
+    // start.
     let mut roots = rustls::RootCertStore::empty();
-    for i in issuers {
-        if let Some(c) = i.ca_certificate() {
-            roots
-                .add(CertificateDer::from(c.to_vec()))
-                .map_err(|e| err(format!("CA {}: {e}", i.meta().name)))?;
+    let set = issuers.borrow().clone();
+    for name in cas {
+        let anchors = match set.anchors_pem(name) {
+            Some(pem) => meshca::pemutil::parse_certs(pem.as_bytes(), name)
+                .map_err(|e| err(format!("CA {name}: {e}")))?,
+            None => set
+                .get(name)
+                .and_then(|i| i.ca_certificate())
+                .map(|c| vec![CertificateDer::from(c.to_vec())])
+                .unwrap_or_default(),
+        };
+        for c in anchors {
+            roots.add(c).map_err(|e| err(format!("CA {name}: {e}")))?;
         }
     }
     let builder = if roots.is_empty() {
@@ -428,7 +444,7 @@ fn tls_config(
 impl IstioCaServer {
     /// Binds and starts serving.
     pub async fn start(cfg: IstioCaConfig) -> Result<IstioCaServer, ServeError> {
-        if cfg.issuers.is_empty() {
+        if cfg.cas.is_empty() {
             return Err(ServeError::Config("no CA to serve".into()));
         }
         if cfg.tls.is_none() && crate::transport::is_exposed(&cfg.listen) {
@@ -440,7 +456,7 @@ impl IstioCaServer {
         let tls = cfg
             .tls
             .as_ref()
-            .map(|t| tls_config(t, &cfg.issuers))
+            .map(|t| tls_config(t, &cfg.cas, &cfg.issuers))
             .transpose()?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -452,7 +468,7 @@ impl IstioCaServer {
             .local_addr()
             .map_err(|e| ServeError::Config(e.to_string()))?;
         let handler = Arc::new(Handler {
-            names: cfg.issuers.iter().map(|i| i.meta().name.clone()).collect(),
+            names: cfg.cas,
             issuers: cfg.issuers,
             auth: cfg.auth,
             pods: cfg.pods,
@@ -549,7 +565,9 @@ mod tests {
         let issuer: Arc<dyn Issuer> = Arc::new(meshca::issue::LocalIssuer::new(ca).unwrap());
         Handler {
             names: vec!["ca1".into()],
-            issuers: vec![issuer],
+            issuers: meshca::kube::issuers::IssuerSet::watch_fixed(
+                [("ca1".to_string(), issuer)].into(),
+            ),
             auth: Arc::new(Fake),
             pods: Arc::new(Fake),
             audience: "istio-ca".into(),
