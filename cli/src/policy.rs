@@ -34,8 +34,9 @@ pub struct CheckArgs {
     /// The CA.
     #[arg(long)]
     ca: String,
-    /// The front end asking: csr-signer, auto-approver, managed-secret, pod-certificate (with
-    /// --requester system:serviceaccount:<ns>:<sa>, the pod's account), or local: the operator.
+    /// The front end asking: csr-signer, auto-approver, managed-secret, pod-certificate or
+    /// istio-ca (with --requester system:serviceaccount:<ns>:<sa>, the workload's account), or
+    /// local: the operator.
     #[arg(long = "as", value_name = "FRONT_END")]
     via: FrontEnd,
     /// A PEM CSR to check (instead of --spiffe-id/--dns/--ip).
