@@ -42,6 +42,7 @@ pub mod fsutil;
 pub mod identity;
 pub mod inspect;
 pub mod issue;
+pub mod istio;
 pub mod key;
 #[cfg(feature = "kube")]
 pub mod kube;

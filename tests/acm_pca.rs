@@ -1212,4 +1212,79 @@ mod pca {
         assert!(cert.info.sans.other.is_empty() && cert.info.sans.email.is_empty());
         assert_eq!(relay.issue_calls(), 1);
     }
+
+    /// istio#56191: AWS Private CA refuses a certificate with an empty subject unless its SAN
+    /// extension is critical (RFC 5280 4.2.1.6), and ztunnel's CSRs have an empty subject and
+    /// a non-critical SAN. meshca then sends the SANs as a critical custom extension through
+    /// the APIPassthrough template: checked here on the request that reaches the endpoint
+    /// (moto ignores ApiPassthrough, so the certificate it returns proves nothing about it).
+    /// A CSR with a subject keeps the plain template: its twin.
+    #[tokio::test]
+    async fn empty_subject_sends_a_critical_san() {
+        let Some(ep) = moto() else { return };
+        let now = OffsetDateTime::now_utc();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = new_root(&ep, "ztunnel", now).await;
+        let relay = Relay::start(&ep, 0).await;
+        let issuer = AcmPcaIssuer::connect(ca, &opts(&relay.addr)).await.unwrap();
+        let id = "spiffe://cluster.local/ns/app/sa/web";
+        let opts = CsrOptions {
+            ttl: Some(MOTO_VALIDITY),
+            ..CsrOptions::default()
+        };
+        let ztunnel = openssl_csr_der(
+            dir.path(),
+            "zt",
+            "/",
+            &[&format!("subjectAltName=URI:{id}")],
+        );
+        let cert = issue_csr(&issuer, &ztunnel, &opts, now).await.unwrap();
+        assert_eq!(cert.info.sans.uri, vec![id.to_string()]);
+        let sent = String::from_utf8_lossy(&relay.sent.lock().unwrap()).to_string();
+        assert!(
+            sent.contains("template/EndEntityCertificate_APIPassthrough/V1"),
+            "{sent}"
+        );
+        let custom = sent
+            .split("\"CustomExtensions\":")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no CustomExtensions sent: {sent}"));
+        assert!(
+            custom.contains("\"Critical\":true")
+                && custom.contains("\"ObjectIdentifier\":\"2.5.29.17\""),
+            "{custom}"
+        );
+        // The SAN's value is exactly the URI asked for.
+        let value = custom
+            .split("\"Value\":\"")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap();
+        use base64::Engine;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(value)
+            .unwrap();
+        assert!(String::from_utf8_lossy(&der).contains(id));
+        let want = Sans {
+            spiffe_id: Some(SpiffeId::parse(id).unwrap()),
+            ..Sans::default()
+        };
+        assert_eq!(der, meshca::issue::acm_pca::san_extension_der(&want));
+
+        // Twin: a subject (CN = the SPIFFE ID, O = the trust domain), the plain template.
+        relay.sent.lock().unwrap().clear();
+        let named = openssl_csr_der(
+            dir.path(),
+            "named",
+            // openssl's -subj takes "/" as the separator: escape the ID's.
+            &format!("/O=cluster.local/CN={}", id.replace('/', "\\/")),
+            &[&format!("subjectAltName=URI:{id}")],
+        );
+        issue_csr(&issuer, &named, &opts, now).await.unwrap();
+        let sent = String::from_utf8_lossy(&relay.sent.lock().unwrap()).to_string();
+        assert!(sent.contains("template/EndEntityCertificate/V1"), "{sent}");
+        assert!(!sent.contains("CustomExtensions"), "{sent}");
+    }
 }

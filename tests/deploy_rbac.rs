@@ -640,6 +640,7 @@ fn the_kube_csr_delete_guard_follows_the_binding_not_a_namespace() {
         dir,
         "deploy/components/auto-approve",
         "deploy/components/pod-certificates",
+        "deploy/components/istio-ca",
         "deploy/examples",
     ] {
         everything.extend(all(d));

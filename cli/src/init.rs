@@ -101,6 +101,11 @@ pub struct InitArgs {
     /// {ns}/{sa} (e.g. '**.example.com').
     #[arg(long)]
     auto_approve_static_dns: bool,
+    /// Policy: an Istio node agent `<namespace>/<serviceaccount>` (e.g. istio-system/ztunnel)
+    /// that may ask `meshca istio-ca serve` for the identity of a workload with a pod on its
+    /// node (ztunnel's ImpersonatedIdentity); repeatable, default none.
+    #[arg(long = "istio-node-agent", value_name = "NS/SA")]
+    istio_node_agents: Vec<String>,
     /// Replace existing CAs (and re-issue workloads with --config).
     #[arg(long)]
     force: bool,
@@ -161,6 +166,7 @@ pub async fn run(ctx: &Ctx, a: InitArgs) -> anyhow::Result<()> {
         policy.pod_certificates = a.pod_certificates;
         policy.pod_certificate_namespaces = a.pod_certificate_namespaces.clone();
         policy.allowed_ip_ranges = a.allowed_ip_ranges.clone();
+        policy.istio_node_agents = a.istio_node_agents.clone();
         policy.validate()?;
         let parent = match &a.parent {
             Some(p) => Some(store.load_ca(p).await?),

@@ -9,6 +9,7 @@ mod completions;
 mod init;
 mod inspect;
 mod issue;
+mod istio_ca;
 mod kube_store;
 mod policy;
 mod progress;
@@ -81,6 +82,9 @@ enum Command {
     /// The in-cluster CSR signer controller.
     #[command(subcommand)]
     Signer(signer::SignerCmd),
+    /// Istio's CA API (IstioCertificateService) for istio-agent and ztunnel (CA_ADDR).
+    #[command(subcommand)]
+    IstioCa(istio_ca::IstioCaCmd),
     /// Explain issuance policy decisions offline.
     #[command(subcommand)]
     Policy(policy::PolicyCmd),
@@ -105,7 +109,7 @@ fn main() -> ExitCode {
     };
     // The SDS server logs each push, ACK and NACK at info.
     let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Sds(_), "warn") => "info",
+        (Command::Sds(_) | Command::IstioCa(_), "warn") => "info",
         (_, l) => l,
     };
     common::init_logging(level, cli.log_format);
@@ -150,6 +154,7 @@ async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {
         Command::Crl(a) => revoke::run_crl(&ctx, a).await,
         Command::Sds(c) => sds::run(&ctx, c).await,
         Command::Signer(c) => signer::run_cmd(&ctx, c).await,
+        Command::IstioCa(c) => istio_ca::run(&ctx, c).await,
         Command::Policy(c) => policy::run(&ctx, c).await,
         Command::Completions(a) => completions::run_completions(a),
         Command::Man(a) => completions::run_man(a),

@@ -34,8 +34,9 @@ pub struct CheckArgs {
     /// The CA.
     #[arg(long)]
     ca: String,
-    /// The front end asking: csr-signer, auto-approver, managed-secret, pod-certificate (with
-    /// --requester system:serviceaccount:<ns>:<sa>, the pod's account), or local: the operator.
+    /// The front end asking: csr-signer, auto-approver, managed-secret, pod-certificate or
+    /// istio-ca (with --requester system:serviceaccount:<ns>:<sa>, the workload's account), or
+    /// local: the operator.
     #[arg(long = "as", value_name = "FRONT_END")]
     via: FrontEnd,
     /// A PEM CSR to check (instead of --spiffe-id/--dns/--ip).
@@ -101,27 +102,36 @@ async fn check(ctx: &Ctx, a: CheckArgs) -> anyhow::Result<()> {
             })?;
             Requester::kube(user)
         }
-        FrontEnd::PodCertificate => {
-            // The pod's service account, as the PodCertificateRequest names it.
+        FrontEnd::PodCertificate | FrontEnd::IstioCa => {
+            // The pod's service account, as the PodCertificateRequest names it; or the Istio
+            // client's, as its token or certificate authenticated it.
+            let via = a.via.name();
             let user = a.requester.clone().ok_or_else(|| {
-                usage("--as pod-certificate needs --requester system:serviceaccount:<ns>:<sa> (the pod's service account)")
+                usage(format!("--as {via} needs --requester system:serviceaccount:<ns>:<sa> (the workload's service account)"))
             })?;
             let Some((ns, sa)) = Requester::kube(user.clone())
                 .service_account()
                 .map(|(n, s)| (n.to_string(), s.to_string()))
             else {
                 return Err(usage(format!(
-                    "--as pod-certificate: --requester {user:?} is not system:serviceaccount:<ns>:<sa>"
+                    "--as {via}: --requester {user:?} is not system:serviceaccount:<ns>:<sa>"
                 )));
             };
             if a.namespace.is_some() {
-                return Err(usage(
-                    "--as pod-certificate takes the namespace from --requester, not --namespace",
-                ));
+                return Err(usage(format!(
+                    "--as {via} takes the namespace from --requester, not --namespace"
+                )));
             }
-            Requester::PodServiceAccount {
-                namespace: ns,
-                name: sa,
+            if a.via == FrontEnd::IstioCa {
+                Requester::IstioAccount {
+                    namespace: ns,
+                    name: sa,
+                }
+            } else {
+                Requester::PodServiceAccount {
+                    namespace: ns,
+                    name: sa,
+                }
             }
         }
         FrontEnd::ManagedSecret => {

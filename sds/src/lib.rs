@@ -34,6 +34,8 @@
 pub mod authority;
 pub mod fswatch;
 #[cfg(feature = "kube")]
+pub mod istio_ca;
+#[cfg(feature = "kube")]
 pub mod kube_csr;
 pub mod metrics;
 pub mod rotation;

@@ -62,8 +62,14 @@ impl std::fmt::Debug for AcmPcaIssuer {
 pub struct PlannedIssue {
     /// Template ARN.
     pub template_arn: String,
-    /// SANs given through the API (when they differ from the CSR's), else `None`.
+    /// SANs given through the API (when they differ from the CSR's, or the CSR's subject is
+    /// empty), else `None`.
     pub passthrough_sans: Option<Sans>,
+    /// The SAN extension goes through the API as a critical custom extension: the CSR's
+    /// subject is empty, so the certificate's will be too, and RFC 5280 (4.2.1.6), which AWS
+    /// Private CA enforces, then wants the SAN extension critical. ztunnel's CSRs are like
+    /// that (istio#56191).
+    pub critical_san: bool,
     /// notBefore.
     pub not_before: OffsetDateTime,
     /// notAfter (capped at the CA's notAfter).
@@ -178,7 +184,8 @@ impl AcmPcaIssuer {
         .map_err(|e| deny(format!("CSR subject, which ACM PCA would copy: {e}")))?;
         self.constraints.check_sans(&req.sans).map_err(deny)?;
         let same = sans_key(&csr_sans) == sans_key(&req.sans);
-        let (template, passthrough_sans) = if same {
+        let critical_san = csr.subject_attributes.is_empty();
+        let (template, passthrough_sans) = if same && !critical_san {
             (TEMPLATE_END_ENTITY, None)
         } else {
             (TEMPLATE_END_ENTITY_API, Some(req.sans.clone()))
@@ -192,10 +199,12 @@ impl AcmPcaIssuer {
             self.signing.as_str().as_bytes(),
             sans.as_bytes(),
             &req.ttl.as_secs().to_be_bytes(),
+            &[u8::from(critical_san)],
         ]);
         Ok(PlannedIssue {
             template_arn,
             passthrough_sans,
+            critical_san,
             not_before: now - profile::BACKDATE,
             not_after: (now + req.ttl).min(self.ca_not_after),
             token,
@@ -269,7 +278,52 @@ fn sans_key(s: &Sans) -> Vec<String> {
     v
 }
 
-fn passthrough(sans: &Sans) -> Result<ApiPassthrough> {
+/// The OID of the subjectAltName extension.
+const SAN_OID: &str = "2.5.29.17";
+
+/// The DER value of a subjectAltName extension (GeneralNames) holding `sans`: the SPIFFE ID
+/// as uniformResourceIdentifier \[6\], DNS names as dNSName \[2\], IPs as iPAddress \[7\].
+pub fn san_extension_der(sans: &Sans) -> Vec<u8> {
+    use yasna::Tag;
+    yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            if let Some(id) = &sans.spiffe_id {
+                w.next().write_tagged_implicit(Tag::context(6), |w| {
+                    w.write_ia5_string(&id.to_string())
+                });
+            }
+            for d in &sans.dns {
+                w.next()
+                    .write_tagged_implicit(Tag::context(2), |w| w.write_ia5_string(d.as_str()));
+            }
+            for ip in &sans.ips {
+                let bytes = match ip {
+                    std::net::IpAddr::V4(v) => v.octets().to_vec(),
+                    std::net::IpAddr::V6(v) => v.octets().to_vec(),
+                };
+                w.next()
+                    .write_tagged_implicit(Tag::context(7), |w| w.write_bytes(&bytes));
+            }
+        })
+    })
+}
+
+/// The APIPassthrough extensions for `sans`: the SAN extension as a critical custom extension
+/// when `critical` (AWS's SubjectAlternativeNames field has no critical flag), else the
+/// SubjectAlternativeNames field.
+pub fn passthrough(sans: &Sans, critical: bool) -> Result<ApiPassthrough> {
+    if critical {
+        use base64::Engine;
+        let ext = aws_sdk_acmpca::types::CustomExtension::builder()
+            .object_identifier(SAN_OID)
+            .value(base64::engine::general_purpose::STANDARD.encode(san_extension_der(sans)))
+            .critical(true)
+            .build()
+            .map_err(|e| Error::Build(format!("ACM PCA custom extension: {e}")))?;
+        return Ok(ApiPassthrough::builder()
+            .extensions(Extensions::builder().custom_extensions(ext).build())
+            .build());
+    }
     let mut names = Vec::new();
     if let Some(id) = &sans.spiffe_id {
         names.push(
@@ -418,7 +472,7 @@ impl Issuer for AcmPcaIssuer {
         let passthrough = plan
             .passthrough_sans
             .as_ref()
-            .map(passthrough)
+            .map(|s| passthrough(s, plan.critical_san))
             .transpose()?;
         let a = self.arn.arn.as_str();
         let cert_arn = self
@@ -474,6 +528,47 @@ mod tests {
             dns: vec![DnsName::parse("svc.ns.svc").unwrap()],
             ips: vec!["10.0.0.1".parse().unwrap()],
         }
+    }
+
+    /// The critical SAN sent for an empty-subject CSR (istio#56191) is the same DER as the SAN
+    /// extension rcgen writes for the same names, and goes out as a critical custom extension.
+    #[test]
+    fn critical_san_passthrough_matches_rcgens_encoding() {
+        use base64::Engine;
+        let want = sans();
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = crate::profile::san_list(&want).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        let rcgen_san = parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == SAN_OID)
+            .unwrap()
+            .value
+            .to_vec();
+        assert_eq!(san_extension_der(&want), rcgen_san);
+
+        let pt = passthrough(&want, true).unwrap();
+        let ext = pt.extensions().unwrap();
+        assert!(ext.subject_alternative_names().is_empty());
+        let [custom] = ext.custom_extensions() else {
+            panic!("{:?}", ext.custom_extensions())
+        };
+        assert_eq!(custom.object_identifier(), SAN_OID);
+        assert_eq!(custom.critical(), Some(true));
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(custom.value())
+                .unwrap(),
+            rcgen_san
+        );
+        // Not critical: the plain SubjectAlternativeNames field, no custom extension.
+        let pt = passthrough(&want, false).unwrap();
+        let ext = pt.extensions().unwrap();
+        assert_eq!(ext.subject_alternative_names().len(), 3);
+        assert!(ext.custom_extensions().is_empty());
     }
 
     /// `verify_issued` against a local CA playing the PCA: right, wrong key, wrong SANs,

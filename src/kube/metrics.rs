@@ -29,6 +29,7 @@
 //!   that is deleted, stops being managed, or moves to a CA this signer does not serve are
 //!   removed, and all of them when the replica stops leading;
 //! - `leader` 1 while this replica leads;
+//! - `istio_ca_issued_total{ca}`, `istio_ca_refused_total{reason}` (`meshca istio-ca serve`);
 //! - `controller_ready{controller}`: 1 once a controller of the leader's session has
 //!   completed its first list, 0 while it cannot (see [`super::health`]).
 //!
@@ -292,6 +293,11 @@ pub struct Metrics {
     pub pcrs_issued: Counter,
     /// PodCertificateRequests denied or failed, by condition and reason.
     pub pcrs_refused: Family<PcrRefusalLabel, Counter>,
+    /// Certificates issued through Istio's CA API, by CA.
+    pub istio_issued: Family<CaLabel, Counter>,
+    /// Istio CA requests refused, by reason (`unauthenticated`, `denied`, `invalid`,
+    /// `unavailable`).
+    pub istio_refused: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -335,6 +341,8 @@ impl Metrics {
             leader: Gauge::default(),
             pcrs_issued: Counter::default(),
             pcrs_refused: Family::default(),
+            istio_issued: Family::default(),
+            istio_refused: Family::default(),
         };
         registry.register(
             "csr_reconciles",
@@ -456,6 +464,16 @@ impl Metrics {
             "pod_certificate_requests_refused",
             "PodCertificateRequests denied or failed, by condition and reason",
             m.pcrs_refused.clone(),
+        );
+        registry.register(
+            "istio_ca_issued",
+            "Certificates issued through Istio's CA API, by CA",
+            m.istio_issued.clone(),
+        );
+        registry.register(
+            "istio_ca_refused",
+            "Istio CA requests refused, by reason",
+            m.istio_refused.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -43,6 +43,7 @@ pub mod discovery;
 pub mod health;
 pub mod in_doubt;
 pub mod issuers;
+pub mod istio_auth;
 pub mod leader;
 pub mod ledger;
 pub mod ledger_repair;

@@ -19,6 +19,13 @@
 //!   CA must say `pod_certificates = true` and list the namespace in
 //!   `pod_certificate_namespaces` (the PodCertificateRequest API has no approval step, so this
 //!   opt-in is the only gate);
+//! - an Istio client of `meshca istio-ca serve` (istio-agent, ztunnel) authenticated by its
+//!   ServiceAccount token (TokenReview) or its current certificate binds `{ns}`/`{sa}` to that
+//!   account and may only get its own SPIFFE ID;
+//! - an Istio node agent (ztunnel) asking for another account's identity (`ImpersonatedIdentity`)
+//!   binds `{ns}`/`{sa}` to the impersonated account, only when the CA lists the agent in
+//!   `istio_node_agents` and that account has a pod on the agent's node (looked up by the
+//!   server before it asks; the decision itself stays pure);
 //! - the local operator (who holds the CA key) binds `{ns}`/`{sa}` from the requested ID.
 //!
 //! **In-cluster defaults.** For the Kubernetes front ends an empty `allowed_spiffe_ids`
@@ -101,6 +108,10 @@ pub struct Policy {
     /// Whether the auto-approver may approve DNS names matched only by a rule without
     /// `{ns}`/`{sa}` (e.g. `**.example.com`). Default off.
     pub auto_approve_static_dns: bool,
+    /// Istio node agents (`<namespace>/<serviceaccount>`, e.g. `istio-system/ztunnel`) that
+    /// may ask `meshca istio-ca serve` for the identity of a workload with a pod on their own
+    /// node (ztunnel's `ImpersonatedIdentity`). Default none: impersonation is refused.
+    pub istio_node_agents: Vec<String>,
 }
 
 impl Default for Policy {
@@ -121,6 +132,7 @@ impl Default for Policy {
             pod_certificates: false,
             pod_certificate_namespaces: Vec::new(),
             auto_approve_static_dns: false,
+            istio_node_agents: Vec::new(),
         }
     }
 }
@@ -139,6 +151,8 @@ pub enum FrontEnd {
     ManagedSecret,
     /// The PodCertificateRequest signer (`certificates.k8s.io/v1beta1`).
     PodCertificate,
+    /// Istio's `IstioCertificateService` (`meshca istio-ca serve`).
+    IstioCa,
 }
 
 impl FrontEnd {
@@ -150,6 +164,7 @@ impl FrontEnd {
             FrontEnd::AutoApprover => "auto-approver",
             FrontEnd::ManagedSecret => "managed-secret",
             FrontEnd::PodCertificate => "pod-certificate",
+            FrontEnd::IstioCa => "istio-ca",
         }
     }
 
@@ -167,10 +182,11 @@ impl std::str::FromStr for FrontEnd {
             "auto-approver" => FrontEnd::AutoApprover,
             "managed-secret" => FrontEnd::ManagedSecret,
             "pod-certificate" => FrontEnd::PodCertificate,
+            "istio-ca" => FrontEnd::IstioCa,
             _ => {
                 return Err(Error::invalid(
                     "front end",
-                    format!("{s:?}; expected local, csr-signer, auto-approver, managed-secret or pod-certificate"),
+                    format!("{s:?}; expected local, csr-signer, auto-approver, managed-secret, pod-certificate or istio-ca"),
                 ))
             }
         })
@@ -195,6 +211,31 @@ pub enum Requester {
         /// The service account's name.
         name: String,
     },
+    /// A client of Istio's CA service, as the platform authenticated it: the ServiceAccount of
+    /// a token the API server reviewed, or of the client's current certificate (mTLS).
+    IstioAccount {
+        /// The namespace.
+        namespace: String,
+        /// The service account's name.
+        name: String,
+    },
+    /// An Istio node agent (authenticated like [`Requester::IstioAccount`]) asking for another
+    /// account's identity (ztunnel's `ImpersonatedIdentity`).
+    IstioImpersonation {
+        /// The agent's namespace.
+        agent_namespace: String,
+        /// The agent's service account.
+        agent_name: String,
+        /// The agent's node, from its token's bound pod (`None`: the token names no node).
+        node: Option<String>,
+        /// The impersonated account's namespace.
+        namespace: String,
+        /// The impersonated service account.
+        name: String,
+        /// A pod of the impersonated account on the agent's node, as the server found it
+        /// (`None`: there is none).
+        pod_on_node: Option<String>,
+    },
 }
 
 impl Requester {
@@ -208,7 +249,11 @@ impl Requester {
     pub fn service_account(&self) -> Option<(&str, &str)> {
         let u = match self {
             Requester::Kube(u) => u,
-            Requester::PodServiceAccount { namespace, name } => {
+            Requester::PodServiceAccount { namespace, name }
+            | Requester::IstioAccount { namespace, name }
+            | Requester::IstioImpersonation {
+                namespace, name, ..
+            } => {
                 return (!namespace.is_empty() && !name.is_empty())
                     .then_some((namespace.as_str(), name.as_str()))
             }
@@ -228,6 +273,19 @@ impl std::fmt::Display for Requester {
             Requester::PodServiceAccount { namespace, name } => {
                 write!(f, "a pod of service account {namespace}/{name}")
             }
+            Requester::IstioAccount { namespace, name } => {
+                write!(f, "Istio client {namespace}/{name}")
+            }
+            Requester::IstioImpersonation {
+                agent_namespace,
+                agent_name,
+                namespace,
+                name,
+                ..
+            } => write!(
+                f,
+                "Istio node agent {agent_namespace}/{agent_name} for {namespace}/{name}"
+            ),
         }
     }
 }
@@ -343,6 +401,10 @@ impl Policy {
                     FrontEnd::PodCertificate,
                     Requester::PodServiceAccount { .. }
                 )
+                | (
+                    FrontEnd::IstioCa,
+                    Requester::IstioAccount { .. } | Requester::IstioImpersonation { .. }
+                )
         );
         if !consistent {
             return Err(Denial::new(format!(
@@ -378,6 +440,38 @@ impl Policy {
                     )))
                 }
             },
+            Requester::IstioAccount { namespace, name } => match requester.service_account() {
+                Some((ns, sa)) => Binding::Account(ns, sa),
+                None => {
+                    return Err(Denial::new(format!(
+                        "the Istio client's service account {namespace:?}/{name:?} is incomplete"
+                    )))
+                }
+            },
+            Requester::IstioImpersonation {
+                agent_namespace,
+                agent_name,
+                node,
+                namespace,
+                name,
+                pod_on_node,
+            } => {
+                self.istio_impersonation_gate(
+                    ca,
+                    &format!("{agent_namespace}/{agent_name}"),
+                    node.as_deref(),
+                    &format!("{namespace}/{name}"),
+                    pod_on_node.as_deref(),
+                )?;
+                match requester.service_account() {
+                    Some((ns, sa)) => Binding::Account(ns, sa),
+                    None => {
+                        return Err(Denial::new(format!(
+                            "the impersonated service account {namespace:?}/{name:?} is incomplete"
+                        )))
+                    }
+                }
+            }
             Requester::SecretNamespace(ns) => {
                 if !self.managed_namespaces.iter().any(|m| m == ns) {
                     return Err(Denial::new(format!(
@@ -591,6 +685,35 @@ impl Policy {
         None
     }
 
+    /// `Err` unless node agent `agent` (`ns/sa`) may ask CA `ca` for the identity of `target`
+    /// (`ns/sa`): the policy lists the agent in `istio_node_agents`, the agent's token names its
+    /// node, and the server found a pod of `target` on that node.
+    fn istio_impersonation_gate(
+        &self,
+        ca: &str,
+        agent: &str,
+        node: Option<&str>,
+        target: &str,
+        pod_on_node: Option<&str>,
+    ) -> std::result::Result<(), Denial> {
+        if !self.istio_node_agents.iter().any(|a| a == agent) {
+            return Err(Denial::new(format!(
+                "{agent} may not impersonate {target}: it is not in CA {ca}'s istio_node_agents"
+            )));
+        }
+        let Some(node) = node else {
+            return Err(Denial::new(format!(
+                "node agent {agent} may not impersonate {target}: its token is not bound to a pod on a node"
+            )));
+        };
+        if pod_on_node.is_none() {
+            return Err(Denial::new(format!(
+                "node agent {agent} may not impersonate {target}: {target} has no pod on node {node:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Whether DNS name `d` matches one of `rules` (the auto-approver: one that binds the
     /// requester, unless the policy allows static rules).
     fn dns_allowed<S: AsRef<str>>(
@@ -645,6 +768,17 @@ impl Policy {
                 return Err(Error::invalid(
                     "policy",
                     format!("registration authority {u:?} is not a Kubernetes username"),
+                ));
+            }
+        }
+        for a in &self.istio_node_agents {
+            let ok = a
+                .split_once('/')
+                .is_some_and(|(ns, sa)| !ns.is_empty() && !sa.is_empty() && !sa.contains('/'));
+            if !ok || a.contains(char::is_whitespace) {
+                return Err(Error::invalid(
+                    "policy",
+                    format!("istio_node_agents entry {a:?} is not <namespace>/<serviceaccount>"),
                 ));
             }
         }
