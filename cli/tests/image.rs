@@ -2,31 +2,26 @@
 //! image layout written by umoci, from a static binary), and `deploy/Dockerfile`, which no test
 //! here can build (there is no daemon) but whose final stage is checked against the image.
 //!
-//! Peers: the image that `.ci/run` builds (`MESHCA_IMAGE_DIR`) and the umoci it built it with
-//! (`MESHCA_UMOCI_BIN`). Without them the image tests print why and return; with `CI=true` they
-//! fail. The layout is read here, not through umoci: blobs checked against their digests, the
+//! Peers: the image that `.ci/run` builds (`MESHCA_IMAGE_DIR`), the umoci it built it with
+//! (`MESHCA_UMOCI_BIN`) and the control plane of tests/cluster/cluster.sh (`MESHCA_E2E_*`).
+//! Without them the image tests print why and return; with `CI=true` they fail. The layout is read here, not through umoci: blobs checked against their digests, the
 //! layer unpacked with GNU tar (which rejects a truncated archive), and the entrypoint run in a
 //! chroot of that root filesystem, as user 65532 when the test runs as root.
 
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use cluster::{repo, text, Cluster};
+
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// A peer found through an environment variable, or None with the reason printed (a panic
 /// with `CI=true`).
@@ -213,6 +208,52 @@ fn on_path(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not on PATH"))
 }
 
+/// The image's entrypoint with ARGS, run in a chroot of ROOTFS with only ENV for environment
+/// (the program is found here; the entrypoint sees nothing of ours). As root, `chroot
+/// --userspec` runs it as the image's user; otherwise a user namespace (`unshare -r`) gives the
+/// chroot, as the namespace's root.
+fn in_chroot(image: &Layout, rootfs: &Path, env: &[(&str, &str)], args: &[&str]) -> Command {
+    let entrypoint: Vec<String> =
+        serde_json::from_value(image.config["config"]["Entrypoint"].clone()).unwrap();
+    let user = image.config["config"]["User"].as_str().unwrap();
+    let euid = Command::new("id").arg("-u").output().unwrap();
+    let mut cmd = if String::from_utf8_lossy(&euid.stdout).trim() == "0" {
+        let mut c = Command::new(on_path("chroot"));
+        c.arg(format!("--userspec={user}"));
+        c
+    } else {
+        let mut c = Command::new(on_path("unshare"));
+        c.args(["--user", "--map-root-user", "chroot"]);
+        c
+    };
+    cmd.env_clear()
+        .envs(env.iter().copied())
+        .arg(rootfs)
+        .args(&entrypoint)
+        .args(args);
+    cmd
+}
+
+/// The image's one layer unpacked with GNU tar into a fresh directory (kept while the TempDir
+/// lives): a truncated or corrupt layer fails here.
+fn unpack(image: &Layout) -> (tempfile::TempDir, PathBuf) {
+    let layer_desc = &image.manifest["layers"][0];
+    image.blob(layer_desc);
+    let layer = image.blob_path(layer_desc["digest"].as_str().unwrap());
+    let root = tempfile::tempdir().unwrap();
+    let rootfs = root.path().join("rootfs");
+    std::fs::create_dir(&rootfs).unwrap();
+    let o = Command::new("tar")
+        .args(["--numeric-owner", "-xzf"])
+        .arg(&layer)
+        .arg("-C")
+        .arg(&rootfs)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tar -x: {}", text(&o));
+    (root, rootfs)
+}
+
 fn read_json(p: &Path) -> Value {
     let s = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_slice(&s).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
@@ -304,12 +345,8 @@ fn the_image_config_is_what_the_dockerfile_says() {
 fn the_unpacked_image_runs_its_entrypoint_with_nothing_else_inside() {
     let Some(dir) = image_dir() else { return };
     let image = Layout::open(&dir);
-    let layer_desc = &image.manifest["layers"][0];
-    image.blob(layer_desc);
-    let layer = image.blob_path(layer_desc["digest"].as_str().unwrap());
-    let root = tempfile::tempdir().unwrap();
-    let rootfs = root.path().join("rootfs");
-    std::fs::create_dir(&rootfs).unwrap();
+    let (_root, rootfs) = unpack(&image);
+    let layer = image.blob_path(image.manifest["layers"][0]["digest"].as_str().unwrap());
 
     // Every entry, as GNU tar lists it: owner 0:0, the binary and its directories only (no
     // shell, no /etc/passwd, no libc).
@@ -338,43 +375,13 @@ fn the_unpacked_image_runs_its_entrypoint_with_nothing_else_inside() {
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())),
         "{listing}"
     );
-    let o = Command::new("tar")
-        .args(["--numeric-owner", "-xzf"])
-        .arg(&layer)
-        .arg("-C")
-        .arg(&rootfs)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "tar -x: {}", text(&o));
     for absent in ["bin/sh", "etc/passwd", "lib64", "lib"] {
         assert!(!rootfs.join(absent).exists(), "/{absent} is in the image");
     }
 
     // The entrypoint in a chroot of the rootfs: a dynamically linked binary would find no ELF
-    // interpreter there. As root: chroot --userspec runs it as the image's user. Otherwise: a
-    // user namespace (unshare -r) gives the chroot, as the namespace's root.
-    let entrypoint: Vec<String> =
-        serde_json::from_value(image.config["config"]["Entrypoint"].clone()).unwrap();
-    let user = image.config["config"]["User"].as_str().unwrap();
-    let run = |args: &[&str]| -> Output {
-        let euid = Command::new("id").arg("-u").output().unwrap();
-        let mut cmd = if String::from_utf8_lossy(&euid.stdout).trim() == "0" {
-            let mut c = Command::new(on_path("chroot"));
-            c.arg(format!("--userspec={user}"));
-            c
-        } else {
-            let mut c = Command::new(on_path("unshare"));
-            c.args(["--user", "--map-root-user", "chroot"]);
-            c
-        };
-        // No environment: the program is found here, the entrypoint sees nothing of ours.
-        cmd.env_clear()
-            .arg(&rootfs)
-            .args(&entrypoint)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    // interpreter there.
+    let run = |args: &[&str]| -> Output { in_chroot(&image, &rootfs, &[], args).output().unwrap() };
     let o = run(&["--version"]);
     assert!(o.status.success(), "--version: {}", text(&o));
     assert_eq!(
@@ -414,6 +421,123 @@ fn the_unpacked_image_runs_its_entrypoint_with_nothing_else_inside() {
             "{signer:?}: {err}"
         );
     }
+}
+
+/// The image's signer, run from its unpacked root filesystem as its user with nothing else in
+/// that root (no /dev, no /etc), against the real API server of `.ci/run`: it creates a CA over
+/// TLS, takes the Lease, gets ready (every controller listed), and stops cleanly on SIGTERM.
+#[test]
+fn the_image_signer_runs_from_its_rootfs_against_a_real_api_server() {
+    let Some(dir) = image_dir() else { return };
+    let Some(cluster) = Cluster::from_env("the image's signer on a real API server") else {
+        return;
+    };
+    let image = Layout::open(&dir);
+    let (root, rootfs) = unpack(&image);
+    let ns = format!("image-{}", std::process::id());
+    cluster.kubectl(&["create", "namespace", &ns]);
+    // The admin's kubeconfig with its certificates inline, readable by the image's user.
+    let kubeconfig = cluster.kubectl(&["config", "view", "--flatten", "--raw"]);
+    std::fs::write(rootfs.join("kubeconfig"), kubeconfig).unwrap();
+    let o = Command::new("chmod")
+        .args(["0644"])
+        .arg(rootfs.join("kubeconfig"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let env = [("KUBECONFIG", "/kubeconfig"), ("POD_NAME", "image-0")];
+    let store = format!("kube:{ns}");
+
+    let o = in_chroot(
+        &image,
+        &rootfs,
+        &env,
+        &["--store", &store, "init", "--ca", "mesh"],
+    )
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "init: {}", text(&o));
+
+    let port = common::free_port();
+    let metrics = format!("--metrics-addr=127.0.0.1:{port}");
+    let log = root.path().join("signer.log");
+    let mut signer = in_chroot(
+        &image,
+        &rootfs,
+        &env,
+        &[
+            "signer",
+            "run",
+            &format!("--store={store}"),
+            &metrics,
+            "--lease-name=image-signer",
+            "--lease-namespace",
+            &ns,
+        ],
+    )
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap())
+    .spawn()
+    .unwrap();
+    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let readyz = format!("http://127.0.0.1:{port}/readyz");
+    loop {
+        let o = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &readyz])
+            .output()
+            .unwrap();
+        if o.stdout == b"200" {
+            break;
+        }
+        if let Some(st) = signer.try_wait().unwrap() {
+            panic!(
+                "the signer exited ({st}) before it was ready: {}",
+                log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready in 60 s: {}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let holder = cluster.kubectl(&[
+        "-n",
+        &ns,
+        "get",
+        "lease",
+        "image-signer",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(holder, "image-0");
+    // Still up a moment later (a task that panics after the first list shows here).
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(signer.try_wait().unwrap().is_none(), "{}", log_text());
+
+    let o = Command::new("kill")
+        .args(["-TERM", &signer.id().to_string()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = signer.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            signer.kill().unwrap();
+            panic!("still running 30 s after SIGTERM: {}", log_text());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = log_text();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains("panicked"), "{log}");
+    // No controller-manager finalizes it; the Secrets and Lease in it go with the etcd data.
+    cluster.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
 
 #[test]

@@ -29,7 +29,11 @@ die() { echo "image build.sh: $*" >&2; exit 1; }
 
 # The static binary: glibc's static libc (crt-static), since the musl target is not part of the
 # toolchain here. RUSTFLAGS with an explicit --target applies to the binary only, not to build
-# scripts and proc macros (which must stay dynamic).
+# scripts and proc macros (which must stay dynamic). getrandom (0.3, 0.4: ahash in kube-runtime,
+# rand in kube-lease-manager) finds libc's getrandom through dlsym, which a static binary does not
+# have, and then reads /dev/urandom: in a root without /dev that panicked the signer's lease task
+# (cli/tests/image.rs). Its linux_getrandom backend calls getrandom(2) directly, as aws-lc does.
+STATIC_RUSTFLAGS=(-C target-feature=+crt-static --cfg 'getrandom_backend="linux_getrandom"')
 build_binary() {
   local dest="$1" host profile="${MESHCA_IMAGE_PROFILE:-release}" dir
   case "$profile" in
@@ -40,7 +44,7 @@ build_binary() {
   command -v cargo >/dev/null || die "cargo is not installed"
   host="$(rustc -vV | sed -n 's/^host: //p')"
   [[ "$host" == *-linux-gnu ]] || die "host $host: the static build expects a *-linux-gnu target"
-  (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }-C target-feature=+crt-static" \
+  (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }${STATIC_RUSTFLAGS[*]}" \
     cargo build --profile "$profile" --locked -p meshca-cli --target "$host" >&2)
   local bin="$ROOT/target/$host/$dir/meshca"
   check_static "$bin"
