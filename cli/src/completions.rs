@@ -124,10 +124,11 @@ mod tests {
     #[test]
     fn bash_completions_know_each_subcommand_path() {
         // clap_complete's bash script has one case arm per command path:
-        // `meshca__subcmd__ca__subcmd__list)`.
+        // `meshca__subcmd__ca__subcmd__list)`; a hyphen in a name is written as `__subcmd__`
+        // too (`istio-ca serve`: `meshca__subcmd__istio__subcmd__ca__subcmd__serve)`).
         let script = String::from_utf8(completion_script(clap_complete::Shell::Bash)).unwrap();
         for path in all_subcommands() {
-            let names: Vec<String> = path.iter().map(|p| p.replace('-', "__")).collect();
+            let names: Vec<String> = path.iter().map(|p| p.replace('-', "__subcmd__")).collect();
             let arm = format!("meshca__subcmd__{})", names.join("__subcmd__"));
             assert!(script.contains(&arm), "bash completions lack {arm}");
         }

@@ -35,30 +35,15 @@ use serde_json::{json, Value};
 
 use cluster::{relative, repo, text, Cluster, Replica};
 
-/// A peer found through an environment variable, or None with the reason printed (a panic
-/// with `CI=true`).
-fn peer(var: &str, how: &str) -> Option<PathBuf> {
-    match std::env::var_os(var).filter(|v| !v.is_empty()) {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("{var} is not set: with CI=true the chart tests need it ({how})")
-        }
-        None => {
-            eprintln!("skipping: {var} is not set ({how})");
-            None
-        }
-    }
-}
-
 fn helm_bin() -> Option<PathBuf> {
-    peer(
+    common::peer(
         "MESHCA_HELM_BIN",
         "export MESHCA_HELM_BIN=$(bash tests/helm/build.sh)",
     )
 }
 
 fn kubectl_bin() -> Option<PathBuf> {
-    peer(
+    common::peer(
         "MESHCA_E2E_KUBECTL",
         "kubectl renders the kustomize tree: source the env.sh of tests/cluster/cluster.sh",
     )

@@ -25,23 +25,11 @@ use cluster::Cluster;
 use common::*;
 use serde_json::{json, Value};
 
-fn required(what: &str, vars: &str, how: &str) {
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{vars} not set: with CI=true this test needs {what} ({how})");
-    }
-    eprintln!("skipping: set {vars} to run it ({how})");
-}
-
 fn promtool() -> Option<PathBuf> {
-    let p = std::env::var_os("MESHCA_PROMTOOL_BIN").filter(|v| !v.is_empty());
-    if p.is_none() {
-        required(
-            "promtool",
-            "MESHCA_PROMTOOL_BIN",
-            "the path `bash tests/prometheus/promtool.sh build` prints",
-        );
-    }
-    p.map(PathBuf::from)
+    peer(
+        "MESHCA_PROMTOOL_BIN",
+        "the path `bash tests/prometheus/promtool.sh build` prints",
+    )
 }
 
 /// `promtool check metrics` on `exposition`: exit 0 and no output at all.

@@ -11,30 +11,18 @@
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-CACHE="${MESHCA_CLUSTER_CACHE:-$HOME/.cache/meshca/cluster}"
-
-die() { echo "promtool.sh: $*" >&2; exit 1; }
+# shellcheck source=../go-peer.sh
+source "$HERE/../go-peer.sh"
 
 build() {
-  command -v go >/dev/null || die "go is not installed (promtool is built from its Go module)"
-  local ver dir out
-  ver="$(cd "$HERE" && go list -m -f '{{.Version}}' github.com/prometheus/prometheus)"
-  dir="$CACHE/prometheus-$ver"
-  if [[ -x "$dir/promtool" ]]; then
-    echo "promtool.sh: promtool $ver cached in $dir" >&2
-  else
-    echo "promtool.sh: building promtool $ver into $dir" >&2
-    mkdir -p "$CACHE"
-    out="$(mktemp -d "$CACHE/.prometheus-$ver.XXXXXX")"
-    # remove_all_sd: no service-discovery plugins (see go.mod); -trimpath: no local paths.
-    (cd "$HERE" && go build -mod=readonly -trimpath -tags remove_all_sd -o "$out/promtool" \
-      github.com/prometheus/prometheus/cmd/promtool)
-    rm -rf "$dir" && mv "$out" "$dir"
-  fi
-  echo "$dir/promtool"
+  local ver
+  ver="$(go_mod_version "$HERE" github.com/prometheus/prometheus)"
+  # remove_all_sd: no service-discovery plugins (see go.mod); -trimpath: no local paths.
+  CGO_ENABLED=1 go_peer prometheus "$ver" "$HERE" promtool -trimpath -tags remove_all_sd \
+    github.com/prometheus/prometheus/cmd/promtool
 }
 
 case "${1:-}" in
   build) build ;;
-  *) die "usage: promtool.sh build" ;;
+  *) echo "usage: promtool.sh build" >&2; exit 1 ;;
 esac

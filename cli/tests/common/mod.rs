@@ -155,3 +155,18 @@ pub fn relative(from: &Path, to: &Path) -> PathBuf {
     }
     out
 }
+
+/// A peer found through environment variable `var`, or `None` with the reason printed; with
+/// `CI=true` a missing peer is a failure. `how` says how to provide it.
+pub fn peer(var: &str, how: &str) -> Option<PathBuf> {
+    match std::env::var_os(var).filter(|v| !v.is_empty()) {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("{var} is not set: with CI=true this test needs it ({how})")
+        }
+        None => {
+            eprintln!("skipping: {var} is not set ({how})");
+            None
+        }
+    }
+}
