@@ -1154,8 +1154,16 @@ async fn a_replaced_ca_is_used_without_a_restart() {
         .await;
     env.decide(&second, "Approved").await;
     let chain = env.wait_signed(&second).await;
-    // Both certificates are in the ledger with their requester and object.
-    let ledger = env.store.ledger().await.unwrap();
+    // Both certificates are in the ledger with their requester and object (the ledger is
+    // written in batches: waited for).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let ledger = loop {
+        let l = env.store.ledger().await.unwrap();
+        if l.len() >= 3 || Instant::now() > deadline {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     env.cleanup().await;
     assert_eq!(aki(&chain), new_ski);
     assert!(s2.data.is_some());

@@ -519,8 +519,7 @@ fn ca_addr_mode_token_then_mtls_renewal_two_cas_and_denials() {
         "{e}"
     );
 
-    // Every certificate in the ledger, and the counters.
-    let ledger = env.ok(&["ledger"]);
+    // Every certificate in the ledger (written in batches, so waited for), and the counters.
     let serial = |f: &str| {
         let o = common::openssl(&[
             "x509",
@@ -534,12 +533,20 @@ fn ca_addr_mode_token_then_mtls_renewal_two_cas_and_denials() {
             .trim_start_matches("serial=")
             .to_lowercase()
     };
+    let deadline = Instant::now() + Duration::from_secs(10);
     for f in ["a1.leaf.pem", "a3.leaf.pem", "g1.leaf.pem"] {
         let s = serial(f);
-        assert!(
-            ledger.to_lowercase().contains(&s),
-            "serial {s} of {f} not in the ledger:\n{ledger}"
-        );
+        loop {
+            let ledger = env.ok(&["ledger"]);
+            if ledger.to_lowercase().contains(&s) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "serial {s} of {f} not in the ledger after 10 s:\n{ledger}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let m = {
         let deadline = Instant::now() + Duration::from_secs(10);
