@@ -93,7 +93,17 @@ impl Peers {
     }
 
     fn apply(&self, v: &Value) {
-        let o = self.kubectl_in(&["apply", "-f", "-"], Some(&serde_json::to_vec(v).unwrap()));
+        let body = serde_json::to_vec(v).unwrap();
+        // The tests run in parallel and share objects (the `meshca` namespace): two applies
+        // that both find the object missing race to create it, and the loser gets
+        // AlreadyExists; applied again, it finds the object and patches it.
+        let mut o = self.kubectl_in(&["apply", "-f", "-"], Some(&body));
+        for _ in 0..3 {
+            if o.status.success() || !text(&o).contains("AlreadyExists") {
+                break;
+            }
+            o = self.kubectl_in(&["apply", "-f", "-"], Some(&body));
+        }
         assert!(o.status.success(), "kubectl apply: {}", text(&o));
     }
 
