@@ -12,15 +12,16 @@
 //! (tests/cluster/cluster.sh) and `MESHCA_ISTIO_CLIENT_BIN` (tests/istio/build.sh). Without
 //! them each test prints why and returns; with `CI=true` it fails.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use common::Env;
+use common::{text, Env};
 use serde_json::{json, Value};
 
 struct Peers {
@@ -31,59 +32,22 @@ struct Peers {
 }
 
 fn peers() -> Option<Peers> {
-    let var = |k: &str| {
-        std::env::var_os(k)
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-    };
-    match (
-        var("MESHCA_E2E_KUBECONFIG"),
-        var("MESHCA_E2E_KUBECTL"),
-        var("MESHCA_E2E_CLUSTER_DIR"),
-        var("MESHCA_ISTIO_CLIENT_BIN"),
-    ) {
-        (Some(kubeconfig), Some(kubectl), Some(dir), Some(client)) => Some(Peers {
-            kubeconfig,
-            kubectl,
-            dir,
-            client,
-        }),
-        _ if std::env::var("CI").as_deref() == Ok("true") => panic!(
-            "MESHCA_E2E_KUBECONFIG, MESHCA_E2E_KUBECTL, MESHCA_E2E_CLUSTER_DIR and MESHCA_ISTIO_CLIENT_BIN must be set with CI=true (.ci/run starts tests/cluster/cluster.sh and builds tests/istio)"
-        ),
-        _ => {
-            eprintln!("skipping: start tests/cluster/cluster.sh, source its env.sh and set MESHCA_ISTIO_CLIENT_BIN=$(bash tests/istio/build.sh) to run the Istio CA e2e tests");
-            None
-        }
-    }
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    let c = cluster::Cluster::from_env("the Istio CA e2e tests")?;
+    let client = common::peer(
+        "MESHCA_ISTIO_CLIENT_BIN",
+        "export MESHCA_ISTIO_CLIENT_BIN=$(bash tests/istio/build.sh)",
+    )?;
+    Some(Peers {
+        kubeconfig: c.kubeconfig,
+        kubectl: c.kubectl,
+        dir: c.dir,
+        client,
+    })
 }
 
 impl Peers {
     fn kubectl_in(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
-        let mut c = Command::new(&self.kubectl);
-        c.arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = c.spawn().expect("kubectl");
-        if let Some(input) = stdin {
-            child.stdin.take().unwrap().write_all(input).unwrap();
-        }
-        child.wait_with_output().unwrap()
+        common::kubectl_output(&self.kubectl, &self.kubeconfig, args, stdin)
     }
 
     fn kubectl(&self, args: &[&str]) -> String {

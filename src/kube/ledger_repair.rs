@@ -40,13 +40,7 @@ pub fn unrecorded(
         let Some(ca) = ca_from_signer_name(&c.spec.signer_name).filter(|ca| serves(ca)) else {
             continue;
         };
-        let Some(cert) = c.status.as_ref().and_then(|s| s.certificate.as_ref()) else {
-            continue;
-        };
-        let Ok(chain) = crate::pemutil::parse_certs(&cert.0, "status.certificate") else {
-            continue;
-        };
-        let Some(info) = chain.first().and_then(|l| CertInfo::from_der(l).ok()) else {
+        let Some(info) = issued_leaf(c) else {
             continue;
         };
         if recorded.contains(&info.serial_hex()) {
@@ -59,6 +53,13 @@ pub fn unrecorded(
         });
     }
     out
+}
+
+/// The leaf of the certificate on CSR `c`, if it has one that parses.
+pub fn issued_leaf(c: &CertificateSigningRequest) -> Option<CertInfo> {
+    let cert = c.status.as_ref()?.certificate.as_ref()?;
+    let chain = crate::pemutil::parse_certs(&cert.0, "status.certificate").ok()?;
+    CertInfo::from_der(chain.first()?).ok()
 }
 
 /// `entries` with each serial once (the first line of it kept), in order. Pure.

@@ -55,7 +55,6 @@ use crate::error::{Error, Result};
 use crate::issue::IssuedCert;
 use crate::issue::{check_csr, CsrOptions, Issuer, LedgerEntry, SignRequest};
 use crate::policy::FrontEnd;
-use crate::x509::CertInfo;
 
 /// The CSR controller's name in `/readyz` and `meshca_controller_ready`.
 pub const CONTROLLER_NAME: &str = "csr-signer";
@@ -710,14 +709,7 @@ impl Signer {
         if self.in_doubt.is_empty() {
             return;
         }
-        let Some(serial) = csr
-            .status
-            .as_ref()
-            .and_then(|s| s.certificate.as_ref())
-            .and_then(|c| crate::pemutil::parse_certs(&c.0, "status.certificate").ok())
-            .and_then(|chain| chain.first().and_then(|l| CertInfo::from_der(l).ok()))
-            .map(|i| i.serial_hex())
-        else {
+        let Some(serial) = super::ledger_repair::issued_leaf(csr).map(|i| i.serial_hex()) else {
             return;
         };
         let name = csr.metadata.name.as_deref().unwrap_or_default();
