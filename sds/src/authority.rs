@@ -177,7 +177,8 @@ impl AuthorityRewriter {
         }
         self.pending.extend_from_slice(input);
         self.process(out);
-        if self.pending.is_empty() && self.pending.capacity() > 2 * READ_CHUNK {
+        if self.pending.is_empty() {
+            // An idle connection holds no input buffer (SDS reads are rare and small).
             self.pending = Vec::new();
         }
     }
@@ -409,11 +410,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for UnixAuthorityFix<T> {
                 buf.put_slice(&this.out[this.out_pos..this.out_pos + n]);
                 this.out_pos += n;
                 if this.out_pos == this.out.len() {
-                    this.out.clear();
+                    // An idle connection holds no output buffer.
+                    this.out = Vec::new();
                     this.out_pos = 0;
-                    if this.out.capacity() > 2 * READ_CHUNK {
-                        this.out = Vec::new();
-                    }
                 }
                 return Poll::Ready(Ok(()));
             }

@@ -33,6 +33,7 @@
 
 pub mod authority;
 pub mod fswatch;
+pub mod grpc;
 #[cfg(feature = "kube")]
 pub mod istio_ca;
 #[cfg(feature = "kube")]
@@ -52,7 +53,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer;
 use meshca::identity::Sans;
 use meshca::key::KeyAlgorithm;
 use tokio::net::{TcpListener, UnixListener};
@@ -441,6 +441,11 @@ fn bind_unix_with(
     UnixListener::from_std(l).map_err(|e| listen_err(&shown, e))
 }
 
+/// HTTP/2 receive window of one stream (the most request bytes it may have in flight).
+pub const REQUEST_STREAM_WINDOW: u32 = 64 * 1024;
+/// HTTP/2 receive window of one connection, shared by its streams.
+pub const REQUEST_CONNECTION_WINDOW: u32 = 128 * 1024;
+
 impl Server {
     /// Loads the first secrets (failing fast on a broken source), binds every listener and
     /// starts serving.
@@ -470,10 +475,14 @@ impl Server {
         let mut servers = Vec::new();
         let mut sockets = Vec::new();
         for l in &cfg.listen {
-            let svc = SecretDiscoveryServiceServer::new(service.clone())
-                .max_decoding_message_size(cfg.max_request_bytes);
+            let svc = grpc::SdsServer::new(service.clone(), cfg.max_request_bytes);
             let builder = tonic::transport::Server::builder()
                 .max_concurrent_streams(cfg.max_concurrent_streams)
+                // SDS requests are a few KiB: small receive windows bound what a client can
+                // make the server hold unread (hyper's defaults are 1 MiB each); larger
+                // requests, up to --max-request-bytes, still arrive, in more round trips.
+                .initial_stream_window_size(Some(REQUEST_STREAM_WINDOW))
+                .initial_connection_window_size(Some(REQUEST_CONNECTION_WINDOW))
                 .http2_keepalive_interval(Some(Duration::from_secs(60)))
                 .http2_keepalive_timeout(Some(Duration::from_secs(20)));
             let mut sd = shutdown_rx.clone();

@@ -51,6 +51,8 @@ pub struct Entry {
     pub any: Any,
     /// What it is.
     pub kind: Kind,
+    /// The resource encoded for responses, once per version (filled by [`Snapshot::insert`]).
+    pub pieces: crate::grpc::Pieces,
 }
 
 impl std::fmt::Debug for Entry {
@@ -101,6 +103,7 @@ fn entry(secret: Secret, kind: Kind) -> Entry {
             value: bytes,
         },
         kind,
+        pieces: Default::default(),
     }
 }
 
@@ -171,8 +174,9 @@ impl Snapshot {
         Snapshot::default()
     }
 
-    /// Adds or replaces an entry.
-    pub fn insert(&mut self, name: &str, e: Entry) {
+    /// Adds or replaces an entry, encoding it for responses under `name`.
+    pub fn insert(&mut self, name: &str, mut e: Entry) {
+        e.pieces = crate::grpc::Pieces::new(name, &e.version, &e.any);
         self.entries.insert(name.to_string(), Arc::new(e));
     }
 

@@ -1,18 +1,26 @@
-//! The tonic `SecretDiscoveryService`: one task per stream drives an [`xds`](crate::xds)
-//! state machine with the client's requests and with every published [`Snapshot`].
+//! The SDS service: each stream's response body drives an [`xds`](crate::xds) state machine
+//! with the client's requests and with every published [`Snapshot`].
+//!
+//! A stream has no task of its own. Its response stream is polled by the HTTP/2 stream task
+//! hyper already runs for it, so a new snapshot wakes one task per stream, not two, and no
+//! channel sits between them. That task polls the body only while the client's flow-control
+//! window has room, so a client that stops reading also stops being served: its stream holds
+//! no queue of responses, and when it reads again it gets the current version, not every
+//! version in between.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tokio::sync::watch;
+use tokio_stream::Stream;
+use tonic::Status;
 
+use crate::grpc::{Framed, Requests};
 use crate::metrics::{Metrics, Mode};
 use crate::secrets::{Snapshot, SECRET_TYPE_URL};
 use crate::xds::{DeltaRequest, DeltaStream, Event, Outcome, SotwRequest, SotwStream};
@@ -108,8 +116,8 @@ impl Limits {
         Ok(())
     }
 }
-/// Responses buffered per stream before the stream task waits for the client.
-const STREAM_BUFFER: usize = 4;
+/// The response stream of one `StreamSecrets` or `DeltaSecrets` call.
+pub type ResponseStream<R> = Pin<Box<dyn Stream<Item = Result<R, Status>> + Send>>;
 
 /// The SDS service. Cheap to clone; all clones share state.
 #[derive(Clone, Debug)]
@@ -215,18 +223,20 @@ impl Shared {
         node: &str,
         out: &Outcome,
         snap: &Snapshot,
-    ) -> Vec<DiscoveryResponse> {
+    ) -> Vec<Framed<DiscoveryResponse>> {
         out.pushes
             .iter()
             .filter_map(|p| {
                 let e = snap.get(&p.name)?;
                 tracing::info!(stream, node, mode = "sotw", resource = %p.name, version = %p.version, nonce = %p.nonce, "push");
-                Some(DiscoveryResponse {
-                    version_info: p.version.clone(),
-                    resources: vec![e.any.clone()],
-                    type_url: SECRET_TYPE_URL.to_string(),
-                    nonce: p.nonce.clone(),
-                    ..Default::default()
+                Some(Framed {
+                    head: DiscoveryResponse {
+                        version_info: p.version.clone(),
+                        type_url: SECRET_TYPE_URL.to_string(),
+                        nonce: p.nonce.clone(),
+                        ..Default::default()
+                    },
+                    tail: vec![e.pieces.sotw().clone()],
                 })
             })
             .collect()
@@ -238,34 +248,31 @@ impl Shared {
         node: &str,
         out: &Outcome,
         snap: &Snapshot,
-    ) -> Vec<DeltaDiscoveryResponse> {
-        let mut v: Vec<DeltaDiscoveryResponse> = out
+    ) -> Vec<Framed<DeltaDiscoveryResponse>> {
+        let mut v: Vec<Framed<DeltaDiscoveryResponse>> = out
             .removals
             .iter()
             .map(|r| {
                 tracing::info!(stream, node, mode = "delta", removed = ?r.names, nonce = %r.nonce, "removal");
-                DeltaDiscoveryResponse {
+                Framed::head(DeltaDiscoveryResponse {
                     type_url: SECRET_TYPE_URL.to_string(),
                     removed_resources: r.names.clone(),
                     nonce: r.nonce.clone(),
                     ..Default::default()
-                }
+                })
             })
             .collect();
         v.extend(out.pushes.iter().filter_map(|p| {
             let e = snap.get(&p.name)?;
             tracing::info!(stream, node, mode = "delta", resource = %p.name, version = %p.version, nonce = %p.nonce, "push");
-            Some(DeltaDiscoveryResponse {
-                system_version_info: p.version.clone(),
-                resources: vec![Resource {
-                    name: p.name.clone(),
-                    version: p.version.clone(),
-                    resource: Some(e.any.clone()),
+            Some(Framed {
+                head: DeltaDiscoveryResponse {
+                    system_version_info: p.version.clone(),
+                    type_url: SECRET_TYPE_URL.to_string(),
+                    nonce: p.nonce.clone(),
                     ..Default::default()
-                }],
-                type_url: SECRET_TYPE_URL.to_string(),
-                nonce: p.nonce.clone(),
-                ..Default::default()
+                },
+                tail: vec![e.pieces.delta().clone()],
             })
         }));
         v
@@ -308,7 +315,7 @@ trait Flavor: Send + 'static {
 
 impl Flavor for SotwStream {
     type Req = DiscoveryRequest;
-    type Resp = DiscoveryResponse;
+    type Resp = Framed<DiscoveryResponse>;
     const MODE: Mode = Mode::Sotw;
 
     fn node(req: &DiscoveryRequest) -> String {
@@ -344,7 +351,7 @@ impl Flavor for SotwStream {
         node: &str,
         out: &Outcome,
         snap: &Snapshot,
-    ) -> Vec<(DiscoveryResponse, u64)> {
+    ) -> Vec<(Framed<DiscoveryResponse>, u64)> {
         shared
             .sotw_responses(stream, node, out, snap)
             .into_iter()
@@ -355,7 +362,7 @@ impl Flavor for SotwStream {
 
 impl Flavor for DeltaStream {
     type Req = DeltaDiscoveryRequest;
-    type Resp = DeltaDiscoveryResponse;
+    type Resp = Framed<DeltaDiscoveryResponse>;
     const MODE: Mode = Mode::Delta;
 
     fn node(req: &DeltaDiscoveryRequest) -> String {
@@ -396,131 +403,160 @@ impl Flavor for DeltaStream {
         node: &str,
         out: &Outcome,
         snap: &Snapshot,
-    ) -> Vec<(DeltaDiscoveryResponse, u64)> {
+    ) -> Vec<(Framed<DeltaDiscoveryResponse>, u64)> {
         shared
             .delta_responses(stream, node, out, snap)
             .into_iter()
             .map(|r| {
-                let pushes = r.resources.len() as u64;
+                let pushes = r.tail.len() as u64;
                 (r, pushes)
             })
             .collect()
     }
 }
 
-/// One stream's task: feeds the client's requests and every published snapshot to the state
-/// machine and sends what it decides, until the client leaves, errs or the server stops.
-async fn run_stream<F: Flavor>(
+/// One stream: the state machine, the client's requests and the snapshots it follows.
+struct StreamState<F: Flavor> {
     shared: Arc<Shared>,
-    mut st: F,
+    st: F,
     id: String,
-    mut inbound: Streaming<F::Req>,
-    tx: mpsc::Sender<Result<F::Resp, Status>>,
-) {
-    let mut snaps = shared.snapshots.clone();
-    let mut shutdown = shared.shutdown.clone();
-    let mut node = String::from("-");
-    let mut first = true;
-    loop {
-        let (out, snap) = tokio::select! {
-            _ = crate::stopped(&mut shutdown) => break,
-            msg = inbound.message() => match msg {
-                Ok(Some(req)) => {
-                    if first {
-                        node = F::node(&req);
-                        first = false;
-                        tracing::info!(stream = %id, node = %node, mode = F::MODE.as_str(), "stream opened");
-                    }
-                    let snap = snaps.borrow_and_update().clone();
-                    match st.on_request(req, &snap, &shared.limits) {
-                        Ok(out) => (out, snap),
-                        Err(s) => {
-                            tracing::warn!(stream = %id, node = %node, error = %s.message(), "bad request; closing stream");
-                            let _ = tx.send(Err(s)).await;
-                            break;
-                        }
-                    }
-                }
-                Ok(None) => break,
-                Err(s) => {
-                    // tonic reports a message over max_decoding_message_size as OUT_OF_RANGE;
-                    // gRPC's code for it is RESOURCE_EXHAUSTED.
-                    let s = if s.code() == tonic::Code::OutOfRange {
-                        Status::resource_exhausted(s.message().to_string())
-                    } else {
-                        s
-                    };
-                    if s.code() == tonic::Code::ResourceExhausted {
-                        tracing::warn!(stream = %id, node = %node, error = %s.message(), "request too large; closing stream");
-                    } else {
-                        tracing::debug!(stream = %id, node = %node, error = %s.message(), "stream ended by client");
-                    }
-                    // Tell the client why (a decoding limit, say); never wait for a client
-                    // that is gone.
-                    let _ = tx.try_send(Err(s));
-                    break;
-                }
-            },
-            changed = snaps.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let snap = snaps.borrow_and_update().clone();
-                (st.on_update(&snap), snap)
-            }
-        };
-        shared.log_events(F::MODE, &id, &node, &out);
-        for (resp, pushes) in F::responses(&shared, &id, &node, &out, &snap) {
-            if tx.send(Ok(resp)).await.is_err() {
-                tracing::debug!(stream = %id, "client went away");
-                return;
-            }
-            shared.metrics.pushes.add(F::MODE, pushes);
-        }
-    }
-    tracing::debug!(stream = %id, node = %node, "stream closed");
+    inbound: Requests<F::Req>,
+    snaps: watch::Receiver<Arc<Snapshot>>,
+    shutdown: watch::Receiver<bool>,
+    node: String,
+    first: bool,
+    /// Responses decided but not yet handed to the transport, with their push counts.
+    queue: VecDeque<(F::Resp, u64)>,
+    done: bool,
+    _open: OpenGuard,
 }
 
-#[tonic::async_trait]
-impl SecretDiscoveryService for SdsService {
-    type DeltaSecretsStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
-    type StreamSecretsStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+impl<F: Flavor> StreamState<F>
+where
+    F::Req: Send,
+{
+    /// The next response: feeds the client's requests and every published snapshot to the
+    /// state machine until it decides to send something, or the stream ends (the client
+    /// left or erred, or the server stops).
+    async fn next(&mut self) -> Option<Result<F::Resp, Status>> {
+        loop {
+            if let Some((resp, pushes)) = self.queue.pop_front() {
+                self.shared.metrics.pushes.add(F::MODE, pushes);
+                return Some(Ok(resp));
+            }
+            if self.done {
+                tracing::debug!(stream = %self.id, node = %self.node, "stream closed");
+                return None;
+            }
+            let (out, snap) = tokio::select! {
+                _ = crate::stopped(&mut self.shutdown) => {
+                    self.done = true;
+                    continue;
+                }
+                msg = self.inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if self.first {
+                            self.node = F::node(&req);
+                            self.first = false;
+                            tracing::info!(stream = %self.id, node = %self.node, mode = F::MODE.as_str(), "stream opened");
+                        }
+                        let snap = self.snaps.borrow_and_update().clone();
+                        match self.st.on_request(req, &snap, &self.shared.limits) {
+                            Ok(out) => (out, snap),
+                            Err(s) => {
+                                tracing::warn!(stream = %self.id, node = %self.node, error = %s.message(), "bad request; closing stream");
+                                self.done = true;
+                                return Some(Err(s));
+                            }
+                        }
+                    }
+                    Ok(None) => {
+                        self.done = true;
+                        continue;
+                    }
+                    Err(s) => {
+                        if s.code() == tonic::Code::ResourceExhausted {
+                            tracing::warn!(stream = %self.id, node = %self.node, error = %s.message(), "request too large; closing stream");
+                        } else {
+                            tracing::debug!(stream = %self.id, node = %self.node, error = %s.message(), "stream ended by client");
+                        }
+                        // Tell the client why (a decoding limit, say).
+                        self.done = true;
+                        return Some(Err(s));
+                    }
+                },
+                changed = self.snaps.changed() => {
+                    if changed.is_err() {
+                        self.done = true;
+                        continue;
+                    }
+                    let snap = self.snaps.borrow_and_update().clone();
+                    (self.st.on_update(&snap), snap)
+                }
+            };
+            self.shared.log_events(F::MODE, &self.id, &self.node, &out);
+            self.queue.extend(F::responses(
+                &self.shared,
+                &self.id,
+                &self.node,
+                &out,
+                &snap,
+            ));
+        }
+    }
+}
 
-    async fn delta_secrets(
+impl SdsService {
+    fn start<F: Flavor>(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let (id, guard) = self.inner.open(Mode::Delta);
-        let st = DeltaStream::new(&id);
-        let shared = self.inner.clone();
-        tokio::spawn(async move {
-            run_stream(shared, st, id, request.into_inner(), tx).await;
-            drop(guard);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        mode: Mode,
+        st: impl FnOnce(&str) -> F,
+        inbound: Requests<F::Req>,
+    ) -> ResponseStream<F::Resp>
+    where
+        F::Req: Send,
+    {
+        let (id, open) = self.inner.open(mode);
+        let state = StreamState {
+            shared: self.inner.clone(),
+            st: st(&id),
+            id,
+            inbound,
+            snaps: self.inner.snapshots.clone(),
+            shutdown: self.inner.shutdown.clone(),
+            node: String::from("-"),
+            first: true,
+            queue: VecDeque::new(),
+            done: false,
+            _open: open,
+        };
+        Box::pin(futures_util::stream::unfold(state, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        }))
     }
 
-    async fn stream_secrets(
+    /// A `DeltaSecrets` call: the stream of responses to `inbound`.
+    pub fn delta_secrets(
         &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        let (id, guard) = self.inner.open(Mode::Sotw);
-        let st = SotwStream::new(&id);
-        let shared = self.inner.clone();
-        tokio::spawn(async move {
-            run_stream(shared, st, id, request.into_inner(), tx).await;
-            drop(guard);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+        inbound: Requests<DeltaDiscoveryRequest>,
+    ) -> ResponseStream<Framed<DeltaDiscoveryResponse>> {
+        self.start(Mode::Delta, DeltaStream::new, inbound)
     }
 
-    async fn fetch_secrets(
+    /// A `StreamSecrets` call: the stream of responses to `inbound`.
+    pub fn stream_secrets(
         &self,
-        request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
-        let req = request.into_inner();
+        inbound: Requests<DiscoveryRequest>,
+    ) -> ResponseStream<Framed<DiscoveryResponse>> {
+        self.start(Mode::Sotw, SotwStream::new, inbound)
+    }
+
+    /// A `FetchSecrets` call: every requested secret, or `NOT_FOUND` naming a missing one.
+    pub fn fetch_secrets(
+        &self,
+        req: DiscoveryRequest,
+    ) -> Result<Framed<DiscoveryResponse>, Status> {
         check_type(&req.type_url)?;
         self.inner
             .limits
@@ -536,7 +572,7 @@ impl SecretDiscoveryService for SdsService {
         for n in &req.resource_names {
             match snap.get(n) {
                 Some(e) => {
-                    resources.push(e.any.clone());
+                    resources.push(e.pieces.sotw().clone());
                     versions.push(e.version.clone());
                 }
                 None => {
@@ -548,12 +584,14 @@ impl SecretDiscoveryService for SdsService {
         self.inner.metrics.fetches.fetch_add(1, Ordering::Relaxed);
         let nonce = format!("f{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         tracing::info!(node = %node_id(&req.node), resources = ?req.resource_names, "fetch");
-        Ok(Response::new(DiscoveryResponse {
-            version_info: versions.join(","),
-            resources,
-            type_url: SECRET_TYPE_URL.to_string(),
-            nonce,
-            ..Default::default()
-        }))
+        Ok(Framed {
+            head: DiscoveryResponse {
+                version_info: versions.join(","),
+                type_url: SECRET_TYPE_URL.to_string(),
+                nonce,
+                ..Default::default()
+            },
+            tail: resources,
+        })
     }
 }

@@ -18,6 +18,13 @@
 //! - A resource is never re-sent unchanged on the same stream (tracked as the last version
 //!   sent per name; versions are content hashes).
 //! - An unknown name is reported once per stream and served as soon as it appears.
+//! - At most one response per name is unacknowledged: a newer version of a name whose last
+//!   response the client has not ACKed or NACKed yet waits for that answer, and then only
+//!   the newest version goes. So a client that stops reading (or answering) holds at most
+//!   one response per subscribed name on the server, however often the secret changes,
+//!   and a slow client skips versions it could not take in time. (go-control-plane's
+//!   servers and Envoy's own management servers pace a stream the same way.) In state of the
+//!   world, an ACK of the latest nonce answers every earlier response too.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -114,6 +121,8 @@ struct Tracker {
     reported_unknown: BTreeSet<String>,
     /// The latest nonce sent.
     latest: Option<String>,
+    /// A change was held back because its name had a response in flight.
+    deferred: bool,
 }
 
 /// Bound on unacknowledged responses remembered per stream: a client that never ACKs
@@ -183,12 +192,31 @@ impl Tracker {
         true
     }
 
-    /// Sends every subscribed name whose current version differs from what was sent.
+    /// Whether a response for `name` awaits the client's ACK or NACK.
+    fn in_flight(&self, name: &str) -> bool {
+        self.outstanding.values().any(|(n, _)| n == name)
+    }
+
+    /// After an ACK or NACK: sends what was held back for names no longer in flight.
+    fn resume(&mut self, catalog: &dyn Versions, out: &mut Outcome) {
+        if self.deferred {
+            self.deferred = false;
+            let names: Vec<String> = self.subscribed.iter().cloned().collect();
+            self.sync(catalog, &names, out);
+        }
+    }
+
+    /// Sends every subscribed name whose current version differs from what was sent, except
+    /// names with a response in flight (held back until the client answers it).
     fn sync(&mut self, catalog: &dyn Versions, names: &[String], out: &mut Outcome) {
         for name in names {
             match catalog.version_of(name) {
                 Some(v) => {
                     if self.sent.get(name).map(String::as_str) != Some(v) {
+                        if self.in_flight(name) {
+                            self.deferred = true;
+                            continue;
+                        }
                         let v = v.to_string();
                         self.push(name, &v, out);
                     }
@@ -256,8 +284,11 @@ impl SotwStream {
                     });
                 }
                 // Stale: the ACK/NACK is noted, but the subscription set is not applied.
+                self.t.resume(catalog, &mut out);
                 return out;
             }
+            // The client has seen the latest response, so every earlier one too.
+            self.t.outstanding.clear();
         }
         let wanted: BTreeSet<String> = req
             .resource_names
@@ -404,6 +435,7 @@ impl DeltaStream {
             .filter(|n| self.t.subscribed.contains(n))
             .collect();
         self.t.sync(catalog, &added, &mut out);
+        self.t.resume(catalog, &mut out);
         out
     }
 
@@ -416,6 +448,8 @@ impl DeltaStream {
             if catalog.version_of(n).is_none() && self.t.sent.contains_key(n) {
                 self.t.sent.remove(n);
                 self.t.acked.remove(n);
+                // The removal supersedes a response still in flight.
+                self.t.outstanding.retain(|_, (x, _)| x != n);
                 gone.push(n.clone());
             }
         }
@@ -511,7 +545,9 @@ mod tests {
     fn sotw_update_pushes_only_changed_names() {
         let mut s = SotwStream::new("s");
         let c1 = cat(&[("default", "v1"), ("ROOTCA", "r1")]);
-        s.on_request(&sotw(&["default", "ROOTCA"], "", "", None), &c1);
+        let o = s.on_request(&sotw(&["default", "ROOTCA"], "", "", None), &c1);
+        let last = o.pushes.last().unwrap().nonce.clone();
+        s.on_request(&sotw(&["default", "ROOTCA"], &last, "", None), &c1);
         assert!(
             s.on_update(&c1).pushes.is_empty(),
             "unchanged: nothing resent"
@@ -652,21 +688,27 @@ mod tests {
     }
 
     #[test]
-    fn sotw_empty_names_are_ignored_and_outstanding_is_bounded() {
+    fn sotw_empty_names_are_ignored_and_unanswered_names_wait() {
         let mut s = SotwStream::new("s");
         let o = s.on_request(
             &sotw(&["", "default"], "", "", None),
             &cat(&[("default", "v0")]),
         );
         assert_eq!(o.pushes.len(), 1);
+        let first = o.pushes[0].nonce.clone();
+        // The client does not answer: however often the secret changes, nothing more goes
+        // out and nothing piles up.
         for i in 0..(MAX_OUTSTANDING * 3) {
             let c = cat(&[("default", &format!("v{}", i + 1))]);
-            assert_eq!(s.on_update(&c).pushes.len(), 1);
+            assert!(s.on_update(&c).pushes.is_empty());
         }
-        assert!(s.outstanding() <= MAX_OUTSTANDING);
-        // The most recent response can still be acknowledged.
+        assert_eq!(s.outstanding(), 1);
+        // Its ACK releases the newest version only.
         let c = cat(&[("default", "last")]);
-        let n = s.on_update(&c).pushes[0].nonce.clone();
+        assert!(s.on_update(&c).pushes.is_empty());
+        let o = s.on_request(&sotw(&["default"], &first, "v0", None), &c);
+        assert_eq!(names(&o), vec![("default", "last")]);
+        let n = o.pushes[0].nonce.clone();
         let o = s.on_request(&sotw(&["default"], &n, "last", None), &c);
         assert_eq!(
             o.events,
@@ -675,6 +717,45 @@ mod tests {
                 version: "last".into()
             }]
         );
+        assert!(o.pushes.is_empty());
+        // A NACK answers too: the next change goes out.
+        let c2 = cat(&[("default", "next")]);
+        let n = s.on_update(&c2).pushes[0].nonce.clone();
+        let c3 = cat(&[("default", "after")]);
+        assert!(s.on_update(&c3).pushes.is_empty());
+        let o = s.on_request(&sotw(&["default"], &n, "last", Some("bad")), &c3);
+        assert_eq!(names(&o), vec![("default", "after")]);
+    }
+
+    #[test]
+    fn outstanding_is_bounded_across_names() {
+        // Many names pushed at once without an answer: the memory of unanswered responses
+        // stays bounded.
+        let mut s = SotwStream::new("s");
+        let all: Vec<String> = (0..(MAX_OUTSTANDING * 2))
+            .map(|i| format!("n{i}"))
+            .collect();
+        let c: BTreeMap<String, String> = all.iter().map(|n| (n.clone(), "v".into())).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let o = s.on_request(&sotw(&refs, "", "", None), &c);
+        assert_eq!(o.pushes.len(), all.len());
+        assert!(s.outstanding() <= MAX_OUTSTANDING);
+    }
+
+    #[test]
+    fn delta_unanswered_names_wait_for_the_ack() {
+        let mut d = DeltaStream::new("d");
+        let c1 = cat(&[("default", "v1")]);
+        let n = d
+            .on_request(&delta(&["default"], &[], "", None), &c1)
+            .pushes[0]
+            .nonce
+            .clone();
+        assert!(d.on_update(&cat(&[("default", "v2")])).pushes.is_empty());
+        let c3 = cat(&[("default", "v3")]);
+        assert!(d.on_update(&c3).pushes.is_empty());
+        let o = d.on_request(&delta(&[], &[], &n, None), &c3);
+        assert_eq!(names(&o), vec![("default", "v3")]);
     }
 
     fn delta(sub: &[&str], unsub: &[&str], nonce: &str, err: Option<&str>) -> DeltaRequest {
@@ -706,11 +787,13 @@ mod tests {
         // Subscribe to a second name: only it is sent.
         let o = d.on_request(&delta(&["ROOTCA"], &[], "", None), &c1);
         assert_eq!(names(&o), vec![("ROOTCA", "r1")]);
+        let n = o.pushes[0].nonce.clone();
         // Subscribing again to a known name is a no-op.
         assert!(d
             .on_request(&delta(&["ROOTCA"], &[], "", None), &c1)
             .pushes
             .is_empty());
+        d.on_request(&delta(&[], &[], &n, None), &c1);
         // Change of ROOTCA only.
         let c2 = cat(&[("default", "v1"), ("ROOTCA", "r2")]);
         assert_eq!(names(&d.on_update(&c2)), vec![("ROOTCA", "r2")]);
