@@ -46,7 +46,7 @@ run rotation --streams "$STREAMS" --per-conn 2 --rounds "$ROUNDS" --transport un
 [[ -n "$TLS_STREAMS" ]] && run tls --streams "$TLS_STREAMS" --per-conn 2 --rounds "$ROUNDS" --cold 20 --cold-conn 50 --transport tls
 
 echo
-echo "# Same run: meshca vs go-control-plane v$(cd "$HERE/go-sds" && go list -m -f '{{.Version}}' github.com/envoyproxy/go-control-plane) (ratio = meshca / peer)"
+echo "# Same run: meshca vs go-control-plane $(cd "$HERE/go-sds" && go list -m -f '{{.Version}}' github.com/envoyproxy/go-control-plane) (ratio = meshca / peer)"
 python3 - "$out" <<'PY'
 import collections, glob, os, statistics, sys
 out = sys.argv[1]
