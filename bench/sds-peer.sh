@@ -107,7 +107,8 @@ for (scen, transport, n), by in sorted(data.items(), key=lambda kv: (["rotation"
         for stat, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("all_ms", "all")):
             row(f"{tag}: rotation fan-out {label} (rounds)", rounds(m, "rot", stat), rounds(p, "rot", stat), " ms")
         row(f"{tag}: CPU per rotation (rounds)", rounds(m, "rot", "cpu_ms"), rounds(p, "rot", "cpu_ms"), " ms")
-        row(f"{tag}: churn RSS growth", *one("churn_growth_pct"), " %")
+        row(f"{tag}: churn RSS growth, all batches", *one("churn_growth_pct"), " %")
+        row(f"{tag}: churn RSS growth after the 1st batch", *one("churn_warm_growth_pct"), " %")
     else:
         for stat, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("all_ms", "all")):
             row(f"{tag}: CA-change fan-out {label} (rounds)", rounds(m, "ca", stat), rounds(p, "ca", stat), " ms")

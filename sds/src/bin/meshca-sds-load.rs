@@ -1131,6 +1131,14 @@ async fn run_n(
             rss_list.join(" / ")
         );
         println!("| churn: RSS growth over all batches | {growth:+.1} % |");
+        // The first batch warms the allocator up to its 32 clients in flight; what grows
+        // after it is what churn leaves behind.
+        if churn_rss.len() > 2 {
+            let warm = churn_rss[1] as f64;
+            let warm_growth = (last - warm) / warm * 100.0;
+            println!("| churn: RSS growth after the 1st batch | {warm_growth:+.1} % |");
+            sum.put("churn_warm_growth_pct", warm_growth);
+        }
         sum.put("churn_cycles", (opts.churn * opts.churn_batches) as f64);
         sum.put("churn_rss_before_mib", mib(churn_rss[0]));
         sum.put("churn_rss_after_mib", last / 1024.0);
