@@ -6,6 +6,9 @@
 #
 #   bench/sds-peer.sh                      # defaults below
 #   STREAMS=1000 ROUNDS=2 TLS_STREAMS= CA=0 bench/sds-peer.sh   # a quick one
+#   STREAMS=1000 ROUNDS=1 CA=0 TLS_STREAMS= CHURN=10000 EXTRA="--churn-batches 10" \
+#     bench/sds-peer.sh                    # the 100,000 churn cycles
+#   STREAMS=100 ROUNDS=80 CA=0 TLS_STREAMS= EXTRA="--stalled 1000" bench/sds-peer.sh
 #
 # Scenarios (each first meshca, then the peer; Envoy shape: 2 streams per connection):
 #   rotation   --streams $STREAMS --rounds $ROUNDS on a Unix socket (plus --churn $CHURN);
@@ -99,6 +102,7 @@ for (scen, transport, n), by in sorted(data.items(), key=lambda kv: (["rotation"
         row(f"{tag}: RSS with N streams", *one("rss_n_mib"), " MiB")
         row(f"{tag}: RSS per connection", *one("rss_per_conn_kib"), " KiB")
         row(f"{tag}: RSS per stream", *one("rss_per_stream_kib"), " KiB")
+        row(f"{tag}: RSS with --stalled clients too", *one("rss_stalled_mib"), " MiB")
         row(f"{tag}: RSS after rotations", *one("rss_after_mib"), " MiB")
         row(f"{tag}: first secret while opening N, p50", *one("first_p50_ms"), " ms")
         row(f"{tag}: first secret while opening N, p99", *one("first_p99_ms"), " ms")
