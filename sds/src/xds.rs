@@ -26,7 +26,7 @@
 //!   servers and Envoy's own management servers pace a stream the same way.) In state of the
 //!   world, an ACK of the latest nonce answers every earlier response too.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Where the current resource versions come from (the published secret snapshot).
 pub trait Versions {
@@ -103,6 +103,70 @@ pub struct Outcome {
     pub events: Vec<Event>,
 }
 
+/// A map for the handful of entries one stream holds (usually one name), in insertion order.
+/// A stream at fleet scale is mostly this bookkeeping and HTTP/2 state, so it is kept tight:
+/// one exact allocation instead of a hash table's four buckets and control bytes.
+#[derive(Debug)]
+struct SmallMap<V>(Vec<(String, V)>);
+
+impl<V> Default for SmallMap<V> {
+    fn default() -> Self {
+        SmallMap(Vec::new())
+    }
+}
+
+impl<V> SmallMap<V> {
+    fn get(&self, k: &str) -> Option<&V> {
+        self.0.iter().find(|(n, _)| n == k).map(|(_, v)| v)
+    }
+
+    fn contains_key(&self, k: &str) -> bool {
+        self.get(k).is_some()
+    }
+
+    fn insert(&mut self, k: String, v: V) {
+        match self.0.iter_mut().find(|(n, _)| *n == k) {
+            Some(e) => e.1 = v,
+            None => {
+                self.0.reserve_exact(1);
+                self.0.push((k, v));
+            }
+        }
+    }
+
+    fn remove(&mut self, k: &str) -> Option<V> {
+        let i = self.0.iter().position(|(n, _)| n == k)?;
+        let v = self.0.remove(i).1;
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(v)
+    }
+
+    /// Removes the entry inserted first.
+    fn remove_oldest(&mut self) {
+        if !self.0.is_empty() {
+            self.0.remove(0);
+        }
+    }
+
+    fn retain(&mut self, mut f: impl FnMut(&str, &V) -> bool) {
+        self.0.retain(|(k, v)| f(k, v));
+    }
+
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn clear(&mut self) {
+        self.0 = Vec::new();
+    }
+}
+
 /// Per-name bookkeeping shared by both protocol variants.
 #[derive(Debug, Default)]
 struct Tracker {
@@ -112,11 +176,11 @@ struct Tracker {
     /// Subscribed names.
     subscribed: BTreeSet<String>,
     /// Last version sent (or known to the client) per name; never re-sent.
-    sent: HashMap<String, String>,
+    sent: SmallMap<String>,
     /// Last version the client accepted per name.
-    acked: HashMap<String, String>,
+    acked: SmallMap<String>,
     /// Responses not yet acknowledged: nonce -> (name, version).
-    outstanding: HashMap<String, (String, String)>,
+    outstanding: SmallMap<(String, String)>,
     /// Subscribed names reported as unknown and not seen since.
     reported_unknown: BTreeSet<String>,
     /// The latest nonce sent.
@@ -148,20 +212,8 @@ impl Tracker {
         let nonce = self.next_nonce();
         self.sent.insert(name.to_string(), version.to_string());
         if self.outstanding.len() >= MAX_OUTSTANDING {
-            // Forget the oldest (smallest counter) response.
-            if let Some(oldest) = self
-                .outstanding
-                .keys()
-                .min_by_key(|k| {
-                    k.rsplit('-')
-                        .next()
-                        .and_then(|c| c.parse::<u64>().ok())
-                        .unwrap_or(0)
-                })
-                .cloned()
-            {
-                self.outstanding.remove(&oldest);
-            }
+            // Forget the oldest response (nonces are inserted in the order sent).
+            self.outstanding.remove_oldest();
         }
         self.outstanding
             .insert(nonce.clone(), (name.to_string(), version.to_string()));
