@@ -322,6 +322,7 @@ impl<M: Message + Default> Requests<M> {
         }
         let m = M::decode(&self.buf[5..5 + len])
             .map_err(|e| Status::invalid_argument(format!("malformed request message: {e}")))?;
+        tracing::trace!(bytes = len, "request message");
         if self.buf.len() == 5 + len {
             // Free the buffer: an idle stream holds none.
             self.buf = BytesMut::new();
