@@ -1,7 +1,7 @@
 # Idle RSS, PSS, threads and CPU of the SDS server (local CA, Unix socket), before and after
 # one client (grpc-python: FetchSecrets, then a StreamSecrets for default and ROOTCA) is served.
 #
-#   python3 sds/bench/idle_rss.py [--evict] [--pair] BIN [extra serve flags]
+#   python3 sds/bench/idle_rss.py [--evict] [--pair] [--sections] BIN [extra serve flags]
 #   python3 sds/bench/idle_rss.py --evict-only FILE...
 #
 # BIN is `meshca` (run as `meshca sds serve`) or `meshca-sds` (run as `meshca-sds serve`); the
@@ -9,7 +9,9 @@
 # pages from the page cache first (posix_fadvise DONTNEED: it works when no running process
 # maps the file), so its pages come from disk as on a node that has just pulled the image.
 # --pair starts a second server from the same file and reports both (they share the binary's
-# pages: PSS). --evict-only just evicts, for the kube-csr example's idle mode.
+# pages: PSS). --sections adds, at the end, the resident KiB of each ELF section of BIN (from
+# the present bits of /proc/PID/pagemap). --evict-only just evicts, for the kube-csr example's
+# idle mode.
 # Needs grpcio. Runs about a minute; stops the servers it started.
 import os, shutil, subprocess, sys, tempfile, time
 
@@ -56,6 +58,34 @@ def by_mapping(pid, binary):
     return out
 
 
+def sections(pid, binary):
+    """Resident KiB of each ELF section of BIN in process PID."""
+    import re, struct
+    real = os.path.realpath(binary)
+    base = None
+    for l in open(f"/proc/{pid}/maps"):
+        f = l.split()
+        if len(f) > 5 and f[5] == real and int(f[2], 16) == 0:
+            base = int(f[0].split("-")[0], 16)
+            break
+    if "EXEC" in subprocess.run(["readelf", "-hW", real], capture_output=True, text=True).stdout:
+        base = 0
+    out = []
+    with open(f"/proc/{pid}/pagemap", "rb") as pm:
+        for l in subprocess.run(["readelf", "-SW", real], capture_output=True, text=True).stdout.splitlines():
+            m = re.match(r"\s*\[\s*\d+\]\s+(\S+)\s+\S+\s+([0-9a-f]+)\s+[0-9a-f]+\s+([0-9a-f]+)", l)
+            if not m or int(m.group(2), 16) == 0:
+                continue
+            start, size = base + int(m.group(2), 16), int(m.group(3), 16)
+            n = 0
+            for pg in range(start // 4096, (start + size + 4095) // 4096):
+                pm.seek(pg * 8)
+                n += struct.unpack("<Q", pm.read(8))[0] >> 63
+            if n * 4 >= 16:
+                out.append(f"{m.group(1)} {n * 4} of {size // 1024}")
+    return ", ".join(out)
+
+
 def cpu(pid):
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
@@ -71,10 +101,11 @@ def main():
         for p in args[1:]:
             evict(p)
         return
-    do_evict = pair = False
-    while args and args[0] in ("--evict", "--pair"):
+    do_evict = pair = by_section = False
+    while args and args[0] in ("--evict", "--pair", "--sections"):
         do_evict |= args[0] == "--evict"
         pair |= args[0] == "--pair"
+        by_section |= args[0] == "--sections"
         args = args[1:]
     bin_, extra = args[0], args[1:]
     import grpc
@@ -122,6 +153,8 @@ def main():
         print(f"{os.path.basename(bin_)}{' #' + str(i + 1) if pair else ''}: idle RSS {mib(i0['rss'])} MiB (PSS {mib(p0)}, "
               f"anon {mib(i0['anon'])}, {i0['threads']} threads); one client served: RSS {mib(st['rss'])} MiB "
               f"(PSS {mib(ps)}, anon {mib(st['anon'])}; mappings: {parts} MiB; {st['threads']} threads); idle CPU {cpu_pct:.3f} % of a core over 30 s")
+        if by_section:
+            print(f"  resident KiB of KiB per section: {sections(p.pid, bin_)}; VmRSS {st['rss']} KiB")
     for p in procs:
         p.terminate()
         p.wait()
