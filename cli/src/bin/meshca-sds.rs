@@ -2,9 +2,10 @@
 //!
 //! `meshca-sds serve` is `meshca sds serve`: the same flag definitions (cli/src/sds.rs and the
 //! global flags of cli/src/common.rs, compiled into both binaries), the same sources (local CA,
-//! files, kube-csr) and the same behaviour, with two differences: `--worker-threads` defaults to
-//! 1 (a current-thread runtime) instead of 2, and a CA backed by ACM Private CA is refused (the
-//! image's build leaves the AWS SDK out). What it leaves out is everything else of `meshca`:
+//! files, kube-csr) and the same behaviour, with these differences: `--worker-threads` defaults
+//! to 1 (a current-thread runtime) instead of 2; the image's build (`--no-default-features`,
+//! profile `sidecar`) leaves the AWS SDK out, so a CA backed by ACM Private CA is refused, and
+//! aborts on a panic instead of unwinding. What it leaves out is everything else of `meshca`:
 //! the other subcommands, the signer, the Kubernetes store and ACM Private CA. A smaller binary
 //! is what a server idling beside every Envoy pays for in RSS (docs/sds.md, "Idle footprint").
 #![forbid(unsafe_code)]
