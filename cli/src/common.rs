@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use meshca::identity::{DnsName, SpiffeId};
-use meshca::store::{LocalStore, Store};
 use serde::Serialize;
 
 /// Output format of stdout data.
@@ -24,6 +23,53 @@ pub enum LogFormat {
     Text,
     /// JSON lines.
     Json,
+}
+
+/// The global flags: every subcommand of `meshca` takes them, and so does `meshca-sds`, which
+/// shares this definition (its `serve --help` must list the same flags as `meshca sds serve`).
+#[derive(clap::Args, Debug)]
+pub struct GlobalArgs {
+    /// Home directory of the local store [default: $MESHCA_HOME, else $XDG_DATA_HOME/meshca,
+    /// else ~/.local/share/meshca].
+    #[arg(long, global = true, env = "MESHCA_HOME")]
+    pub home: Option<PathBuf>,
+    /// Where CAs live: `local` (the home directory) or `kube:<namespace>`.
+    #[arg(long, global = true, default_value = "local")]
+    pub store: String,
+    /// Kubeconfig for `--store kube:<ns>`, `bundle publish` and `signer run`
+    /// [default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account].
+    #[arg(long, global = true)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Output format of data printed on stdout.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log_level: String,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl GlobalArgs {
+    /// Starts logging; `serves` raises the default level (warn) to info, where a server logs
+    /// each push, ACK and NACK.
+    pub fn init_logging(&self, serves: bool) {
+        let level = match self.log_level.as_str() {
+            "warn" if serves => "info",
+            l => l,
+        };
+        init_logging(level, self.log_format);
+    }
+
+    pub fn into_ctx(self) -> Ctx {
+        Ctx {
+            home: self.home,
+            store: self.store,
+            kubeconfig: self.kubeconfig,
+            output: self.output,
+        }
+    }
 }
 
 /// Global options every command sees.
@@ -50,28 +96,6 @@ impl Ctx {
             Some(h) if !h.as_os_str().is_empty() => Ok(h.clone()),
             _ => meshca::store::local::default_home()
                 .ok_or_else(|| usage("no home directory: pass --home or set MESHCA_HOME")),
-        }
-    }
-
-    /// Opens the selected store; `create` makes a missing local home (for `init`).
-    pub async fn store(&self, create: bool) -> anyhow::Result<Box<dyn Store>> {
-        match self.store.as_str() {
-            "local" => {
-                let home = self.home_dir()?;
-                let s = if create {
-                    LocalStore::create(&home)?
-                } else {
-                    LocalStore::open(&home)?
-                };
-                Ok(Box::new(s))
-            }
-            other if other.starts_with("kube:") => Ok(Box::new(
-                crate::kube_store::open(&other["kube:".len()..], self.kubeconfig.as_deref())
-                    .await?,
-            )),
-            other => Err(usage(format!(
-                "unknown --store {other:?}; use `local` or `kube:<namespace>`"
-            ))),
         }
     }
 
@@ -126,6 +150,26 @@ pub fn read_csr_der(path: &Path) -> anyhow::Result<Vec<u8>> {
             reason: "no CERTIFICATE REQUEST block".into(),
         })?
         .into_contents())
+}
+
+/// The async runtime of a command: `workers` worker threads, or with 1 a current-thread
+/// runtime (everything on the main thread, no worker threads). `prog` names the program in the
+/// error.
+pub fn runtime(
+    prog: &str,
+    workers: usize,
+) -> Result<tokio::runtime::Runtime, std::process::ExitCode> {
+    let mut b = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    b.enable_all().build().map_err(|e| {
+        eprintln!("{prog}: error: cannot start the async runtime: {e}");
+        std::process::ExitCode::from(2)
+    })
 }
 
 pub fn init_logging(level: &str, format: LogFormat) {

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use clap::Args;
 use meshca::kube::store::KubeStore;
-use meshca::store::{bundle_anchors, Store};
+use meshca::store::{bundle_anchors, LocalStore, Store};
 
 use crate::common::{usage, Ctx};
 
@@ -17,6 +17,31 @@ pub async fn open(namespace: &str, kubeconfig: Option<&Path>) -> anyhow::Result<
     }
     let client = meshca::kube::client(kubeconfig).await?;
     Ok(KubeStore::new(client, namespace))
+}
+
+// Here rather than in common.rs, which `meshca-sds` shares: the sidecar never opens a store
+// this way, and so links no Kubernetes store.
+impl Ctx {
+    /// Opens the selected store; `create` makes a missing local home (for `init`).
+    pub async fn store(&self, create: bool) -> anyhow::Result<Box<dyn Store>> {
+        match self.store.as_str() {
+            "local" => {
+                let home = self.home_dir()?;
+                let s = if create {
+                    LocalStore::create(&home)?
+                } else {
+                    LocalStore::open(&home)?
+                };
+                Ok(Box::new(s))
+            }
+            other if other.starts_with("kube:") => Ok(Box::new(
+                open(&other["kube:".len()..], self.kubeconfig.as_deref()).await?,
+            )),
+            other => Err(usage(format!(
+                "unknown --store {other:?}; use `local` or `kube:<namespace>`"
+            ))),
+        }
+    }
 }
 
 /// The namespace of `--store kube:<ns>`, if that is the selected store.

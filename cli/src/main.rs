@@ -17,37 +17,18 @@ mod revoke;
 mod sds;
 mod signer;
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use common::{Ctx, OutputFormat};
+use common::Ctx;
 
 /// Private PKI for Envoy-based service meshes: CAs, workload certificates, trust bundles.
 #[derive(Parser, Debug)]
 #[command(name = "meshca", version, about, propagate_version = true)]
 struct Cli {
-    /// Home directory of the local store [default: $MESHCA_HOME, else $XDG_DATA_HOME/meshca,
-    /// else ~/.local/share/meshca].
-    #[arg(long, global = true, env = "MESHCA_HOME")]
-    home: Option<PathBuf>,
-    /// Where CAs live: `local` (the home directory) or `kube:<namespace>`.
-    #[arg(long, global = true, default_value = "local")]
-    store: String,
-    /// Kubeconfig for `--store kube:<ns>`, `bundle publish` and `signer run`
-    /// [default: $KUBECONFIG, else ~/.kube/config, else the in-cluster service account].
-    #[arg(long, global = true)]
-    kubeconfig: Option<PathBuf>,
-    /// Output format of data printed on stdout.
-    #[arg(long, short = 'o', global = true, value_enum, default_value_t = OutputFormat::Text)]
-    output: OutputFormat,
-    /// Log level for diagnostics on stderr (error, warn, info, debug, trace); RUST_LOG overrides.
-    #[arg(long, global = true, default_value = "warn")]
-    log_level: String,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = common::LogFormat::Text)]
-    log_format: common::LogFormat,
+    #[command(flatten)]
+    global: common::GlobalArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,29 +88,20 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // The SDS server logs each push, ACK and NACK at info.
-    let level = match (&cli.command, cli.log_level.as_str()) {
-        (Command::Sds(_) | Command::IstioCa(_), "warn") => "info",
-        (_, l) => l,
+    // The servers log each push, ACK and NACK at info.
+    cli.global
+        .init_logging(matches!(cli.command, Command::Sds(_) | Command::IstioCa(_)));
+    // Every command runs on 2 worker threads, `sds serve` on --worker-threads (default 2: it
+    // may serve a node's or a fleet's Envoys).
+    let workers = match &cli.command {
+        Command::Sds(c) => c.worker_threads(2),
+        _ => 2,
     };
-    common::init_logging(level, cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let rt = match common::runtime("meshca", workers) {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("meshca: error: cannot start the async runtime: {e}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let ctx = Ctx {
-        home: cli.home,
-        store: cli.store,
-        kubeconfig: cli.kubeconfig,
-        output: cli.output,
-    };
+    let ctx = cli.global.into_ctx();
     match rt.block_on(run(ctx, cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -145,6 +145,21 @@ pub struct ServeArgs {
     /// Most resource names in one request (more: INVALID_ARGUMENT).
     #[arg(long, default_value_t = 128, value_name = "N")]
     max_names_per_request: usize,
+    /// Threads that run the server: 1 runs it all on the main thread (enough for the few
+    /// streams of one Envoy); N > 1 spreads the streams over N worker threads (a node's or a
+    /// fleet's Envoys) [default: 2 for `meshca sds serve`, 1 for `meshca-sds serve`].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
+}
+
+impl SdsCmd {
+    /// How many threads the runtime of this command should run: `--worker-threads`, else
+    /// `default` (the program's).
+    pub fn worker_threads(&self, default: usize) -> usize {
+        match self {
+            SdsCmd::Serve(a) => a.worker_threads.map_or(default, usize::from),
+        }
+    }
 }
 
 pub async fn run(ctx: &Ctx, cmd: SdsCmd) -> anyhow::Result<()> {

@@ -200,6 +200,18 @@ fn on_path(name: &str) -> PathBuf {
 fn in_chroot(image: &Layout, rootfs: &Path, env: &[(&str, &str)], args: &[&str]) -> Command {
     let entrypoint: Vec<String> =
         serde_json::from_value(image.config["config"]["Entrypoint"].clone()).unwrap();
+    in_chroot_run(image, rootfs, env, &entrypoint, args)
+}
+
+/// PROGRAM (a path in the image) with ARGS in a chroot of ROOTFS, as [`in_chroot`] runs the
+/// entrypoint.
+fn in_chroot_run(
+    image: &Layout,
+    rootfs: &Path,
+    env: &[(&str, &str)],
+    program: &[String],
+    args: &[&str],
+) -> Command {
     let user = image.config["config"]["User"].as_str().unwrap();
     let euid = Command::new("id").arg("-u").output().unwrap();
     let mut cmd = if String::from_utf8_lossy(&euid.stdout).trim() == "0" {
@@ -214,7 +226,7 @@ fn in_chroot(image: &Layout, rootfs: &Path, env: &[(&str, &str)], args: &[&str])
     cmd.env_clear()
         .envs(env.iter().copied())
         .arg(rootfs)
-        .args(&entrypoint)
+        .args(program)
         .args(args);
     cmd
 }
@@ -356,6 +368,7 @@ fn the_unpacked_image_runs_its_entrypoint_with_nothing_else_inside() {
             ("drwxr-xr-x", "0/0", "usr/local/"),
             ("drwxr-xr-x", "0/0", "usr/local/bin/"),
             ("-rwxr-xr-x", "0/0", "usr/local/bin/meshca"),
+            ("-rwxr-xr-x", "0/0", "usr/local/bin/meshca-sds"),
         ]
         .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())),
         "{listing}"
@@ -372,6 +385,38 @@ fn the_unpacked_image_runs_its_entrypoint_with_nothing_else_inside() {
     assert_eq!(
         String::from_utf8_lossy(&o.stdout),
         format!("meshca {VERSION}\n")
+    );
+    // The sidecar binary runs there too, and `serve` fails with its one-line error (no home).
+    let sidecar = ["/usr/local/bin/meshca-sds".to_string()];
+    let o = in_chroot_run(&image, &rootfs, &[], &sidecar, &["--version"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "meshca-sds --version: {}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("meshca-sds {VERSION}\n")
+    );
+    let o = in_chroot_run(
+        &image,
+        &rootfs,
+        &[],
+        &sidecar,
+        &[
+            "serve",
+            "--ca",
+            "ca1",
+            "--namespace",
+            "mesh",
+            "--service-account",
+            "web",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr),
+        "meshca-sds: error: no home directory: pass --home or set MESHCA_HOME\n"
     );
     let cmd: Vec<String> = serde_json::from_value(image.config["config"]["Cmd"].clone()).unwrap();
     let mut help: Vec<&str> = cmd.iter().map(String::as_str).collect();
@@ -635,7 +680,10 @@ fn the_dockerfile_builds_the_binary_with_the_daemonless_script() {
     let entrypoint = var("ENTRYPOINT");
     assert_eq!(
         last.copies,
-        [format!("--from=build /out/meshca {entrypoint}")]
+        [
+            format!("--from=build /out/meshca {entrypoint}"),
+            format!("--from=build /out/meshca-sds {}", var("SIDECAR")),
+        ]
     );
     assert_eq!(last.entrypoint, Some(serde_json::json!([entrypoint])));
     let cmd: Vec<String> = var("CMD")

@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The meshca container image, built with no Docker daemon and no base image: a static binary in
-# one layer of an otherwise empty (scratch) OCI image, written by umoci (built from the Go module
+# The meshca container image, built with no Docker daemon and no base image: two static binaries
+# (`meshca`, and `meshca-sds`, the SDS server alone for sidecars) in one layer of an otherwise
+# empty (scratch) OCI image, written by umoci (built from the Go module
 # that tests/image/go.mod pins, cached by version like the test peers, or $UMOCI >= 0.6).
 #
-#   build.sh binary DEST              the static release binary (glibc, crt-static), stripped, at DEST
-#                                     (MESHCA_IMAGE_PROFILE=dev: the dev profile, a quicker build
-#                                     for tests of the packaging; .ci/run uses it)
+#   build.sh binary DEST              the static release binaries (glibc, crt-static), stripped:
+#                                     meshca at DEST and meshca-sds beside it (profile `sidecar`)
+#                                     (MESHCA_IMAGE_PROFILE=dev: the dev profile for both, a quicker
+#                                     build for tests of the packaging; .ci/run uses it)
 #   build.sh image [--binary PATH] OUT
 #                                     the OCI image layout OUT (tag: the crate version); builds the
-#                                     binary unless --binary names one; prints the manifest digest
+#                                     binaries unless --binary names meshca (meshca-sds must be
+#                                     beside it); prints the manifest digest
 #   build.sh umoci                    builds umoci (or finds it in the cache); prints its path
 #
 # deploy/Dockerfile runs `build.sh binary` in its build stage and sets the same USER, ENTRYPOINT,
@@ -21,6 +24,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 
 # The image's configuration; deploy/Dockerfile's final stage must say the same.
 ENTRYPOINT=/usr/local/bin/meshca
+SIDECAR=/usr/local/bin/meshca-sds
 CMD=(signer run)
 USER_ID=65532:65532
 
@@ -32,23 +36,37 @@ die() { echo "image build.sh: $*" >&2; exit 1; }
 # rand in kube-lease-manager) finds libc's getrandom through dlsym, which a static binary does not
 # have, and then reads /dev/urandom: in a root without /dev that panicked the signer's lease task
 # (cli/tests/image.rs). Its linux_getrandom backend calls getrandom(2) directly, as aws-lc does.
-STATIC_RUSTFLAGS=(-C target-feature=+crt-static --cfg 'getrandom_backend="linux_getrandom"')
+# pack-relative-relocs (DT_RELR, glibc >= 2.36, binutils >= 2.38) stores the relocations of the
+# position-independent binary in a few KiB instead of 1.3 MiB that every process reads at start
+# (docs/sds.md, "Idle footprint").
+STATIC_RUSTFLAGS=(-C target-feature=+crt-static --cfg 'getrandom_backend="linux_getrandom"'
+  -C link-arg=-Wl,-z,pack-relative-relocs)
 build_binary() {
-  local dest="$1" host profile="${MESHCA_IMAGE_PROFILE:-release}" dir
+  local dest="$1" host profile="${MESHCA_IMAGE_PROFILE:-release}" sidecar_profile dir sidecar_dir
   case "$profile" in
-    release) dir=release ;;
-    dev) dir=debug ;;
+    release) dir=release sidecar_profile=sidecar sidecar_dir=sidecar ;;
+    dev) dir=debug sidecar_profile=dev sidecar_dir=debug ;;
     *) die "MESHCA_IMAGE_PROFILE=$profile: release (the default) or dev" ;;
   esac
   command -v cargo >/dev/null || die "cargo is not installed"
   host="$(rustc -vV | sed -n 's/^host: //p')"
   [[ "$host" == *-linux-gnu ]] || die "host $host: the static build expects a *-linux-gnu target"
-  (cd "$ROOT" && RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }${STATIC_RUSTFLAGS[*]}" \
-    cargo build --profile "$profile" --locked -p meshca-cli --target "$host" >&2)
-  local bin="$ROOT/target/$host/$dir/meshca"
+  # Two builds: meshca with every feature, meshca-sds without ACM Private CA (no AWS SDK) in the
+  # size-optimised `sidecar` profile (cli/Cargo.toml, Cargo.toml).
+  (cd "$ROOT" && export RUSTFLAGS="${RUSTFLAGS:+$RUSTFLAGS }${STATIC_RUSTFLAGS[*]}" &&
+    cargo build --profile "$profile" --locked -p meshca-cli --bin meshca --target "$host" >&2 &&
+    cargo build --profile "$sidecar_profile" --locked -p meshca-cli --no-default-features \
+      --bin meshca-sds --target "$host" >&2)
+  local bin="$ROOT/target/$host/$dir/meshca" sidecar="$ROOT/target/$host/$sidecar_dir/meshca-sds"
   check_static "$bin"
+  check_static "$sidecar"
   mkdir -p "$(dirname "$dest")"
-  # strip to a temporary file, then rename: DEST is never left half-written.
+  # strip to temporary files, then rename: DEST is never left half-written, and meshca-sds is
+  # in place before DEST is.
+  local side_dest
+  side_dest="$(dirname "$dest")/meshca-sds"
+  strip -o "$side_dest.tmp" "$sidecar" && chmod 0755 "$side_dest.tmp" &&
+    mv -f "$side_dest.tmp" "$side_dest"
   strip -o "$dest.tmp" "$bin" && chmod 0755 "$dest.tmp" && mv -f "$dest.tmp" "$dest"
   echo "$dest"
 }
@@ -86,6 +104,7 @@ build_image() {
     binary="${2:?--binary needs a path}"
     shift 2
     check_static "$binary"
+    check_static "$(dirname "$binary")/meshca-sds"
   fi
   [[ $# -eq 1 ]] || die "usage: build.sh image [--binary PATH] OUT"
   out="$1"
@@ -113,11 +132,13 @@ print(p["version"], p["repository"], p["license"], sep="\n")' "$ROOT/Cargo.toml"
     check_static "$binary"
   fi
 
-  # The layer's tree: /usr/local/bin/meshca and its directories, nothing else (no shell, no
-  # /etc/passwd: the user is numeric). Everything root-owned and dated SOURCE_DATE_EPOCH.
+  # The layer's tree: /usr/local/bin/meshca, /usr/local/bin/meshca-sds and their directories,
+  # nothing else (no shell, no /etc/passwd: the user is numeric). Everything root-owned and dated
+  # SOURCE_DATE_EPOCH.
   local tree="$work/tree"
   install -d -m 0755 "$tree/usr/local/bin"
   install -m 0755 "$binary" "$tree$ENTRYPOINT"
+  install -m 0755 "$(dirname "$binary")/meshca-sds" "$tree$SIDECAR"
   find "$tree" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 
   # umoci: config and history dates default to SOURCE_DATE_EPOCH; its output goes to stderr,
@@ -127,7 +148,7 @@ print(p["version"], p["repository"], p["license"], sep="\n")' "$ROOT/Cargo.toml"
   u() { "$umoci" "$@" >&2; }
   u init --layout "$layout"
   u new --image "$ref"
-  u insert --image "$ref" --history.created_by "meshca $version (static) at $ENTRYPOINT" \
+  u insert --image "$ref" --history.created_by "meshca $version (static) at $ENTRYPOINT and $SIDECAR" \
     "$tree/usr" /usr
   local cmd_args=() c
   for c in "${CMD[@]}"; do cmd_args+=(--config.cmd "$c"); done

@@ -18,8 +18,10 @@
 //!   deadlines come from `WorkloadCert::renew_deadline`); time is compressed by COMPRESSION (360:
 //!   the 72 min jitter window becomes 12 s). Peak signer queue depth and create-to-signed p99.
 //! - `idle`: serves the fake over HTTP on 127.0.0.1, runs `MESHCA_BIN sds serve --source kube-csr`
-//!   against it, waits for the certificate, then reports the process's RSS and CPU time over
-//!   SECONDS (60) of idling.
+//!   (`meshca-sds serve` when MESHCA_BIN is the sidecar binary) against it, waits for the
+//!   certificate, then reports the process's RSS, PSS and CPU time over SECONDS (60) of idling.
+//!   For a run with the binary out of the page cache, evict it first:
+//!   `python3 sds/bench/idle_rss.py --evict-only MESHCA_BIN`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -532,12 +534,20 @@ async fn idle(bin: &str, secs: u64) {
     let ca_file = dir.path().join("ca.crt");
     std::fs::write(&ca_file, meshca::bundle::to_pem(std::slice::from_ref(&ca))).unwrap();
     let sock = dir.path().join("sds.sock");
+    // `meshca-sds serve` is `meshca sds serve`.
+    let sidecar = std::path::Path::new(bin)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("meshca-sds"));
+    let serve: &[&str] = if sidecar {
+        &["serve"]
+    } else {
+        &["sds", "serve"]
+    };
     let mut child = tokio::process::Command::new(bin)
         .args(["--kubeconfig"])
         .arg(&kc)
+        .args(serve)
         .args([
-            "sds",
-            "serve",
             "--source",
             "kube-csr",
             "--signer",
@@ -581,10 +591,22 @@ async fn idle(bin: &str, secs: u64) {
         peak = peak.max(proc_stat(pid).0);
     }
     let (rss1, cpu1) = proc_stat(pid);
+    let kib = |file: &str, key: &str| -> f64 {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     println!(
-        "idle {secs}s: RSS {:.1} MiB at start, {:.1} MiB at end, peak {:.1} MiB; CPU {:.2}s = {:.3}% of one core; API requests while idle: {}",
+        "idle {secs}s: RSS {:.1} MiB at start, {:.1} MiB at end (PSS {:.1}, anonymous {:.1}, file-backed {:.1} MiB; {} threads), peak {:.1} MiB; CPU {:.2}s = {:.3}% of one core; API requests while idle: {}",
         rss0 as f64 / 1024.0,
         rss1 as f64 / 1024.0,
+        kib("smaps_rollup", "Pss:") / 1024.0,
+        kib("status", "RssAnon:") / 1024.0,
+        kib("status", "RssFile:") / 1024.0,
+        kib("status", "Threads:"),
         peak as f64 / 1024.0,
         cpu1 - cpu0,
         100.0 * (cpu1 - cpu0) / secs as f64,
