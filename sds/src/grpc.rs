@@ -1,27 +1,26 @@
-//! The gRPC face of the SDS service: routing of the three `SecretDiscoveryService` methods
-//! and a codec sized for SDS.
+//! The gRPC face of the SDS service: routing of the three `SecretDiscoveryService` methods,
+//! how requests are read and how responses are written.
 //!
 //! The server code that `envoy-types` generates fixes tonic's default codec: an 8 KiB encode
-//! and an 8 KiB decode buffer for every stream, allocated up front, and each response encoded
-//! from a whole message. Envoy opens one stream per secret and sends requests of a few hundred
-//! bytes, so at fleet scale those buffers were most of the memory (see docs/sds.md,
-//! Performance). Here:
+//! and an 8 KiB decode buffer for every stream, the decode buffer kept as large as the largest
+//! request for the stream's life (a real Envoy's requests carry its node, about 60 KB), and
+//! each response encoded whole for each stream. Here, for all three methods:
 //!
-//! - the decode buffer starts at [`DECODE_BUFFER`] and grows only for a larger request (up to
-//!   the `--max-request-bytes` limit tonic enforces);
-//! - the encode buffer starts empty and each response reserves exactly its own length;
+//! - requests are read straight from the HTTP/2 body ([`Requests`]) into a buffer freed after
+//!   each message, so an idle stream holds none;
 //! - a response is a small per-stream head (version, nonce, type URL) followed by the
-//!   resource, which is encoded once per secret version ([`Pieces`]) and shared by every
-//!   stream that sends it. Protobuf parses concatenated encodings as one merged message, so
-//!   head plus piece is the same wire message as the whole response (a unit test checks it).
+//!   resource, which is encoded once per secret version ([`Pieces`]) and handed to HTTP/2 as
+//!   the same [`Bytes`] by every stream that sends it ([`FramedBody`]). Protobuf parses
+//!   concatenated encodings as one merged message, so head plus piece is the same wire
+//!   message as the whole response (a unit test checks it).
+//!
+//! See docs/sds.md (Performance) for what each part saves.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-
-use std::collections::VecDeque;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -30,7 +29,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::google::protobuf::Any;
 use http_body::Body as _;
 use prost::Message;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
 use crate::service::{ResponseStream, SdsService};
@@ -40,10 +38,6 @@ pub const SERVICE: &str = "envoy.service.secret.v3.SecretDiscoveryService";
 const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 const FETCH_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
-
-/// Initial capacity of a stream's decode buffer. An Envoy `DiscoveryRequest` with its node
-/// is a few hundred bytes; the buffer grows for a larger one.
-pub const DECODE_BUFFER: usize = 1024;
 
 /// The parts of a response that are the same for every stream, encoded once per secret
 /// version: the resource as the `resources` field of a `DiscoveryResponse` and of a
@@ -120,128 +114,12 @@ impl<M: Message> Framed<M> {
     pub fn encoded_len(&self) -> usize {
         self.head.encoded_len() + self.tail.iter().map(Bytes::len).sum::<usize>()
     }
-
-    /// The whole encoding (tests and FetchSecrets' callers use the decoded form).
-    pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.encoded_len());
-        self.head.encode(&mut v).expect("a Vec grows");
-        for t in &self.tail {
-            v.extend_from_slice(t);
-        }
-        v
-    }
 }
 
-/// The SDS codec: [`Framed`] responses, prost-decoded requests, buffers sized for SDS.
-pub struct SdsCodec<Req, Resp>(PhantomData<fn() -> (Req, Resp)>);
-
-impl<Req, Resp> Default for SdsCodec<Req, Resp> {
-    fn default() -> Self {
-        SdsCodec(PhantomData)
-    }
-}
-
-/// Encodes a [`Framed`] response into exactly the space it needs.
-pub struct FramedEncoder<M>(PhantomData<fn(M)>);
-
-impl<M: Message> Encoder for FramedEncoder<M> {
-    type Item = Framed<M>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Framed<M>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.reserve(item.encoded_len());
-        item.head
-            .encode(buf)
-            .map_err(|e| Status::internal(format!("encoding a response: {e}")))?;
-        for t in &item.tail {
-            buf.put_slice(t);
-        }
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        // Nothing allocated before the first response; every response is handed to HTTP/2
-        // as soon as it is encoded (an SDS stream sends one at a time).
-        BufferSettings::new(0, 1)
-    }
-}
-
-/// Decodes a prost request from a buffer that starts at [`DECODE_BUFFER`].
-pub struct RequestDecoder<M>(PhantomData<fn() -> M>);
-
-impl<M: Message + Default> Decoder for RequestDecoder<M> {
-    type Item = M;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<M>, Status> {
-        M::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(DECODE_BUFFER, 1)
-    }
-}
-
-impl<Req, Resp> Codec for SdsCodec<Req, Resp>
-where
-    Req: Message + Default + Send + 'static,
-    Resp: Message + Send + 'static,
-{
-    type Encode = Framed<Resp>;
-    type Decode = Req;
-    type Encoder = FramedEncoder<Resp>;
-    type Decoder = RequestDecoder<Req>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        FramedEncoder(PhantomData)
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(PhantomData)
-    }
-}
-
-/// The tonic service: routes the three methods to an [`SdsService`].
-#[derive(Clone, Debug)]
-pub struct SdsServer {
-    service: SdsService,
-    max_request_bytes: usize,
-}
-
-impl SdsServer {
-    /// Serves `service`, refusing requests over `max_request_bytes` (`RESOURCE_EXHAUSTED`).
-    pub fn new(service: SdsService, max_request_bytes: usize) -> Self {
-        SdsServer {
-            service,
-            max_request_bytes,
-        }
-    }
-}
-
-impl tonic::server::NamedService for SdsServer {
-    const NAME: &'static str = SERVICE;
-}
-
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
-struct Fetch(SdsService);
-
-impl tonic::server::UnaryService<DiscoveryRequest> for Fetch {
-    type Response = Framed<DiscoveryResponse>;
-    type Future = BoxFuture<tonic::Response<Self::Response>, Status>;
-
-    fn call(&mut self, request: tonic::Request<DiscoveryRequest>) -> Self::Future {
-        let out = self.0.fetch_secrets(request.into_inner());
-        Box::pin(async move { out.map(tonic::Response::new) })
-    }
-}
-
-/// The request messages of one streaming call, read straight from the HTTP/2 body.
+/// The request messages of one call, read straight from the HTTP/2 body.
 ///
-/// Envoy sends its node (with every extension it was built with: often tens of KiB) in
-/// requests, and tonic's `Streaming` keeps a decode buffer as large as the largest request
+/// Envoy sends its node (every extension it was built with: about 60 KB for Envoy 1.40) in
+/// its requests, and tonic's `Streaming` keeps a decode buffer as large as the largest request
 /// for as long as the stream lives. This reader holds only the bytes of the message in
 /// progress and frees them once the message is decoded, so an idle stream holds no request
 /// buffer at all.
@@ -345,9 +223,9 @@ fn check_encoding(req: &http::Request<tonic::body::Body>) -> Result<(), Status> 
     }
 }
 
-/// Starts a streaming call: reads the request stream with [`Requests`] and answers
-/// with a [`FramedBody`] of what `respond` makes of it.
-fn streaming<Req, Resp>(
+/// Starts a call: reads its requests with [`Requests`] and answers with a [`FramedBody`] of
+/// what `respond` makes of them.
+fn call<Req, Resp>(
     req: http::Request<tonic::body::Body>,
     max_request_bytes: usize,
     respond: impl FnOnce(Requests<Req>) -> ResponseStream<Framed<Resp>>,
@@ -450,10 +328,31 @@ impl<M: Message> http_body::Body for FramedBody<M> {
     }
 }
 
+/// The tonic service: routes the three methods to an [`SdsService`].
+#[derive(Clone, Debug)]
+pub struct SdsServer {
+    service: SdsService,
+    max_request_bytes: usize,
+}
+
+impl SdsServer {
+    /// Serves `service`, refusing requests over `max_request_bytes` (`RESOURCE_EXHAUSTED`).
+    pub fn new(service: SdsService, max_request_bytes: usize) -> Self {
+        SdsServer {
+            service,
+            max_request_bytes,
+        }
+    }
+}
+
+impl tonic::server::NamedService for SdsServer {
+    const NAME: &'static str = SERVICE;
+}
+
 impl tonic::codegen::Service<http::Request<tonic::body::Body>> for SdsServer {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Infallible>;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -461,39 +360,41 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for SdsServer {
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let service = self.service.clone();
-        let max = Some(self.max_request_bytes);
-        match req.uri().path() {
-            STREAM_SECRETS => {
-                let resp = streaming(req, self.max_request_bytes, |inbound| {
-                    service.stream_secrets(inbound)
-                });
-                Box::pin(async move { Ok(resp) })
-            }
-            DELTA_SECRETS => {
-                let resp = streaming(req, self.max_request_bytes, |inbound| {
-                    service.delta_secrets(inbound)
-                });
-                Box::pin(async move { Ok(resp) })
-            }
-            FETCH_SECRETS => Box::pin(async move {
-                let mut grpc = tonic::server::Grpc::new(SdsCodec::<
-                    DiscoveryRequest,
-                    DiscoveryResponse,
-                >::default())
-                .apply_max_message_size_config(max, None);
-                Ok(grpc.unary(Fetch(service), req).await)
+        let max = self.max_request_bytes;
+        let resp = match req.uri().path() {
+            STREAM_SECRETS => call(req, max, |inbound| service.stream_secrets(inbound)),
+            DELTA_SECRETS => call(req, max, |inbound| service.delta_secrets(inbound)),
+            // Unary: one request, one response, then the status; the same reader and writer.
+            FETCH_SECRETS => call(req, max, |mut inbound: Requests<DiscoveryRequest>| {
+                let once = async move {
+                    let req = inbound.message().await?.ok_or_else(|| {
+                        Status::invalid_argument("FetchSecrets carried no request message")
+                    })?;
+                    service.fetch_secrets(req)
+                };
+                Box::pin(futures_util::stream::once(once))
             }),
-            path => {
-                let status = Status::unimplemented(format!("no method {path}"));
-                Box::pin(async move { Ok(status.into_http()) })
-            }
-        }
+            path => Status::unimplemented(format!("no method {path}")).into_http(),
+        };
+        std::future::ready(Ok(resp))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl<M: Message> Framed<M> {
+        /// The whole encoding.
+        fn to_vec(&self) -> Vec<u8> {
+            let mut v = Vec::with_capacity(self.encoded_len());
+            self.head.encode(&mut v).expect("a Vec grows");
+            for t in &self.tail {
+                v.extend_from_slice(t);
+            }
+            v
+        }
+    }
     use crate::secrets::SECRET_TYPE_URL;
 
     fn any() -> Any {

@@ -51,8 +51,9 @@ pub struct Entry {
     pub any: Any,
     /// What it is.
     pub kind: Kind,
-    /// The resource encoded for responses, once per version (filled by [`Snapshot::insert`]).
-    pub pieces: crate::grpc::Pieces,
+    /// The resource encoded for responses: once per version, when the first stream sends it
+    /// (a snapshot that is built and found unchanged, as on every poll, is never encoded).
+    pieces: std::sync::OnceLock<crate::grpc::Pieces>,
 }
 
 impl std::fmt::Debug for Entry {
@@ -62,6 +63,14 @@ impl std::fmt::Debug for Entry {
             .field("version", &self.version)
             .field("kind", &self.kind)
             .finish_non_exhaustive()
+    }
+}
+
+impl Entry {
+    /// The entry encoded for responses, served under `name` (its name in the snapshot).
+    pub fn pieces(&self, name: &str) -> &crate::grpc::Pieces {
+        self.pieces
+            .get_or_init(|| crate::grpc::Pieces::new(name, &self.version, &self.any))
     }
 }
 
@@ -103,7 +112,7 @@ fn entry(secret: Secret, kind: Kind) -> Entry {
             value: bytes,
         },
         kind,
-        pieces: Default::default(),
+        pieces: std::sync::OnceLock::new(),
     }
 }
 
@@ -174,9 +183,8 @@ impl Snapshot {
         Snapshot::default()
     }
 
-    /// Adds or replaces an entry, encoding it for responses under `name`.
-    pub fn insert(&mut self, name: &str, mut e: Entry) {
-        e.pieces = crate::grpc::Pieces::new(name, &e.version, &e.any);
+    /// Adds or replaces an entry.
+    pub fn insert(&mut self, name: &str, e: Entry) {
         self.entries.insert(name.to_string(), Arc::new(e));
     }
 

@@ -236,7 +236,7 @@ impl Shared {
                         nonce: p.nonce.clone(),
                         ..Default::default()
                     },
-                    tail: vec![e.pieces.sotw().clone()],
+                    tail: vec![e.pieces(&p.name).sotw().clone()],
                 })
             })
             .collect()
@@ -272,7 +272,7 @@ impl Shared {
                     nonce: p.nonce.clone(),
                     ..Default::default()
                 },
-                tail: vec![e.pieces.delta().clone()],
+                tail: vec![e.pieces(&p.name).delta().clone()],
             })
         }));
         v
@@ -572,7 +572,7 @@ impl SdsService {
         for n in &req.resource_names {
             match snap.get(n) {
                 Some(e) => {
-                    resources.push(e.pieces.sotw().clone());
+                    resources.push(e.pieces(n).sotw().clone());
                     versions.push(e.version.clone());
                 }
                 None => {

@@ -165,14 +165,3 @@ async fn a_client_that_never_reads_does_not_grow_the_server() {
     // Renewals that arrive faster than it ACKs are coalesced: it gets the newest.
     assert!(n > WARMUP / 2, "the reader got only {n} responses");
 }
-
-async fn eventually(secs: u64, f: impl Fn() -> bool) -> bool {
-    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < end {
-        if f() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    f()
-}
