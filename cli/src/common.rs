@@ -152,6 +152,31 @@ pub fn read_csr_der(path: &Path) -> anyhow::Result<Vec<u8>> {
         .into_contents())
 }
 
+/// The command line of `prog`: `--help` and `--version` print and exit 0; a usage error is
+/// one line on stderr and exit 1, like every other user error.
+pub fn parse_args<C: clap::Parser>(prog: &str) -> Result<C, std::process::ExitCode> {
+    C::try_parse().map_err(|e| {
+        if e.use_stderr() {
+            eprintln!("{prog}: error: {}", clap_one_line(&e));
+            std::process::ExitCode::from(1)
+        } else {
+            let _ = e.print(); // --help, --version
+            std::process::ExitCode::SUCCESS
+        }
+    })
+}
+
+/// How `prog` exits after its command: 0, or one line on stderr and [`exit_code`].
+pub fn finish(prog: &str, result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{prog}: error: {}", one_line(&e));
+            std::process::ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
 /// The async runtime of a command: `workers` worker threads, or with 1 a current-thread
 /// runtime (everything on the main thread, no worker threads). `prog` names the program in the
 /// error.

@@ -76,17 +76,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match common::parse_args("meshca") {
         Ok(c) => c,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print(); // --help, --version
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            // Usage errors are the user's: one line, exit 1 like every other user error.
-            eprintln!("meshca: error: {}", common::clap_one_line(&e));
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     // The servers log each push, ACK and NACK at info.
     cli.global
@@ -102,14 +94,7 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let ctx = cli.global.into_ctx();
-    match rt.block_on(run(ctx, cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let code = common::exit_code(&e);
-            eprintln!("meshca: error: {}", common::one_line(&e));
-            ExitCode::from(code)
-        }
-    }
+    common::finish("meshca", rt.block_on(run(ctx, cli.command)))
 }
 
 async fn run(ctx: Ctx, cmd: Command) -> anyhow::Result<()> {

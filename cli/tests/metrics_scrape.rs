@@ -16,9 +16,9 @@ mod cluster;
 mod common;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cluster::Cluster;
@@ -83,33 +83,6 @@ fn rule_metrics() -> BTreeSet<String> {
     out
 }
 
-/// `GET path` on 127.0.0.1:`port` with an optional `Accept`: (status, content type, body).
-fn http_get(port: u16, path: &str, accept: Option<&str>) -> Option<(u16, String, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let accept = accept
-        .map(|a| format!("Accept: {a}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{accept}Connection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    let ctype = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-type")
-                .then(|| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    Some((code, ctype, body.to_string()))
-}
-
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
@@ -118,16 +91,6 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
             "timed out after {secs} s waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -272,7 +235,7 @@ fn the_running_signer_and_sds_server_pass_promtool_check_metrics() {
     ]);
     let signer_port = free_port();
     let signer_log = env.path("signer.log");
-    let _signer = Proc(
+    let _signer = Running(
         env.cmd(&[
             "--kubeconfig",
             cluster.kubeconfig.to_str().unwrap(),
@@ -391,7 +354,7 @@ fn the_running_signer_and_sds_server_pass_promtool_check_metrics() {
     // The SDS server, from the same CA, after one FetchSecrets.
     let sds_port = free_port();
     let sds_metrics_port = free_port();
-    let _sds = Proc(
+    let _sds = Running(
         env.cmd(&[
             "sds",
             "serve",

@@ -2,14 +2,14 @@
 //! /metrics, keeps its socket at mode 0600, stops on SIGTERM and removes the socket; bad
 //! flags fail with one line and exit 1.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::Env;
+use common::{http_get, sigterm, wait_for, Env, Running};
 
 impl Env {
     fn fails(&self, args: &[&str]) -> String {
@@ -20,47 +20,6 @@ impl Env {
         assert_eq!(lines.len(), 1, "one line on stderr, got: {err}");
         lines[0].to_string()
     }
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
-}
-
-fn wait_for(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..200 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-fn sigterm(pid: u32) {
-    let st = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
 }
 
 #[test]
@@ -99,13 +58,13 @@ fn serve_runs_reports_health_and_stops_on_sigterm() {
         .unwrap();
     let mut running = Running(child);
     assert!(
-        wait_for(|| get(port, "/healthz").is_some_and(|(c, _)| c == 200)),
+        wait_for(|| http_get(port, "/healthz", None).is_some_and(|(c, _, _)| c == 200)),
         "healthz never OK; log: {}",
         std::fs::read_to_string(env.path("sds.log")).unwrap()
     );
     let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let (code, metrics) = get(port, "/metrics").unwrap();
+    let (code, _, metrics) = http_get(port, "/metrics", None).unwrap();
     assert_eq!(code, 200);
     assert!(
         metrics.contains("meshca_sds_rotations_total 1"),

@@ -1,11 +1,10 @@
 //! `meshca-sds`, the SDS server alone for sidecars: `meshca-sds serve` takes the flags of
 //! `meshca sds serve` (the same definitions), serves the same secrets, and fails the same way.
 
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 mod common;
-use common::Env;
+use common::{http_get, sigterm, wait_for, Env, Running};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -17,40 +16,6 @@ fn sidecar(env: &Env, args: &[&str]) -> Command {
         .env_remove("RUST_LOG")
         .current_dir(env.dir.path());
     c
-}
-
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(mut f: impl FnMut() -> bool) -> bool {
-    for _ in 0..300 {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
 }
 
 #[test]
@@ -184,7 +149,7 @@ fn serve_answers_fetch_secrets_and_stops_on_sigterm() {
         .unwrap();
         let mut running = Running(child);
         assert!(
-            wait_for(|| get(port, "/healthz").is_some_and(|(c, _)| c == 200)),
+            wait_for(|| http_get(port, "/healthz", None).is_some_and(|(c, _, _)| c == 200)),
             "healthz never OK; log: {}",
             std::fs::read_to_string(&log).unwrap()
         );
@@ -210,17 +175,13 @@ fn serve_answers_fetch_secrets_and_stops_on_sigterm() {
                 .into_inner()
         });
         assert_eq!(fetched.resources.len(), 2, "{fetched:?}");
-        let (code, metrics) = get(port, "/metrics").unwrap();
+        let (code, _, metrics) = http_get(port, "/metrics", None).unwrap();
         assert_eq!(code, 200);
         assert!(
             metrics.contains("meshca_sds_fetches_total 1\n"),
             "{metrics}"
         );
-        let st = Command::new("kill")
-            .args(["-TERM", &running.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(st.success());
+        sigterm(running.0.id());
         let mut status = None;
         assert!(wait_for(|| {
             status = running.0.try_wait().unwrap();

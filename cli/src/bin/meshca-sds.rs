@@ -33,16 +33,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match common::parse_args("meshca-sds") {
         Ok(c) => c,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print(); // --help, --version
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("meshca-sds: error: {}", common::clap_one_line(&e));
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     cli.global.init_logging(true);
     // One thread by default: a sidecar serves the few streams of one Envoy, and each worker
@@ -52,12 +45,5 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     let ctx = cli.global.into_ctx();
-    match rt.block_on(sds::run(&ctx, cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            let code = common::exit_code(&e);
-            eprintln!("meshca-sds: error: {}", common::one_line(&e));
-            ExitCode::from(code)
-        }
-    }
+    common::finish("meshca-sds", rt.block_on(sds::run(&ctx, cli.command)))
 }
