@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
-use common::{http_get, sigterm, wait_for, Env, Running};
+use common::{http_get, wait_for, Env, Running};
 
 impl Env {
     fn fails(&self, args: &[&str]) -> String {
@@ -74,13 +74,7 @@ fn serve_runs_reports_health_and_stops_on_sigterm() {
         metrics.contains("meshca_sds_certificate_expiration_timestamp_seconds{name=\"default\"} "),
         "{metrics}"
     );
-    sigterm(running.0.id());
-    let mut status = None;
-    assert!(wait_for(|| {
-        status = running.0.try_wait().unwrap();
-        status.is_some()
-    }));
-    assert!(status.unwrap().success(), "clean exit on SIGTERM");
+    assert!(running.terminate().success(), "clean exit on SIGTERM");
     assert!(!Path::new(&sock).exists(), "socket removed");
     let log = std::fs::read_to_string(env.path("sds.log")).unwrap();
     // Structured JSON lines, including the certificate it obtained.

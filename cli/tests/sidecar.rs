@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 
 mod common;
-use common::{http_get, sigterm, wait_for, Env, Running};
+use common::{http_get, wait_for, Env, Running};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -181,13 +181,7 @@ fn serve_answers_fetch_secrets_and_stops_on_sigterm() {
             metrics.contains("meshca_sds_fetches_total 1\n"),
             "{metrics}"
         );
-        sigterm(running.0.id());
-        let mut status = None;
-        assert!(wait_for(|| {
-            status = running.0.try_wait().unwrap();
-            status.is_some()
-        }));
-        assert!(status.unwrap().success(), "clean exit on SIGTERM");
+        assert!(running.terminate().success(), "clean exit on SIGTERM");
         assert!(!sock.exists(), "socket removed");
         let log = std::fs::read_to_string(&log).unwrap();
         assert!(

@@ -108,6 +108,22 @@ pub fn free_port() -> u16 {
 /// A child process killed (and reaped) when dropped.
 pub struct Running(pub Child);
 
+impl Running {
+    /// SIGTERM, then its exit status (waits up to 15 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        sigterm(self.0.id());
+        let mut status = None;
+        assert!(
+            wait_for(|| {
+                status = self.0.try_wait().unwrap();
+                status.is_some()
+            }),
+            "no exit within 15 s of SIGTERM"
+        );
+        status.unwrap()
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         let _ = self.0.kill();
